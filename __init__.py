@@ -1,0 +1,23 @@
+"""kiln: a deep-learning compiler and graph optimizer.
+
+    import kiln
+    module = kiln.compile("model.onnx", target="eager", shapes={"x": (1, 3, 224, 224)})
+    outputs = module.run({"x": array})
+"""
+
+__version__ = "0.1.0"
+
+from kiln.errors import KilnError  # noqa: E402
+from kiln.driver import compile  # noqa: E402
+from kiln.runtime.module import Module, load  # noqa: E402
+
+__all__ = ["KilnError", "Module", "compile", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    # kiln.onnx_backend: the onnx.backend.base.Backend adapter, imported on first use
+    if name == "onnx_backend":
+        from kiln.runtime import onnx_backend
+
+        return onnx_backend
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

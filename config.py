@@ -1,0 +1,67 @@
+"""kiln's flags, read in one place and overridable in a ``with`` block.
+
+| flag                | default    | meaning                                                  |
+| ------------------- | ---------- | -------------------------------------------------------- |
+| KILN_DEBUG          | 0          | 1: the CLI prints full tracebacks                        |
+| KILN_VERIFY         | 0          | 1: verify the graph after every pass                     |
+| KILN_MAX_ELEMENTS   | 2**31      | largest tensor (in elements) a graph may describe        |
+| KILN_FOLD_ELEMENTS  | 65536      | largest constant the importer folds at compile time      |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class Flags:
+    debug: bool = False
+    verify: bool = False
+    max_elements: int = 2**31
+    fold_elements: int = 65536
+
+
+def _from_environment() -> Flags:
+    env = os.environ
+
+    def flag(name: str, default: int) -> int:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+    return Flags(
+        debug=bool(flag("KILN_DEBUG", 0)),
+        verify=bool(flag("KILN_VERIFY", 0)),
+        max_elements=flag("KILN_MAX_ELEMENTS", 2**31),
+        fold_elements=flag("KILN_FOLD_ELEMENTS", 65536),
+    )
+
+
+_overrides: list[Flags] = []
+
+
+def flags() -> Flags:
+    """The flags in force: the innermost ``override`` block, else the environment (read now)."""
+    return _overrides[-1] if _overrides else _from_environment()
+
+
+@contextlib.contextmanager
+def override(**changes: object) -> Iterator[Flags]:
+    """Run a block with some flags changed: ``with override(max_elements=1000): ...``."""
+    known = {f.name for f in fields(Flags)}
+    unknown = set(changes) - known
+    if unknown:
+        raise TypeError(f"unknown kiln flag(s): {sorted(unknown)}")
+    new = replace(flags(), **changes)
+    _overrides.append(new)
+    try:
+        yield new
+    finally:
+        _overrides.pop()

@@ -1,0 +1,360 @@
+"""ONNX ModelProto -> kiln Graph.
+
+The importer first scans the whole model for ops it has no converter for and reports them all
+at once; then it binds input shapes, turns initializers into parameters and converts each node
+with its op's converter (``frontend/onnx/convert_*.py``). Values that depend only on constants
+are folded on the way (bounded by KILN_FOLD_ELEMENTS), which is how ``Shape -> Gather ->
+Concat -> Reshape`` chains become static shape attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from kiln import config
+from kiln.errors import GraphError, KilnError, ModelLoadError, NeedsStaticValue, UnsupportedOpsError
+from kiln.ir.dtypes import DType
+from kiln.ir.graph import Graph, Value
+from kiln.ir.opdef import OpDef, get_op
+from kiln.ir.types import TensorType
+
+ONNX_DOMAINS = ("", "ai.onnx")
+MIN_OPSET = 7
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: DType.float32,
+    onnx.TensorProto.DOUBLE: DType.float64,
+    onnx.TensorProto.FLOAT16: DType.float16,
+    onnx.TensorProto.INT8: DType.int8,
+    onnx.TensorProto.INT16: DType.int16,
+    onnx.TensorProto.INT32: DType.int32,
+    onnx.TensorProto.INT64: DType.int64,
+    onnx.TensorProto.UINT8: DType.uint8,
+    onnx.TensorProto.UINT16: DType.uint16,
+    onnx.TensorProto.UINT32: DType.uint32,
+    onnx.TensorProto.UINT64: DType.uint64,
+    onnx.TensorProto.BOOL: DType.bool,
+}
+
+
+def dtype_from_onnx(elem_type: int, where: str) -> DType:
+    try:
+        return _ONNX_DTYPES[elem_type]
+    except KeyError:
+        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type
+        raise KilnError(f"{where}: element type {name} is not supported by kiln") from None
+
+
+Converter = Callable[["NodeContext"], Sequence["Value | None"]]
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converter(*op_types: str) -> Callable[[Converter], Converter]:
+    """Register the decorated function as the converter of ONNX ``op_types`` (default domain)."""
+
+    def wrap(fn: Converter) -> Converter:
+        for op in op_types:
+            if op in CONVERTERS:
+                raise ValueError(f"two converters for ONNX op {op}")
+            CONVERTERS[op] = fn
+        return fn
+
+    return wrap
+
+
+def _load_converters() -> None:
+    from kiln.frontend.onnx import convert_elementwise, convert_nn, convert_shape  # noqa: F401
+
+
+def supported_ops() -> list[str]:
+    _load_converters()
+    return sorted(CONVERTERS)
+
+
+@dataclass
+class NodeContext:
+    """What a converter sees of one ONNX node: its inputs as kiln Values, its attributes, opset."""
+
+    importer: "Importer"
+    node: onnx.NodeProto
+    opset: int
+    name: str
+
+    # -- inputs -------------------------------------------------------------------------
+    @property
+    def num_inputs(self) -> int:
+        return len(self.node.input)
+
+    def has_input(self, i: int) -> bool:
+        return i < len(self.node.input) and self.node.input[i] != ""
+
+    def input(self, i: int) -> Value | None:
+        if not self.has_input(i):
+            return None
+        return self.importer.env[self.node.input[i]]
+
+    def inputs(self) -> list[Value | None]:
+        return [self.input(i) for i in range(len(self.node.input))]
+
+    def type(self, i: int) -> TensorType:
+        value = self.input(i)
+        if value is None:
+            raise self.error(f"input {i} is required")
+        return value.type
+
+    def const(self, i: int, what: str = "") -> np.ndarray | None:
+        """The compile-time value of input ``i`` (None if absent); NeedsStaticValue if dynamic."""
+        value = self.input(i)
+        if value is None:
+            return None
+        graph = self.importer.graph
+        if value in graph.params:
+            return graph.params[value]
+        deps = self.importer.graph_inputs_behind(value)
+        raise NeedsStaticValue(
+            f"node {self.name!r} ({self.node.op_type}): {what or f'input {i}'} ({value.name}) decides an output "
+            f"shape and must be known at compile time; it depends on graph input(s) {deps}",
+            deps,
+        )
+
+    def const_ints(self, i: int, what: str = "") -> list[int] | None:
+        value = self.const(i, what)
+        return None if value is None else [int(v) for v in value.reshape(-1)]
+
+    # -- attributes -----------------------------------------------------------------------
+    def attr(self, name: str, default: Any = None) -> Any:
+        for a in self.node.attribute:
+            if a.name == name:
+                value = helper.get_attribute_value(a)
+                if isinstance(value, bytes):
+                    return value.decode("utf-8")
+                if isinstance(value, list) and value and isinstance(value[0], bytes):
+                    return [v.decode("utf-8") for v in value]
+                if isinstance(value, onnx.TensorProto):
+                    return self.importer.tensor(value, f"attribute {name} of node {self.name!r}")
+                return value
+        return default
+
+    def attrs(self) -> dict[str, Any]:
+        return {a.name: self.attr(a.name) for a in self.node.attribute}
+
+    # -- building -------------------------------------------------------------------------
+    def error(self, message: str) -> KilnError:
+        return GraphError(f"node {self.name!r} ({self.node.op_type}): {message}")
+
+    def emit(self, op: str | OpDef, inputs: Sequence[Value | None], attrs: Mapping[str, Any] | None = None, num_outputs: int | None = None) -> list[Value]:
+        """Add ``op`` to the graph (or fold it to constants when every input is one)."""
+        return self.importer.emit(op, inputs, attrs or {}, self.name, num_outputs)
+
+    def constant(self, array: np.ndarray | Sequence | float | int, dtype: Any = None) -> Value:
+        return self.importer.constant(np.asarray(array, dtype=dtype))
+
+    def reshape(self, value: Value, shape: Sequence[int]) -> Value:
+        if tuple(shape) == value.type.shape:
+            return value
+        return self.emit("Reshape", [value], {"shape": [int(d) for d in shape]})[0]
+
+
+class Importer:
+    """Converts one ModelProto; use ``import_onnx`` rather than this class directly."""
+
+    def __init__(self, model: onnx.ModelProto, source: str):
+        self.model = model
+        self.source = source
+        self.graph = Graph(model.graph.name or "main")
+        self.env: dict[str, Value] = {}
+        self.opsets = {imp.domain or "": imp.version for imp in model.opset_import}
+        self._new_values: list[Value] = []
+
+    # -- the whole-model scan ---------------------------------------------------------------
+    def check_supported(self) -> None:
+        _load_converters()
+        missing: list[tuple[str, str, int, str]] = []
+        seen: set[tuple[str, str]] = set()
+
+        def walk(graph: onnx.GraphProto) -> None:
+            for i, node in enumerate(graph.node):
+                domain = node.domain or ""
+                known = domain in ONNX_DOMAINS and node.op_type in CONVERTERS
+                if not known and (node.op_type, domain) not in seen:
+                    seen.add((node.op_type, domain))
+                    missing.append((node.op_type, domain, self.opsets.get(domain, 0), node.name or f"#{i}"))
+                for attr in node.attribute:
+                    if attr.HasField("g"):
+                        walk(attr.g)
+                    for sub in attr.graphs:
+                        walk(sub)
+
+        walk(self.model.graph)
+        if missing:
+            raise UnsupportedOpsError(missing, self.source)
+        opset = self.opsets.get("", self.opsets.get("ai.onnx", 0))
+        if opset < MIN_OPSET:
+            raise ModelLoadError(f"{self.source}: opset {opset} is older than the oldest kiln reads ({MIN_OPSET})")
+
+    # -- values --------------------------------------------------------------------------
+    def tensor(self, proto: onnx.TensorProto, where: str) -> np.ndarray:
+        dtype_from_onnx(proto.data_type, where)
+        try:
+            return numpy_helper.to_array(proto)
+        except (ValueError, TypeError) as err:
+            raise KilnError(f"{self.source}: {where}: cannot decode tensor: {err}") from None
+
+    def constant(self, array: np.ndarray) -> Value:
+        value = self.graph.add_param(self.graph.fresh_name("_const"), array)
+        self._new_values.append(value)
+        return value
+
+    def graph_inputs_behind(self, value: Value) -> list[str]:
+        """Names of the graph inputs ``value`` is computed from."""
+        found: list[str] = []
+        stack, seen = [value], set()
+        inputs = set(self.graph.inputs)
+        while stack:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            if v in inputs:
+                found.append(v.name)
+            elif v.producer is not None:
+                stack.extend(x for x in v.producer.inputs if x is not None)
+        return sorted(found)
+
+    def emit(self, op: str | OpDef, inputs: Sequence[Value | None], attrs: Mapping[str, Any], name: str, num_outputs: int | None) -> list[Value]:
+        opdef = get_op(op) if isinstance(op, str) else op
+        node = self.graph.add_node(opdef, inputs, attrs, name=name, num_outputs=num_outputs)
+        params = self.graph.params
+        cap = config.flags().fold_elements
+        foldable = (
+            opdef.deterministic
+            and all(v is None or v in params for v in inputs)
+            and all(v.type.numel <= cap for v in node.outputs)
+        )
+        if not foldable:
+            self._new_values.extend(node.outputs)
+            return node.outputs
+        # every input is a constant: evaluate now and keep the results as parameters
+        self.graph.nodes.pop()
+        arrays = opdef.run_eager(node.attrs, [params[v] if v is not None else None for v in inputs])
+        out = []
+        for value, array in zip(node.outputs, arrays):
+            self.graph.forget_name(value.name)
+            out.append(self.constant(np.asarray(array, dtype=value.type.dtype.numpy).reshape(value.type.shape)))
+        return out
+
+    # -- the import ------------------------------------------------------------------------
+    def bind_inputs(self, shapes: Mapping[str, Sequence[int]], constants: Mapping[str, np.ndarray]) -> None:
+        g = self.model.graph
+        initializers = {t.name for t in g.initializer}
+        declared = {i.name for i in g.input}
+        for key in list(shapes) + list(constants):
+            if key not in declared:
+                raise KilnError(f"{self.source}: no graph input named {key!r} (inputs: {sorted(declared - initializers)})")
+        for init in g.initializer:
+            if init.name in constants:
+                continue
+            self.env[init.name] = self.graph.add_param(init.name, self.tensor(init, f"initializer {init.name!r}"))
+        for inp in g.input:
+            if inp.name in initializers and inp.name not in constants:
+                continue
+            where = f"{self.source}: graph input {inp.name!r}"
+            if inp.name in constants:
+                self.env[inp.name] = self.graph.add_param(inp.name, np.asarray(constants[inp.name]))
+                continue
+            if not inp.type.HasField("tensor_type"):
+                raise KilnError(f"{where} is not a tensor (kiln reads tensor inputs only)")
+            tt = inp.type.tensor_type
+            dtype = dtype_from_onnx(tt.elem_type, where)
+            self.env[inp.name] = self.graph.add_input(inp.name, TensorType(self._input_shape(inp, shapes, where), dtype))
+
+    def _input_shape(self, inp: onnx.ValueInfoProto, shapes: Mapping[str, Sequence[int]], where: str) -> tuple[int, ...]:
+        tt = inp.type.tensor_type
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        if inp.name in shapes:
+            given = tuple(int(d) for d in shapes[inp.name])
+            if tt.HasField("shape"):
+                if len(given) != len(declared):
+                    raise KilnError(f"{where}: --shape gives rank {len(given)}, the model declares {declared}")
+                for d, g_ in zip(declared, given):
+                    if isinstance(d, int) and d != g_:
+                        raise KilnError(f"{where}: --shape {list(given)} conflicts with the declared shape {declared}")
+            if any(d < 0 for d in given):
+                raise KilnError(f"{where}: negative dimension in {list(given)}")
+            return given
+        if not tt.HasField("shape"):
+            raise KilnError(f"{where} has no declared shape; bind it with shapes={{{inp.name!r}: (...)}} or --shape")
+        symbolic = [d for d in declared if not isinstance(d, int)]
+        if symbolic:
+            raise KilnError(
+                f"{where} has symbolic dims {symbolic} in {declared}; bind them with "
+                f"shapes={{{inp.name!r}: (...)}} or --shape {inp.name}=" + "x".join("N" if not isinstance(d, int) else str(d) for d in declared)
+            )
+        return tuple(declared)
+
+    def convert_nodes(self) -> None:
+        opset = self.opsets.get("", self.opsets.get("ai.onnx", 0))
+        for index, node in enumerate(self.model.graph.node):
+            name = node.name or f"{node.op_type}_{index}"
+            for inp in node.input:
+                if inp and inp not in self.env:
+                    raise GraphError(
+                        f"{self.source}: node {name!r} ({node.op_type}) reads {inp!r}, which no earlier node, "
+                        "input or initializer defines (a cycle, a missing input or unsorted nodes)"
+                    )
+            ctx = NodeContext(self, node, opset, name)
+            self._new_values = []
+            outputs = list(CONVERTERS[node.op_type](ctx))
+            wanted = [o for o in node.output]
+            for i, out_name in enumerate(wanted):
+                if not out_name:
+                    continue
+                if i >= len(outputs) or outputs[i] is None:
+                    raise ctx.error(f"output {i} ({out_name!r}) is not produced by kiln's conversion")
+                value = outputs[i]
+                if any(value is v for v in self._new_values) and not self.graph.has_name(out_name):
+                    self.graph.rename(value, out_name)
+                self.env[out_name] = value
+
+    def bind_outputs(self) -> None:
+        for out in self.model.graph.output:
+            if out.name not in self.env:
+                raise GraphError(f"{self.source}: graph output {out.name!r} is not computed by any node")
+            value = self.env[out.name]
+            if value.name != out.name or value in self.graph.outputs:
+                # outputs are named as in the model, even when one is an input, a constant or a repeat
+                if self.graph.has_name(out.name):
+                    raise GraphError(f"{self.source}: graph output {out.name!r} clashes with another value's name")
+                node = self.graph.add_node("Identity", [value], name=out.name, output_names=[out.name])
+                value = node.outputs[0]
+            self.graph.outputs.append(value)
+
+
+def import_onnx(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    constants: Mapping[str, np.ndarray] | None = None,
+    source: str = "model",
+) -> Graph:
+    """Convert ``model`` to a kiln Graph.
+
+    ``shapes`` binds the shape of inputs with symbolic or missing dims; ``constants`` binds
+    inputs to fixed values (they become parameters). Raises UnsupportedOpsError listing every
+    unsupported op, and errors naming the node for anything else.
+    """
+    importer = Importer(model, source)
+    importer.check_supported()
+    importer.bind_inputs(shapes or {}, constants or {})
+    importer.convert_nodes()
+    importer.bind_outputs()
+    return importer.graph
+
+
+def shape_product(shape: Sequence[int]) -> int:
+    return math.prod(int(d) for d in shape)

@@ -1,0 +1,247 @@
+"""The text form of a graph: printed for people and tests, parsed back to an equal graph.
+
+    graph main(%x: f32[1,4]) {
+      param %w: f32[4,2] = dense<sha256:3f2a...>
+      param %b: f32[2] = [0.5, -1.0]
+      %h: f32[1,2] = Gemm(%x, %w, %b) {alpha=1.0, beta=1.0, transA=0, transB=0} @"fc1"
+      %y: f32[1,2] = Relu(%h)
+      return %y
+    }
+
+Parameters of up to ``INLINE_LIMIT`` elements are printed inline; larger ones by content
+hash, and ``parse_graph(text, params=...)`` binds them by name (the hash is checked).
+Absent optional inputs print as ``_``; ``@"..."`` is the node's source name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from kiln.errors import GraphError
+from kiln.ir.dtypes import DType
+from kiln.ir.graph import Graph, Value
+from kiln.ir.opdef import get_op
+from kiln.ir.types import TensorType
+
+INLINE_LIMIT = 16
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def array_digest(array: np.ndarray) -> str:
+    """SHA-256 over dtype, shape and bytes of ``array``."""
+    h = hashlib.sha256()
+    h.update(f"{array.dtype.str}{array.shape}".encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def _name(value: Value) -> str:
+    n = value.name
+    return "%" + (n if _IDENT.match(n) or n.isdigit() else json.dumps(n))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, allow_nan=True)
+
+
+def _param_data(array: np.ndarray) -> str:
+    if array.size <= INLINE_LIMIT:
+        return _json(array.reshape(-1).tolist())
+    return f"dense<sha256:{array_digest(array)}>"
+
+
+def print_graph(graph: Graph) -> str:
+    """The text form of ``graph``."""
+    lines = []
+    ins = ", ".join(f"{_name(v)}: {v.type}" for v in graph.inputs)
+    lines.append(f"graph {json.dumps(graph.name) if not _IDENT.match(graph.name) else graph.name}({ins}) {{")
+    for value, array in graph.params.items():
+        lines.append(f"  param {_name(value)}: {value.type} = {_param_data(array)}")
+    for node in graph.nodes:
+        outs = ", ".join(f"{_name(v)}: {v.type}" for v in node.outputs)
+        args = ", ".join(_name(v) if v is not None else "_" for v in node.inputs)
+        line = f"  {outs} = {node.op.name}({args})"
+        if node.attrs:
+            line += " {" + ", ".join(f"{k}={_json(v)}" for k, v in node.attrs.items()) + "}"
+        if node.name:
+            line += f" @{json.dumps(node.name)}"
+        lines.append(line)
+    lines.append("  return " + ", ".join(_name(v) for v in graph.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+class _Scanner:
+    """Reads one line of the text form token by token; errors say the line and column."""
+
+    _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+    _SPACE = re.compile(r"\s*")
+
+    def __init__(self, line: str, lineno: int):
+        self.s = line
+        self.i = 0
+        self.lineno = lineno
+        self._decoder = json.JSONDecoder()
+
+    def error(self, msg: str) -> GraphError:
+        return GraphError(f"line {self.lineno}, column {self.i + 1}: {msg}: {self.s.strip()!r}")
+
+    def skip(self) -> None:
+        self.i = self._SPACE.match(self.s, self.i).end()
+
+    def peek(self, text: str) -> bool:
+        self.skip()
+        return self.s.startswith(text, self.i)
+
+    def accept(self, text: str) -> bool:
+        if self.peek(text):
+            self.i += len(text)
+            return True
+        return False
+
+    def expect(self, text: str) -> None:
+        if not self.accept(text):
+            raise self.error(f"expected {text!r}")
+
+    def word(self) -> str:
+        self.skip()
+        m = self._WORD.match(self.s, self.i)
+        if not m:
+            raise self.error("expected a name")
+        self.i = m.end()
+        return m.group()
+
+    def json_value(self) -> Any:
+        self.skip()
+        try:
+            value, self.i = self._decoder.raw_decode(self.s, self.i)
+        except json.JSONDecodeError:
+            raise self.error("expected a value") from None
+        return value
+
+    def value_name(self) -> str:
+        self.expect("%")
+        if self.peek('"'):
+            return self.json_value()
+        m = re.compile(r"[A-Za-z0-9_.]+").match(self.s, self.i)
+        if not m:
+            raise self.error("expected a value name")
+        self.i = m.end()
+        return m.group()
+
+    def tensor_type(self) -> TensorType:
+        dtype = DType.parse(self.word())
+        self.expect("[")
+        dims: list[int] = []
+        while not self.accept("]"):
+            if dims:
+                self.expect(",")
+            self.skip()
+            m = re.compile(r"\d+").match(self.s, self.i)
+            if not m:
+                raise self.error("expected a dimension")
+            self.i = m.end()
+            dims.append(int(m.group()))
+        return TensorType(tuple(dims), dtype)
+
+    def at_end(self) -> bool:
+        self.skip()
+        return self.i >= len(self.s)
+
+
+def parse_graph(text: str, params: Mapping[str, np.ndarray] | None = None) -> Graph:
+    """Parse the text form back into a Graph (types are re-inferred and must match)."""
+    params = params or {}
+    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.strip().startswith("#")]
+    if not lines:
+        raise GraphError("empty graph text")
+    env: dict[str, Value] = {}
+
+    def lookup(sc: _Scanner, name: str) -> Value:
+        try:
+            return env[name]
+        except KeyError:
+            raise sc.error(f"value %{name} is used before it is defined") from None
+
+    lineno, header = lines[0]
+    sc = _Scanner(header, lineno)
+    sc.expect("graph")
+    graph = Graph(sc.json_value() if sc.peek('"') else sc.word())
+    sc.expect("(")
+    while not sc.accept(")"):
+        if graph.inputs:
+            sc.expect(",")
+        name = sc.value_name()
+        sc.expect(":")
+        env[name] = graph.add_input(name, sc.tensor_type())
+    sc.expect("{")
+
+    for lineno, line in lines[1:]:
+        sc = _Scanner(line, lineno)
+        if sc.accept("}"):
+            break
+        if sc.accept("param "):
+            name = sc.value_name()
+            sc.expect(":")
+            t = sc.tensor_type()
+            sc.expect("=")
+            if sc.accept("dense<sha256:"):
+                m = re.compile(r"[0-9a-f]{64}").match(sc.s, sc.i)
+                if not m:
+                    raise sc.error("expected a sha256 digest")
+                digest, sc.i = m.group(), m.end()
+                sc.expect(">")
+                if name not in params:
+                    raise sc.error(f"parameter %{name} is stored by hash; pass its data in params=")
+                array = np.asarray(params[name])
+                if array_digest(array) != digest:
+                    raise sc.error(f"parameter %{name}: the data given does not match its hash")
+            else:
+                array = np.array(sc.json_value(), dtype=t.dtype.numpy).reshape(t.shape)
+            if TensorType.of(array) != t:
+                raise sc.error(f"parameter %{name} is declared {t} but its data is {TensorType.of(array)}")
+            env[name] = graph.add_param(name, array)
+            continue
+        if sc.accept("return"):
+            while not sc.at_end():
+                if graph.outputs:
+                    sc.expect(",")
+                graph.outputs.append(lookup(sc, sc.value_name()))
+            continue
+        outs: list[tuple[str, TensorType]] = []
+        while True:
+            name = sc.value_name()
+            sc.expect(":")
+            outs.append((name, sc.tensor_type()))
+            if not sc.accept(","):
+                break
+        sc.expect("=")
+        op = get_op(sc.word())
+        sc.expect("(")
+        inputs: list[Value | None] = []
+        while not sc.accept(")"):
+            if inputs:
+                sc.expect(",")
+            inputs.append(None if sc.accept("_") else lookup(sc, sc.value_name()))
+        attrs: dict[str, Any] = {}
+        if sc.accept("{"):
+            while not sc.accept("}"):
+                if attrs:
+                    sc.expect(",")
+                key = sc.word()
+                sc.expect("=")
+                attrs[key] = sc.json_value()
+        node_name = sc.json_value() if sc.accept("@") else ""
+        if not sc.at_end():
+            raise sc.error("unexpected text")
+        node = graph.add_node(op, inputs, attrs, name=node_name, num_outputs=len(outs), output_names=[n for n, _ in outs])
+        for value, (name, declared) in zip(node.outputs, outs):
+            if value.type != declared:
+                raise sc.error(f"%{name} is declared {declared} but {op.name} infers {value.type}")
+            env[name] = value
+    return graph
