@@ -16,7 +16,8 @@ class UnsupportedOpsError(KilnError):
 
     def __init__(self, missing: list[tuple[str, str, int, str]], source: str = "model"):
         self.missing = missing
-        lines = [f"{source}: {len(missing)} unsupported op(s):"]
+        names = ", ".join(sorted({op for op, *_ in missing}))
+        lines = [f"{source}: unsupported op(s): {names}"]
         for op, domain, opset, node in missing:
             lines.append(f"  {domain or 'ai.onnx'}::{op} (opset {opset}) at node {node!r}")
         super().__init__("\n".join(lines))

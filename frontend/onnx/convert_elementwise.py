@@ -9,12 +9,16 @@ from kiln.ir.dtypes import DType
 from kiln.ir.opdef import get_op
 
 
+# attributes of opsets < 7 that change nothing for inference
+LEGACY_IGNORED = frozenset({"consumed_inputs", "is_test"})
+
+
 def passthrough(ctx: NodeContext, op: str | None = None, ignore: tuple[str, ...] = ()) -> list:
     """The ONNX node as the kiln op of the same name; attributes copied, unknown ones refused."""
     opdef = get_op(op or ctx.node.op_type)
     attrs = {}
     for key, value in ctx.attrs().items():
-        if key in ignore:
+        if key in LEGACY_IGNORED or key in ignore:
             continue
         if key not in opdef.attrs:
             raise ctx.error(f"attribute {key!r} is not supported")
@@ -33,8 +37,26 @@ Max Min Where
 
 @converter(*ONE_TO_ONE)
 def _one_to_one(ctx: NodeContext):
-    # opset < 7 broadcast/axis and opset < 6 consumed_inputs are older than kiln reads
+    if ctx.opset < 7 and ctx.attr("broadcast") is not None:
+        return _legacy_broadcast(ctx)
+    if ctx.opset < 7 and ctx.node.op_type == "PRelu":
+        # opset < 7 PRelu: a 1-D slope runs along the channel axis
+        x, slope = ctx.input(0), ctx.input(1)
+        if slope.type.rank == 1 and x.type.rank > 2 and slope.type.shape[0] == x.type.shape[1]:
+            return ctx.emit("PRelu", [x, ctx.reshape(slope, [slope.type.shape[0]] + [1] * (x.type.rank - 2))])
     return passthrough(ctx)
+
+
+def _legacy_broadcast(ctx: NodeContext) -> list:
+    """Opset < 7 binaries: ``broadcast=1`` aligns B with A starting at ``axis`` (default: the end)."""
+    a, b = ctx.input(0), ctx.input(1)
+    if ctx.attr("broadcast") and ctx.attr("axis") is not None:
+        axis = ctx.attr("axis") % a.type.rank
+        trailing = a.type.rank - axis - b.type.rank
+        b = ctx.reshape(b, [1] * axis + list(b.type.shape) + [1] * trailing)
+    elif not ctx.attr("broadcast") and a.type.shape != b.type.shape:
+        raise ctx.error(f"broadcast=0 but the shapes differ: {a.type} and {b.type}")
+    return ctx.emit(ctx.node.op_type, [a, b])
 
 
 @converter("Identity")

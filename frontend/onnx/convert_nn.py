@@ -168,7 +168,8 @@ def _layer_norm(ctx: NodeContext):
 
 @converter("Gemm", "MatMul")
 def _gemm(ctx: NodeContext):
-    return passthrough(ctx)
+    # opset < 7 Gemm's `broadcast` flag: C broadcasts in every opset kiln's Gemm implements
+    return passthrough(ctx, ignore=("broadcast",))
 
 
 def explicit_einsum(equation: str) -> str:

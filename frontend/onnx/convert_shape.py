@@ -213,7 +213,8 @@ def _space_to_depth(ctx: NodeContext):
     n, c, h, w = ctx.type(0).shape
     b = ctx.attr("blocksize")
     t = ctx.reshape(ctx.input(0), [n, c, h // b, b, w // b, b])
-    t = ctx.emit("Transpose", [t], {"perm": [0, 3, 5, 1, 2, 4]})[0]
+    perm = [0, 3, 5, 1, 2, 4] if ctx.attr("mode", "DCR") == "DCR" else [0, 1, 3, 5, 2, 4]
+    t = ctx.emit("Transpose", [t], {"perm": perm})[0]
     return [ctx.reshape(t, [n, c * b * b, h // b, w // b])]
 
 

@@ -25,7 +25,7 @@ from kiln.ir.opdef import OpDef, get_op
 from kiln.ir.types import TensorType
 
 ONNX_DOMAINS = ("", "ai.onnx")
-MIN_OPSET = 7
+MIN_OPSET = 1  # opsets 1-6 where converters handle their legacy attributes (old PyTorch exports)
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: DType.float32,
@@ -196,7 +196,7 @@ class Importer:
             raise UnsupportedOpsError(missing, self.source)
         opset = self.opsets.get("", self.opsets.get("ai.onnx", 0))
         if opset < MIN_OPSET:
-            raise ModelLoadError(f"{self.source}: opset {opset} is older than the oldest kiln reads ({MIN_OPSET})")
+            raise ModelLoadError(f"{self.source}: the model imports no ONNX opset (opset_import is empty)")
 
     # -- values --------------------------------------------------------------------------
     def tensor(self, proto: onnx.TensorProto, where: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from kiln.ir.dtypes import ALL, DType, FLOATS, INTS, NUMERIC, SIGNED_INTS, UNSIGNED_INTS
+from kiln.ir.dtypes import ALL, DType, FLOATS, INTS, NUMERIC, SIGNED_INTS
 from kiln.ir.opdef import REQUIRED, OpDef, OpKind, register
 from kiln.ir.ops.rules import broadcast_shapes, check_dtype, fail, present, same_dtype
 from kiln.ir.types import TensorType
@@ -160,11 +160,8 @@ def _div(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _mod(a, x, y):
-    if a["fmod"]:
-        return np.fmod(x, y)
-    if x.dtype.kind == "f":
-        raise fail("Mod on floats needs fmod=1")
-    return np.mod(x, y)
+    # fmod=1: the sign of the dividend (C fmod); fmod=0: the sign of the divisor (Python %)
+    return np.fmod(x, y) if a["fmod"] else np.mod(x, y)
 
 
 def _pow(a, x, y):
@@ -191,7 +188,7 @@ binary("Sub", lambda a, x, y: x - y)
 binary("Mul", lambda a, x, y: x * y)
 binary("Div", lambda a, x, y: _div(x, y))
 binary("Mod", _mod, attrs={"fmod": 0})
-binary("BitShift", _bitshift, UNSIGNED_INTS, attrs={"direction": "LEFT"})
+binary("BitShift", _bitshift, INTS, attrs={"direction": "LEFT"})
 binary("PRelu", lambda a, x, y: np.where(x < 0, y * x, x), SIGNED)
 register(OpDef("Pow", OpKind.ELEMENTWISE, _pow_infer, lambda a, x, y: np.asarray(_pow(a, x, y), x.dtype), num_inputs=(2, 2)))
 binary("Equal", lambda a, x, y: x == y, ALL, DType.bool)

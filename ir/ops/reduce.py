@@ -52,9 +52,11 @@ def _extreme(fn, empty):
         if x.size == 0 or any(x.shape[a] == 0 for a in axes):
             if x.dtype.kind == "f":
                 fill = empty
+            elif x.dtype.kind == "b":
+                fill = empty > 0  # max of nothing is False, min of nothing is True
             else:
-                info = np.iinfo(x.dtype) if x.dtype.kind in "iu" else None
-                fill = (info.min if empty == -np.inf else info.max) if info else empty
+                info = np.iinfo(x.dtype)
+                fill = info.min if empty < 0 else info.max
             shape = [1 if i in axes else d for i, d in enumerate(x.shape)] if keep else [
                 d for i, d in enumerate(x.shape) if i not in axes
             ]

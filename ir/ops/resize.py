@@ -53,7 +53,8 @@ def _source_coords(attrs, axis: int, n_in: int, n_out: int) -> np.ndarray:
     if mode == "pytorch_half_pixel":
         return (i + 0.5) / scale - 0.5 if n_out > 1 else np.zeros(n_out)
     if mode == "align_corners":
-        return i * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros(n_out)
+        # the unrounded output length (n_in * scale), as ONNX's reference divides by
+        return i * (n_in - 1) / (n_in * scale - 1) if n_out > 1 else np.zeros(n_out)
     if mode == "asymmetric":
         return i / scale
     rank = len(attrs["sizes"])

@@ -1,0 +1,132 @@
+"""Run the ONNX backend suite outside pytest and summarize why cases fail.
+
+    python tests/conformance/report.py [--target eager] [--kind node] [--out failures.tsv]
+
+Prints pass/fail counts per kind and groups failures by error message, so the expectations
+file's reasons can be written from evidence. (pytest runs the suite itself; this is for people.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import warnings
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.backend.test.loader import load_model_tests
+from onnx.backend.test.runner import Runner
+
+from kiln.runtime.onnx_backend import KilnBackend
+
+
+def _data_sets(case) -> list:
+    if case.data_sets is not None:
+        return case.data_sets
+    sets = []
+    for d in sorted(glob.glob(os.path.join(case.model_dir, "test_data_set*"))):
+        def read(kind):
+            out = []
+            for f in sorted(glob.glob(os.path.join(d, f"{kind}_*.pb")), key=lambda p: int(p.rsplit("_", 1)[1][:-3])):
+                t = onnx.TensorProto()
+                with open(f, "rb") as fh:
+                    t.ParseFromString(fh.read())
+                out.append(numpy_helper.to_array(t))
+            return out
+
+        sets.append((read("input"), read("output")))
+    return sets
+
+
+def _normalize(item):
+    return numpy_helper.to_array(item) if isinstance(item, onnx.TensorProto) else np.asarray(item)
+
+
+def run_case(case, target: str) -> str | None:
+    model = case.model if case.model is not None else onnx.load(os.path.join(case.model_dir, "model.onnx"))
+    try:
+        rep = KilnBackend.prepare(model, "CPU", target=target)
+        for inputs, expected in _data_sets(case):
+            outputs = rep.run([_normalize(i) for i in inputs])
+            Runner.assert_similar_outputs([_normalize(e) for e in expected], outputs, rtol=case.rtol, atol=case.atol)
+    except AssertionError as err:
+        return "wrong values: " + str(err).strip().splitlines()[0][:150]
+    except Exception as err:  # noqa: BLE001 - a report wants every failure
+        return f"{type(err).__name__}: " + str(err).strip().splitlines()[0][:200]
+    return None
+
+
+SEQUENCE_OPS = ("Sequence", "Optional", "SplitToSequence", "ConcatFromSequence")
+STRING_OPS = ("String", "RegexFullMatch", "LabelEncoder", "TfIdfVectorizer")
+RANDOM_OPS = ("RandomUniformLike", "RandomNormalLike", "RandomUniform", "RandomNormal", "Bernoulli", "Multinomial")
+DATA_DEPENDENT = ("NonZero", "Unique", "Compress", "NonMaxSuppression")
+TRAINING_OPS = ("Adagrad", "Adam", "Momentum", "Gradient")
+
+
+def reason(error: str) -> str:
+    """A reason for the expectations file, from a case's error message."""
+    if "unsupported op(s): " in error:
+        ops = error.split("unsupported op(s): ", 1)[1].split(", ")
+        if any(op.startswith(SEQUENCE_OPS) for op in ops):
+            return "sequence/optional values: kiln's IR holds tensors only"
+        if any(op.startswith(STRING_OPS) for op in ops):
+            return "string ops: strings are not a kiln dtype"
+        if any(op in RANDOM_OPS for op in ops):
+            return f"{', '.join(ops)}: random draws cannot match the reference's"
+        if any(op in DATA_DEPENDENT for op in ops):
+            return f"{', '.join(ops)}: output shape depends on tensor data; kiln compiles static shapes"
+        if any(op in TRAINING_OPS for op in ops):
+            return f"{', '.join(ops)}: ai.onnx.preview.training; kiln trains through its own autodiff"
+        return f"{', '.join(ops)}: not in kiln's op set yet"
+    if "element type " in error:
+        dtype = error.split("element type ", 1)[1].split()[0]
+        return f"element type {dtype} is not a kiln dtype"
+    if "is not a tensor" in error or "array element with a sequence" in error:
+        return "sequence/optional values: kiln's IR holds tensors only"
+    if "training_dropout" in error or "Dropout" in error:
+        return "training-mode Dropout: the mask comes from a different RNG than the reference's"
+    return error.replace(":", " -")[:160]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", default="eager")
+    ap.add_argument("--kind", action="append", help="node, simple, pytorch-converted, pytorch-operator")
+    ap.add_argument("--out", help="write 'case<TAB>error' lines here")
+    ap.add_argument("--write-expectations", metavar="PATH", help="write every failure as 'case: reason' (review it!)")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    kinds = args.kind or ["node", "simple", "pytorch-converted", "pytorch-operator"]
+    failures: dict[str, str] = {}
+    for kind in kinds:
+        cases = [c for c in load_model_tests(kind=kind) if c.url is None]
+        bad = 0
+        for case in cases:
+            err = run_case(case, args.target)
+            if err:
+                bad += 1
+                failures[case.name] = err
+        print(f"{kind}: {len(cases) - bad}/{len(cases)} pass")
+    groups = collections.Counter(e.split(":")[0] + ":" + e.split(":")[1][:60] if ":" in e else e for e in failures.values())
+    for msg, n in groups.most_common(40):
+        print(f"{n:5d}  {msg}")
+    if args.write_expectations:
+        with open(args.write_expectations, "w") as fh:
+            fh.write(f"# ONNX backend-suite cases that fail on target {args.target}, each with its reason.\n")
+            fh.write("# A listed case that starts passing fails the run: delete its line.\n")
+            for name, err in sorted(failures.items()):
+                why = "training-mode Dropout: the mask comes from a different RNG than the reference's" if "training_dropout" in name else reason(err)
+                fh.write(f"{name}: {why}\n")
+    if args.out:
+        with open(args.out, "w") as fh:
+            for name, err in sorted(failures.items()):
+                fh.write(f"{name}\t{err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
