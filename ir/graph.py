@@ -206,13 +206,20 @@ class Graph:
         return f"Graph({self.name!r}, {len(self.nodes)} nodes)"
 
 
+def _same_array(x: np.ndarray, y: np.ndarray) -> bool:
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if x.dtype.kind == "f":
+        # NaN payloads do not survive the text form; every other bit (signed zeros too) must
+        nan_x, nan_y = np.isnan(x), np.isnan(y)
+        return bool(np.array_equal(nan_x, nan_y)) and x[~nan_x].tobytes() == y[~nan_y].tobytes()
+    return x.tobytes() == y.tobytes()
+
+
 def graphs_equal(a: Graph, b: Graph) -> bool:
-    """Same text form and bit-identical parameters."""
+    """Same text form and equal parameters (bit-identical, NaNs compared as NaN)."""
     if a.to_text() != b.to_text():
         return False
     pa = {v.name: arr for v, arr in a.params.items()}
     pb = {v.name: arr for v, arr in b.params.items()}
-    return pa.keys() == pb.keys() and all(
-        pa[k].dtype == pb[k].dtype and pa[k].shape == pb[k].shape and pa[k].tobytes() == pb[k].tobytes()
-        for k in pa
-    )
+    return pa.keys() == pb.keys() and all(_same_array(pa[k], pb[k]) for k in pa)

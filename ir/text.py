@@ -30,6 +30,7 @@ from kiln.ir.types import TensorType
 
 INLINE_LIMIT = 16
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*$")
+_BARE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -42,7 +43,7 @@ def array_digest(array: np.ndarray) -> str:
 
 def _name(value: Value) -> str:
     n = value.name
-    return "%" + (n if _IDENT.match(n) or n.isdigit() else json.dumps(n))
+    return "%" + (n if _BARE_NAME.fullmatch(n) else json.dumps(n))
 
 
 def _json(value: Any) -> str:
@@ -59,7 +60,7 @@ def print_graph(graph: Graph) -> str:
     """The text form of ``graph``."""
     lines = []
     ins = ", ".join(f"{_name(v)}: {v.type}" for v in graph.inputs)
-    lines.append(f"graph {json.dumps(graph.name) if not _IDENT.match(graph.name) else graph.name}({ins}) {{")
+    lines.append(f"graph {graph.name if _IDENT.fullmatch(graph.name) else json.dumps(graph.name)}({ins}) {{")
     for value, array in graph.params.items():
         lines.append(f"  param {_name(value)}: {value.type} = {_param_data(array)}")
     for node in graph.nodes:
@@ -128,7 +129,7 @@ class _Scanner:
         self.expect("%")
         if self.peek('"'):
             return self.json_value()
-        m = re.compile(r"[A-Za-z0-9_.]+").match(self.s, self.i)
+        m = _BARE_NAME.match(self.s, self.i)
         if not m:
             raise self.error("expected a value name")
         self.i = m.end()

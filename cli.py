@@ -1,0 +1,223 @@
+"""The ``kiln`` command: compile, run and inspect models.
+
+Exit status: 0 on success, 2 on usage errors (click), 1 on any other error, reported as one
+line naming the file and, where there is one, the node. ``KILN_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from kiln import config
+from kiln.errors import KilnError, UnsupportedOpsError
+from kiln.models import DEFAULT_MODEL, builtin_models
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+def _parse_shapes(ctx, param, values: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in values:
+        name, sep, dims = item.rpartition("=")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*|", dims):
+            raise click.BadParameter(f"{item!r}: expected NAME=DIMS such as x=1x3x224x224 (or x= for a scalar)")
+        shapes[name] = tuple(int(d) for d in dims.split("x")) if dims else ()
+    return shapes
+
+
+def _parse_inputs(ctx, param, values: Sequence[str]) -> dict[str, Path]:
+    files = {}
+    for item in values:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{item!r}: expected NAME=FILE.npy")
+        files[name] = Path(path)
+    return files
+
+
+MODEL_HELP = "an .onnx file, a .kiln artifact, or a built-in model name (see `kiln zoo`)"
+
+
+def _open(model: str, target: str, shapes: dict):
+    """A Module for ``model``: load an artifact, or compile an ONNX file / built-in model."""
+    import kiln
+
+    if model.endswith(".kiln"):
+        if shapes:
+            raise click.BadParameter("--shape applies to ONNX models; an artifact's shapes are fixed", param_hint="--shape")
+        return kiln.load(model)
+    return kiln.compile(model, target=target, shapes=shapes)
+
+
+def _random_inputs(module, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, t in module.input_types.items():
+        dtype = t.dtype.numpy
+        if dtype.kind == "f":
+            feeds[name] = rng.standard_normal(t.shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[name] = rng.random(t.shape) < 0.5
+        else:
+            feeds[name] = rng.integers(0, 10, size=t.shape).astype(dtype)
+    return feeds
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise KilnError(f"{path}: no such file") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise KilnError(f"{path}: not a readable .npy array ({e})") from None
+
+
+def _safe_filename(name: str) -> str:
+    """An output name as a file name that cannot leave the output folder."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+    return safe or "output"
+
+
+# -- commands ------------------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kiln")
+def cli() -> None:
+    """kiln: compile ONNX models, run them, inspect their graphs."""
+
+
+shape_option = click.option(
+    "--shape", "shapes", multiple=True, callback=_parse_shapes, metavar="NAME=DIMS", help="bind an input's shape, e.g. x=1x3x224x224"
+)
+target_option = click.option("--target", "-t", default="eager", show_default=True, help="backend to compile for")
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="artifact to write [default: MODEL.kiln]")
+@target_option
+@shape_option
+def compile(model: str, output: str | None, target: str, shapes: dict) -> None:
+    """Compile MODEL (an .onnx file or a built-in name) into a .kiln artifact."""
+    start = time.perf_counter()
+    module = _open(model, target, shapes)
+    path = Path(output) if output else Path(Path(model).stem + ".kiln")
+    module.save(path)
+    g = module.graph
+    out.print(
+        f"compiled {model} -> {path} (target {module.target}, {len(g.nodes)} nodes, "
+        f"{g.param_count:,} parameters, {path.stat().st_size:,} bytes) in {time.perf_counter() - start:.2f} s"
+    )
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--input", "inputs", multiple=True, callback=_parse_inputs, metavar="NAME=FILE.npy", help="an input array")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="write one NAME.npy per output here")
+@click.option("--seed", default=0, show_default=True, help="seed of the random inputs used when none are given")
+@target_option
+@shape_option
+def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str, shapes: dict) -> None:
+    """Run MODEL once and summarize its outputs (random inputs unless --input is given)."""
+    start = time.perf_counter()
+    module = _open(model, target, shapes)
+    built = time.perf_counter()
+    if inputs:
+        feeds = {name: _load_npy(path) for name, path in inputs.items()}
+    else:
+        feeds = _random_inputs(module, seed)
+    results = module.run(feeds)
+    done = time.perf_counter()
+    how = "given" if inputs else f"random, seed {seed}"
+    out.print(f"[bold]{model}[/bold] on {module.target}: {len(module.graph.nodes)} nodes; inputs ({how}):")
+    for name, array in feeds.items():
+        out.print(f"  {name}: {array.dtype}{list(array.shape)}")
+    table = Table("output", "dtype", "shape", "min", "max", "mean")
+    for name, array in results.items():
+        stats = [f"{array.min():.6g}", f"{array.max():.6g}", f"{array.astype(np.float64).mean():.6g}"] if array.size else ["-"] * 3
+        table.add_row(name, str(array.dtype), str(list(array.shape)), *stats)
+    out.print(table)
+    out.print(f"build {built - start:.2f} s, run {done - built:.3f} s")
+    if output_dir:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in results.items():
+            target_path = folder / f"{_safe_filename(name)}.npy"
+            np.save(target_path, array, allow_pickle=False)
+            out.print(f"wrote {target_path}")
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--no-ir", is_flag=True, help="leave out the IR text")
+@shape_option
+def inspect(model: str, no_ir: bool, shapes: dict) -> None:
+    """Show MODEL's graph: IR text, op histogram, parameters, unsupported ops."""
+    try:
+        module = _open(model, "eager", shapes)
+    except UnsupportedOpsError as e:
+        table = Table("op", "domain", "opset", "first node", title=f"{model}: ops kiln does not support")
+        for op, domain, opset, node in e.missing:
+            table.add_row(op, domain or "ai.onnx", str(opset), node)
+        out.print(table)
+        raise SystemExit(1) from None
+    g = module.graph
+    if not no_ir:
+        out.print(g.to_text(), markup=False)
+    table = Table("op", "count", title="op histogram")
+    for op, n in g.op_histogram().items():
+        table.add_row(op, str(n))
+    out.print(table)
+    out.print(f"parameters: {g.param_count:,} elements in {len(g.params)} tensors, {g.param_bytes:,} bytes")
+    for kind, values in (("inputs", g.inputs), ("outputs", g.outputs)):
+        out.print(f"{kind}: " + ", ".join(f"{v.name}: {v.type}" for v in values))
+    out.print("unsupported ops: none")
+
+
+@cli.command()
+def zoo() -> None:
+    """List the built-in models."""
+    table = Table("name", "file")
+    for name, path in builtin_models().items():
+        table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), str(path))
+    out.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kiln`` console script."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="kiln", standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0)
+    except KilnError as e:
+        if config.flags().debug:
+            traceback.print_exc()
+        err.print(f"kiln: error: {e}", markup=False, soft_wrap=True)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI never dies with a traceback unless asked
+        if config.flags().debug:
+            traceback.print_exc()
+        err.print(f"kiln: internal error: {type(e).__name__}: {e} (run with KILN_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
