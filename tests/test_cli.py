@@ -1,0 +1,110 @@
+"""The kiln command as a new user meets it: compile, run, inspect on light_resnet50, and
+one-line errors with exit codes 1 (bad input) and 2 (usage)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kiln.cli import main
+
+
+def kiln_cmd(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300
+    )
+
+
+def test_compile_run_inspect_light_resnet50(tmp_path, light_model, capsys):
+    model = str(light_model("light_resnet50"))
+    artifact = tmp_path / "resnet50.kiln"
+    assert main(["compile", model, "-o", str(artifact)]) == 0
+    assert artifact.exists()
+    assert "compiled" in capsys.readouterr().out
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    outdir = tmp_path / "out"
+    assert main(["run", str(artifact), "--input", f"gpu_0/data_0={tmp_path / 'x.npy'}", "--output-dir", str(outdir)]) == 0
+    written = outdir / "gpu_0_softmax_1.npy"  # the '/' in the output name never makes a path
+    y = np.load(written)
+    assert y.shape == (1, 1000)
+
+    import kiln
+
+    np.testing.assert_array_equal(y, kiln.compile(model).run({"gpu_0/data_0": x})["gpu_0/softmax_1"])
+
+    assert main(["inspect", str(artifact)]) == 0
+    text = capsys.readouterr().out
+    assert "Conv" in text and "op histogram" in text and "parameters:" in text and "unsupported ops: none" in text
+
+
+def test_run_with_no_model_runs_the_default_on_random_inputs(capsys):
+    assert main(["run"]) == 0
+    out = capsys.readouterr().out
+    assert "light_resnet50" in out and "random, seed 0" in out and "gpu_0/softmax_1" in out
+
+
+def test_inspect_lists_unsupported_ops(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("NonZero", ["x"], ["y"], name="nz")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    path = tmp_path / "nz.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    assert main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "NonZero" in out and "nz" in out
+
+
+def test_shape_binding_on_the_command_line(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    path = tmp_path / "dyn.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    assert main(["run", str(path)]) == 1
+    assert "--shape x=Nx4" in capsys.readouterr().err
+    assert main(["run", str(path), "--shape", "x=3x4"]) == 0
+    assert "[3, 4]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["run", "missing.onnx"], 1, "missing.onnx: no such file"),
+        (["run", "--shape", "x=1xA"], 2, "expected NAME=DIMS"),
+        (["frobnicate"], 2, "No such command"),
+        (["compile", "light_squeezenet", "--target", "fpga"], 1, "unknown target 'fpga'"),
+    ],
+)
+def test_errors_are_one_line_with_the_right_exit_code(args, code, message):
+    result = kiln_cmd(*args)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_truncated_model_names_the_file_and_debug_shows_the_traceback(tmp_path, light_model):
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(light_model("light_squeezenet").read_bytes()[:500])
+    result = kiln_cmd("run", str(bad))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cut.onnx" in lines[0] and "Traceback" not in result.stderr
+    debug = kiln_cmd("run", str(bad), env={"KILN_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_bad_input_files_are_named(tmp_path):
+    (tmp_path / "x.npy").write_bytes(b"not numpy")
+    result = kiln_cmd("run", "light_squeezenet", "--input", f"data_0={tmp_path / 'x.npy'}")
+    assert result.returncode == 1 and "x.npy: not a readable .npy array" in result.stderr
+    np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
+    result = kiln_cmd("run", "light_squeezenet", "--input", f"data_0={tmp_path / 'small.npy'}")
+    assert result.returncode == 1 and "input 'data_0': expected shape" in result.stderr
