@@ -69,7 +69,7 @@ def converter(*op_types: str) -> Callable[[Converter], Converter]:
 
 
 def _load_converters() -> None:
-    from kiln.frontend.onnx import convert_elementwise, convert_nn, convert_shape  # noqa: F401
+    from kiln.frontend.onnx import convert_control, convert_elementwise, convert_nn, convert_shape  # noqa: F401
 
 
 def supported_ops() -> list[str]:
@@ -113,15 +113,7 @@ class NodeContext:
         value = self.input(i)
         if value is None:
             return None
-        graph = self.importer.graph
-        if value in graph.params:
-            return graph.params[value]
-        deps = self.importer.graph_inputs_behind(value)
-        raise NeedsStaticValue(
-            f"node {self.name!r} ({self.node.op_type}): {what or f'input {i}'} ({value.name}) decides an output "
-            f"shape and must be known at compile time; it depends on graph input(s) {deps}",
-            deps,
-        )
+        return self.importer.static_value(value, f"node {self.name!r} ({self.node.op_type}): {what or f'input {i}'}")
 
     def const_ints(self, i: int, what: str = "") -> list[int] | None:
         value = self.const(i, what)
@@ -211,6 +203,17 @@ class Importer:
         self._new_values.append(value)
         return value
 
+    def static_value(self, value: Value, what: str) -> np.ndarray:
+        """The compile-time value of ``value``; NeedsStaticValue naming the graph inputs it needs."""
+        if value in self.graph.params:
+            return self.graph.params[value]
+        deps = self.graph_inputs_behind(value)
+        raise NeedsStaticValue(
+            f"{what} ({value.name}) decides an output shape and must be known at compile time; "
+            f"it depends on graph input(s) {deps}",
+            deps,
+        )
+
     def graph_inputs_behind(self, value: Value) -> list[str]:
         """Names of the graph inputs ``value`` is computed from."""
         found: list[str] = []
@@ -298,10 +301,10 @@ class Importer:
             )
         return tuple(declared)
 
-    def convert_nodes(self) -> None:
+    def convert_nodes(self, nodes: Sequence[onnx.NodeProto] | None = None, prefix: str = "") -> None:
         opset = self.opsets.get("", self.opsets.get("ai.onnx", 0))
-        for index, node in enumerate(self.model.graph.node):
-            name = node.name or f"{node.op_type}_{index}"
+        for index, node in enumerate(self.model.graph.node if nodes is None else nodes):
+            name = prefix + (node.name or f"{node.op_type}_{index}")
             for inp in node.input:
                 if inp and inp not in self.env:
                     raise GraphError(
@@ -321,6 +324,25 @@ class Importer:
                 if any(value is v for v in self._new_values) and not self.graph.has_name(out_name):
                     self.graph.rename(value, out_name)
                 self.env[out_name] = value
+
+    def inline(self, body: onnx.GraphProto, bindings: Mapping[str, Value], where: str) -> list[Value]:
+        """Convert a subgraph (an If branch, a Loop body) into the graph being built.
+
+        Its inputs are bound to ``bindings``; values of the enclosing scopes stay visible, and
+        what the subgraph defines does not leak out. Returns its outputs.
+        """
+        saved_env, saved_new = self.env, self._new_values
+        self.env = {**saved_env, **bindings}
+        try:
+            for init in body.initializer:
+                self.env[init.name] = self.constant(self.tensor(init, f"initializer {init.name!r} of {where}"))
+            self.convert_nodes(body.node, prefix=where + "/")
+            missing = [o.name for o in body.output if o.name not in self.env]
+            if missing:
+                raise GraphError(f"{self.source}: {where}: subgraph outputs {missing} are never computed")
+            return [self.env[o.name] for o in body.output]
+        finally:
+            self.env, self._new_values = saved_env, saved_new
 
     def bind_outputs(self) -> None:
         for out in self.model.graph.output:
