@@ -150,3 +150,27 @@ def _constant_of_shape(ctx: NodeContext):
     return ctx.emit("ConstantOfShape", [], {"shape": shape, "value": array[0].item(), "dtype": dtype.short})
 
 
+
+
+@converter("SwiGLU")
+def _swiglu(ctx: NodeContext):
+    a, b = ctx.input(0), ctx.input(1)
+    if a.type.shape != b.type.shape:
+        raise ctx.error(f"A {a.type} and B {b.type} must have the same shape")
+    alpha = ctx.attr("alpha", 1.0)
+    scaled = ctx.emit("Mul", [a, ctx.constant(alpha, a.type.dtype.numpy)])[0] if alpha != 1.0 else a
+    swish = ctx.emit("Mul", [a, ctx.emit("Sigmoid", [scaled])[0]])[0]
+    return ctx.emit("Mul", [swish, b])
+
+
+@converter("BitCast")
+def _bitcast(ctx: NodeContext):
+    to = dtype_from_onnx(ctx.attr("to"), f"node {ctx.name!r} (BitCast)")
+    return ctx.emit("BitCast", [ctx.input(0)], {"to": to.short})
+
+
+@converter("EyeLike")
+def _eye_like(ctx: NodeContext):
+    x = ctx.type(0)
+    dtype = dtype_from_onnx(ctx.attr("dtype"), f"node {ctx.name!r} (EyeLike)") if ctx.attr("dtype") is not None else x.dtype
+    return [ctx.constant(np.eye(*x.shape, k=ctx.attr("k", 0), dtype=dtype.numpy))]

@@ -121,6 +121,30 @@ def _simple_nn(ctx: NodeContext):
     return passthrough(ctx)
 
 
+@converter("MaxUnpool")
+def _max_unpool(ctx: NodeContext):
+    x = ctx.type(0)
+    nd = x.rank - 2
+    kernel = list(ctx.attr("kernel_shape"))
+    strides = list(ctx.attr("strides", [1] * nd))
+    pads = list(ctx.attr("pads", [0] * (2 * nd)))
+    unpooled = [(x.shape[2 + i] - 1) * strides[i] + kernel[i] - pads[i] - pads[i + nd] for i in range(nd)]
+    shape = ctx.const_ints(2, "output_shape") or [*x.shape[:2], *unpooled]
+    return ctx.emit("MaxUnpool", [ctx.input(0), ctx.input(1)], {"output_shape": shape, "unpooled_shape": unpooled})
+
+
+@converter("Col2Im")
+def _col2im(ctx: NodeContext):
+    attrs = {
+        "image_shape": ctx.const_ints(1, "image_shape"),
+        "block_shape": ctx.const_ints(2, "block_shape"),
+        "strides": ctx.attr("strides"),
+        "pads": ctx.attr("pads"),
+        "dilations": ctx.attr("dilations"),
+    }
+    return ctx.emit("Col2Im", [ctx.input(0)], attrs)
+
+
 # -- normalization -------------------------------------------------------------------------------
 
 
@@ -138,6 +162,12 @@ def _batch_norm(ctx: NodeContext):
 @converter("InstanceNormalization")
 def _instance_norm(ctx: NodeContext):
     return passthrough(ctx)
+
+
+@converter("RMSNormalization")
+def _rms_norm(ctx: NodeContext):
+    # stash_type picks the accumulation precision; kiln's reference accumulates in float64
+    return ctx.emit("RMSNormalization", ctx.inputs(), {"axis": ctx.attr("axis", -1), "epsilon": ctx.attr("epsilon", 1e-5)})
 
 
 @converter("GroupNormalization")
@@ -164,6 +194,11 @@ def _layer_norm(ctx: NodeContext):
 
 
 # -- matrix products --------------------------------------------------------------------------
+
+
+@converter("Det")
+def _det(ctx: NodeContext):
+    return passthrough(ctx)
 
 
 @converter("Gemm", "MatMul")
@@ -226,11 +261,11 @@ def _arg(ctx: NodeContext):
     return passthrough(ctx)
 
 
-@converter("CumSum")
-def _cumsum(ctx: NodeContext):
+@converter("CumSum", "CumProd")
+def _cumulative(ctx: NodeContext):
     axis = ctx.const_ints(1, "axis")[0]
     attrs = {"axis": axis, "exclusive": ctx.attr("exclusive", 0), "reverse": ctx.attr("reverse", 0)}
-    return ctx.emit("CumSum", [ctx.input(0)], attrs)
+    return ctx.emit(ctx.node.op_type, [ctx.input(0)], attrs)
 
 
 @converter("TopK")

@@ -149,6 +149,36 @@ def _gathers(ctx: NodeContext):
     return passthrough(ctx)
 
 
+@converter("ReverseSequence")
+def _reverse_sequence(ctx: NodeContext):
+    return passthrough(ctx)
+
+
+@converter("CenterCropPad")
+def _center_crop_pad(ctx: NodeContext):
+    x = ctx.input(0)
+    rank = x.type.rank
+    target = ctx.const_ints(1, "shape")
+    axes = [a % rank for a in (ctx.attr("axes") or range(rank))]
+    starts, ends, crop_axes = [], [], []
+    pads = [0] * (2 * rank)
+    for axis, size in zip(axes, target):
+        have = x.type.shape[axis]
+        if have > size:
+            start = (have - size) // 2
+            starts.append(start)
+            ends.append(start + size)
+            crop_axes.append(axis)
+        elif have < size:
+            pads[axis] = (size - have) // 2
+            pads[axis + rank] = size - have - pads[axis]
+    if crop_axes:
+        x = ctx.emit("Slice", [x], {"starts": starts, "ends": ends, "axes": crop_axes, "steps": None})[0]
+    if any(pads):
+        x = ctx.emit("Pad", [x], {"pads": pads, "mode": "constant"})[0]
+    return [x]
+
+
 @converter("Scatter")
 def _scatter(ctx: NodeContext):
     return passthrough(ctx, "ScatterElements")

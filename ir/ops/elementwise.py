@@ -280,3 +280,23 @@ def _cast(a, x):
 
 
 register(OpDef("Cast", OpKind.ELEMENTWISE, _cast_infer, _cast, {"to": REQUIRED}, doc="Convert to dtype `to` (short name)."))
+
+
+def _bitcast_infer(attrs, types):
+    x = present(types, 0, "input")
+    to = DType.parse(attrs["to"])
+    if to.itemsize != x.dtype.itemsize:
+        raise fail(f"cannot reinterpret {x.dtype.short} ({x.dtype.itemsize} bytes) as {to.short} ({to.itemsize} bytes)")
+    return [x.with_dtype(to)]
+
+
+register(
+    OpDef(
+        "BitCast",
+        OpKind.ELEMENTWISE,
+        _bitcast_infer,
+        lambda a, x: np.array(x, order="C").view(DType.parse(a["to"]).numpy),
+        {"to": REQUIRED},
+        doc="Reinterpret the bytes (little endian) as dtype `to` of the same width.",
+    )
+)

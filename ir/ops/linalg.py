@@ -121,3 +121,16 @@ register(
         num_inputs=(1, None),
     )
 )
+
+
+def _det_infer(attrs, types):
+    x = present(types, 0, "X")
+    check_dtype(x, FLOATS)
+    if x.rank < 2 or x.shape[-1] != x.shape[-2]:
+        raise fail(f"X {x} must end in square matrices")
+    return [x.with_shape(x.shape[:-2])]
+
+
+register(
+    OpDef("Det", OpKind.HEAVY, _det_infer, lambda attrs, x: np.asarray(np.linalg.det(x.astype(np.float64)), dtype=x.dtype))
+)

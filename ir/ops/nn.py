@@ -303,3 +303,81 @@ register(
         {"p": 2},
     )
 )
+
+
+# -- MaxUnpool / Col2Im: scatter windows back into an image ----------------------------------
+def _max_unpool_infer(attrs, types):
+    x, idx = present(types, 0, "X"), present(types, 1, "I")
+    check_dtype(x, FLOATS)
+    check_dtype(idx, {DType.int64}, "I")
+    if idx.shape != x.shape:
+        raise fail(f"indices {idx} must have the shape of X {x}")
+    return [x.with_shape([*x.shape[:2], *ints(attrs["output_shape"], "output_shape")[-(x.rank - 2):]])]
+
+
+def _max_unpool(a, x, idx):
+    # indices address the unpooled shape the pooling geometry gives; a larger output_shape
+    # pads that image at the end of each spatial axis
+    unpooled = [*x.shape[:2], *a["unpooled_shape"]]
+    out = np.zeros(math.prod(unpooled), dtype=x.dtype)
+    out[idx.reshape(-1)] = x.reshape(-1)
+    shape = [*x.shape[:2], *a["output_shape"][-(x.ndim - 2) :]]
+    pad = [(0, max(0, s - u)) for s, u in zip(shape, unpooled)]
+    return np.pad(out.reshape(unpooled), pad)[tuple(slice(0, s) for s in shape)]
+
+
+register(
+    OpDef(
+        "MaxUnpool",
+        OpKind.OPAQUE,
+        _max_unpool_infer,
+        _max_unpool,
+        {"output_shape": REQUIRED, "unpooled_shape": REQUIRED},
+        num_inputs=(2, 2),
+        doc="Scatter X at MaxPool's flat indices I into zeros of `unpooled_shape`, padded to `output_shape`.",
+    )
+)
+
+
+def _col2im_geometry(attrs, cols_shape):
+    image, block = ints(attrs["image_shape"], "image_shape"), ints(attrs["block_shape"], "block_shape")
+    nd = len(image)
+    strides, dilations, pads = _spatial_attrs(attrs, nd)
+    blocks = window_output_shape(tuple(image), block, strides, dilations, pads)
+    c, rem = divmod(cols_shape[1], math.prod(block))
+    if rem or cols_shape[2] != math.prod(blocks):
+        raise fail(f"input {list(cols_shape)} does not hold C x {block} columns for {blocks} blocks")
+    return image, block, strides, dilations, pads, blocks, c
+
+
+def _col2im_infer(attrs, types):
+    x = present(types, 0, "input")
+    check_dtype(x, FLOATS)
+    if x.rank != 3:
+        raise fail(f"input {x} must be (N, C*prod(block), L)")
+    image, *_, c = _col2im_geometry(attrs, x.shape)
+    return [x.with_shape([x.shape[0], c, *image])]
+
+
+def _col2im(a, x):
+    image, block, strides, dilations, pads, blocks, c = _col2im_geometry(a, x.shape)
+    nd = len(image)
+    n = x.shape[0]
+    cols = x.astype(np.float64).reshape(n, c, *block, *blocks)
+    padded = np.zeros((n, c, *[image[i] + pads[i] + pads[i + nd] for i in range(nd)]))
+    for k in np.ndindex(*block):
+        dst = tuple(slice(k[i] * dilations[i], k[i] * dilations[i] + (blocks[i] - 1) * strides[i] + 1, strides[i]) for i in range(nd))
+        padded[(slice(None), slice(None)) + dst] += cols[(slice(None), slice(None)) + k]
+    crop = tuple(slice(pads[i], pads[i] + image[i]) for i in range(nd))
+    return padded[(slice(None), slice(None)) + crop].astype(x.dtype)
+
+
+register(
+    OpDef(
+        "Col2Im",
+        OpKind.OPAQUE,
+        _col2im_infer,
+        _col2im,
+        {"image_shape": REQUIRED, "block_shape": REQUIRED, "strides": None, "pads": None, "dilations": None},
+    )
+)

@@ -152,6 +152,34 @@ register(
 )
 
 
+def _rms_norm_infer(attrs, types):
+    x, scale = present(types, 0, "X"), present(types, 1, "scale")
+    check_dtype(x, FLOATS)
+    axis = norm_axis(attrs["axis"], x.rank)
+    if len(scale.shape) > x.rank - axis:
+        raise fail(f"scale {scale} has more dims than the normalized axes {list(range(axis, x.rank))}")
+    return [x]
+
+
+def _rms_norm(a, x, scale):
+    axes = tuple(range(a["axis"] % x.ndim, x.ndim))
+    x64 = x.astype(np.float64)
+    rms = np.sqrt(np.mean(np.square(x64), axis=axes, keepdims=True) + a["epsilon"])
+    return (x64 / rms * scale).astype(x.dtype)
+
+
+register(
+    OpDef(
+        "RMSNormalization",
+        OpKind.REDUCTION,
+        _rms_norm_infer,
+        _rms_norm,
+        {"axis": -1, "epsilon": 1e-5},
+        num_inputs=(2, 2),
+    )
+)
+
+
 def _same_float(attrs, types):
     x = present(types, 0, "input")
     check_dtype(x, FLOATS)

@@ -132,16 +132,24 @@ def _cumsum_infer(attrs, types):
     return [x]
 
 
-def _cumsum(a, x):
-    axis = a["axis"] % x.ndim
-    y = np.flip(x, axis) if a["reverse"] else x
-    out = np.cumsum(y, axis=axis, dtype=x.dtype)
-    if a["exclusive"]:
-        out = out - y
-    return np.flip(out, axis) if a["reverse"] else out
+def _cumulative(ufunc: np.ufunc):
+    def eager(a, x):
+        axis = a["axis"] % x.ndim
+        y = np.flip(x, axis) if a["reverse"] else x
+        if a["exclusive"]:
+            # shift by one along the axis, starting from the operation's identity
+            head = np.full_like(np.take(y, [0], axis=axis), ufunc.identity)
+            y = np.concatenate([head, np.take(y, np.arange(y.shape[axis] - 1), axis=axis)], axis=axis)
+        out = ufunc.accumulate(y, axis=axis, dtype=x.dtype)
+        return np.flip(out, axis) if a["reverse"] else out
+
+    return eager
 
 
-register(OpDef("CumSum", OpKind.REDUCTION, _cumsum_infer, _cumsum, {"axis": REQUIRED, "exclusive": 0, "reverse": 0}))
+for _name, _ufunc in (("CumSum", np.add), ("CumProd", np.multiply)):
+    register(
+        OpDef(_name, OpKind.REDUCTION, _cumsum_infer, _cumulative(_ufunc), {"axis": REQUIRED, "exclusive": 0, "reverse": 0})
+    )
 
 
 def _topk_infer(attrs, types):

@@ -405,3 +405,36 @@ def _trilu(a, x):
 
 register(OpDef("Trilu", OpKind.INJECTIVE, _trilu_infer, _trilu, {"upper": 1, "k": 0}))
 
+
+
+def _reverse_sequence_infer(attrs, types):
+    x, lens = present(types, 0, "input"), present(types, 1, "sequence_lens")
+    check_dtype(lens, INDEX, "sequence_lens")
+    batch, time = norm_axis(attrs["batch_axis"], x.rank), norm_axis(attrs["time_axis"], x.rank)
+    if batch == time or lens.shape != (x.shape[batch],):
+        raise fail(f"sequence_lens {lens} must have one entry per batch row of {x} (batch_axis {batch}, time_axis {time})")
+    return [x]
+
+
+def _reverse_sequence(a, x, lens):
+    out = x.copy()
+    batch, time = a["batch_axis"] % x.ndim, a["time_axis"] % x.ndim
+    for b, n in enumerate(lens.astype(np.int64)):
+        index = [slice(None)] * x.ndim
+        index[batch] = b
+        index[time] = slice(0, int(n))
+        src = x[tuple(index)]
+        out[tuple(index)] = np.flip(src, axis=time - (1 if batch < time else 0))
+    return out
+
+
+register(
+    OpDef(
+        "ReverseSequence",
+        OpKind.INJECTIVE,
+        _reverse_sequence_infer,
+        _reverse_sequence,
+        {"batch_axis": 1, "time_axis": 0},
+        num_inputs=(2, 2),
+    )
+)
