@@ -49,3 +49,49 @@ def _loop(ctx: NodeContext):
         raise ctx.error("a Loop that runs no iteration has scan outputs of unknown shape")
     stacked = [parts[0] if len(parts) == 1 else ctx.emit("Concat", parts, {"axis": 0})[0] for parts in scans]
     return carried + stacked
+
+
+@converter("Scan")
+def _scan(ctx: NodeContext):
+    """Unrolled: the body runs once per step over slices of the scan inputs (opset >= 9)."""
+    if ctx.opset < 9:
+        raise ctx.error("Scan before opset 9 (with a batch axis and sequence_lens) is not supported")
+    body = ctx.attr("body")
+    n_scan = ctx.attr("num_scan_inputs")
+    inputs = ctx.inputs()
+    states, scanned = inputs[: len(inputs) - n_scan], inputs[len(inputs) - n_scan :]
+    in_axes = [a % v.type.rank for a, v in zip(ctx.attr("scan_input_axes") or [0] * n_scan, scanned)]
+    in_dirs = ctx.attr("scan_input_directions") or [0] * n_scan
+    lengths = {v.type.shape[a] for v, a in zip(scanned, in_axes)}
+    if len(lengths) != 1:
+        raise ctx.error(f"scan inputs have different lengths {sorted(lengths)}")
+    steps = lengths.pop()
+    if steps > MAX_UNROLL:
+        raise ctx.error(f"{steps} steps is more than the {MAX_UNROLL} kiln unrolls")
+    n_out = len(body.output) - len(states)
+    names = [i.name for i in body.input]
+    collected: list[list] = [[] for _ in range(n_out)]
+    for step in range(steps):
+        bindings = dict(zip(names, states))
+        for k, (value, axis, reverse) in enumerate(zip(scanned, in_axes, in_dirs)):
+            t = steps - 1 - step if reverse else step
+            part = ctx.emit("Slice", [value], {"starts": [t], "ends": [t + 1], "axes": [axis], "steps": None})[0]
+            shape = [d for i, d in enumerate(value.type.shape) if i != axis]
+            bindings[names[len(states) + k]] = ctx.reshape(part, shape)
+        outs = ctx.importer.inline(body, bindings, f"{ctx.name}/step{step}")
+        states = outs[: len(states)]
+        for k, value in enumerate(outs[len(states) :]):
+            collected[k].append(value)
+    out_axes = ctx.attr("scan_output_axes") or [0] * n_out
+    out_dirs = ctx.attr("scan_output_directions") or [0] * n_out
+    results = []
+    for parts, axis, reverse in zip(collected, out_axes, out_dirs):
+        if not parts:
+            raise ctx.error("a Scan with no steps has scan outputs of unknown shape")
+        rank = parts[0].type.rank + 1
+        axis %= rank
+        if reverse:
+            parts = parts[::-1]
+        expanded = [ctx.reshape(p, p.type.shape[:axis] + (1,) + p.type.shape[axis:]) for p in parts]
+        results.append(expanded[0] if len(expanded) == 1 else ctx.emit("Concat", expanded, {"axis": axis})[0])
+    return list(states) + results

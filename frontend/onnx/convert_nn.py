@@ -8,7 +8,7 @@ import math
 
 
 from kiln.frontend.onnx.convert_elementwise import passthrough
-from kiln.frontend.onnx.importer import NodeContext, converter
+from kiln.frontend.onnx.importer import NodeContext, converter, dtype_from_onnx
 
 # -- padding -----------------------------------------------------------------------------------
 
@@ -288,3 +288,12 @@ def _loss(ctx: NodeContext):
     return passthrough(ctx)
 
 
+
+
+@converter("Attention")
+def _attention(ctx: NodeContext):
+    attrs = ctx.attrs()
+    precision = attrs.pop("softmax_precision", None)
+    if precision is not None:
+        attrs["softmax_precision"] = dtype_from_onnx(precision, f"node {ctx.name!r} (Attention) softmax_precision").short
+    return ctx.emit("Attention", ctx.inputs(), attrs, num_outputs=len(ctx.node.output))

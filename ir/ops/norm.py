@@ -231,8 +231,8 @@ def _dropout_infer(attrs, types):
 def _dropout(a, x):
     if not a["training_mode"] or a["ratio"] == 0:
         return x.copy(), np.ones(x.shape, dtype=bool)
-    rng = np.random.default_rng(a["seed"])
-    keep = rng.random(x.shape) >= a["ratio"]
+    # numpy's MT19937 stream seeded by `seed`: the same mask ONNX's reference draws
+    keep = np.random.RandomState(a["seed"]).uniform(0.0, 1.0, x.shape) >= a["ratio"]
     scale = 1.0 / (1.0 - a["ratio"])
     return (x * keep * scale).astype(x.dtype), keep
 
@@ -246,6 +246,6 @@ register(
         {"ratio": 0.5, "training_mode": 0, "seed": 0},
         num_outputs=(1, 2),
         deterministic=False,
-        doc="In training mode draws a mask from numpy's PCG64 seeded by `seed`; otherwise identity.",
+        doc="In training mode draws the mask from numpy's MT19937 seeded by `seed`; otherwise identity.",
     )
 )
