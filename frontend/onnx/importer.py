@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from kiln import config
 from kiln.errors import GraphError, KilnError, ModelLoadError, NeedsStaticValue, UnsupportedOpsError
+from kiln.frontend.onnx.functions import function_opset, has_schema_function, instantiate, schema_defaults, schema_function
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Value
 from kiln.ir.opdef import OpDef, get_op
@@ -41,6 +42,12 @@ _ONNX_DTYPES = {
     onnx.TensorProto.UINT64: DType.uint64,
     onnx.TensorProto.BOOL: DType.bool,
 }
+
+
+def onnx_type(t: TensorType) -> onnx.TypeProto:
+    """The ONNX TypeProto of a kiln tensor type."""
+    elem = next(code for code, d in _ONNX_DTYPES.items() if d == t.dtype)
+    return helper.make_tensor_type_proto(elem, list(t.shape))
 
 
 def dtype_from_onnx(elem_type: int, where: str) -> DType:
@@ -162,6 +169,7 @@ class Importer:
         self.graph = Graph(model.graph.name or "main")
         self.env: dict[str, Value] = {}
         self.opsets = {imp.domain or "": imp.version for imp in model.opset_import}
+        self.local_functions = {(f.domain, f.name): f for f in model.functions}
         self._new_values: list[Value] = []
 
     # -- the whole-model scan ---------------------------------------------------------------
@@ -173,7 +181,11 @@ class Importer:
         def walk(graph: onnx.GraphProto) -> None:
             for i, node in enumerate(graph.node):
                 domain = node.domain or ""
-                known = domain in ONNX_DOMAINS and node.op_type in CONVERTERS
+                known = (
+                    (domain in ONNX_DOMAINS and node.op_type in CONVERTERS)
+                    or (domain, node.op_type) in self.local_functions
+                    or has_schema_function(node.op_type, domain, self.opsets.get(domain, 1))
+                )
                 if not known and (node.op_type, domain) not in seen:
                     seen.add((node.op_type, domain))
                     missing.append((node.op_type, domain, self.opsets.get(domain, 0), node.name or f"#{i}"))
@@ -184,6 +196,8 @@ class Importer:
                         walk(sub)
 
         walk(self.model.graph)
+        for fn in self.local_functions.values():
+            walk(helper.make_graph(fn.node, fn.name, [], []))
         if missing:
             raise UnsupportedOpsError(missing, self.source)
         opset = self.opsets.get("", self.opsets.get("ai.onnx", 0))
@@ -301,8 +315,8 @@ class Importer:
             )
         return tuple(declared)
 
-    def convert_nodes(self, nodes: Sequence[onnx.NodeProto] | None = None, prefix: str = "") -> None:
-        opset = self.opsets.get("", self.opsets.get("ai.onnx", 0))
+    def convert_nodes(self, nodes: Sequence[onnx.NodeProto] | None = None, prefix: str = "", opset: int | None = None) -> None:
+        opset = opset or self.opsets.get("", self.opsets.get("ai.onnx", 0))
         for index, node in enumerate(self.model.graph.node if nodes is None else nodes):
             name = prefix + (node.name or f"{node.op_type}_{index}")
             for inp in node.input:
@@ -313,7 +327,7 @@ class Importer:
                     )
             ctx = NodeContext(self, node, opset, name)
             self._new_values = []
-            outputs = list(CONVERTERS[node.op_type](ctx))
+            outputs = self.convert_node(ctx)
             wanted = [o for o in node.output]
             for i, out_name in enumerate(wanted):
                 if not out_name:
@@ -325,7 +339,28 @@ class Importer:
                     self.graph.rename(value, out_name)
                 self.env[out_name] = value
 
-    def inline(self, body: onnx.GraphProto, bindings: Mapping[str, Value], where: str) -> list[Value]:
+    def convert_node(self, ctx: NodeContext) -> list[Value | None]:
+        """Dispatch one node: its converter, else a model-local function, else its ONNX function body."""
+        node = ctx.node
+        domain = node.domain or ""
+        if domain in ONNX_DOMAINS and node.op_type in CONVERTERS:
+            return list(CONVERTERS[node.op_type](ctx))
+        local = self.local_functions.get((domain, node.op_type))
+        if local is not None:
+            body, names = instantiate(local, node)
+            opset = function_opset(local, ctx.opset)
+        else:
+            opset_here = self.opsets.get(domain, ctx.opset) if domain not in ONNX_DOMAINS else ctx.opset
+            types = [onnx_type(v.type) if v is not None else onnx.TypeProto() for v in ctx.inputs()]
+            fn = schema_function(node, opset_here, types)
+            if fn is None:
+                raise UnsupportedOpsError([(node.op_type, domain, opset_here, ctx.name)], self.source)
+            body, names = instantiate(fn, node, schema_defaults(node, opset_here))
+            opset = function_opset(fn, ctx.opset)
+        bindings = {inner: self.env[outer] for inner, outer in names.items()}
+        return self.inline(body, bindings, ctx.name, opset)
+
+    def inline(self, body: onnx.GraphProto, bindings: Mapping[str, Value], where: str, opset: int | None = None) -> list[Value]:
         """Convert a subgraph (an If branch, a Loop body) into the graph being built.
 
         Its inputs are bound to ``bindings``; values of the enclosing scopes stay visible, and
@@ -336,7 +371,7 @@ class Importer:
         try:
             for init in body.initializer:
                 self.env[init.name] = self.constant(self.tensor(init, f"initializer {init.name!r} of {where}"))
-            self.convert_nodes(body.node, prefix=where + "/")
+            self.convert_nodes(body.node, prefix=where + "/", opset=opset)
             missing = [o.name for o in body.output if o.name not in self.env]
             if missing:
                 raise GraphError(f"{self.source}: {where}: subgraph outputs {missing} are never computed")

@@ -177,3 +177,36 @@ def test_opsets_old_and_new_import(light_model):
     newest = onnx.defs.onnx_opset_version()
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor_info("x", [2])], [tensor_info("y", [2])], opset=newest)
     verify(to_graph(model))
+
+
+def test_model_local_functions_are_inlined_with_their_attributes():
+    """A PyTorch-style local function with an attribute reference and a default."""
+    scale_attr = helper.make_attribute("alpha", 0.0)
+    scale_attr.ref_attr_name = "slope"
+    body = [
+        helper.make_node("LeakyRelu", ["x"], ["a"], **{}),
+        helper.make_node("Mul", ["a", "x"], ["y"]),
+    ]
+    body[0].attribute.append(scale_attr)
+    fn = helper.make_function("custom", "LeakySquare", ["x"], ["y"], body, [helper.make_opsetid("", 17)], attributes=["slope"])
+    call = helper.make_node("LeakySquare", ["in"], ["out"], domain="custom", name="call", slope=0.5)
+    graph = helper.make_graph([call], "g", [tensor_info("in", [3])], [tensor_info("out", [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)], functions=[fn])
+    x = np.array([-2.0, 0.0, 3.0], np.float32)
+    y = kiln.compile(model).run({"in": x})["out"]
+    np.testing.assert_allclose(y, np.where(x >= 0, x, 0.5 * x) * x)
+
+
+def test_ops_without_converters_expand_through_their_onnx_function_body():
+    """AffineGrid has no kiln converter: its schema's function body is inlined."""
+    theta = np.array([[[1.0, 0.2, 0.0], [0.1, 0.9, 0.3]], [[0.5, 0.0, 0.1], [0.0, 2.0, 0.0]]], np.float32)
+    nodes = [helper.make_node("AffineGrid", ["theta", "size"], ["grid"], align_corners=1, name="grid")]
+    inits = [numpy_helper.from_array(np.array([2, 3, 2, 3], np.int64), "size")]
+    model = make_model(nodes, [tensor_info("theta", [2, 2, 3])], [tensor_info("grid", None)], inits, opset=20)
+    graph = to_graph(model)
+    assert "AffineGrid" not in graph.op_histogram()
+    got = kiln.compile(graph).run({"theta": theta})["grid"]
+    xs, ys = np.meshgrid(np.linspace(-1, 1, 3), np.linspace(-1, 1, 2))
+    base = np.stack([xs, ys, np.ones_like(xs)], axis=-1)
+    for n in range(2):
+        np.testing.assert_allclose(got[n], base @ theta[n].T, rtol=1e-5, atol=1e-6)
