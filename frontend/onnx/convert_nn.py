@@ -297,3 +297,15 @@ def _attention(ctx: NodeContext):
     if precision is not None:
         attrs["softmax_precision"] = dtype_from_onnx(precision, f"node {ctx.name!r} (Attention) softmax_precision").short
     return ctx.emit("Attention", ctx.inputs(), attrs, num_outputs=len(ctx.node.output))
+
+
+@converter("QuantizeLinear", "DequantizeLinear")
+def _quantize(ctx: NodeContext):
+    attrs = {"axis": ctx.attr("axis", 1), "block_size": ctx.attr("block_size", 0)}
+    if ctx.attr("output_dtype"):
+        attrs["output_dtype"] = dtype_from_onnx(ctx.attr("output_dtype"), f"node {ctx.name!r} output_dtype").short
+    if ctx.attr("precision"):
+        raise ctx.error("the precision attribute is not supported")
+    if ctx.node.op_type == "QuantizeLinear" and not ctx.attr("saturate", 1):
+        raise ctx.error("saturate=0 applies to float8 outputs, which kiln does not have")
+    return ctx.emit(ctx.node.op_type, ctx.inputs(), attrs)
