@@ -337,3 +337,11 @@ def _upsample(ctx: NodeContext):
         "nearest_mode": "floor",
     }
     return ctx.emit("Resize", [ctx.input(0)], attrs)
+
+
+@converter("GridSample")
+def _grid_sample(ctx: NodeContext):
+    mode = ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+    attrs = {"mode": mode, "padding_mode": ctx.attr("padding_mode", "zeros"), "align_corners": ctx.attr("align_corners", 0)}
+    return ctx.emit("GridSample", ctx.inputs(), attrs)

@@ -1,4 +1,5 @@
-"""Resize (and ONNX Upsample): separable nearest, linear and cubic interpolation, N-d.
+"""Resize (and ONNX Upsample): separable nearest, linear and cubic interpolation, N-d; and
+GridSample, which interpolates at arbitrary normalized coordinates.
 
 The importer resolves ``scales``/``sizes``/``axes``/``keep_aspect_ratio_policy`` into two
 full-rank attributes: ``sizes`` (the output shape) and ``scales`` (output/input per axis, the
@@ -11,7 +12,7 @@ import math
 
 import numpy as np
 
-from kiln.ir.dtypes import ALL
+from kiln.ir.dtypes import ALL, DType
 from kiln.ir.opdef import REQUIRED, OpDef, OpKind, register
 from kiln.ir.ops.rules import check_dtype, fail, ints, present
 from kiln.ir.types import TensorType
@@ -78,7 +79,8 @@ def _nearest_index(attrs, x: np.ndarray, n_in: int) -> np.ndarray:
     return np.clip(idx, 0, n_in - 1).astype(np.int64)
 
 
-def _cubic(t: np.ndarray, a: float) -> np.ndarray:
+def cubic_kernel(t: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with coefficient ``a``."""
     t = np.abs(t)
     near = ((a + 2) * t - (a + 3)) * t * t + 1
     far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
@@ -95,7 +97,7 @@ def _weights(attrs, x: np.ndarray, n_in: int, scale: float) -> np.ndarray:
     taps = np.arange(start, 2 - start)
     pos = base[:, None] + taps[None, :]
     t = (pos - x[:, None]) * s
-    w = np.clip(1 - np.abs(t), 0, 1) if linear else _cubic(t, attrs["cubic_coeff_a"])
+    w = np.clip(1 - np.abs(t), 0, 1) if linear else cubic_kernel(t, attrs["cubic_coeff_a"])
     inside = (pos >= 0) & (pos <= n_in - 1)
     if attrs["exclude_outside"]:
         w = np.where(inside, w, 0.0)
@@ -153,5 +155,108 @@ register(
             "nearest_mode": "round_prefer_floor",
             "antialias": 0,
         },
+    )
+)
+
+
+# -- GridSample --------------------------------------------------------------------------------
+GRID_MODES = ("linear", "nearest", "cubic")
+PADDING_MODES = ("zeros", "border", "reflection")
+
+
+def _grid_sample_infer(attrs, types):
+    x, grid = present(types, 0, "X"), present(types, 1, "grid")
+    check_dtype(x, ALL - {DType.bool})
+    nd = x.rank - 2
+    if nd < 1 or grid.rank != x.rank or grid.shape[0] != x.shape[0] or grid.shape[-1] != nd:
+        raise fail(f"grid {grid} must be (N, *out, {nd}) for X {x}")
+    if attrs["mode"] not in GRID_MODES or attrs["padding_mode"] not in PADDING_MODES:
+        raise fail(f"mode {attrs['mode']!r} / padding_mode {attrs['padding_mode']!r} is not supported")
+    return [x.with_shape([*x.shape[:2], *grid.shape[1:-1]])]
+
+
+def _reflect(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Fold ``x`` back into [lo, hi] by mirroring at the borders."""
+    span = hi - lo
+    if span <= 0:
+        return np.full_like(x, lo)
+    below, above = x < lo, x > hi
+    d = np.where(below, lo - x, x - hi)
+    n = np.floor(d / span)
+    r = d - n * span
+    even = n % 2 == 0
+    return np.where(below, np.where(even, lo + r, hi - r), np.where(above, np.where(even, hi - r, lo + r), x))
+
+
+def _grid_sample(a, x, grid):
+    spatial = x.shape[2:]
+    nd = len(spatial)
+    align = bool(a["align_corners"])
+    padding = a["padding_mode"]
+    mode = a["mode"]
+    coords, lows, highs = [], [], []
+    for i, length in enumerate(spatial):
+        g = grid[..., nd - 1 - i].astype(np.float64)  # the grid lists x (last dim) first
+        c = (g + 1) / 2 * (length - 1) if align else ((g + 1) * length - 1) / 2
+        lo, hi = (0.0, length - 1.0) if align else (-0.5, length - 0.5)
+        if mode == "nearest":
+            c = np.rint(c)
+        outside = (c < lo) | (c > hi)
+        if padding == "border":
+            c = np.where(outside, np.clip(c, 0, length - 1), c)
+        elif padding == "reflection":
+            c = np.where(outside, _reflect(c, lo, hi), c)
+        coords.append(c)
+        lows.append(lo)
+        highs.append(hi)
+
+    if mode == "nearest":
+        taps = [(c.astype(np.int64)[None], np.ones((1,) + c.shape)) for c in coords]
+    else:
+        offsets = np.arange(0, 2) if mode == "linear" else np.arange(-1, 3)
+        taps = []
+        for c in coords:
+            base = np.floor(c)
+            pos = base[None] + offsets.reshape((-1,) + (1,) * c.ndim)
+            t = pos - c[None]
+            w = np.clip(1 - np.abs(t), 0, 1) if mode == "linear" else cubic_kernel(t, -0.75)
+            taps.append((pos.astype(np.int64), w))
+
+    n = x.shape[0]
+    batch = np.arange(n).reshape((n,) + (1,) * (grid.ndim - 2))
+    out = np.zeros((n, *grid.shape[1:-1], x.shape[1]))
+    for combo in np.ndindex(*[len(p) for p, _ in taps]):
+        weight = np.ones(grid.shape[:-1])
+        index, valid = [], np.ones(grid.shape[:-1], dtype=bool)
+        for i, k in enumerate(combo):
+            pos, w = taps[i][0][k], taps[i][1][k]
+            weight = weight * w
+            length = spatial[i]
+            if padding == "zeros":
+                valid &= (pos >= 0) & (pos < length)
+                pos = np.clip(pos, 0, length - 1)
+            elif padding == "border":
+                pos = np.clip(pos, 0, length - 1)
+            else:
+                pos = np.trunc(_reflect(pos.astype(np.float64), lows[i], highs[i])).astype(np.int64)
+                pos = np.clip(pos, 0, length - 1)
+            index.append(pos)
+        # X[n, :, i0, i1, ...] gathered per output location: (N, *out, C)
+        picked = np.moveaxis(x, 1, -1)[(batch, *index)].astype(np.float64)
+        out += np.where(valid[..., None], picked, 0.0) * weight[..., None]
+    out = np.moveaxis(out, -1, 1)
+    if x.dtype.kind in "iu":
+        out = np.rint(out)
+    return out.astype(x.dtype)
+
+
+register(
+    OpDef(
+        "GridSample",
+        OpKind.OPAQUE,
+        _grid_sample_infer,
+        _grid_sample,
+        {"mode": "linear", "padding_mode": "zeros", "align_corners": 0},
+        num_inputs=(2, 2),
     )
 )

@@ -168,7 +168,18 @@ def loss_cases():
     yield Case("NegativeLogLikelihoodLoss", [scores, labels.clip(0)], {"reduction": "none"}, id="nll_none")
 
 
+def newer_op_cases():
+    grid = r(2, 3, 4, 2, lo=-1.2, hi=1.2)
+    for mode, padding in (("linear", "zeros"), ("nearest", "border"), ("cubic", "reflection")):
+        yield Case("GridSample", [r(2, 3, 5, 6), grid], {"mode": mode, "padding_mode": padding}, id=f"gridsample_{mode}_{padding}")
+    yield Case("QuantizeLinear", [r(2, 4, lo=-3, hi=3), r(4, lo=0.01, hi=0.1), np.array([0, 10, -5, 3], np.int8)], id="quantize_per_axis_int8")
+    yield Case("DequantizeLinear", [np.arange(-6, 6, dtype=np.int8).reshape(3, 4), np.array(0.05, F), np.array(2, np.int8)], id="dequantize_per_tensor")
+    yield Case("RMSNormalization", [r(2, 3, 8), r(8)], {"epsilon": 1e-5}, opset=23, id="rmsnorm")
+    yield Case("Attention", [r(2, 4, 5, 8), r(2, 2, 6, 8), r(2, 2, 6, 8)], {"is_causal": 1}, opset=23, id="attention_gqa_causal")
+
+
 CASES = [
+    *newer_op_cases(),
     *conv_cases(),
     *pool_cases(),
     *norm_cases(),
