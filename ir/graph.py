@@ -109,6 +109,9 @@ class Graph:
         return name
 
     def add_input(self, name: str, type: TensorType) -> Value:
+        cap = config.flags().max_elements
+        if type.numel > cap:
+            raise ElementCapError(f"input {name!r}: {type} has {type.numel} elements, over the cap of {cap} (KILN_MAX_ELEMENTS)")
         value = Value(self._claim(name), type)
         self.inputs.append(value)
         return value

@@ -9,7 +9,6 @@ Concat -> Reshape`` chains become static shape attributes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from kiln import config
 from kiln.errors import GraphError, KilnError, ModelLoadError, NeedsStaticValue, UnsupportedOpsError
+from kiln.frontend.onnx.order import topological_nodes
 from kiln.frontend.onnx.functions import function_opset, has_schema_function, instantiate, schema_defaults, schema_function
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Value
@@ -408,10 +408,7 @@ def import_onnx(
     importer = Importer(model, source)
     importer.check_supported()
     importer.bind_inputs(shapes or {}, constants or {})
-    importer.convert_nodes()
+    g = model.graph
+    importer.convert_nodes(topological_nodes(g, [*importer.env, *(i.name for i in g.input)], source))
     importer.bind_outputs()
     return importer.graph
-
-
-def shape_product(shape: Sequence[int]) -> int:
-    return math.prod(int(d) for d in shape)

@@ -95,14 +95,31 @@ def test_the_onnx_backend_specializes_on_shape_inputs_and_recompiles_when_they_c
     assert rep.static_inputs == {"shape"} and len(rep._modules) == 2
 
 
-def test_cycles_and_undefined_values_are_named(tmp_path):
-    nodes = [helper.make_node("Relu", ["b"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["b"], name="second")]
+def test_cycles_and_undefined_values_are_named():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["c"], name="entry"),
+        helper.make_node("Add", ["c", "b"], ["a"], name="first"),
+        helper.make_node("Relu", ["a"], ["b"], name="second"),
+    ]
     model = make_model(nodes, [tensor_info("x", [2])], [tensor_info("b", [2])])
-    with pytest.raises(GraphError, match="node 'first' \\(Relu\\) reads 'b'.*cycle"):
+    with pytest.raises(GraphError, match="cycle: 'first' -> 'second' -> 'first'"):
         import_onnx(model)
     missing = make_model([helper.make_node("Add", ["x", "nowhere"], ["y"], name="add")], [tensor_info("x", [2])], [tensor_info("y", [2])])
     with pytest.raises(GraphError, match="node 'add' \\(Add\\) reads 'nowhere'"):
         import_onnx(missing)
+
+
+def test_unsorted_nodes_are_sorted():
+    nodes = [helper.make_node("Exp", ["a"], ["y"], name="second"), helper.make_node("Relu", ["x"], ["a"], name="first")]
+    model = make_model(nodes, [tensor_info("x", [2])], [tensor_info("y", [2])])
+    graph = import_onnx(model)
+    assert [n.name for n in graph.nodes] == ["first", "second"]
+
+
+def test_a_huge_declared_input_is_refused_before_allocation():
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor_info("x", [100000, 100000, 100])], [tensor_info("y", None)])
+    with pytest.raises(ElementCapError, match="input 'x'.*over the cap"):
+        import_onnx(model)
 
 
 def test_type_errors_name_the_node():
