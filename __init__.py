@@ -8,10 +8,10 @@
 __version__ = "0.1.0"
 
 from kiln.errors import KilnError  # noqa: E402
-from kiln.driver import compile  # noqa: E402
+from kiln.driver import compile, optimize  # noqa: E402
 from kiln.runtime.module import Module, load  # noqa: E402
 
-__all__ = ["KilnError", "Module", "compile", "load", "__version__"]
+__all__ = ["KilnError", "Module", "compile", "load", "optimize", "__version__"]
 
 
 def __getattr__(name: str):

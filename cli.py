@@ -174,7 +174,7 @@ def inspect(model: str, no_ir: bool, shapes: dict) -> None:
         raise SystemExit(1) from None
     g = module.graph
     if not no_ir:
-        out.print(g.to_text(), markup=False)
+        click.echo(g.to_text(), nl=False)  # the IR verbatim: never wrapped or styled
     table = Table("op", "count", title="op histogram")
     for op, n in g.op_histogram().items():
         table.add_row(op, str(n))

@@ -18,6 +18,9 @@ from kiln.frontend.onnx import import_onnx, load_model
 from kiln.ir.graph import Graph
 from kiln.ir.verify import verify
 from kiln.models import builtin_model_path
+from kiln.backends import get_backend
+from kiln.passes.base import Pass, PassManager
+from kiln.passes.pipelines import pipeline as pipeline_passes
 from kiln.runtime.module import Module
 
 
@@ -56,15 +59,45 @@ def to_graph(
     return graph
 
 
+def optimize(
+    model: "str | os.PathLike | onnx.ModelProto | Graph",
+    pipeline: str = "O2",
+    passes: Sequence["str | Pass"] = (),
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    constants: Mapping[str, np.ndarray] | None = None,
+    dump_ir: str | os.PathLike | None = None,
+) -> Graph:
+    """Import ``model`` and run ``pipeline`` (``O0``/``O1``/``O2``) then ``passes`` over it.
+
+    A Graph given as ``model`` is copied first, never edited. ``dump_ir`` writes the IR before
+    and after each pass into that folder. The pass records are on ``graph.pass_records``.
+    """
+    graph = to_graph(model, shapes, constants)
+    if isinstance(model, Graph):
+        graph = graph.copy()
+    manager = PassManager([*pipeline_passes(pipeline), *passes], Path(dump_ir) if dump_ir is not None else None)
+    graph = manager.run(graph)
+    graph.pass_records = manager.records
+    return graph
+
+
 def compile(
     model: "str | os.PathLike | onnx.ModelProto | Graph",
     target: str = "eager",
     shapes: Mapping[str, Sequence[int]] | None = None,
     constants: Mapping[str, np.ndarray] | None = None,
+    pipeline: str | None = None,
+    passes: Sequence["str | Pass"] = (),
+    dump_ir: str | os.PathLike | None = None,
 ) -> Module:
     """Compile ``model`` for ``target`` and return a runnable Module.
 
     ``shapes`` binds symbolic input dims (``{"x": (1, 3, 224, 224)}``); ``constants`` fixes
-    inputs to values, which then become parameters.
+    inputs to values, which then become parameters. ``pipeline`` defaults to the backend's
+    (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it.
     """
-    return Module(to_graph(model, shapes, constants), target)
+    backend = get_backend(target)
+    graph = optimize(model, pipeline or backend.default_pipeline, passes, shapes, constants, dump_ir)
+    module = Module(graph, target, backend.build(graph))
+    module.pass_records = graph.pass_records
+    return module

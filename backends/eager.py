@@ -62,6 +62,7 @@ class EagerBackend:
     """``target="eager"``: no code generation; the artifact carries the graph and parameters."""
 
     name = "eager"
+    default_pipeline = "O0"  # the oracle runs the graph as imported
 
     def build(self, graph: Graph) -> EagerExecutable:
         return EagerExecutable(graph)

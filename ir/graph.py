@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -87,6 +88,7 @@ class Graph:
         self.nodes: list[Node] = []
         self._names: set[str] = set()
         self._counter = itertools.count()
+        self.pass_records: list = []  # filled by the PassManager: what each pass did
 
     # -- building ---------------------------------------------------------------------------
     def fresh_name(self, hint: str = "") -> str:
@@ -131,8 +133,9 @@ class Graph:
         name: str = "",
         num_outputs: int | None = None,
         output_names: Sequence[str] | None = None,
+        index: int | None = None,
     ) -> Node:
-        """Append ``op(inputs)`` with inferred output types and return the node."""
+        """Add ``op(inputs)`` with inferred output types (at the end, or at position ``index``)."""
         opdef = get_op(op) if isinstance(op, str) else op
         where = name or opdef.name
         try:
@@ -147,7 +150,7 @@ class Graph:
         names = list(output_names) if output_names is not None else [self.fresh_name() for _ in range(count)]
         for i, (out_name, t) in enumerate(zip(names, types[:count])):
             node.outputs.append(Value(self._claim(out_name), t, node, i))
-        self.nodes.append(node)
+        self.nodes.insert(len(self.nodes) if index is None else index, node)
         return node
 
     def forget_name(self, name: str) -> None:
@@ -161,6 +164,45 @@ class Graph:
         self._claim(name)
         self._names.discard(value.name)
         value.name = name
+
+    # -- editing (for passes) -------------------------------------------------------------------
+    def replace_uses(self, old: Value, new: Value) -> None:
+        """Make every reader of ``old`` (nodes and graph outputs) read ``new`` instead."""
+        if old.type != new.type:
+            raise GraphError(f"cannot replace %{old.name}: {old.type} with %{new.name}: {new.type}")
+        for node in self.nodes:
+            node.inputs = [new if v is old else v for v in node.inputs]
+        self.outputs = [new if v is old else v for v in self.outputs]
+
+    def remove_nodes(self, doomed: Iterable[Node]) -> None:
+        """Drop ``doomed`` nodes; their output names become free again."""
+        ids = {id(n) for n in doomed}
+        for node in self.nodes:
+            if id(node) in ids:
+                for value in node.outputs:
+                    self._names.discard(value.name)
+        self.nodes = [n for n in self.nodes if id(n) not in ids]
+
+    def remove_param(self, value: Value) -> None:
+        del self.params[value]
+        self._names.discard(value.name)
+
+    def copy(self) -> "Graph":
+        """A copy of the structure; parameter arrays are shared (passes replace them, never mutate)."""
+        g = Graph(self.name)
+        new: dict[Value, Value] = {}
+        for v in self.inputs:
+            new[v] = g.add_input(v.name, v.type)
+        for v, array in self.params.items():
+            new[v] = g.add_param(v.name, array)
+        for node in self.nodes:
+            twin = Node(node.op, [new[v] if v is not None else None for v in node.inputs], copy.deepcopy(node.attrs), node.name)
+            for out in node.outputs:
+                new[out] = Value(g._claim(out.name), out.type, twin, out.index)
+                twin.outputs.append(new[out])
+            g.nodes.append(twin)
+        g.outputs = [new[v] for v in self.outputs]
+        return g
 
     # -- queries ----------------------------------------------------------------------------
     def param(self, name: str) -> Value:

@@ -41,9 +41,8 @@ def array_digest(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _name(value: Value) -> str:
-    n = value.name
-    return "%" + (n if _BARE_NAME.fullmatch(n) else json.dumps(n))
+def _spell(name: str) -> str:
+    return "%" + (name if _BARE_NAME.fullmatch(name) else json.dumps(name))
 
 
 def _json(value: Any) -> str:
@@ -56,25 +55,59 @@ def _param_data(array: np.ndarray) -> str:
     return f"dense<sha256:{array_digest(array)}>"
 
 
-def print_graph(graph: Graph) -> str:
-    """The text form of ``graph``."""
+def print_graph(graph: Graph, canonical: bool = False) -> str:
+    """The text form of ``graph``.
+
+    ``canonical=True`` renames values by position (parameters ``%c0, %c1, ...`` in order of first
+    use, intermediates ``%0, %1, ...``; inputs and outputs keep their names) and leaves out node
+    names, so two graphs that differ only in naming print the same: what pass tests compare.
+    """
+    names = _canonical_names(graph) if canonical else {}
+
+    def name(v: Value) -> str:
+        return _spell(names.get(v, v.name))
+
+    params = graph.params.items()
+    if canonical:
+        order = {v: i for i, v in enumerate(v for v in names if v in graph.params)}
+        params = sorted(params, key=lambda kv: order.get(kv[0], len(order)))
     lines = []
-    ins = ", ".join(f"{_name(v)}: {v.type}" for v in graph.inputs)
+    ins = ", ".join(f"{name(v)}: {v.type}" for v in graph.inputs)
     lines.append(f"graph {graph.name if _IDENT.fullmatch(graph.name) else json.dumps(graph.name)}({ins}) {{")
-    for value, array in graph.params.items():
-        lines.append(f"  param {_name(value)}: {value.type} = {_param_data(array)}")
+    for value, array in params:
+        lines.append(f"  param {name(value)}: {value.type} = {_param_data(array)}")
     for node in graph.nodes:
-        outs = ", ".join(f"{_name(v)}: {v.type}" for v in node.outputs)
-        args = ", ".join(_name(v) if v is not None else "_" for v in node.inputs)
+        outs = ", ".join(f"{name(v)}: {v.type}" for v in node.outputs)
+        args = ", ".join(name(v) if v is not None else "_" for v in node.inputs)
         line = f"  {outs} = {node.op.name}({args})"
         if node.attrs:
             line += " {" + ", ".join(f"{k}={_json(v)}" for k, v in node.attrs.items()) + "}"
-        if node.name:
+        if node.name and not canonical:
             line += f" @{json.dumps(node.name)}"
         lines.append(line)
-    lines.append("  return " + ", ".join(_name(v) for v in graph.outputs))
+    lines.append("  return " + ", ".join(name(v) for v in graph.outputs))
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _canonical_names(graph: Graph) -> dict[Value, str]:
+    keep = set(graph.inputs) | set(graph.outputs)
+    names: dict[Value, str] = {}
+    consts = temps = 0
+    for node in graph.nodes:
+        for v in node.inputs:
+            if v is not None and v in graph.params and v not in names and v not in keep:
+                names[v] = f"c{consts}"
+                consts += 1
+        for v in node.outputs:
+            if v not in keep:
+                names[v] = str(temps)
+                temps += 1
+    for v in graph.params:
+        if v not in names and v not in keep:
+            names[v] = f"c{consts}"
+            consts += 1
+    return names
 
 
 class _Scanner:

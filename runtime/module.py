@@ -21,6 +21,7 @@ class Module:
         self.graph = graph
         self.target = target
         self.executable = executable if executable is not None else get_backend(target).build(graph)
+        self.pass_records: list = []
 
     @property
     def input_types(self) -> dict[str, TensorType]:

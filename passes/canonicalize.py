@@ -1,0 +1,142 @@
+"""Canonicalization: the clean-ups every pipeline starts with (``-O1``).
+
+Each pass keeps the graph's outputs, their names and types, and the values they compute.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from kiln import config
+from kiln.ir.graph import Graph
+from kiln.ir.opdef import get_op
+from kiln.passes.base import graph_pass
+from kiln.passes.rewrite import live_nodes, substitute
+
+
+@graph_pass("fold_constants")
+def fold_constants(graph: Graph) -> Graph:
+    """Evaluate deterministic nodes whose inputs are all parameters; their outputs become
+    parameters (each at most KILN_FOLD_ELEMENTS elements, so folding never bloats the model)."""
+    cap = config.flags().fold_elements
+    for node in list(graph.nodes):
+        if not node.op.deterministic or any(v is not None and v not in graph.params for v in node.inputs):
+            continue
+        if any(v.type.numel > cap for v in node.outputs):
+            continue
+        arrays = node.op.run_eager(node.attrs, [graph.params[v] if v is not None else None for v in node.inputs])
+        graph.remove_nodes([node])
+        for value, array in zip(node.outputs, arrays):
+            param = graph.add_param(value.name, np.asarray(array, dtype=value.type.dtype.numpy).reshape(value.type.shape))
+            graph.replace_uses(value, param)
+    return graph
+
+
+@graph_pass("eliminate_dead_code")
+def eliminate_dead_code(graph: Graph) -> Graph:
+    """Drop nodes that no output depends on, and parameters nothing reads."""
+    live = {id(n) for n in live_nodes(graph)}
+    graph.remove_nodes([n for n in graph.nodes if id(n) not in live])
+    used = {id(v) for n in graph.nodes for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
+    for value in [v for v in graph.params if id(v) not in used]:
+        graph.remove_param(value)
+    return graph
+
+
+@graph_pass("eliminate_common_subexpressions")
+def eliminate_common_subexpressions(graph: Graph) -> Graph:
+    """Merge nodes that apply the same op with the same attributes to the same inputs, and
+    small parameters with identical contents."""
+    cap = config.flags().fold_elements
+    seen_params: dict[tuple, object] = {}
+    for value, array in list(graph.params.items()):
+        if array.size > cap:
+            continue
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key in seen_params:
+            if substitute(graph, value, seen_params[key]):
+                graph.remove_param(value)
+        else:
+            seen_params[key] = value
+    seen: dict[tuple, object] = {}
+    doomed = []
+    for node in graph.nodes:
+        if not node.op.deterministic:
+            continue
+        key = (node.op.name, tuple(id(v) for v in node.inputs), json.dumps(node.attrs, sort_keys=True), len(node.outputs))
+        twin = seen.get(key)
+        if twin is None:
+            seen[key] = node
+            continue
+        if all(substitute(graph, mine, theirs) for mine, theirs in zip(node.outputs, twin.outputs)):
+            doomed.append(node)
+    graph.remove_nodes(doomed)
+    return graph
+
+
+def _is_noop(node) -> bool:
+    op, attrs = node.op.name, node.attrs
+    x = node.inputs[0] if node.inputs else None
+    if op == "Identity":
+        return True
+    if op == "Dropout":
+        return not attrs["training_mode"] and len(node.outputs) == 1
+    if op in ("Reshape", "Expand") and x is not None:
+        return node.outputs[0].type.shape == x.type.shape
+    if op == "Transpose":
+        return list(attrs["perm"]) == sorted(attrs["perm"])
+    if op == "Cast" and x is not None:
+        return node.outputs[0].type.dtype == x.type.dtype
+    return False
+
+
+@graph_pass("remove_noops")
+def remove_noops(graph: Graph) -> Graph:
+    """Remove Identity, inference-mode Dropout, and Reshape/Expand/Transpose/Cast that change
+    nothing. A graph output that would alias an input or parameter keeps a node, as Identity."""
+    doomed = []
+    for node in graph.nodes:
+        if not _is_noop(node):
+            continue
+        if substitute(graph, node.outputs[0], node.inputs[0]):
+            doomed.append(node)
+        else:
+            # an output that must keep its name over an input or parameter: the canonical Identity
+            node.op, node.inputs, node.attrs = get_op("Identity"), node.inputs[:1], {}
+    graph.remove_nodes(doomed)
+    return graph
+
+
+@graph_pass("fold_reshape_chains")
+def fold_reshape_chains(graph: Graph) -> Graph:
+    """Reshape(Reshape(x)) -> Reshape(x); the inner one goes if nothing else reads it."""
+    for node in graph.nodes:
+        x = node.inputs[0] if node.inputs else None
+        if node.op.name == "Reshape" and x is not None and x.producer is not None and x.producer.op.name == "Reshape":
+            node.inputs[0] = x.producer.inputs[0]
+    return eliminate_dead_code(graph)
+
+
+@graph_pass("fold_transpose_chains")
+def fold_transpose_chains(graph: Graph) -> Graph:
+    """Transpose(Transpose(x, p), q) -> Transpose(x, p∘q) (removed later if the identity)."""
+    for node in graph.nodes:
+        x = node.inputs[0] if node.inputs else None
+        if node.op.name == "Transpose" and x is not None and x.producer is not None and x.producer.op.name == "Transpose":
+            inner = x.producer.attrs["perm"]
+            node.attrs["perm"] = [inner[i] for i in node.attrs["perm"]]
+            node.inputs[0] = x.producer.inputs[0]
+    return eliminate_dead_code(graph)
+
+
+CANONICALIZE = [
+    "fold_constants",
+    "remove_noops",
+    "fold_reshape_chains",
+    "fold_transpose_chains",
+    "remove_noops",
+    "eliminate_common_subexpressions",
+    "eliminate_dead_code",
+]

@@ -1,0 +1,129 @@
+"""Canonicalization passes, Before/Expected in the text form."""
+
+from __future__ import annotations
+
+from kiln import config
+from kiln.ir import parse_graph
+from kiln.passes import run_passes
+
+
+def test_fold_constants(rewrites):
+    rewrites(
+        ["fold_constants", "eliminate_dead_code"],
+        """
+        graph g(%x: f32[2]) {
+          param %a: f32[2] = [1.0, 2.0]
+          param %b: f32[2] = [10.0, 20.0]
+          %s: f32[2] = Add(%a, %b)
+          %t: f32[2] = Mul(%s, %a)
+          %y: f32[2] = Add(%x, %t)
+          return %y
+        }""",
+        """
+        graph g(%x: f32[2]) {
+          param %k: f32[2] = [11.0, 44.0]
+          %y: f32[2] = Add(%x, %k)
+          return %y
+        }""",
+    )
+
+
+def test_fold_constants_respects_the_fold_cap():
+    text = """
+    graph g(%x: f32[8]) {
+      param %a: f32[8] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+      %e: f32[8] = Exp(%a)
+      %y: f32[8] = Add(%x, %e)
+      return %y
+    }"""
+    with config.override(fold_elements=4):
+        graph = run_passes(parse_graph(text), ["fold_constants"])
+    assert [n.op.name for n in graph.nodes] == ["Exp", "Add"]
+
+
+def test_eliminate_dead_code(rewrites):
+    rewrites(
+        ["eliminate_dead_code"],
+        """
+        graph g(%x: f32[3]) {
+          param %unused: f32[3] = [1.0, 2.0, 3.0]
+          %dead: f32[3] = Exp(%x)
+          %also_dead: f32[3] = Add(%dead, %unused)
+          %y: f32[3] = Relu(%x)
+          return %y
+        }""",
+        """
+        graph g(%x: f32[3]) {
+          %y: f32[3] = Relu(%x)
+          return %y
+        }""",
+    )
+
+
+def test_common_subexpressions_and_duplicate_constants_merge(rewrites):
+    rewrites(
+        ["eliminate_common_subexpressions", "eliminate_dead_code"],
+        """
+        graph g(%x: f32[2]) {
+          param %one: f32[2] = [1.0, 1.0]
+          param %same: f32[2] = [1.0, 1.0]
+          %a: f32[2] = Add(%x, %one)
+          %b: f32[2] = Add(%x, %same)
+          %y: f32[2] = Mul(%a, %b)
+          return %y
+        }""",
+        """
+        graph g(%x: f32[2]) {
+          param %one: f32[2] = [1.0, 1.0]
+          %a: f32[2] = Add(%x, %one)
+          %y: f32[2] = Mul(%a, %a)
+          return %y
+        }""",
+    )
+
+
+def test_noops_go_but_outputs_keep_their_names(rewrites):
+    rewrites(
+        ["remove_noops", "eliminate_dead_code"],
+        """
+        graph g(%x: f32[2,3]) {
+          %a: f32[2,3] = Identity(%x)
+          %b: f32[2,3] = Reshape(%a) {shape=[2, 3]}
+          %c: f32[2,3] = Transpose(%b) {perm=[0, 1]}
+          %d: f32[2,3] = Cast(%c) {to="f32"}
+          %e: f32[2,3] = Dropout(%d) {ratio=0.5, training_mode=0, seed=0}
+          %y: f32[2,3] = Exp(%e)
+          %z: f32[2,3] = Identity(%y)
+          %same_as_input: f32[2,3] = Identity(%x)
+          return %z, %same_as_input
+        }""",
+        """
+        graph g(%x: f32[2,3]) {
+          %z: f32[2,3] = Exp(%x)
+          %same_as_input: f32[2,3] = Identity(%x)
+          return %z, %same_as_input
+        }""",
+    )
+
+
+def test_reshape_and_transpose_chains_fold(rewrites):
+    rewrites(
+        ["fold_reshape_chains", "fold_transpose_chains", "remove_noops", "eliminate_dead_code"],
+        """
+        graph g(%x: f32[2,3,4]) {
+          %a: f32[6,4] = Reshape(%x) {shape=[6, 4]}
+          %b: f32[24] = Reshape(%a) {shape=[24]}
+          %c: f32[4,3,2] = Transpose(%x) {perm=[2, 1, 0]}
+          %d: f32[2,3,4] = Transpose(%c) {perm=[2, 1, 0]}
+          %e: f32[3,4,2] = Transpose(%x) {perm=[1, 2, 0]}
+          %f: f32[4,2,3] = Transpose(%e) {perm=[1, 2, 0]}
+          return %b, %d, %f
+        }""",
+        """
+        graph g(%x: f32[2,3,4]) {
+          %b: f32[24] = Reshape(%x) {shape=[24]}
+          %d: f32[2,3,4] = Identity(%x)
+          %f: f32[4,2,3] = Transpose(%x) {perm=[2, 0, 1]}
+          return %b, %d, %f
+        }""",
+    )
