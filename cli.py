@@ -50,15 +50,59 @@ def _parse_inputs(ctx, param, values: Sequence[str]) -> dict[str, Path]:
 MODEL_HELP = "an .onnx file, a .kiln artifact, or a built-in model name (see `kiln zoo`)"
 
 
-def _open(model: str, target: str, shapes: dict):
-    """A Module for ``model``: load an artifact, or compile an ONNX file / built-in model."""
-    import kiln
+def _open(model: str, target: str, shapes: dict, opts: dict | None = None):
+    """A Module for ``model``: load an artifact, or compile an ONNX file / built-in model.
 
+    ``opts`` holds the pass options (-O, --passes, --pass-plugin, --dump-ir, --time-passes).
+    """
+    import kiln
+    from kiln.passes.plugins import load_plugin
+
+    opts = opts or {}
     if model.endswith(".kiln"):
-        if shapes:
-            raise click.BadParameter("--shape applies to ONNX models; an artifact's shapes are fixed", param_hint="--shape")
+        if shapes or opts.get("opt") or opts.get("passes"):
+            raise click.UsageError("--shape, -O and --passes apply to ONNX models; an artifact is already compiled")
         return kiln.load(model)
-    return kiln.compile(model, target=target, shapes=shapes)
+    for module in opts.get("plugins", ()):
+        load_plugin(module)
+    module = kiln.compile(
+        model,
+        target=target,
+        shapes=shapes,
+        pipeline=f"O{opts['opt']}" if opts.get("opt") is not None else None,
+        passes=opts.get("passes", ()),
+        dump_ir=opts.get("dump_ir"),
+    )
+    if opts.get("time_passes"):
+        _print_pass_times(module.pass_records)
+    return module
+
+
+def _print_pass_times(records) -> None:
+    table = Table("#", "pass", "ms", "nodes before", "nodes after", title="passes")
+    for r in records:
+        table.add_row(str(r.index), r.name, f"{r.seconds * 1e3:.2f}", str(r.nodes_before), str(r.nodes_after))
+    total = sum(r.seconds for r in records)
+    table.add_row("", "total", f"{total * 1e3:.2f}", "", "")
+    err.print(table)
+
+
+def _pass_options(fn):
+    """-O, --passes, --pass-plugin, --dump-ir, --time-passes: shared by compile, run, inspect."""
+    options = [
+        click.option("-O", "opt", type=click.Choice(["0", "1", "2"]), help="pipeline: -O0 none, -O1 canonicalize, -O2 inference"),
+        click.option("--passes", callback=lambda c, p, v: [s for s in (v or "").split(",") if s], metavar="A,B,C", help="passes to run after the pipeline"),
+        click.option("--pass-plugin", "plugins", multiple=True, metavar="MODULE", help="import MODULE to register its passes"),
+        click.option("--dump-ir", type=click.Path(file_okay=False), metavar="DIR", help="write the IR before and after each pass"),
+        click.option("--time-passes", is_flag=True, help="print each pass's time and node counts"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _opts(opt, passes, plugins, dump_ir, time_passes) -> dict:
+    return {"opt": opt, "passes": passes, "plugins": plugins, "dump_ir": dump_ir, "time_passes": time_passes}
 
 
 def _random_inputs(module, seed: int) -> dict[str, np.ndarray]:
@@ -108,10 +152,11 @@ target_option = click.option("--target", "-t", default="eager", show_default=Tru
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="artifact to write [default: MODEL.kiln]")
 @target_option
 @shape_option
-def compile(model: str, output: str | None, target: str, shapes: dict) -> None:
+@_pass_options
+def compile(model: str, output: str | None, target: str, shapes: dict, **pass_opts) -> None:
     """Compile MODEL (an .onnx file or a built-in name) into a .kiln artifact."""
     start = time.perf_counter()
-    module = _open(model, target, shapes)
+    module = _open(model, target, shapes, _opts(**pass_opts))
     path = Path(output) if output else Path(Path(model).stem + ".kiln")
     module.save(path)
     g = module.graph
@@ -128,10 +173,11 @@ def compile(model: str, output: str | None, target: str, shapes: dict) -> None:
 @click.option("--seed", default=0, show_default=True, help="seed of the random inputs used when none are given")
 @target_option
 @shape_option
-def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str, shapes: dict) -> None:
+@_pass_options
+def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str, shapes: dict, **pass_opts) -> None:
     """Run MODEL once and summarize its outputs (random inputs unless --input is given)."""
     start = time.perf_counter()
-    module = _open(model, target, shapes)
+    module = _open(model, target, shapes, _opts(**pass_opts))
     built = time.perf_counter()
     if inputs:
         feeds = {name: _load_npy(path) for name, path in inputs.items()}
@@ -162,10 +208,11 @@ def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--no-ir", is_flag=True, help="leave out the IR text")
 @shape_option
-def inspect(model: str, no_ir: bool, shapes: dict) -> None:
-    """Show MODEL's graph: IR text, op histogram, parameters, unsupported ops."""
+@_pass_options
+def inspect(model: str, no_ir: bool, shapes: dict, **pass_opts) -> None:
+    """Show MODEL's graph (after -O1/-O2 if given): IR text, op histogram, parameters, unsupported ops."""
     try:
-        module = _open(model, "eager", shapes)
+        module = _open(model, "eager", shapes, _opts(**pass_opts))
     except UnsupportedOpsError as e:
         table = Table("op", "domain", "opset", "first node", title=f"{model}: ops kiln does not support")
         for op, domain, opset, node in e.missing:
@@ -183,6 +230,20 @@ def inspect(model: str, no_ir: bool, shapes: dict) -> None:
     for kind, values in (("inputs", g.inputs), ("outputs", g.outputs)):
         out.print(f"{kind}: " + ", ".join(f"{v.name}: {v.type}" for v in values))
     out.print("unsupported ops: none")
+
+
+@cli.command(name="passes")
+def list_passes() -> None:
+    """List the registered passes and the pipelines."""
+    from kiln.passes import all_passes
+    from kiln.passes.pipelines import PIPELINES
+
+    table = Table("pass", "what it does")
+    for name, p in all_passes().items():
+        table.add_row(name, " ".join((p.__doc__ or "").split()))
+    out.print(table)
+    for name, names in PIPELINES.items():
+        out.print(f"-{name}: " + (", ".join(names) or "(no passes)"))
 
 
 @cli.command()

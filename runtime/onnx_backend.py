@@ -21,9 +21,10 @@ from kiln.errors import NeedsStaticValue
 class KilnRep(BackendRep):
     """A prepared model: compiled modules keyed by the static inputs' values and input shapes."""
 
-    def __init__(self, model: onnx.ModelProto, target: str):
+    def __init__(self, model: onnx.ModelProto, target: str, pipeline: str | None = None):
         self.model = model
         self.target = target
+        self.pipeline = pipeline
         initializers = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in initializers]
         self.output_names = [o.name for o in model.graph.output]
@@ -45,7 +46,7 @@ class KilnRep(BackendRep):
             constants = {n: feeds[n] for n in self.static_inputs}
             shapes = {n: a.shape for n, a in feeds.items() if n not in constants}
             try:
-                module = compile(self.model, self.target, shapes=shapes, constants=constants)
+                module = compile(self.model, self.target, shapes=shapes, constants=constants, pipeline=self.pipeline)
             except NeedsStaticValue as need:
                 fresh = set(need.inputs) - self.static_inputs
                 if not fresh:
@@ -68,12 +69,19 @@ class KilnRep(BackendRep):
 
 
 class KilnBackend(Backend):
-    """``prepare(model, device="CPU", target="eager")``; CPU only until the GPU backend lands."""
+    """``prepare(model, device="CPU", target="eager", pipeline=None)``; CPU only for now.
+
+    ``pipeline`` (``O0``/``O1``/``O2``) defaults to the target's own.
+    """
+
+    default_pipeline: str | None = None
 
     @classmethod
-    def prepare(cls, model: onnx.ModelProto, device: str = "CPU", target: str = "eager", **kwargs: Any) -> KilnRep:
+    def prepare(
+        cls, model: onnx.ModelProto, device: str = "CPU", target: str = "eager", pipeline: str | None = None, **kwargs: Any
+    ) -> KilnRep:
         super().prepare(model, device, **kwargs)
-        return KilnRep(model, target)
+        return KilnRep(model, target, pipeline or cls.default_pipeline)
 
     @classmethod
     def run_model(cls, model: onnx.ModelProto, inputs: Any, device: str = "CPU", **kwargs: Any) -> list[np.ndarray]:
