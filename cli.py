@@ -6,6 +6,7 @@ line naming the file and, where there is one, the node. ``KILN_DEBUG=1`` shows t
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -207,10 +208,14 @@ def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--no-ir", is_flag=True, help="leave out the IR text")
+@click.option("--memory", is_flag=True, help="plan the arena and report naive, planned and lower-bound bytes")
+@click.option("--json", "as_json", is_flag=True, help="with --memory: print only the memory figures as JSON")
 @shape_option
 @_pass_options
-def inspect(model: str, no_ir: bool, shapes: dict, **pass_opts) -> None:
+def inspect(model: str, no_ir: bool, memory: bool, as_json: bool, shapes: dict, **pass_opts) -> None:
     """Show MODEL's graph (after -O1/-O2 if given): IR text, op histogram, parameters, unsupported ops."""
+    if as_json and not memory:
+        raise click.UsageError("--json goes with --memory")
     try:
         module = _open(model, "eager", shapes, _opts(**pass_opts))
     except UnsupportedOpsError as e:
@@ -220,6 +225,15 @@ def inspect(model: str, no_ir: bool, shapes: dict, **pass_opts) -> None:
         out.print(table)
         raise SystemExit(1) from None
     g = module.graph
+    if memory:
+        from kiln.passes.plan_memory import check_plan, plan_memory
+
+        plan = plan_memory(g)
+        check_plan(g, plan)
+        figures = plan.summary()
+        if as_json:
+            click.echo(json.dumps(figures))
+            return
     if not no_ir:
         click.echo(g.to_text(), nl=False)  # the IR verbatim: never wrapped or styled
     table = Table("op", "count", title="op histogram")
@@ -230,6 +244,14 @@ def inspect(model: str, no_ir: bool, shapes: dict, **pass_opts) -> None:
     for kind, values in (("inputs", g.inputs), ("outputs", g.outputs)):
         out.print(f"{kind}: " + ", ".join(f"{v.name}: {v.type}" for v in values))
     out.print("unsupported ops: none")
+    if memory:
+        lb = figures["lower_bound_bytes"] or 1
+        naive = figures["naive_bytes"] or 1
+        out.print(
+            f"memory: naive {figures['naive_bytes']:,} bytes, planned arena {figures['planned_bytes']:,} bytes "
+            f"({figures['planned_bytes'] / lb:.3f}x the lower bound {figures['lower_bound_bytes']:,}; "
+            f"{figures['planned_bytes'] / naive:.1%} of naive)"
+        )
 
 
 @cli.command(name="passes")

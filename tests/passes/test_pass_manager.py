@@ -114,3 +114,13 @@ def test_cli_O2_and_dump_ir(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "BatchNormalization" not in out
     assert (tmp_path / "ir" / "008_fold_batchnorm_conv.after.txt").exists()
+
+
+def test_cli_memory_report_as_json(capsys):
+    import json
+
+    assert main(["inspect", "light_squeezenet", "-O2", "--memory", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert set(figures) == {"naive_bytes", "planned_bytes", "lower_bound_bytes"}
+    assert figures["lower_bound_bytes"] <= figures["planned_bytes"] <= figures["naive_bytes"]
+    assert main(["inspect", "light_squeezenet", "--json"]) == 2

@@ -1,0 +1,163 @@
+"""plan_memory: every intermediate gets an offset in one arena, from liveness over the schedule.
+
+The schedule is the graph's node order. A value is live from the node that defines it to the
+last node that reads it (graph outputs: to the end). Elementwise ops write in place over an
+input that dies at that node and has their output's shape, so the two share one buffer.
+Buffers are placed largest first, each at the best-fitting gap among the buffers it is live
+with (greedy by size, best fit). ``check_plan`` proves that no two buffers that are live at
+the same time overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.errors import GraphError
+from kiln.ir.graph import Graph, Value
+from kiln.ir.opdef import OpKind
+from kiln.passes.base import graph_pass
+
+ALIGNMENT = 64
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+@dataclass
+class Buffer:
+    """One arena slot: the values sharing it (in-place chains), its bytes and live range."""
+
+    values: list[Value]
+    size: int
+    start: int
+    end: int
+    offset: int = -1
+
+
+@dataclass
+class MemoryPlan:
+    buffers: list[Buffer] = field(default_factory=list)
+    arena_bytes: int = 0
+    naive_bytes: int = 0
+    lower_bound_bytes: int = 0
+
+    def offset(self, value: Value) -> int:
+        for buf in self.buffers:
+            if any(v is value for v in buf.values):
+                return buf.offset
+        raise KeyError(value.name)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "naive_bytes": self.naive_bytes,
+            "planned_bytes": self.arena_bytes,
+            "lower_bound_bytes": self.lower_bound_bytes,
+        }
+
+
+def _liveness(graph: Graph) -> tuple[dict[int, int], dict[int, int]]:
+    """Defining node index and last reading node index of each node output (by id)."""
+    define: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.outputs:
+            define[id(v)] = last[id(v)] = i
+        for v in node.inputs:
+            if v is not None and id(v) in define:
+                last[id(v)] = max(last[id(v)], i)
+    end = len(graph.nodes)
+    for v in graph.outputs:
+        if id(v) in define:
+            last[id(v)] = end
+    return define, last
+
+
+def plan_memory(graph: Graph, in_place: bool = True) -> MemoryPlan:
+    """Assign arena offsets to every node output of ``graph`` (see the module docstring)."""
+    define, last = _liveness(graph)
+    outputs = {id(v) for v in graph.outputs}
+    group: dict[int, Buffer] = {}
+    buffers: list[Buffer] = []
+    for i, node in enumerate(graph.nodes):
+        for out in node.outputs:
+            donor = None
+            if in_place and node.op.kind is OpKind.ELEMENTWISE:
+                for v in node.inputs:
+                    if (
+                        v is not None
+                        and id(v) in group
+                        and id(v) not in outputs
+                        and last[id(v)] == i
+                        and v.type.shape == out.type.shape
+                        and v.type.nbytes == out.type.nbytes
+                        and group[id(v)].end == i  # nothing else in the chain is read later
+                    ):
+                        donor = group[id(v)]
+                        break
+            if donor is not None:
+                donor.values.append(out)
+                donor.end = last[id(out)]
+                group.pop(id(v))  # the input hosts one output; it cannot donate again
+                group[id(out)] = donor
+            else:
+                buf = Buffer([out], out.type.nbytes, define[id(out)], last[id(out)])
+                buffers.append(buf)
+                group[id(out)] = buf
+    _place(buffers)
+    plan = MemoryPlan(buffers)
+    plan.arena_bytes = max((b.offset + _aligned(b.size) for b in buffers), default=0)
+    plan.naive_bytes = sum(v.type.nbytes for node in graph.nodes for v in node.outputs)
+    plan.lower_bound_bytes = _largest_live_set(buffers, len(graph.nodes))
+    return plan
+
+
+def _place(buffers: list[Buffer]) -> None:
+    placed: list[Buffer] = []
+    for buf in sorted(buffers, key=lambda b: (-b.size, b.start)):
+        live = sorted((p for p in placed if p.start <= buf.end and buf.start <= p.end), key=lambda p: p.offset)
+        best, best_gap, cursor = None, None, 0
+        need = _aligned(buf.size)
+        for p in live:
+            gap = p.offset - cursor
+            if gap >= need and (best_gap is None or gap < best_gap):
+                best, best_gap = cursor, gap
+            cursor = max(cursor, p.offset + _aligned(p.size))
+        buf.offset = best if best is not None else cursor
+        placed.append(buf)
+
+
+def _largest_live_set(buffers: list[Buffer], steps: int) -> int:
+    live = [0] * (steps + 1)
+    for b in buffers:
+        for t in range(b.start, b.end + 1):
+            live[t] += b.size
+    return max(live, default=0)
+
+
+def check_plan(graph: Graph, plan: MemoryPlan) -> None:
+    """Raise GraphError if two buffers live at the same time overlap, or a value has no slot."""
+    planned = {id(v) for b in plan.buffers for v in b.values}
+    missing = [v.name for n in graph.nodes for v in n.outputs if id(v) not in planned]
+    if missing:
+        raise GraphError(f"memory plan: values without a slot: {missing[:5]}")
+    ordered = sorted(plan.buffers, key=lambda b: b.start)
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1 :]:
+            if b.start > a.end:
+                break
+            if a.offset < b.offset + b.size and b.offset < a.offset + a.size:
+                raise GraphError(
+                    f"memory plan: %{a.values[0].name} [{a.offset}, {a.offset + a.size}) and %{b.values[0].name} "
+                    f"[{b.offset}, {b.offset + b.size}) overlap while both are live"
+                )
+        if a.offset + a.size > plan.arena_bytes:
+            raise GraphError(f"memory plan: %{a.values[0].name} ends past the arena")
+
+
+@graph_pass("plan_memory")
+def plan_memory_pass(graph: Graph) -> Graph:
+    """Attach ``graph.memory_plan`` (a MemoryPlan over the current node order); the graph is unchanged."""
+    graph.memory_plan = plan_memory(graph)
+    check_plan(graph, graph.memory_plan)
+    return graph

@@ -1,0 +1,98 @@
+"""plan_memory: in-place chains, reuse of freed space, the overlap checker, and the plan of
+every ONNX conformance model and light net checked for overlaps."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import kiln
+from kiln.errors import GraphError, KilnError
+from kiln.ir import parse_graph
+from kiln.passes.plan_memory import check_plan, plan_memory
+
+CHAIN = """
+graph g(%x: f32[256]) {
+  %a: f32[256] = Exp(%x)
+  %b: f32[256] = Relu(%a)
+  %c: f32[256] = Neg(%b)
+  %d: f32[256] = Add(%c, %x)
+  return %d
+}"""
+
+
+def test_an_elementwise_chain_runs_in_one_buffer():
+    graph = parse_graph(CHAIN)
+    plan = plan_memory(graph)
+    check_plan(graph, plan)
+    assert len(plan.buffers) == 1 and [v.name for v in plan.buffers[0].values] == ["a", "b", "c", "d"]
+    assert plan.summary() == {"naive_bytes": 4 * 1024, "planned_bytes": 1024, "lower_bound_bytes": 1024}
+    assert plan_memory(graph, in_place=False).arena_bytes == 2 * 1024
+
+
+def test_freed_space_is_reused_and_live_values_never_share():
+    graph = parse_graph(
+        """
+        graph g(%x: f32[64,64]) {
+          %a: f32[64,64] = MatMul(%x, %x)
+          %b: f32[64,64] = MatMul(%a, %x)
+          %c: f32[64,64] = MatMul(%b, %x)
+          %d: f32[64,64] = MatMul(%c, %a)
+          return %d
+        }"""
+    )
+    plan = plan_memory(graph)
+    check_plan(graph, plan)
+    size = 64 * 64 * 4
+    # a lives to the end: a, b, c need three slots at the third MatMul; d reuses b's
+    assert plan.arena_bytes == plan.lower_bound_bytes == 3 * size
+    assert plan.offset(graph.nodes[3].outputs[0]) == plan.offset(graph.nodes[1].outputs[0])
+
+
+def test_the_checker_catches_overlapping_live_buffers():
+    graph = parse_graph(CHAIN)
+    plan = plan_memory(graph, in_place=False)
+    plan.buffers[1].offset = plan.buffers[0].offset
+    with pytest.raises(GraphError, match="overlap while both are live"):
+        check_plan(graph, plan)
+
+
+def test_light_resnet50_plan_is_tight(light_model):
+    graph = kiln.optimize(light_model("light_resnet50"), "O2")
+    plan = plan_memory(graph)
+    check_plan(graph, plan)
+    assert plan.arena_bytes <= 1.15 * plan.lower_bound_bytes
+    assert plan.arena_bytes <= 0.5 * plan.naive_bytes
+
+
+def _conformance_graphs():
+    from onnx.backend.test.loader import load_model_tests
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = [c for c in load_model_tests(kind="node") if c.model is not None]
+    for case in cases:
+        try:
+            yield case.name, kiln.driver.to_graph(case.model)
+        except KilnError:
+            continue  # unsupported or needs input values: the conformance suite covers those
+
+
+def test_every_conformance_model_gets_a_plan_without_overlaps():
+    checked = 0
+    for name, graph in _conformance_graphs():
+        for g in (graph, kiln.optimize(graph, "O2")):
+            plan = plan_memory(g)
+            check_plan(g, plan)
+            assert plan.lower_bound_bytes <= plan.arena_bytes or not plan.buffers, name
+        checked += 1
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("name", ["light_squeezenet", "light_densenet121", "light_inception_v1", "light_shufflenet"])
+def test_light_nets_get_plans_without_overlaps(name, light_model):
+    graph = kiln.optimize(light_model(name), "O2")
+    plan = plan_memory(graph)
+    check_plan(graph, plan)
+    assert plan.lower_bound_bytes <= plan.arena_bytes < plan.naive_bytes
