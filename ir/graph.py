@@ -196,7 +196,8 @@ class Graph:
         for v, array in self.params.items():
             new[v] = g.add_param(v.name, array)
         for node in self.nodes:
-            twin = Node(node.op, [new[v] if v is not None else None for v in node.inputs], copy.deepcopy(node.attrs), node.name)
+            attrs = {k: v.copy() if isinstance(v, Graph) else copy.deepcopy(v) for k, v in node.attrs.items()}
+            twin = Node(node.op, [new[v] if v is not None else None for v in node.inputs], attrs, node.name)
             for out in node.outputs:
                 new[out] = Value(g._claim(out.name), out.type, twin, out.index)
                 twin.outputs.append(new[out])

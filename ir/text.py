@@ -61,33 +61,42 @@ def print_graph(graph: Graph, canonical: bool = False) -> str:
     ``canonical=True`` renames values by position (parameters ``%c0, %c1, ...`` in order of first
     use, intermediates ``%0, %1, ...``; inputs and outputs keep their names) and leaves out node
     names, so two graphs that differ only in naming print the same: what pass tests compare.
+    A graph-valued attribute (a fused group's body) prints as ``<graph>`` and follows its node,
+    indented.
     """
+    return "\n".join(_graph_lines(graph, canonical, "")) + "\n"
+
+
+def _graph_lines(graph: Graph, canonical: bool, indent: str) -> list[str]:
     names = _canonical_names(graph) if canonical else {}
 
     def name(v: Value) -> str:
         return _spell(names.get(v, v.name))
 
-    params = graph.params.items()
+    params = list(graph.params.items())
     if canonical:
         order = {v: i for i, v in enumerate(v for v in names if v in graph.params)}
-        params = sorted(params, key=lambda kv: order.get(kv[0], len(order)))
-    lines = []
+        params.sort(key=lambda kv: order.get(kv[0], len(order)))
     ins = ", ".join(f"{name(v)}: {v.type}" for v in graph.inputs)
-    lines.append(f"graph {graph.name if _IDENT.fullmatch(graph.name) else json.dumps(graph.name)}({ins}) {{")
+    lines = [f"{indent}graph {graph.name if _IDENT.fullmatch(graph.name) else json.dumps(graph.name)}({ins}) {{"]
     for value, array in params:
-        lines.append(f"  param {name(value)}: {value.type} = {_param_data(array)}")
+        lines.append(f"{indent}  param {name(value)}: {value.type} = {_param_data(array)}")
     for node in graph.nodes:
         outs = ", ".join(f"{name(v)}: {v.type}" for v in node.outputs)
         args = ", ".join(name(v) if v is not None else "_" for v in node.inputs)
-        line = f"  {outs} = {node.op.name}({args})"
+        line = f"{indent}  {outs} = {node.op.name}({args})"
+        nested = [v for v in node.attrs.values() if isinstance(v, Graph)]
         if node.attrs:
-            line += " {" + ", ".join(f"{k}={_json(v)}" for k, v in node.attrs.items()) + "}"
+            shown = ("<graph>" if isinstance(v, Graph) else _json(v) for v in node.attrs.values())
+            line += " {" + ", ".join(f"{k}={text}" for k, text in zip(node.attrs, shown)) + "}"
         if node.name and not canonical:
             line += f" @{json.dumps(node.name)}"
         lines.append(line)
-    lines.append("  return " + ", ".join(name(v) for v in graph.outputs))
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+        for body in nested:
+            lines.extend(_graph_lines(body, canonical, indent + "    "))
+    lines.append(f"{indent}  return " + ", ".join(name(v) for v in graph.outputs))
+    lines.append(f"{indent}}}")
+    return lines
 
 
 def _canonical_names(graph: Graph) -> dict[Value, str]:
@@ -190,10 +199,18 @@ class _Scanner:
 
 def parse_graph(text: str, params: Mapping[str, np.ndarray] | None = None) -> Graph:
     """Parse the text form back into a Graph (types are re-inferred and must match)."""
-    params = params or {}
     lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.strip().startswith("#")]
     if not lines:
         raise GraphError("empty graph text")
+    graph, end = _parse_lines(lines, 0, params or {})
+    if end != len(lines):
+        lineno, line = lines[end]
+        raise GraphError(f"line {lineno}: text after the end of the graph: {line.strip()!r}")
+    return graph
+
+
+def _parse_lines(lines: list[tuple[int, str]], pos: int, params: Mapping[str, np.ndarray]) -> tuple[Graph, int]:
+    """Parse one graph starting at ``lines[pos]``; returns it and the index after its ``}``."""
     env: dict[str, Value] = {}
 
     def lookup(sc: _Scanner, name: str) -> Value:
@@ -202,7 +219,7 @@ def parse_graph(text: str, params: Mapping[str, np.ndarray] | None = None) -> Gr
         except KeyError:
             raise sc.error(f"value %{name} is used before it is defined") from None
 
-    lineno, header = lines[0]
+    lineno, header = lines[pos]
     sc = _Scanner(header, lineno)
     sc.expect("graph")
     graph = Graph(sc.json_value() if sc.peek('"') else sc.word())
@@ -214,32 +231,16 @@ def parse_graph(text: str, params: Mapping[str, np.ndarray] | None = None) -> Gr
         sc.expect(":")
         env[name] = graph.add_input(name, sc.tensor_type())
     sc.expect("{")
-
-    for lineno, line in lines[1:]:
+    pos += 1
+    while pos < len(lines):
+        lineno, line = lines[pos]
+        pos += 1
         sc = _Scanner(line, lineno)
         if sc.accept("}"):
-            break
+            return graph, pos
         if sc.accept("param "):
             name = sc.value_name()
-            sc.expect(":")
-            t = sc.tensor_type()
-            sc.expect("=")
-            if sc.accept("dense<sha256:"):
-                m = re.compile(r"[0-9a-f]{64}").match(sc.s, sc.i)
-                if not m:
-                    raise sc.error("expected a sha256 digest")
-                digest, sc.i = m.group(), m.end()
-                sc.expect(">")
-                if name not in params:
-                    raise sc.error(f"parameter %{name} is stored by hash; pass its data in params=")
-                array = np.asarray(params[name])
-                if array_digest(array) != digest:
-                    raise sc.error(f"parameter %{name}: the data given does not match its hash")
-            else:
-                array = np.array(sc.json_value(), dtype=t.dtype.numpy).reshape(t.shape)
-            if TensorType.of(array) != t:
-                raise sc.error(f"parameter %{name} is declared {t} but its data is {TensorType.of(array)}")
-            env[name] = graph.add_param(name, array)
+            env[name] = graph.add_param(name, _parse_param_data(sc, name, params))
             continue
         if sc.accept("return"):
             while not sc.at_end():
@@ -263,19 +264,50 @@ def parse_graph(text: str, params: Mapping[str, np.ndarray] | None = None) -> Gr
                 sc.expect(",")
             inputs.append(None if sc.accept("_") else lookup(sc, sc.value_name()))
         attrs: dict[str, Any] = {}
+        nested: list[str] = []
         if sc.accept("{"):
             while not sc.accept("}"):
                 if attrs:
                     sc.expect(",")
                 key = sc.word()
                 sc.expect("=")
-                attrs[key] = sc.json_value()
+                if sc.accept("<graph>"):
+                    nested.append(key)
+                    attrs[key] = None
+                else:
+                    attrs[key] = sc.json_value()
         node_name = sc.json_value() if sc.accept("@") else ""
         if not sc.at_end():
             raise sc.error("unexpected text")
+        for key in nested:
+            if pos >= len(lines) or not lines[pos][1].strip().startswith("graph"):
+                raise sc.error(f"attribute {key} needs its graph on the following lines")
+            attrs[key], pos = _parse_lines(lines, pos, params)
         node = graph.add_node(op, inputs, attrs, name=node_name, num_outputs=len(outs), output_names=[n for n, _ in outs])
         for value, (name, declared) in zip(node.outputs, outs):
             if value.type != declared:
                 raise sc.error(f"%{name} is declared {declared} but {op.name} infers {value.type}")
             env[name] = value
-    return graph
+    raise GraphError(f"line {lines[-1][0]}: the graph is not closed with '}}'")
+
+
+def _parse_param_data(sc: _Scanner, name: str, params: Mapping[str, np.ndarray]) -> np.ndarray:
+    sc.expect(":")
+    t = sc.tensor_type()
+    sc.expect("=")
+    if sc.accept("dense<sha256:"):
+        m = re.compile(r"[0-9a-f]{64}").match(sc.s, sc.i)
+        if not m:
+            raise sc.error("expected a sha256 digest")
+        digest, sc.i = m.group(), m.end()
+        sc.expect(">")
+        if name not in params:
+            raise sc.error(f"parameter %{name} is stored by hash; pass its data in params=")
+        array = np.asarray(params[name])
+        if array_digest(array) != digest:
+            raise sc.error(f"parameter %{name}: the data given does not match its hash")
+    else:
+        array = np.array(sc.json_value(), dtype=t.dtype.numpy).reshape(t.shape)
+    if TensorType.of(array) != t:
+        raise sc.error(f"parameter %{name} is declared {t} but its data is {TensorType.of(array)}")
+    return array

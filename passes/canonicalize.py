@@ -12,6 +12,7 @@ import numpy as np
 from kiln import config
 from kiln.ir.graph import Graph
 from kiln.ir.opdef import get_op
+from kiln.ir.text import print_graph
 from kiln.passes.base import graph_pass
 from kiln.passes.rewrite import live_nodes, substitute
 
@@ -65,7 +66,7 @@ def eliminate_common_subexpressions(graph: Graph) -> Graph:
     for node in graph.nodes:
         if not node.op.deterministic:
             continue
-        key = (node.op.name, tuple(id(v) for v in node.inputs), json.dumps(node.attrs, sort_keys=True), len(node.outputs))
+        key = (node.op.name, tuple(id(v) for v in node.inputs), attrs_key(node.attrs), len(node.outputs))
         twin = seen.get(key)
         if twin is None:
             seen[key] = node
@@ -74,6 +75,11 @@ def eliminate_common_subexpressions(graph: Graph) -> Graph:
             doomed.append(node)
     graph.remove_nodes(doomed)
     return graph
+
+
+def attrs_key(attrs: dict) -> str:
+    """A hashable spelling of attributes (graph-valued ones by their text form)."""
+    return json.dumps({k: print_graph(v, canonical=True) if isinstance(v, Graph) else v for k, v in attrs.items()}, sort_keys=True)
 
 
 def _is_noop(node) -> bool:
