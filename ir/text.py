@@ -68,7 +68,8 @@ def print_graph(graph: Graph, canonical: bool = False) -> str:
 
 
 def _graph_lines(graph: Graph, canonical: bool, indent: str) -> list[str]:
-    names = _canonical_names(graph) if canonical else {}
+    # a nested body's outputs are internal: only the top level keeps its output names
+    names = _canonical_names(graph, keep_outputs=not indent) if canonical else {}
 
     def name(v: Value) -> str:
         return _spell(names.get(v, v.name))
@@ -99,8 +100,8 @@ def _graph_lines(graph: Graph, canonical: bool, indent: str) -> list[str]:
     return lines
 
 
-def _canonical_names(graph: Graph) -> dict[Value, str]:
-    keep = set(graph.inputs) | set(graph.outputs)
+def _canonical_names(graph: Graph, keep_outputs: bool = True) -> dict[Value, str]:
+    keep = set(graph.inputs) | (set(graph.outputs) if keep_outputs else set())
     names: dict[Value, str] = {}
     consts = temps = 0
     for node in graph.nodes:

@@ -11,8 +11,9 @@ PIPELINES: dict[str, list[str]] = {
     "O0": [],
     # clean-ups that keep every op: folding, no-op removal, chain folding, CSE, DCE
     "O1": [*CANONICALIZE],
-    # everything for inference: canonicalize, fold BatchNorm into conv/gemm, canonicalize again
-    "O2": [*CANONICALIZE, *FOLD_BATCHNORM, *CANONICALIZE],
+    # everything for inference: canonicalize, fold BatchNorm into conv/gemm, canonicalize again,
+    # then fuse into groups (each one kernel for the compiled backends)
+    "O2": [*CANONICALIZE, *FOLD_BATCHNORM, *CANONICALIZE, "fuse"],
 }
 
 

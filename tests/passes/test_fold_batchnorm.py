@@ -8,9 +8,10 @@ import pytest
 import kiln
 from kiln.ir import DType, Graph, TensorType
 from kiln.passes import run_passes
-from kiln.passes.pipelines import pipeline
+from kiln.passes.canonicalize import CANONICALIZE
+from kiln.passes.fold_batchnorm import FOLD_BATCHNORM
 
-FOLD = pipeline("O2")
+FOLD = [*CANONICALIZE, *FOLD_BATCHNORM, *CANONICALIZE]
 
 
 def bn_after(op: str, x_shape, w_shape, attrs=None, bias=True, training=False, extra_reader=False) -> Graph:

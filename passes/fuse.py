@@ -1,0 +1,132 @@
+"""fuse: group ops into Fused nodes that backends compile as one kernel each (TVM FuseOps style).
+
+Rules, over the node order:
+- a heavy op (Conv, ConvTranspose, Gemm, MatMul) starts an ``epilogue`` group: the elementwise
+  ops after it (bias, activation, residual Add, clip...) join it;
+- a reduction joins the group of its elementwise producers (``reduction``), and elementwise ops
+  after it join too;
+- elementwise ops join the group of an input's producer, else start an ``elementwise`` group;
+- never two heavy ops or two reductions in a group; every other op stays alone.
+
+An op joins a group only through a value nobody else reads (so nothing is computed twice and no
+intermediate leaves the group) and only if its other inputs are defined before the group starts
+(so the group stays convex: no path leaves it and comes back). Groups of one node stay plain.
+Parameters a group reads become inputs of its Fused node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.opdef import OpKind, get_op
+from kiln.passes.base import graph_pass
+
+EPILOGUE_ANCHORS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+@dataclass
+class Group:
+    nodes: list[Node] = field(default_factory=list)
+    start: int = 0  # index of the first node in the schedule
+    anchor: Node | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.anchor is None:
+            return "elementwise"
+        return "epilogue" if self.anchor.op.kind is OpKind.HEAVY else "reduction"
+
+
+def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users: dict, outputs: set[int]) -> bool:
+    if len(users.get(via, [])) != 1 or id(via) in outputs:
+        return False
+    kind = node.op.kind
+    if kind is OpKind.REDUCTION and group.anchor is not None:
+        return False
+    for v in node.inputs:
+        if v is None or v is via or v.producer is None or any(v.producer is n for n in group.nodes):
+            continue
+        if index[id(v.producer)] >= group.start:
+            return False  # defined after the group starts: fusing could make a cycle
+    return True
+
+
+def find_groups(graph: Graph) -> list[Group]:
+    """The fusion groups of ``graph`` (including single-node ones), in schedule order."""
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    users = graph.users()
+    outputs = {id(v) for v in graph.outputs}
+    group_of: dict[int, Group] = {}
+    groups: list[Group] = []
+    for i, node in enumerate(graph.nodes):
+        kind = node.op.kind
+        joined = None
+        if kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) and node.op.deterministic:
+            for v in node.inputs:
+                if v is None or v.producer is None or id(v.producer) not in group_of:
+                    continue
+                group = group_of[id(v.producer)]
+                if group.anchor is not None and group.anchor.op.kind is OpKind.HEAVY and kind is OpKind.REDUCTION:
+                    continue
+                if _can_join(node, group, v, index, users, outputs):
+                    joined = group
+                    break
+        if joined is None:
+            joined = Group(start=i)
+            groups.append(joined)
+            fusable = kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) or node.op.name in EPILOGUE_ANCHORS
+            if not fusable or not node.op.deterministic:
+                joined.anchor = node  # a lone op: nothing will join (see below)
+        if kind is OpKind.REDUCTION or node.op.name in EPILOGUE_ANCHORS:
+            joined.anchor = node
+        joined.nodes.append(node)
+        if (kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) and node.op.deterministic) or node.op.name in EPILOGUE_ANCHORS:
+            group_of[id(node)] = joined
+    return groups
+
+
+def _outline(graph: Graph, group: Group, number: int) -> Node:
+    """Replace ``group``'s nodes by one Fused node whose body holds them."""
+    members = {id(n) for n in group.nodes}
+    body = Graph(f"fused_{number}")
+    inner: dict[int, Value] = {}
+    outer_inputs: list[Value] = []
+    for node in group.nodes:
+        for v in node.inputs:
+            if v is None or id(v) in inner:
+                continue
+            if v.producer is None or id(v.producer) not in members:
+                inner[id(v)] = body.add_input(f"in{len(outer_inputs)}", v.type)
+                outer_inputs.append(v)
+    for node in group.nodes:
+        twin = body.add_node(node.op, [inner[id(v)] if v is not None else None for v in node.inputs], node.attrs, name=node.name, num_outputs=len(node.outputs))
+        for old, new in zip(node.outputs, twin.outputs):
+            inner[id(old)] = new
+    last = group.nodes[-1]
+    body.outputs = [inner[id(v)] for v in last.outputs]
+    position = graph.nodes.index(last)
+    names = [v.name for v in last.outputs]
+    graph.remove_nodes(group.nodes)
+    fused = graph.add_node(
+        get_op("Fused"),
+        outer_inputs,
+        {"kind": group.kind, "body": body},
+        name=group.anchor.name if group.anchor is not None else last.name,
+        num_outputs=len(last.outputs),
+        output_names=names,
+        index=position - len(group.nodes) + 1,
+    )
+    for old, new in zip(last.outputs, fused.outputs):
+        graph.replace_uses(old, new)
+    return fused
+
+
+@graph_pass("fuse")
+def fuse(graph: Graph) -> Graph:
+    """Form fusion groups (see the module docstring) and outline each group of two or more
+    nodes into a Fused node. Outputs, names and values are unchanged."""
+    groups = [g for g in find_groups(graph) if len(g.nodes) > 1]
+    for number, group in enumerate(groups):
+        _outline(graph, group, number)
+    return graph

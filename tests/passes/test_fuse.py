@@ -1,0 +1,106 @@
+"""fuse: epilogues, elementwise chains, reductions with their producers, and what never fuses."""
+
+from __future__ import annotations
+
+import kiln
+from kiln.ir import parse_graph
+from kiln.passes import run_passes
+from kiln.passes.fuse import find_groups
+
+CONV = '{dilations=[1, 1], group=1, pads=[1, 1, 1, 1], strides=[1, 1]}'
+
+
+def test_conv_bias_relu_and_residual_add_form_one_epilogue(rewrites):
+    rewrites(
+        ["fuse"],
+        f"""
+        graph g(%x: f32[1,2,4,4], %skip: f32[1,3,4,4]) {{
+          param %w: f32[3,2,3,3] = dense<sha256:{'0' * 64}>
+          %c: f32[1,3,4,4] = Conv(%x, %w) {CONV}
+          %s: f32[1,3,4,4] = Add(%c, %skip)
+          %y: f32[1,3,4,4] = Relu(%s)
+          return %y
+        }}""".replace(f"dense<sha256:{'0' * 64}>", "[" + ", ".join(["0.5"] * 54) + "]"),
+        f"""
+        graph g(%x: f32[1,2,4,4], %skip: f32[1,3,4,4]) {{
+          param %w: f32[3,2,3,3] = [{", ".join(["0.5"] * 54)}]
+          %y: f32[1,3,4,4] = Fused(%x, %w, %skip) {{kind="epilogue", body=<graph>}}
+              graph fused_0(%in0: f32[1,2,4,4], %in1: f32[3,2,3,3], %in2: f32[1,3,4,4]) {{
+                %0: f32[1,3,4,4] = Conv(%in0, %in1) {CONV}
+                %1: f32[1,3,4,4] = Add(%0, %in2)
+                %2: f32[1,3,4,4] = Relu(%1)
+                return %2
+              }}
+          return %y
+        }}""",
+    )
+
+
+def test_softmax_like_chain_is_one_reduction_group(rewrites):
+    rewrites(
+        ["fuse"],
+        """
+        graph g(%x: f32[2,8]) {
+          %e: f32[2,8] = Exp(%x)
+          %s: f32[2,1] = ReduceSum(%e) {axes=[1], keepdims=1}
+          %l: f32[2,1] = Log(%s)
+          return %l
+        }""",
+        """
+        graph g(%x: f32[2,8]) {
+          %l: f32[2,1] = Fused(%x) {kind="reduction", body=<graph>}
+              graph fused_0(%in0: f32[2,8]) {
+                %0: f32[2,8] = Exp(%in0)
+                %1: f32[2,1] = ReduceSum(%0) {axes=[1], keepdims=1}
+                %2: f32[2,1] = Log(%1)
+                return %2
+              }
+          return %l
+        }""",
+    )
+
+
+def test_shared_values_heavy_pairs_and_cycles_are_not_fused():
+    graph = parse_graph(
+        """
+        graph g(%x: f32[4,4]) {
+          %a: f32[4,4] = MatMul(%x, %x)
+          %b: f32[4,4] = MatMul(%a, %x)
+          %c: f32[4,4] = Relu(%b)
+          %d: f32[4,4] = Exp(%b)
+          %e: f32[4,4] = Tanh(%x)
+          %f: f32[4,4] = MatMul(%e, %x)
+          %g: f32[4,4] = Add(%e, %f)
+          return %c, %d, %g
+        }"""
+    )
+    groups = [[n.op.name for n in grp.nodes] for grp in find_groups(graph)]
+    # %b feeds two readers: neither Relu nor Exp joins its MatMul; MatMuls never share a group;
+    # %e feeds two readers too, so Add joins the second MatMul's epilogue, not Tanh's group
+    assert groups == [["MatMul"], ["MatMul"], ["Relu"], ["Exp"], ["Tanh"], ["MatMul", "Add"]]
+    fused = run_passes(graph, ["fuse"])
+    assert fused.op_histogram() == {"MatMul": 2, "Exp": 1, "Fused": 1, "Relu": 1, "Tanh": 1}
+
+
+def test_an_op_whose_other_input_comes_after_the_group_start_stays_out():
+    graph = parse_graph(
+        """
+        graph g(%x: f32[4,4]) {
+          %a: f32[4,4] = Exp(%x)
+          %m: f32[4,4] = MatMul(%x, %x)
+          %b: f32[4,4] = Add(%a, %m)
+          return %b
+        }"""
+    )
+    # Add could join Exp's group through %a, but %m is defined after that group starts
+    assert [[n.op.name for n in g.nodes] for g in find_groups(graph)] == [["Exp"], ["MatMul", "Add"]]
+
+
+def test_light_resnet50_O2_leaves_no_relu_outside_an_epilogue(light_model):
+    graph = kiln.optimize(light_model("light_resnet50"), "O2")
+    hist = graph.op_histogram()
+    assert "Relu" not in hist and "BatchNormalization" not in hist
+    anchors = {node.attrs["body"].nodes[0].op.name for node in graph.nodes if node.op.name == "Fused"}
+    assert anchors == {"Conv"}
+    relus = sum(n.op.name == "Relu" for f in graph.nodes if f.op.name == "Fused" for n in f.attrs["body"].nodes)
+    assert relus == 49
