@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from kiln.ir.dtypes import ALL, DType, FLOATS, INTS, NUMERIC, SIGNED_INTS
-from kiln.ir.opdef import REQUIRED, OpDef, OpKind, register
+from kiln.ir.opdef import REQUIRED, OpDef, OpKind, get_op, register
 from kiln.ir.ops.rules import broadcast_shapes, check_dtype, fail, present, same_dtype
 from kiln.ir.types import TensorType
 
@@ -300,3 +300,93 @@ register(
         doc="Reinterpret the bytes (little endian) as dtype `to` of the same width.",
     )
 )
+
+
+# -- scalar compute rules (kiln.ir.scalar): the same ops, described once for the backends -------
+def _c(E, value, like):
+    return E.const(value, like)
+
+
+def _sigmoid_rule(E, x):
+    return E.div(_c(E, 1.0, x), E.add(_c(E, 1.0, x), E.call("exp", E.neg(x))))
+
+
+def _softplus_rule(E, x):
+    # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))
+    return E.add(E.max(x, _c(E, 0.0, x)), E.call("log1p", E.call("exp", E.neg(E.abs(x)))))
+
+
+def _gelu_rule(E, a, x):
+    half = _c(E, 0.5, x)
+    if a["approximate"] == "tanh":
+        inner = E.mul(_c(E, math.sqrt(2 / math.pi), x), E.add(x, E.mul(_c(E, 0.044715, x), E.mul(x, E.mul(x, x)))))
+        return E.mul(E.mul(half, x), E.add(_c(E, 1.0, x), E.call("tanh", inner)))
+    return E.mul(E.mul(half, x), E.add(_c(E, 1.0, x), E.call("erf", E.mul(x, _c(E, 1 / math.sqrt(2), x)))))
+
+
+def _nary(fn):
+    def rule(E, a, *xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(E, out, x)
+        return out
+
+    return rule
+
+
+COMPUTE = {
+    "Identity": lambda E, a, x: x,
+    "Abs": lambda E, a, x: E.abs(x),
+    "Neg": lambda E, a, x: E.neg(x),
+    "Sign": lambda E, a, x: E.select(E.gt(x, _c(E, 0, x)), _c(E, 1, x), E.select(E.lt(x, _c(E, 0, x)), _c(E, -1, x), _c(E, 0, x))),
+    "Reciprocal": lambda E, a, x: E.div(_c(E, 1.0, x), x),
+    "Relu": lambda E, a, x: E.max(x, _c(E, 0, x)),
+    "Sigmoid": lambda E, a, x: _sigmoid_rule(E, x),
+    "Softplus": lambda E, a, x: _softplus_rule(E, x),
+    "Softsign": lambda E, a, x: E.div(x, E.add(_c(E, 1.0, x), E.abs(x))),
+    "Mish": lambda E, a, x: E.mul(x, E.call("tanh", _softplus_rule(E, x))),
+    "HardSwish": lambda E, a, x: E.mul(x, E.max(_c(E, 0.0, x), E.min(_c(E, 1.0, x), E.add(E.mul(x, _c(E, 1 / 6, x)), _c(E, 0.5, x))))),
+    "HardSigmoid": lambda E, a, x: E.max(_c(E, 0.0, x), E.min(_c(E, 1.0, x), E.add(E.mul(_c(E, a["alpha"], x), x), _c(E, a["beta"], x)))),
+    "LeakyRelu": lambda E, a, x: E.select(E.ge(x, _c(E, 0, x)), x, E.mul(_c(E, a["alpha"], x), x)),
+    "Elu": lambda E, a, x: E.select(E.ge(x, _c(E, 0, x)), x, E.mul(_c(E, a["alpha"], x), E.call("expm1", x))),
+    "Selu": lambda E, a, x: E.mul(
+        _c(E, a["gamma"], x), E.select(E.gt(x, _c(E, 0, x)), x, E.mul(_c(E, a["alpha"], x), E.call("expm1", x)))
+    ),
+    "ThresholdedRelu": lambda E, a, x: E.select(E.gt(x, _c(E, a["alpha"], x)), x, _c(E, 0, x)),
+    "Gelu": _gelu_rule,
+    "Not": lambda E, a, x: E.logical_not(x),
+    "Add": lambda E, a, x, y: E.add(x, y),
+    "Sub": lambda E, a, x, y: E.sub(x, y),
+    "Mul": lambda E, a, x, y: E.mul(x, y),
+    "Div": lambda E, a, x, y: E.div(x, y),
+    "PRelu": lambda E, a, x, y: E.select(E.lt(x, _c(E, 0, x)), E.mul(y, x), x),
+    "Equal": lambda E, a, x, y: E.eq(x, y),
+    "Less": lambda E, a, x, y: E.lt(x, y),
+    "LessOrEqual": lambda E, a, x, y: E.le(x, y),
+    "Greater": lambda E, a, x, y: E.gt(x, y),
+    "GreaterOrEqual": lambda E, a, x, y: E.ge(x, y),
+    "And": lambda E, a, x, y: E.logical_and(x, y),
+    "Or": lambda E, a, x, y: E.logical_or(x, y),
+    "Xor": lambda E, a, x, y: E.logical_xor(x, y),
+    "Where": lambda E, a, c, x, y: E.select(c, x, y),
+    "Sum": _nary(lambda E, x, y: E.add(x, y)),
+    "Max": _nary(lambda E, x, y: E.max(x, y)),
+    "Min": _nary(lambda E, x, y: E.min(x, y)),
+    "Mean": lambda E, a, *xs: E.mul(_nary(lambda E, x, y: E.add(x, y))(E, a, *xs), _c(E, 1.0 / len(xs), xs[0])),
+    "Cast": lambda E, a, x: E.cast(x, DType.parse(a["to"])),
+    "Clip": lambda E, a, x, lo=None, hi=None: _clip_rule(E, x, lo, hi),
+}
+
+
+def _clip_rule(E, x, lo, hi):
+    if lo is not None:
+        x = E.max(x, lo)
+    if hi is not None:
+        x = E.min(x, hi)
+    return x
+for _fn in ("Exp", "Log", "Sqrt", "Tanh", "Erf", "Floor", "Ceil", "Round", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh"):
+    COMPUTE[_fn] = (lambda fn: lambda E, a, x: E.call(fn, x))(_fn.lower())
+COMPUTE["Pow"] = lambda E, a, x, y: E.call("pow", x, E.cast_like(y, x))
+
+for _name, _rule in COMPUTE.items():
+    get_op(_name).compute = _rule
