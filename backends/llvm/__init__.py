@@ -1,0 +1,119 @@
+"""The LLVM backend (``target="llvm"``): llvmlite code generation for the host CPU.
+
+``build`` generates one module (a function per node or fused group, and ``kiln_main`` over the
+planned arena), optimizes it at -O3 for the host CPU and emits object code, which an MCJIT engine
+links in-process. The artifact stores that object code, so ``kiln.load`` never compiles again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from typing import Sequence
+
+import llvmlite.binding as llvm
+import numpy as np
+
+from kiln.backends.llvm.codegen import ENTRY, generate
+from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
+from kiln.errors import ArtifactError, KilnError
+from kiln.ir.graph import Graph
+
+ALIGN = 64
+
+
+def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
+    """Object code for ``graph`` and the layout the runtime needs (arena size, output offsets)."""
+    module, plan, arena_bytes = generate(graph)
+    machine = target_machine(cpu)
+    module.triple = cpu.triple
+    module.data_layout = str(machine.target_data)
+    try:
+        parsed = llvm.parse_assembly(str(module))
+        parsed.verify()
+    except RuntimeError as err:
+        raise KilnError(f"internal error: generated LLVM IR does not verify: {err}") from None
+    optimize(parsed, machine)
+    layout = {
+        "arena_bytes": arena_bytes,
+        "outputs": [_output_location(graph, plan, v) for v in graph.outputs],
+        "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
+    }
+    return machine.emit_object(parsed), layout
+
+
+def _output_location(graph: Graph, plan, value) -> dict:
+    if value in graph.params:
+        return {"kind": "param", "index": list(graph.params).index(value)}
+    if value in graph.inputs:
+        return {"kind": "input", "index": graph.inputs.index(value)}
+    return {"kind": "arena", "offset": plan.offset(value)}
+
+
+class LLVMExecutable:
+    """Linked object code plus the arena and the pointer table ``kiln_main`` reads."""
+
+    def __init__(self, graph: Graph, obj: bytes, layout: dict):
+        cpu = CPU(**layout["cpu"])
+        check_runs_here(cpu)
+        self.graph = graph
+        self.object_code = obj
+        self.layout = layout
+        machine = target_machine(cpu)
+        self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
+        self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self._engine.finalize_object()
+        address = self._engine.get_function_address(ENTRY)
+        if not address:
+            raise KilnError("the object code has no kiln_main")
+        self._main = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
+        raw = np.zeros(layout["arena_bytes"] + ALIGN, dtype=np.uint8)
+        start = (-raw.ctypes.data) % ALIGN
+        self._arena = raw[start : start + layout["arena_bytes"]]
+        self._raw = raw
+        self._params = [np.ascontiguousarray(a) for a in graph.params.values()]
+        n_in = len(graph.inputs)
+        self._table = (ctypes.c_void_p * (n_in + len(self._params) + 1))()
+        for i, array in enumerate(self._params):
+            self._table[n_in + i] = array.ctypes.data
+        self._table[n_in + len(self._params)] = self._arena.ctypes.data
+        self._lock = threading.Lock()
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        arrays = [np.ascontiguousarray(a) for a in inputs]
+        with self._lock:
+            for i, array in enumerate(arrays):
+                self._table[i] = array.ctypes.data
+            self._main(ctypes.addressof(self._table))
+            return [self._read(where, v) for where, v in zip(self.layout["outputs"], self.graph.outputs)]
+
+    def _read(self, where: dict, value) -> np.ndarray:
+        t = value.type
+        if where["kind"] == "param":
+            return self._params[where["index"]].copy()
+        if where["kind"] == "input":
+            raise KilnError("an output that is a graph input has no storage in the arena")
+        view = np.frombuffer(self._arena, dtype=t.dtype.numpy, count=t.numel, offset=where["offset"])
+        return view.reshape(t.shape).copy()
+
+    def code(self) -> dict[str, bytes]:
+        return {"llvm.o": self.object_code, "llvm.json": json.dumps(self.layout).encode()}
+
+
+class LLVMBackend:
+    """``target="llvm"``: compiled CPU code through llvmlite; -O2 by default."""
+
+    name = "llvm"
+    default_pipeline = "O2"
+
+    def build(self, graph: Graph) -> LLVMExecutable:
+        obj, layout = compile_object(graph, host_cpu())
+        return LLVMExecutable(graph, obj, layout)
+
+    def load(self, artifact) -> LLVMExecutable:
+        try:
+            obj, layout = artifact.code["llvm.o"], json.loads(artifact.code["llvm.json"])
+        except (KeyError, ValueError) as err:
+            raise ArtifactError(f"an llvm artifact without its object code or layout ({err})") from None
+        return LLVMExecutable(artifact.graph, obj, layout)

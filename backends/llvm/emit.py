@@ -1,0 +1,296 @@
+"""Helpers that make kernel emitters read like the loops they build (numba's cgutils style):
+typed views of buffers, ``for_range`` loop nests, and ScalarOps over LLVM values."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import llvmlite.ir as ir
+
+from kiln.errors import KilnError
+from kiln.ir.dtypes import DType
+
+I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+PTR = ir.PointerType()
+
+LLVM_TYPES: dict[DType, ir.Type] = {
+    DType.float16: ir.HalfType(),
+    DType.float32: ir.FloatType(),
+    DType.float64: ir.DoubleType(),
+    DType.int8: I8,
+    DType.int16: ir.IntType(16),
+    DType.int32: I32,
+    DType.int64: I64,
+    DType.uint8: I8,
+    DType.uint16: ir.IntType(16),
+    DType.uint32: I32,
+    DType.uint64: I64,
+    DType.bool: I8,  # stored as a byte; computed as i1
+}
+
+
+def llvm_type(dtype: DType) -> ir.Type:
+    return LLVM_TYPES[dtype]
+
+
+def const_i64(n: int) -> ir.Constant:
+    return ir.Constant(I64, int(n))
+
+
+def contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return strides[::-1]
+
+
+@dataclass
+class View:
+    """A typed strided window on a buffer: element (i0, i1, ...) is at ptr[offset + sum(i*s)]."""
+
+    ptr: ir.Value
+    dtype: DType
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    offset: int = 0
+
+    @staticmethod
+    def dense(ptr: ir.Value, dtype: DType, shape: Sequence[int]) -> "View":
+        return View(ptr, dtype, tuple(shape), tuple(contiguous_strides(shape)))
+
+    def broadcast_to(self, shape: Sequence[int]) -> "View":
+        """Numpy broadcasting as zero strides (dims aligned at the right)."""
+        lead = len(shape) - len(self.shape)
+        strides = [0] * lead
+        for d, s, want in zip(self.shape, self.strides, shape[lead:]):
+            strides.append(0 if d == 1 and want != 1 else s)
+        return View(self.ptr, self.dtype, tuple(shape), tuple(strides), self.offset)
+
+    def permuted(self, perm: Sequence[int]) -> "View":
+        return View(self.ptr, self.dtype, tuple(self.shape[p] for p in perm), tuple(self.strides[p] for p in perm), self.offset)
+
+    def address(self, b: ir.IRBuilder, index: Sequence[ir.Value]) -> ir.Value:
+        flat: ir.Value = const_i64(self.offset)
+        for i, s in zip(index, self.strides):
+            if s:
+                flat = b.add(flat, b.mul(i, const_i64(s)) if s != 1 else i)
+        return b.gep(self.ptr, [flat], source_etype=llvm_type(self.dtype))
+
+    def load(self, b: ir.IRBuilder, index: Sequence[ir.Value]) -> ir.Value:
+        value = b.load(self.address(b, index), typ=llvm_type(self.dtype))
+        return b.trunc(value, I1) if self.dtype is DType.bool else value
+
+    def store(self, b: ir.IRBuilder, index: Sequence[ir.Value], value: ir.Value) -> None:
+        if self.dtype is DType.bool:
+            value = b.zext(value, I8)
+        b.store(value, self.address(b, index))
+
+
+@contextlib.contextmanager
+def for_range(b: ir.IRBuilder, stop: int | ir.Value, start: int | ir.Value = 0, name: str = "i") -> Iterator[ir.Value]:
+    """``for i in range(start, stop)``: the body is emitted inside the ``with`` block."""
+    start_v = const_i64(start) if isinstance(start, int) else start
+    stop_v = const_i64(stop) if isinstance(stop, int) else stop
+    fn = b.function
+    head = b.block
+    cond = fn.append_basic_block(f"{name}.cond")
+    body = fn.append_basic_block(f"{name}.body")
+    done = fn.append_basic_block(f"{name}.done")
+    b.branch(cond)
+    b.position_at_end(cond)
+    index = b.phi(I64, name=name)
+    index.add_incoming(start_v, head)
+    b.cbranch(b.icmp_signed("<", index, stop_v), body, done)
+    b.position_at_end(body)
+    yield index
+    index.add_incoming(b.add(index, const_i64(1)), b.block)
+    b.branch(cond)
+    b.position_at_end(done)
+
+
+def entry_alloca(b: ir.IRBuilder, ty: ir.Type) -> ir.Value:
+    """A stack slot made once in the function's entry block (never inside a loop)."""
+    here = b.block
+    b.position_at_start(b.function.entry_basic_block)
+    slot = b.alloca(ty)
+    b.position_at_end(here)
+    return slot
+
+
+@contextlib.contextmanager
+def loop_nest(b: ir.IRBuilder, shape: Sequence[int], name: str = "i") -> Iterator[list[ir.Value]]:
+    """Nested ``for_range`` over every index of ``shape`` (row-major; innermost last)."""
+    with contextlib.ExitStack() as stack:
+        index = [stack.enter_context(for_range(b, d, name=f"{name}{k}")) for k, d in enumerate(shape)]
+        yield index
+
+
+class LLVMScalarOps:
+    """``kiln.ir.scalar.ScalarOps`` emitting LLVM IR at the builder's position."""
+
+    def __init__(self, b: ir.IRBuilder, module: ir.Module, dtypes: dict[int, DType] | None = None):
+        self.b = b
+        self.module = module
+        self.dtypes: dict[int, DType] = dtypes if dtypes is not None else {}
+
+    # values carry their kiln dtype in a side table: LLVM's i32 is both int32 and uint32
+    def typed(self, value: ir.Value, dtype: DType) -> ir.Value:
+        self.dtypes[id(value)] = dtype
+        return value
+
+    def dtype(self, value: ir.Value) -> DType:
+        try:
+            return self.dtypes[id(value)]
+        except KeyError:
+            raise KilnError(f"internal: value {value} has no dtype") from None
+
+    def _is_float(self, v):
+        return self.dtype(v).is_float
+
+    def const(self, value, like):
+        dtype = self.dtype(like)
+        if dtype is DType.bool:
+            return self.typed(ir.Constant(I1, int(bool(value))), dtype)
+        if dtype.is_float:
+            return self.typed(ir.Constant(llvm_type(dtype), float(value)), dtype)
+        return self.typed(ir.Constant(llvm_type(dtype), int(value)), dtype)
+
+    def _arith(self, a, b, float_op, int_op):
+        out = getattr(self.b, float_op if self._is_float(a) else int_op)(a, b)
+        return self.typed(out, self.dtype(a))
+
+    def add(self, a, b):
+        return self._arith(a, b, "fadd", "add")
+
+    def sub(self, a, b):
+        return self._arith(a, b, "fsub", "sub")
+
+    def mul(self, a, b):
+        return self._arith(a, b, "fmul", "mul")
+
+    def div(self, a, b):
+        if self._is_float(a):
+            return self._arith(a, b, "fdiv", "fdiv")
+        op = "sdiv" if self.dtype(a).is_signed else "udiv"  # both truncate toward zero
+        return self.typed(getattr(self.b, op)(a, b), self.dtype(a))
+
+    def neg(self, a):
+        if self._is_float(a):
+            return self.typed(self.b.fneg(a), self.dtype(a))
+        return self.typed(self.b.neg(a), self.dtype(a))
+
+    def _cmp(self, op, a, b):
+        if self._is_float(a):
+            # ordered comparisons: false when either side is NaN, as numpy's are
+            out = self.b.fcmp_ordered(op, a, b)
+        elif self.dtype(a).is_signed:
+            out = self.b.icmp_signed(op, a, b)
+        else:
+            out = self.b.icmp_unsigned(op, a, b)
+        return self.typed(out, DType.bool)
+
+    def lt(self, a, b):
+        return self._cmp("<", a, b)
+
+    def le(self, a, b):
+        return self._cmp("<=", a, b)
+
+    def gt(self, a, b):
+        return self._cmp(">", a, b)
+
+    def ge(self, a, b):
+        return self._cmp(">=", a, b)
+
+    def eq(self, a, b):
+        return self._cmp("==", a, b)
+
+    def select(self, cond, a, b):
+        return self.typed(self.b.select(cond, a, b), self.dtype(a))
+
+    def max(self, a, b):
+        if self._is_float(a):
+            # numpy.maximum propagates NaN: llvm.maximum does the same
+            return self.typed(self.b.call(self._intrinsic("maximum", a.type, 2), [a, b]), self.dtype(a))
+        return self.select(self.gt(a, b), a, b)
+
+    def min(self, a, b):
+        if self._is_float(a):
+            return self.typed(self.b.call(self._intrinsic("minimum", a.type, 2), [a, b]), self.dtype(a))
+        return self.select(self.lt(a, b), a, b)
+
+    def abs(self, a):
+        if self._is_float(a):
+            return self.call("fabs", a)
+        if not self.dtype(a).is_signed:
+            return a
+        return self.select(self.lt(a, self.const(0, a)), self.neg(a), a)
+
+    def logical_and(self, a, b):
+        return self.typed(self.b.and_(a, b), DType.bool)
+
+    def logical_or(self, a, b):
+        return self.typed(self.b.or_(a, b), DType.bool)
+
+    def logical_xor(self, a, b):
+        return self.typed(self.b.xor(a, b), DType.bool)
+
+    def logical_not(self, a):
+        return self.typed(self.b.not_(a), DType.bool)
+
+    def cast(self, a, dtype: DType):
+        src = self.dtype(a)
+        b = self.b
+        dst_t = I1 if dtype is DType.bool else llvm_type(dtype)
+        if src == dtype:
+            return a
+        if dtype is DType.bool:
+            out = b.fcmp_unordered("!=", a, ir.Constant(a.type, 0.0)) if src.is_float else b.icmp_unsigned("!=", a, ir.Constant(a.type, 0))
+        elif src is DType.bool:
+            out = b.uitofp(a, dst_t) if dtype.is_float else b.zext(a, dst_t)
+        elif src.is_float and dtype.is_float:
+            out = b.fpext(a, dst_t) if dtype.itemsize > src.itemsize else b.fptrunc(a, dst_t)
+        elif src.is_float:
+            out = b.fptosi(a, dst_t) if dtype.is_signed else b.fptoui(a, dst_t)
+        elif dtype.is_float:
+            out = b.sitofp(a, dst_t) if src.is_signed else b.uitofp(a, dst_t)
+        elif dtype.itemsize > src.itemsize:
+            out = b.sext(a, dst_t) if src.is_signed else b.zext(a, dst_t)
+        elif dtype.itemsize < src.itemsize:
+            out = b.trunc(a, dst_t)
+        else:
+            out = a
+        return self.typed(out, dtype)
+
+    def cast_like(self, a, like):
+        return self.cast(a, self.dtype(like))
+
+    _INTRINSICS = {"exp", "log", "sqrt", "pow", "floor", "ceil", "sin", "cos", "fabs", "roundeven"}
+
+    def _intrinsic(self, name: str, ty: ir.Type, arity: int) -> ir.Function:
+        return self.module.declare_intrinsic(f"llvm.{name}", [ty], ir.FunctionType(ty, [ty] * arity))
+
+    def call(self, fn: str, *args):
+        dtype = self.dtype(args[0])
+        if not dtype.is_float:
+            raise KilnError(f"{fn} needs float operands, got {dtype.short}")
+        ty = args[0].type
+        if fn == "round":
+            fn = "roundeven"  # numpy rounds half to even
+        if fn in self._INTRINSICS:
+            callee = self._intrinsic(fn, ty, len(args))
+        else:
+            # libm: expf/tanhf/erff... for float, exp/tanh/erf for double (half goes through float)
+            if dtype is DType.float16:
+                wide = [self.cast(a, DType.float32) for a in args]
+                return self.cast(self.call(fn, *wide), DType.float16)
+            name = fn + ("f" if dtype is DType.float32 else "")
+            callee = self.module.globals.get(name) or ir.Function(self.module, ir.FunctionType(ty, [ty] * len(args)), name)
+        return self.typed(self.b.call(callee, list(args)), dtype)
+
+
+def element_count(shape: Sequence[int]) -> int:
+    return math.prod(shape)

@@ -1,0 +1,143 @@
+"""Data-movement kernels: copies through strided views (reshape, transpose, expand, slice,
+concat, split, pad, tile), gathers and constant fills."""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+
+from kiln.backends.llvm.codegen import KernelContext, kernel
+from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, llvm_type, loop_nest
+from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+from kiln.errors import KilnError
+from kiln.ir.dtypes import DType
+
+
+def copy(ctx: KernelContext, out: View, src: View) -> None:
+    emit_pointwise(ctx.b, ctx.module, out, [src], lambda E, xs: xs[0])
+
+
+def _dense_as(view: View, shape) -> View:
+    return View.dense(view.ptr, view.dtype, shape)
+
+
+@kernel("Reshape", "Identity")
+def reshape(ctx: KernelContext) -> None:
+    out = ctx.outputs[0]
+    copy(ctx, out, _dense_as(ctx.inputs[0], out.shape))
+
+
+@kernel("Transpose")
+def transpose(ctx: KernelContext) -> None:
+    copy(ctx, ctx.outputs[0], ctx.inputs[0].permuted(ctx.node.attrs["perm"]))
+
+
+@kernel("Expand")
+def expand(ctx: KernelContext) -> None:
+    copy(ctx, ctx.outputs[0], ctx.inputs[0])  # emit_pointwise broadcasts
+
+
+@kernel("Slice")
+def slice_(ctx: KernelContext) -> None:
+    from kiln.ir.ops.shape import _slices
+
+    x = ctx.inputs[0]
+    offset, strides = x.offset, list(x.strides)
+    for axis, s in enumerate(_slices(ctx.node.attrs, x.shape)):
+        start, _, step = s.indices(x.shape[axis])
+        offset += start * strides[axis]
+        strides[axis] *= step
+    copy(ctx, ctx.outputs[0], View(x.ptr, x.dtype, ctx.outputs[0].shape, tuple(strides), offset))
+
+
+def _sub_view(view: View, axis: int, start: int, size: int) -> View:
+    shape = list(view.shape)
+    shape[axis] = size
+    return View(view.ptr, view.dtype, tuple(shape), view.strides, view.offset + start * view.strides[axis])
+
+
+@kernel("Concat")
+def concat(ctx: KernelContext) -> None:
+    out = ctx.outputs[0]
+    axis = ctx.node.attrs["axis"] % len(out.shape)
+    start = 0
+    for x in ctx.inputs:
+        copy(ctx, _sub_view(out, axis, start, x.shape[axis]), x)
+        start += x.shape[axis]
+
+
+@kernel("Split")
+def split(ctx: KernelContext) -> None:
+    x = ctx.inputs[0]
+    axis = ctx.node.attrs["axis"] % len(x.shape)
+    start = 0
+    for out, size in zip(ctx.outputs, ctx.node.attrs["split"]):
+        copy(ctx, out, _sub_view(x, axis, start, size))
+        start += size
+
+
+def _fill(ctx: KernelContext, out: View, value) -> None:
+    emit_pointwise(ctx.b, ctx.module, out, [], lambda E, xs: _constant(E, value, out.dtype))
+
+
+def _constant(E: LLVMScalarOps, value, dtype: DType) -> ir.Value:
+    if dtype is DType.bool:
+        return E.typed(ir.Constant(ir.IntType(1), int(bool(value))), dtype)
+    return E.typed(ir.Constant(llvm_type(dtype), float(value) if dtype.is_float else int(value)), dtype)
+
+
+@kernel("ConstantOfShape")
+def constant_of_shape(ctx: KernelContext) -> None:
+    _fill(ctx, ctx.outputs[0], ctx.node.attrs["value"])
+
+
+@kernel("Pad")
+def pad(ctx: KernelContext) -> None:
+    node = ctx.node
+    if node.attrs["mode"] != "constant":
+        raise KilnError(f"node {node.name!r}: Pad mode {node.attrs['mode']!r} has no LLVM kernel yet")
+    x, out = ctx.inputs[0], ctx.outputs[0]
+    rank, pads = len(x.shape), node.attrs["pads"]
+    if len(ctx.inputs) > 1 and ctx.inputs[1] is not None:
+        value_view = View(ctx.inputs[1].ptr, x.dtype, (), ())
+        emit_pointwise(ctx.b, ctx.module, out, [value_view], lambda E, xs: xs[0])
+    else:
+        _fill(ctx, out, 0)
+    # the kept part of x (negative pads crop) goes to its place in out
+    src, dst = x, out
+    for axis in range(rank):
+        begin, end = pads[axis], pads[axis + rank]
+        lo, hi = max(-begin, 0), x.shape[axis] - max(-end, 0)
+        src = _sub_view(src, axis, lo, hi - lo)
+        dst = _sub_view(dst, axis, max(begin, 0), hi - lo)
+    copy(ctx, dst, src)
+
+
+@kernel("Tile")
+def tile(ctx: KernelContext) -> None:
+    x, out = ctx.inputs[0], ctx.outputs[0]
+    reps = ctx.node.attrs["repeats"]
+    # out viewed as (r0, d0, r1, d1, ...): each (repeat, index) pair reads x[index]
+    shape, out_strides, in_strides = [], [], []
+    for d, r, os, xs in zip(x.shape, reps, out.strides, x.strides):
+        shape += [r, d]
+        out_strides += [d * os, os]
+        in_strides += [0, xs]
+    copy(ctx, View(out.ptr, out.dtype, tuple(shape), tuple(out_strides)), View(x.ptr, x.dtype, tuple(shape), tuple(in_strides)))
+
+
+@kernel("Gather")
+def gather(ctx: KernelContext) -> None:
+    data, idx = ctx.inputs
+    out = ctx.outputs[0]
+    axis = ctx.node.attrs["axis"] % len(data.shape)
+    b = ctx.b
+    dim = data.shape[axis]
+    with loop_nest(b, out.shape) as index:
+        before, picked, after = index[:axis], index[axis : axis + len(idx.shape)], index[axis + len(idx.shape) :]
+        i = idx.load(b, picked)
+        i = b.sext(i, I64) if i.type != I64 else i
+        i = b.select(b.icmp_signed("<", i, const_i64(0)), b.add(i, const_i64(dim)), i)
+        # clamp: an out-of-range index reads a valid element instead of memory it does not own
+        i = b.select(b.icmp_signed("<", i, const_i64(0)), const_i64(0), i)
+        i = b.select(b.icmp_signed(">=", i, const_i64(dim)), const_i64(dim - 1), i)
+        out.store(b, index, data.load(b, [*before, i, *after]))

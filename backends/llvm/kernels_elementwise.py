@@ -1,0 +1,118 @@
+"""Elementwise kernels: any op with a scalar ``compute`` rule, fused elementwise groups as one
+loop nest, fused groups of other kinds as a sub-program, and inference BatchNormalization."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import llvmlite.ir as ir
+
+from kiln.backends.llvm.codegen import KernelContext, kernel, program_bytes
+from kiln.backends.llvm.emit import LLVMScalarOps, View, loop_nest
+from kiln.errors import KilnError
+from kiln.ir.opdef import OpKind
+from kiln.passes.plan_memory import plan_memory
+
+
+def coalesce(shape: Sequence[int], views: Sequence[View]) -> tuple[list[int], list[View]]:
+    """Drop unit dims and merge adjacent dims that every view walks contiguously, so the loop
+    nest is shallow and its innermost loop long (what the vectorizer wants)."""
+    dims = [(d, [v.strides[i] for v in views]) for i, d in enumerate(shape) if d != 1]
+    merged: list[tuple[int, list[int]]] = []
+    for d, strides in dims:
+        if merged and all(outer == inner * d for outer, inner in zip(merged[-1][1], strides)):
+            merged[-1] = (merged[-1][0] * d, strides)
+        else:
+            merged.append((d, strides))
+    if not merged:
+        merged = [(1, [0] * len(views))]
+    shape_out = [d for d, _ in merged]
+    return shape_out, [
+        View(v.ptr, v.dtype, tuple(shape_out), tuple(ss[k] for _, ss in merged), v.offset) for k, v in enumerate(views)
+    ]
+
+
+def emit_pointwise(
+    b: ir.IRBuilder,
+    module: ir.Module,
+    out: View,
+    inputs: Sequence[View | None],
+    body: Callable[[LLVMScalarOps, list], ir.Value],
+) -> None:
+    """``out[i] = body(E, [inp[i] ...])`` over every index of ``out`` (inputs broadcast)."""
+    present = [v.broadcast_to(out.shape) for v in inputs if v is not None]
+    shape, coalesced = coalesce(out.shape, [out, *present])
+    out_view, in_views = coalesced[0], iter(coalesced[1:])
+    views = [next(in_views) if v is not None else None for v in inputs]
+    E = LLVMScalarOps(b, module)
+    with loop_nest(b, shape) as index:
+        loaded = [E.typed(v.load(b, index), v.dtype) if v is not None else None for v in views]
+        out_view.store(b, index, body(E, loaded))
+
+
+@kernel("<elementwise>")
+def elementwise(ctx: KernelContext) -> None:
+    node = ctx.node
+    emit_pointwise(ctx.b, ctx.module, ctx.outputs[0], ctx.inputs, lambda E, xs: node.op.compute(E, node.attrs, *xs))
+
+
+def _fused_scratch(node) -> int:
+    body = node.attrs["body"]
+    if _is_pointwise(body):
+        return 0
+    return program_bytes(body, plan_memory(body))
+
+
+def _is_pointwise(body) -> bool:
+    return len(body.outputs) == 1 and all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None for n in body.nodes)
+
+
+@kernel("Fused", scratch=_fused_scratch)
+def fused(ctx: KernelContext) -> None:
+    body = ctx.node.attrs["body"]
+    if _is_pointwise(body):
+        _fused_pointwise(ctx, body)
+        return
+    # a group around a heavy op or a reduction: its body runs as a sub-program whose
+    # intermediates live in scratch; its inputs and outputs are the Fused node's own buffers
+    plan = plan_memory(body)
+    outer = {id(v): view.ptr for v, view in zip(body.inputs, ctx.inputs)}
+    outer.update({id(v): view.ptr for v, view in zip(body.outputs, ctx.outputs)})
+    for buf in plan.buffers:
+        buf.values = [v for v in buf.values if id(v) not in outer]
+    ctx.codegen.emit_program(body, plan, ctx.b, lambda v: outer[id(v)], ctx.scratch)
+
+
+def _fused_pointwise(ctx: KernelContext, body) -> None:
+    """One loop nest: each body node's compute rule evaluated at the output index."""
+    out = ctx.outputs[0]
+    inputs = [v.broadcast_to(out.shape) if v is not None else None for v in ctx.inputs]
+
+    def evaluate(E: LLVMScalarOps, loaded: list) -> ir.Value:
+        env = {id(v): x for v, x in zip(body.inputs, loaded)}
+        for node in body.nodes:
+            args = [env[id(v)] if v is not None else None for v in node.inputs]
+            env[id(node.outputs[0])] = E.typed(node.op.compute(E, node.attrs, *args), node.outputs[0].type.dtype)
+        return env[id(body.outputs[0])]
+
+    emit_pointwise(ctx.b, ctx.module, out, inputs, evaluate)
+
+
+@kernel("BatchNormalization")
+def batch_norm(ctx: KernelContext) -> None:
+    node = ctx.node
+    if node.attrs["training_mode"] or len(node.outputs) > 1:
+        raise KilnError(f"node {node.name!r}: training-mode BatchNormalization has no LLVM kernel yet")
+    x = ctx.inputs[0]
+    rank = len(x.shape)
+    # per-channel parameters as views that run along axis 1 only
+    channel = [View(v.ptr, v.dtype, tuple(1 if i != 1 else x.shape[1] for i in range(rank)), tuple(1 if i == 1 else 0 for i in range(rank))) for v in ctx.inputs[1:]]
+    eps = node.attrs["epsilon"]
+
+    def bn(E: LLVMScalarOps, xs: list) -> ir.Value:
+        value, scale, shift, mean, var = xs
+        inv = E.div(E.const(1.0, value), E.call("sqrt", E.add(var, E.const(eps, value))))
+        return E.add(E.mul(E.mul(E.sub(value, mean), inv), scale), shift)
+
+    emit_pointwise(ctx.b, ctx.module, ctx.outputs[0], [x, *channel], bn)
+

@@ -1,0 +1,306 @@
+"""Heavy kernels: Gemm/MatMul (i-k-j loops, the inner one vectorized), Conv as im2col into
+scratch plus the same GEMM, pooling, reductions and softmax."""
+
+from __future__ import annotations
+
+import math
+
+import llvmlite.ir as ir
+
+from kiln.backends.llvm.codegen import KernelContext, kernel
+from kiln.backends.llvm.emit import LLVMScalarOps, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.errors import KilnError
+from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
+
+FAST = ("contract",)  # allow a*b+c as one FMA
+
+
+def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0) -> None:
+    """``c[M,N] = alpha * a[M,K] @ bm[K,N] (+ beta * init)``; views may be strided."""
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    m, k = a.shape
+    n = bm.shape[1]
+    zero = E.typed(ir.Constant(_t(c), 0.0), c.dtype)
+    with for_range(b, m, name="m") as i:
+        with for_range(b, n, name="n0") as j:
+            if init is not None:
+                v = E.typed(init.load(b, [i, j]), init.dtype)
+                c.store(b, [i, j], E.mul(v, E.const(beta, v)) if beta != 1.0 else v)
+            else:
+                c.store(b, [i, j], zero)
+        with for_range(b, k, name="k") as kk:
+            av = E.typed(a.load(b, [i, kk]), a.dtype)
+            if alpha != 1.0:
+                av = E.mul(av, E.const(alpha, av))
+            with for_range(b, n, name="n") as j:
+                prod = b.fmul(av, bm.load(b, [kk, j]), flags=FAST)
+                c.store(b, [i, j], b.fadd(c.load(b, [i, j]), prod, flags=FAST))
+
+
+def _t(view: View) -> ir.Type:
+    return llvm_type(view.dtype)
+
+
+def _require_float(ctx: KernelContext) -> None:
+    if not ctx.outputs[0].dtype.is_float:
+        raise KilnError(f"node {ctx.node.name!r}: {ctx.node.op.name} on {ctx.outputs[0].dtype.short} has no LLVM kernel yet")
+
+
+@kernel("Gemm")
+def gemm(ctx: KernelContext) -> None:
+    _require_float(ctx)
+    attrs = ctx.node.attrs
+    a, bm = ctx.inputs[0], ctx.inputs[1]
+    c = ctx.outputs[0]
+    m, n = c.shape
+    ka = a.shape[0] if attrs["transA"] else a.shape[1]
+    a_view = View(a.ptr, a.dtype, (m, ka), (1, m) if attrs["transA"] else (ka, 1))
+    b_view = View(bm.ptr, bm.dtype, (ka, n), (1, ka) if attrs["transB"] else (n, 1))
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    init = bias.broadcast_to((m, n)) if bias is not None else None
+    emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"])
+
+
+@kernel("MatMul")
+def matmul(ctx: KernelContext) -> None:
+    _require_float(ctx)
+    a, bm = ctx.inputs
+    c = ctx.outputs[0]
+    a2 = a if len(a.shape) > 1 else View(a.ptr, a.dtype, (1, a.shape[0]), (0, 1))
+    b2 = bm if len(bm.shape) > 1 else View(bm.ptr, bm.dtype, (bm.shape[0], 1), (1, 0))
+    m, k, n = a2.shape[-2], a2.shape[-1], b2.shape[-1]
+    batch = tuple(c.shape[: max(len(a2.shape), len(b2.shape)) - 2])
+    ab = a2.broadcast_to(batch + (m, k))
+    bb = b2.broadcast_to(batch + (k, n))
+    cv = View(c.ptr, c.dtype, batch + (m, n), tuple(contiguous_strides(batch + (m, n))))
+    b = ctx.b
+    with loop_nest(b, batch, name="batch") as index:
+
+        def matrix(v: View, rows: int, cols: int) -> View:
+            start = v.address(b, [*index, const_i64(0), const_i64(0)])
+            return View(start, v.dtype, (rows, cols), v.strides[-2:])
+
+        emit_gemm(ctx, matrix(ab, m, k), matrix(bb, k, n), matrix(cv, m, n))
+
+
+# -- convolution: im2col columns in scratch, then GEMM ----------------------------------------------
+def _conv_geometry(node):
+    x, w = node.inputs[0].type, node.inputs[1].type
+    nd = x.rank - 2
+    strides, dilations, pads = _spatial_attrs(node.attrs, nd)
+    out = window_output_shape(x.shape[2:], w.shape[2:], strides, dilations, pads)
+    return x, w, nd, strides, dilations, pads, out
+
+
+def _direct(node) -> bool:
+    x, w, nd, strides, dilations, pads, out = _conv_geometry(node)
+    return all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in strides) and not any(pads)
+
+
+def _conv_scratch(node) -> int:
+    if _direct(node):
+        return 0
+    x, w, nd, *_, out = _conv_geometry(node)
+    return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize
+
+
+@kernel("Conv", scratch=_conv_scratch)
+def conv(ctx: KernelContext) -> None:
+    _require_float(ctx)
+    node = ctx.node
+    x, w, nd, strides, dilations, pads, out_sp = _conv_geometry(node)
+    xv, wv = ctx.inputs[0], ctx.inputs[1]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    y = ctx.outputs[0]
+    n, c = x.shape[:2]
+    m, cg = w.shape[0], w.shape[1]
+    groups = node.attrs["group"]
+    mg = m // groups
+    kernel_shape = w.shape[2:]
+    kk = cg * math.prod(kernel_shape)
+    p = math.prod(out_sp)
+    spatial_in = math.prod(x.shape[2:])
+    b = ctx.b
+    direct = _direct(node)
+    cols = View(ctx.scratch, x.dtype, (kk, p), (p, 1))
+    with for_range(b, n, name="img") as img:
+        with for_range(b, groups, name="grp") as g:
+            channel0 = b.mul(g, const_i64(cg))
+            x_base = b.add(b.mul(img, const_i64(c * spatial_in)), b.mul(channel0, const_i64(spatial_in)))
+            if direct:
+                src = View(b.gep(xv.ptr, [x_base], source_etype=_t(xv)), xv.dtype, (kk, p), (p, 1))
+            else:
+                _im2col(ctx, xv, x_base, cols, cg, kernel_shape, x.shape[2:], out_sp, strides, dilations, pads)
+                src = cols
+            w_base = b.mul(g, const_i64(mg * kk))
+            wg = View(b.gep(wv.ptr, [w_base], source_etype=_t(wv)), wv.dtype, (mg, kk), (kk, 1))
+            y_base = b.add(b.mul(img, const_i64(m * p)), b.mul(g, const_i64(mg * p)))
+            yg = View(b.gep(y.ptr, [y_base], source_etype=_t(y)), y.dtype, (mg, p), (p, 1))
+            init = None
+            if bias is not None:
+                init = View(b.gep(bias.ptr, [b.mul(g, const_i64(mg))], source_etype=_t(bias)), bias.dtype, (mg, p), (1, 0))
+            emit_gemm(ctx, wg, src, yg, 1.0, init)
+
+
+def _im2col(ctx, xv, x_base, cols, cg, kernel_shape, in_sp, out_sp, strides, dilations, pads):
+    """cols[(c, k...), (o...)] = x[c, o*s - pad + k*d] (0 outside the image)."""
+    b = ctx.b
+    nd = len(kernel_shape)
+    zero = ir.Constant(_t(cols), 0.0)
+    with loop_nest(b, (cg, *kernel_shape, *out_sp), name="col") as index:
+        ch, ks, os_ = index[0], index[1 : 1 + nd], index[1 + nd :]
+        inside = ir.Constant(ir.IntType(1), 1)
+        flat = b.add(x_base, b.mul(ch, const_i64(math.prod(in_sp))))
+        for axis in range(nd):
+            coord = b.add(b.sub(b.mul(os_[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+            ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
+            inside = b.and_(inside, ok)
+            clamped = b.select(ok, coord, const_i64(0))
+            flat = b.add(flat, b.mul(clamped, const_i64(math.prod(in_sp[axis + 1 :]))))
+        value = b.load(b.gep(xv.ptr, [flat], source_etype=_t(xv)), typ=_t(xv))
+        row = ch
+        for axis in range(nd):
+            row = b.add(b.mul(row, const_i64(kernel_shape[axis])), ks[axis])
+        col = os_[0]
+        for axis in range(1, nd):
+            col = b.add(b.mul(col, const_i64(out_sp[axis])), os_[axis])
+        cols.store(b, [row, col], b.select(inside, value, zero))
+
+
+# -- pooling ------------------------------------------------------------------------------------------
+def _pool(ctx: KernelContext, mode: str) -> None:
+    from kiln.ir.ops.nn import _pool_geometry
+
+    node = ctx.node
+    if len(node.outputs) > 1:
+        raise KilnError(f"node {node.name!r}: MaxPool's Indices output has no LLVM kernel yet")
+    _require_float(ctx)
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    kernel_shape, strides, dilations, pads, out_sp = _pool_geometry(node.attrs, node.inputs[0].type)
+    nd = len(kernel_shape)
+    in_sp = x.shape[2:]
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    ty = _t(x)
+    include_pad = mode == "avg" and node.attrs.get("count_include_pad", 0)
+    acc_ptr, count_ptr = entry_alloca(b, ty), entry_alloca(b, ty)
+    with loop_nest(b, y.shape, name="o") as index:
+        b.store(ir.Constant(ty, float("-inf") if mode == "max" else 0.0), acc_ptr)
+        b.store(ir.Constant(ty, 0.0), count_ptr)
+        with loop_nest(b, kernel_shape, name="k") as ks:
+            inside = ir.Constant(ir.IntType(1), 1)
+            counted = ir.Constant(ir.IntType(1), 1)
+            coords = []
+            for axis in range(nd):
+                coord = b.add(b.sub(b.mul(index[2 + axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+                ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
+                inside = b.and_(inside, ok)
+                in_padded = b.icmp_signed("<", coord, const_i64(in_sp[axis] + pads[axis + nd]))
+                counted = b.and_(counted, in_padded)
+                coords.append(b.select(ok, coord, const_i64(0)))
+            value = E.typed(x.load(b, [index[0], index[1], *coords]), x.dtype)
+            acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
+            if mode == "max":
+                new = b.select(inside, E.max(acc, value), acc)
+            else:
+                new = b.select(inside, b.fadd(acc, value), acc)
+            b.store(new, acc_ptr)
+            hit = counted if include_pad else inside
+            b.store(b.select(hit, b.fadd(b.load(count_ptr, typ=ty), ir.Constant(ty, 1.0)), b.load(count_ptr, typ=ty)), count_ptr)
+        result = b.load(acc_ptr, typ=ty)
+        if mode == "avg":
+            result = b.fdiv(result, b.load(count_ptr, typ=ty))
+        y.store(b, index, result)
+
+
+@kernel("MaxPool")
+def max_pool(ctx: KernelContext) -> None:
+    _pool(ctx, "max")
+
+
+@kernel("AveragePool")
+def average_pool(ctx: KernelContext) -> None:
+    _pool(ctx, "avg")
+
+
+# -- reductions and softmax -------------------------------------------------------------------------------
+REDUCTIONS = {
+    # op: (initial value, combine(E, acc, x), finish(E, acc, count))
+    "ReduceSum": (0.0, lambda E, a, x: E.add(a, x), lambda E, a, n: a),
+    "ReduceMean": (0.0, lambda E, a, x: E.add(a, x), lambda E, a, n: E.div(a, E.const(n, a))),
+    "ReduceMax": (float("-inf"), lambda E, a, x: E.max(a, x), lambda E, a, n: a),
+    "ReduceMin": (float("inf"), lambda E, a, x: E.min(a, x), lambda E, a, n: a),
+    "ReduceProd": (1.0, lambda E, a, x: E.mul(a, x), lambda E, a, n: a),
+    "ReduceL1": (0.0, lambda E, a, x: E.add(a, E.abs(x)), lambda E, a, n: a),
+    "ReduceL2": (0.0, lambda E, a, x: E.add(a, E.mul(x, x)), lambda E, a, n: E.call("sqrt", a)),
+    "ReduceSumSquare": (0.0, lambda E, a, x: E.add(a, E.mul(x, x)), lambda E, a, n: a),
+    "GlobalAveragePool": (0.0, lambda E, a, x: E.add(a, x), lambda E, a, n: E.div(a, E.const(n, a))),
+    "GlobalMaxPool": (float("-inf"), lambda E, a, x: E.max(a, x), lambda E, a, n: a),
+}
+
+
+@kernel(*REDUCTIONS)
+def reduce(ctx: KernelContext) -> None:
+    _require_float(ctx)
+    node = ctx.node
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    rank = len(x.shape)
+    if node.op.name.startswith("Global"):
+        axes = list(range(2, rank))
+    else:
+        axes = list(range(rank)) if node.attrs["axes"] is None else [a % rank for a in node.attrs["axes"]]
+    kept = [a for a in range(rank) if a not in axes]
+    init, combine, finish = REDUCTIONS[node.op.name]
+    count = math.prod(x.shape[a] for a in axes)
+    out = View(y.ptr, y.dtype, tuple(x.shape[a] for a in kept), tuple(contiguous_strides([x.shape[a] for a in kept])))
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    ty = _t(x)
+    acc_ptr = entry_alloca(b, ty)
+    with loop_nest(b, out.shape, name="o") as index:
+        b.store(ir.Constant(ty, init), acc_ptr)
+        with loop_nest(b, [x.shape[a] for a in axes], name="r") as red:
+            full = [None] * rank
+            for a, i in zip(kept, index):
+                full[a] = i
+            for a, i in zip(axes, red):
+                full[a] = i
+            acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
+            b.store(combine(E, acc, E.typed(x.load(b, full), x.dtype)), acc_ptr)
+        out.store(b, index, finish(E, E.typed(b.load(acc_ptr, typ=ty), x.dtype), count))
+
+
+@kernel("Softmax", "LogSoftmax")
+def softmax(ctx: KernelContext) -> None:
+    _require_float(ctx)
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    axis = ctx.node.attrs["axis"] % len(x.shape)
+    outer, length, inner = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :])
+    xv = View(x.ptr, x.dtype, (outer, length, inner), (length * inner, inner, 1))
+    yv = View(y.ptr, y.dtype, (outer, length, inner), (length * inner, inner, 1))
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    ty = _t(x)
+    log = ctx.node.op.name == "LogSoftmax"
+    top_ptr, sum_ptr = entry_alloca(b, ty), entry_alloca(b, ty)
+    with loop_nest(b, (outer, inner), name="o") as (o, i):
+        b.store(ir.Constant(ty, float("-inf")), top_ptr)
+        b.store(ir.Constant(ty, 0.0), sum_ptr)
+        with for_range(b, length, name="a") as a:
+            v = E.typed(xv.load(b, [o, a, i]), x.dtype)
+            b.store(E.max(E.typed(b.load(top_ptr, typ=ty), x.dtype), v), top_ptr)
+        top = E.typed(b.load(top_ptr, typ=ty), x.dtype)
+        with for_range(b, length, name="a") as a:
+            e = E.call("exp", E.sub(E.typed(xv.load(b, [o, a, i]), x.dtype), top))
+            b.store(b.fadd(b.load(sum_ptr, typ=ty), e), sum_ptr)
+            if not log:
+                yv.store(b, [o, a, i], e)
+        total = E.typed(b.load(sum_ptr, typ=ty), x.dtype)
+        log_total = E.call("log", total)
+        with for_range(b, length, name="a") as a:
+            if log:
+                yv.store(b, [o, a, i], E.sub(E.sub(E.typed(xv.load(b, [o, a, i]), x.dtype), top), log_total))
+            else:
+                yv.store(b, [o, a, i], E.div(E.typed(yv.load(b, [o, a, i]), y.dtype), total))
+

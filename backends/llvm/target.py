@@ -1,0 +1,68 @@
+"""The CPU kiln compiles for: llvmlite's view of the host, its TargetMachine, and the -O3
+pipeline (vectorizers on)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import llvmlite.binding as llvm
+
+from kiln.errors import KilnError
+
+
+@lru_cache(maxsize=None)
+def _initialized() -> bool:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return True
+
+
+@dataclass(frozen=True)
+class CPU:
+    """A compilation target: triple, CPU name and the feature string (``+avx2,+fma,...``)."""
+
+    triple: str
+    name: str
+    features: str
+
+    @property
+    def feature_set(self) -> frozenset[str]:
+        return frozenset(f[1:] for f in self.features.split(",") if f.startswith("+"))
+
+    def describe(self) -> str:
+        shown = sorted(f for f in self.feature_set if f.startswith(("avx", "fma", "sse4")))
+        return f"{self.name} ({', '.join(shown) or 'baseline'})"
+
+
+def host_cpu() -> CPU:
+    """The machine this process runs on."""
+    _initialized()
+    return CPU(llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+
+
+def check_runs_here(built_for: CPU) -> None:
+    """Refuse code built for features this CPU lacks (it would die on an illegal instruction)."""
+    here = host_cpu()
+    missing = sorted(built_for.feature_set - here.feature_set)
+    if built_for.triple != here.triple or missing:
+        raise KilnError(
+            f"this code was compiled for {built_for.describe()} on {built_for.triple}; this machine "
+            f"({here.describe()}) lacks {', '.join(missing) or built_for.triple}: recompile it here"
+        )
+
+
+def target_machine(cpu: CPU) -> llvm.TargetMachine:
+    _initialized()
+    target = llvm.Target.from_triple(cpu.triple)
+    return target.create_target_machine(cpu=cpu.name, features=cpu.features, opt=3, codemodel="jitdefault", reloc="pic")
+
+
+def optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine) -> None:
+    """The -O3 module pipeline with loop and SLP vectorization."""
+    tuning = llvm.create_pipeline_tuning_options(speed_level=3)
+    tuning.loop_vectorization = True
+    tuning.slp_vectorization = True
+    tuning.loop_unrolling = True
+    builder = llvm.create_pass_builder(machine, tuning)
+    builder.getModulePassManager().run(module, builder)
