@@ -74,14 +74,15 @@ class KilnBackend(Backend):
     ``pipeline`` (``O0``/``O1``/``O2``) defaults to the target's own.
     """
 
+    default_target: str = "eager"
     default_pipeline: str | None = None
 
     @classmethod
     def prepare(
-        cls, model: onnx.ModelProto, device: str = "CPU", target: str = "eager", pipeline: str | None = None, **kwargs: Any
+        cls, model: onnx.ModelProto, device: str = "CPU", target: str | None = None, pipeline: str | None = None, **kwargs: Any
     ) -> KilnRep:
         super().prepare(model, device, **kwargs)
-        return KilnRep(model, target, pipeline or cls.default_pipeline)
+        return KilnRep(model, target or cls.default_target, pipeline or cls.default_pipeline)
 
     @classmethod
     def run_model(cls, model: onnx.ModelProto, inputs: Any, device: str = "CPU", **kwargs: Any) -> list[np.ndarray]:

@@ -35,12 +35,24 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
     except RuntimeError as err:
         raise KilnError(f"internal error: generated LLVM IR does not verify: {err}") from None
     optimize(parsed, machine)
+    _check_symbols(parsed)
     layout = {
         "arena_bytes": arena_bytes,
         "outputs": [_output_location(graph, plan, v) for v in graph.outputs],
         "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
     }
     return machine.emit_object(parsed), layout
+
+
+def _check_symbols(module: llvm.ModuleRef) -> None:
+    """Every function the code calls must exist in this process (libm), or running would crash."""
+    missing = [
+        f.name
+        for f in module.functions
+        if f.is_declaration and not f.name.startswith("llvm.") and not llvm.address_of_symbol(f.name)
+    ]
+    if missing:
+        raise KilnError(f"the generated code calls functions this process does not have: {', '.join(sorted(missing))}")
 
 
 def _output_location(graph: Graph, plan, value) -> dict:
@@ -72,7 +84,7 @@ class LLVMExecutable:
         start = (-raw.ctypes.data) % ALIGN
         self._arena = raw[start : start + layout["arena_bytes"]]
         self._raw = raw
-        self._params = [np.ascontiguousarray(a) for a in graph.params.values()]
+        self._params = [np.require(a, requirements="C") for a in graph.params.values()]
         n_in = len(graph.inputs)
         self._table = (ctypes.c_void_p * (n_in + len(self._params) + 1))()
         for i, array in enumerate(self._params):
@@ -81,7 +93,7 @@ class LLVMExecutable:
         self._lock = threading.Lock()
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        arrays = [np.ascontiguousarray(a) for a in inputs]
+        arrays = [np.require(a, requirements="C") for a in inputs]
         with self._lock:
             for i, array in enumerate(arrays):
                 self._table[i] = array.ctypes.data

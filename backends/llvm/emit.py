@@ -252,6 +252,10 @@ class LLVMScalarOps:
         elif src is DType.bool:
             out = b.uitofp(a, dst_t) if dtype.is_float else b.zext(a, dst_t)
         elif src.is_float and dtype.is_float:
+            if {src, dtype} == {DType.float64, DType.float16}:
+                # no instruction converts double <-> half directly (LLVM would call compiler-rt,
+                # which is not in the process): go through float
+                return self.cast(self.cast(a, DType.float32), dtype)
             out = b.fpext(a, dst_t) if dtype.itemsize > src.itemsize else b.fptrunc(a, dst_t)
         elif src.is_float:
             out = b.fptosi(a, dst_t) if dtype.is_signed else b.fptoui(a, dst_t)

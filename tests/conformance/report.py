@@ -82,13 +82,15 @@ def reason(error: str) -> str:
         if any(op in TRAINING_OPS for op in ops):
             return f"{', '.join(ops)}: ai.onnx.preview.training; kiln trains through its own autodiff"
         return f"{', '.join(ops)}: not in kiln's op set yet"
+    if "has no kernels yet for: " in error:
+        return f"llvm: no kernel yet for {error.split('has no kernels yet for: ', 1)[1]}"
+    if "has no LLVM kernel yet" in error:
+        return "llvm: " + error.split(": ", 2)[-1]
     if "element type " in error:
         dtype = error.split("element type ", 1)[1].split()[0]
         return f"element type {dtype} is not a kiln dtype"
     if "is not a tensor" in error or "array element with a sequence" in error:
         return "sequence/optional values: kiln's IR holds tensors only"
-    if "training_dropout" in error or "Dropout" in error:
-        return "training-mode Dropout: the mask comes from a different RNG than the reference's"
     return error.replace(":", " -")[:160]
 
 
@@ -118,11 +120,15 @@ def main() -> int:
         with open(args.write_expectations, "w") as fh:
             fh.write(f"# ONNX backend-suite cases that fail on target {args.target}, each with its reason.\n")
             fh.write("# A listed case that starts passing fails the run: delete its line.\n")
+            # the light model-zoo nets run only under pytest (they need generated inputs)
             for name, err in sorted(failures.items()):
-                why = "training-mode Dropout: the mask comes from a different RNG than the reference's" if "training_dropout" in name else reason(err)
+                why = reason(err)
+                if "fp16" in name and err.startswith("wrong values"):
+                    why = "float16: rounding differs from the reference's float16 arithmetic beyond rtol 1e-3"
                 fh.write(f"{name}: {why}\n")
     if args.out:
         with open(args.out, "w") as fh:
+            # the light model-zoo nets run only under pytest (they need generated inputs)
             for name, err in sorted(failures.items()):
                 fh.write(f"{name}\t{err}\n")
     return 0

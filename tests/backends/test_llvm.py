@@ -1,0 +1,136 @@
+"""The llvm target against the eager oracle: kernels, fused groups, artifacts, bad input."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu
+from kiln.errors import KilnError
+from kiln.ir import parse_graph
+
+GRAPHS = {
+    "broadcast_chain": """
+        graph g(%x: f32[4,1,8], %y: f32[3,8]) {
+          %a: f32[4,3,8] = Add(%x, %y)
+          %b: f32[4,3,8] = Sigmoid(%a)
+          %c: f32[4,3,8] = Mul(%b, %a)
+          return %c
+        }""",
+    "mlp": """
+        graph g(%x: f32[5,16]) {
+          param %w1: f32[16,8] = dense
+          param %b1: f32[8] = dense
+          param %w2: f32[8,3] = dense
+          %h: f32[5,8] = Gemm(%x, %w1, %b1) {alpha=1.0, beta=1.0, transA=0, transB=0}
+          %r: f32[5,8] = Relu(%h)
+          %o: f32[5,3] = MatMul(%r, %w2)
+          %p: f32[5,3] = Softmax(%o) {axis=-1}
+          return %p
+        }""",
+    "conv_pool": """
+        graph g(%x: f32[2,3,9,9]) {
+          param %w: f32[4,3,3,3] = dense
+          param %b: f32[4] = dense
+          %c: f32[2,4,5,5] = Conv(%x, %w, %b) {dilations=[1, 1], group=1, pads=[1, 1, 1, 1], strides=[2, 2]}
+          %r: f32[2,4,5,5] = Relu(%c)
+          %m: f32[2,4,3,3] = MaxPool(%r) {ceil_mode=1, dilations=null, kernel_shape=[2, 2], pads=null, strides=[2, 2]}
+          %a: f32[2,4,1,1] = GlobalAveragePool(%m)
+          return %a, %m
+        }""",
+    "data_movement": """
+        graph g(%x: f32[2,3,4]) {
+          %t: f32[4,2,3] = Transpose(%x) {perm=[2, 0, 1]}
+          %s: f32[2,2,3] = Slice(%t) {starts=[3], ends=[0], axes=[0], steps=[-2]}
+          %c: f32[6,2,3] = Concat(%t, %s) {axis=0}
+          %p: f32[6,4,3] = Pad(%c) {pads=[0, 1, 0, 0, 1, 0], mode="constant"}
+          %r: f32[12,6] = Reshape(%p) {shape=[12, 6]}
+          %e: f32[12,6] = Tile(%r) {repeats=[1, 1]}
+          return %e
+        }""",
+}
+
+
+def build(text: str):
+    """Parse ``text``, giving each ``param ... = dense`` seeded random data."""
+    from kiln.ir.text import array_digest
+
+    rng = np.random.default_rng(0)
+    lines = []
+    params = {}
+    for line in text.splitlines():
+        if "param" in line and line.rstrip().endswith("= dense"):
+            name = line.split("%")[1].split(":")[0]
+            dims = line.split("[")[1].split("]")[0]
+            shape = tuple(int(d) for d in dims.split(","))
+            params[name] = rng.standard_normal(shape).astype(np.float32)
+            line = line.replace("= dense", f"= dense<sha256:{array_digest(params[name])}>")
+        lines.append(line)
+    return parse_graph("\n".join(lines), params)
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_llvm_matches_eager(name):
+    graph = build(GRAPHS[name])
+    rng = np.random.default_rng(1)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)
+    got = kiln.compile(graph, target="llvm").run(feeds)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_groups_compile_and_match(light_model):
+    module = kiln.compile(light_model("light_squeezenet"), target="llvm")
+    assert "Fused" in module.graph.op_histogram()
+    (name, t), = module.input_types.items()
+    x = np.random.default_rng(0).standard_normal(t.shape).astype(np.float32)
+    want = kiln.compile(light_model("light_squeezenet")).run({name: x})
+    got = module.run({name: x})
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6)
+
+
+def test_artifacts_carry_object_code_and_load_without_compiling(tmp_path, monkeypatch):
+    graph = build(GRAPHS["mlp"])
+    module = kiln.compile(graph, target="llvm")
+    path = tmp_path / "mlp.kiln"
+    module.save(path)
+    with zipfile.ZipFile(path) as zf:
+        assert "code/llvm.o" in zf.namelist()
+        layout = json.loads(zf.read("code/llvm.json"))
+    assert layout["cpu"]["name"] == host_cpu().name
+
+    import kiln.backends.llvm as llvm_backend
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("kiln.load compiled again")
+
+    monkeypatch.setattr(llvm_backend, "compile_object", no_compiling)
+    loaded = kiln.load(path)
+    x = np.random.default_rng(2).standard_normal((5, 16)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.run({"x": x})["p"], module.run({"x": x})["p"])
+
+
+def test_code_for_missing_cpu_features_is_refused():
+    here = host_cpu()
+    alien = CPU(here.triple, "future-cpu", here.features + ",+avx1024")
+    with pytest.raises(KilnError, match="lacks avx1024: recompile it here"):
+        check_runs_here(alien)
+
+
+def test_ops_without_kernels_are_listed_before_any_codegen():
+    graph = parse_graph(
+        """
+        graph g(%x: f32[2,3]) {
+          %a: f32[2,3] = LRN(%x) {size=1, alpha=0.0001, beta=0.75, bias=1.0}
+          %b: f32[2,3] = Hardmax(%a) {axis=1}
+          return %b
+        }"""
+    )
+    with pytest.raises(KilnError, match="no kernels yet for: Hardmax, LRN"):
+        kiln.compile(graph, target="llvm")
