@@ -304,3 +304,30 @@ def softmax(ctx: KernelContext) -> None:
             else:
                 yv.store(b, [o, a, i], E.div(E.typed(yv.load(b, [o, a, i]), y.dtype), total))
 
+
+
+@kernel("LRN")
+def lrn(ctx: KernelContext) -> None:
+    """y = x / (bias + alpha / size * sum of x^2 over a window of channels) ^ beta."""
+    _require_float(ctx)
+    attrs = ctx.node.attrs
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    size = attrs["size"]
+    lo = (size - 1) // 2
+    channels = x.shape[1]
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    ty = _t(x)
+    acc_ptr = entry_alloca(b, ty)
+    with loop_nest(b, x.shape, name="o") as index:
+        b.store(ir.Constant(ty, 0.0), acc_ptr)
+        with for_range(b, size, name="w") as w:
+            ch = b.add(b.sub(index[1], const_i64(lo)), w)
+            ok = b.and_(b.icmp_signed(">=", ch, const_i64(0)), b.icmp_signed("<", ch, const_i64(channels)))
+            v = E.typed(x.load(b, [index[0], b.select(ok, ch, const_i64(0)), *index[2:]]), x.dtype)
+            acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
+            b.store(b.select(ok, E.add(acc, E.mul(v, v)), acc), acc_ptr)
+        acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
+        base = E.add(E.const(attrs["bias"], acc), E.mul(E.const(attrs["alpha"] / size, acc), acc))
+        value = E.typed(x.load(b, index), x.dtype)
+        y.store(b, index, E.div(value, E.call("pow", base, E.const(attrs["beta"], acc))))

@@ -127,10 +127,10 @@ def test_ops_without_kernels_are_listed_before_any_codegen():
     graph = parse_graph(
         """
         graph g(%x: f32[2,3]) {
-          %a: f32[2,3] = LRN(%x) {size=1, alpha=0.0001, beta=0.75, bias=1.0}
+          %a: f32[2,3] = LpNormalization(%x) {axis=-1, p=2}
           %b: f32[2,3] = Hardmax(%a) {axis=1}
           return %b
         }"""
     )
-    with pytest.raises(KilnError, match="no kernels yet for: Hardmax, LRN"):
+    with pytest.raises(KilnError, match="no kernels yet for: Hardmax, LpNormalization"):
         kiln.compile(graph, target="llvm")
