@@ -23,8 +23,9 @@ from kiln import config
 from kiln.errors import KilnError, UnsupportedOpsError
 from kiln.models import DEFAULT_MODEL, builtin_models
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# tables stay readable when output is piped (rich would fold them at 80 columns)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 # -- argument parsing -----------------------------------------------------------------------------
@@ -252,6 +253,39 @@ def inspect(model: str, no_ir: bool, memory: bool, as_json: bool, shapes: dict, 
             f"({figures['planned_bytes'] / lb:.3f}x the lower bound {figures['lower_bound_bytes']:,}; "
             f"{figures['planned_bytes'] / naive:.1%} of naive)"
         )
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--target", "-t", default="llvm", show_default=True, help="kiln target to benchmark")
+@click.option("--vs", default="eager,onnxruntime", show_default=True, help="runtimes to compare, comma separated")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option("--repeat", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the rows as JSON here")
+@shape_option
+def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: str | None, shapes: dict) -> None:
+    """Time MODEL compiled by kiln against eager and its peers; outputs checked against eager."""
+    from rich.progress import Progress
+
+    from kiln.bench import bench as run_bench
+    from kiln.bench import rows_as_dicts
+
+    with Progress(console=err, transient=True) as bar:
+
+        def progress(label: str, total: int):
+            task = bar.add_task(f"{label}", total=total)
+            return lambda: bar.advance(task)
+
+        rows = run_bench(model, target, [r for r in vs.split(",") if r], shapes, warmup, repeat, progress)
+    table = Table("runtime", "setup s", "median ms", "p90 ms", "samples/s", "vs eager", "max abs err", "max rel err", "matches", "arena bytes", title=f"{model}")
+    for r in rows:
+        table.add_row(
+            r.runtime, f"{r.setup_s:.2f}", f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.throughput:.1f}", f"{r.speedup_vs_eager:.2f}x",
+            f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}", "yes" if r.matches_eager else "NO", f"{r.arena_bytes:,}" if r.arena_bytes is not None else "-",
+        )  # fmt: skip
+    out.print(table)
+    if json_out:
+        Path(json_out).write_text(json.dumps({"model": model, "rows": rows_as_dicts(rows)}, indent=2))
 
 
 @cli.command(name="passes")

@@ -1,0 +1,159 @@
+"""Benchmarks: one model compiled for kiln's target, timed side by side with its peers.
+
+Every runtime runs the same seeded inputs; each one's outputs are checked against kiln eager
+(the oracle) before its times count. Figures are medians and 90th percentiles over ``repeat``
+runs after ``warmup`` runs, taken in one process, one runtime after another.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from kiln.driver import compile as kiln_compile
+from kiln.driver import resolve_model_path
+from kiln.errors import KilnError
+
+RTOL, ATOL = 1e-3, 1e-4
+
+
+@dataclass
+class BenchRow:
+    runtime: str
+    setup_s: float
+    median_ms: float
+    p90_ms: float
+    throughput: float  # samples per second (first input's leading dim per run)
+    speedup_vs_eager: float
+    max_abs_err: float
+    max_rel_err: float
+    matches_eager: bool
+    arena_bytes: int | None = None
+
+
+def random_inputs(input_types: Mapping, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, t in input_types.items():
+        dtype = t.dtype.numpy
+        if dtype.kind == "f":
+            feeds[name] = rng.standard_normal(t.shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[name] = rng.random(t.shape) < 0.5
+        else:
+            feeds[name] = rng.integers(0, 10, size=t.shape).astype(dtype)
+    return feeds
+
+
+def _time(run: Callable[[], object], warmup: int, repeat: int, tick: Callable[[], None]) -> list[float]:
+    for _ in range(warmup):
+        run()
+        tick()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+        tick()
+    return times
+
+
+def _errors(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> tuple[float, float, bool]:
+    abs_err = rel_err = 0.0
+    ok = True
+    for name, ref in want.items():
+        a, r = np.asarray(got[name], dtype=np.float64), ref.astype(np.float64)
+        diff = np.abs(a - r)
+        abs_err = max(abs_err, float(diff.max(initial=0.0)))
+        rel_err = max(rel_err, float((diff / np.maximum(np.abs(r), 1e-12)).max(initial=0.0)))
+        ok &= bool(np.allclose(a, r, rtol=RTOL, atol=ATOL))
+    return abs_err, rel_err, ok
+
+
+def _onnxruntime(path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(names, feeds)))
+
+
+def bench(
+    model: str | os.PathLike,
+    target: str = "llvm",
+    vs: Sequence[str] = ("eager", "onnxruntime"),
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    warmup: int = 3,
+    repeat: int = 20,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> list[BenchRow]:
+    """Time kiln ``target`` and each runtime in ``vs`` on ``model``; rows in that order.
+
+    ``progress(label, total)`` returns a function to call once per run (for a progress bar).
+    """
+    path = resolve_model_path(model)
+    runtimes = [target, *[r for r in vs if r != target]]
+    if "eager" not in runtimes:
+        runtimes.append("eager")
+    eager_start = time.perf_counter()
+    eager = kiln_compile(path, "eager", shapes=shapes)
+    eager_setup = time.perf_counter() - eager_start
+    feeds = random_inputs(eager.input_types)
+    reference = eager.run(feeds)
+    batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+    rows: list[BenchRow] = []
+    measured: dict[str, tuple[float, list[float], dict, int | None]] = {}
+    for runtime in runtimes:
+        start = time.perf_counter()
+        arena = None
+        if runtime == "eager":
+            run, setup = eager.run, eager_setup
+        elif runtime == "onnxruntime":
+            try:
+                session = _onnxruntime(path)
+            except ImportError:
+                raise KilnError("--vs onnxruntime: onnxruntime is not installed (pip install onnxruntime)") from None
+            run, setup = session, time.perf_counter() - start
+        elif runtime in ("llvm",):
+            module = kiln_compile(path, runtime, shapes=shapes)
+            run, setup = module.run, time.perf_counter() - start
+            arena = module.executable.layout["arena_bytes"]
+        else:
+            raise KilnError(f"unknown runtime {runtime!r} for --vs (kiln targets: eager, llvm; peers: onnxruntime)")
+        tick = progress(runtime, warmup + repeat) if progress else (lambda: None)
+        outputs = run(feeds)
+        times = _time(lambda: run(feeds), warmup, repeat, tick)
+        measured[runtime] = (setup, times, outputs, arena)
+    eager_median = statistics.median(measured["eager"][1])
+    for runtime in runtimes:
+        setup, times, outputs, arena = measured[runtime]
+        median = statistics.median(times)
+        abs_err, rel_err, ok = _errors(outputs, reference)
+        rows.append(
+            BenchRow(
+                runtime=runtime if runtime in ("onnxruntime",) else f"kiln {runtime}",
+                setup_s=setup,
+                median_ms=median * 1e3,
+                p90_ms=float(np.percentile(times, 90)) * 1e3,
+                throughput=batch / median,
+                speedup_vs_eager=eager_median / median,
+                max_abs_err=abs_err,
+                max_rel_err=rel_err,
+                matches_eager=ok,
+                arena_bytes=arena,
+            )
+        )
+    return rows
+
+
+def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

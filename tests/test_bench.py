@@ -1,0 +1,28 @@
+"""kiln bench: rows for every runtime, outputs checked against eager, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+
+from kiln.bench import bench
+from kiln.cli import main
+
+
+def test_bench_rows_check_outputs_and_ratios():
+    rows = bench("light_squeezenet", "llvm", ("eager", "onnxruntime"), warmup=1, repeat=3)
+    names = [r.runtime for r in rows]
+    assert names == ["kiln llvm", "kiln eager", "onnxruntime"]
+    assert all(r.matches_eager for r in rows)
+    eager = rows[1]
+    assert eager.speedup_vs_eager == 1.0 and eager.max_abs_err == 0.0
+    assert rows[0].arena_bytes and rows[0].arena_bytes > 0
+    assert all(r.p90_ms >= r.median_ms > 0 for r in rows)
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "light_squeezenet", "--vs", "eager", "--warmup", "0", "--repeat", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["runtime"] for r in data["rows"]] == ["kiln llvm", "kiln eager"]
+    assert "median ms" in capsys.readouterr().out
+    assert main(["bench", "light_squeezenet", "--vs", "tvm-someday", "--repeat", "1"]) == 1
