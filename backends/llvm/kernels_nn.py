@@ -15,8 +15,49 @@ from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
 FAST = ("contract",)  # allow a*b+c as one FMA
 
 
+MR = 6  # rows of C per micro-tile; with 2 vectors of columns: 12 accumulators in registers
+
+
+def vector_width(dtype) -> int:
+    """Elements per SIMD register on the host (AVX-512: 16 floats, AVX2: 8, else 4)."""
+    from kiln.backends.llvm.target import host_cpu
+
+    features = host_cpu().feature_set
+    lanes = 16 if "avx512f" in features else 8 if "avx2" in features else 4
+    return lanes * 4 // dtype.itemsize
+
+
 def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0) -> None:
-    """``c[M,N] = alpha * a[M,K] @ bm[K,N] (+ beta * init)``; views may be strided."""
+    """``c[M,N] = alpha * a[M,K] @ bm[K,N] (+ beta * init)``; views may be strided.
+
+    Column blocks of two SIMD vectors go through the register-blocked micro-kernel when bm's
+    and c's rows are contiguous; the remaining columns (and strided cases) use plain i-k-j loops.
+    """
+    m, k = a.shape
+    n = bm.shape[1]
+    width = vector_width(c.dtype)
+    nr = 2 * width
+    fast_cols = (n // nr) * nr if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float else 0
+    if fast_cols:
+        _micro_tiles(ctx, a, bm, c, fast_cols, width, alpha)
+    if fast_cols < n:
+        _gemm_loops(ctx, a, _columns(bm, fast_cols, n), _columns(c, fast_cols, n), alpha)
+    if init is not None:
+        from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+
+        def add_init(E, xs):
+            extra = xs[1] if beta == 1.0 else E.mul(xs[1], E.const(beta, xs[1]))
+            return E.add(xs[0], extra)
+
+        emit_pointwise(ctx.b, ctx.module, c, [c, init], add_init)
+
+
+def _columns(view: View, start: int, stop: int) -> View:
+    return View(view.ptr, view.dtype, (view.shape[0], stop - start), view.strides, view.offset + start * view.strides[1])
+
+
+def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) -> None:
+    """The plain i-k-j loops (the inner one vectorizes when c's and bm's rows are contiguous)."""
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
     m, k = a.shape
@@ -24,11 +65,7 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     zero = E.typed(ir.Constant(_t(c), 0.0), c.dtype)
     with for_range(b, m, name="m") as i:
         with for_range(b, n, name="n0") as j:
-            if init is not None:
-                v = E.typed(init.load(b, [i, j]), init.dtype)
-                c.store(b, [i, j], E.mul(v, E.const(beta, v)) if beta != 1.0 else v)
-            else:
-                c.store(b, [i, j], zero)
+            c.store(b, [i, j], zero)
         with for_range(b, k, name="k") as kk:
             av = E.typed(a.load(b, [i, kk]), a.dtype)
             if alpha != 1.0:
@@ -36,6 +73,52 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
             with for_range(b, n, name="n") as j:
                 prod = b.fmul(av, bm.load(b, [kk, j]), flags=FAST)
                 c.store(b, [i, j], b.fadd(c.load(b, [i, j]), prod, flags=FAST))
+
+
+def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, cols: int, width: int, alpha: float) -> None:
+    """C[:, :cols] in MR x (2 x width) tiles: per k, two vector loads of bm's row, one broadcast
+    of a per row, and 2 x MR fused multiply-adds into accumulators that stay in registers."""
+    b = ctx.b
+    m, k = a.shape
+    scalar = _t(c)
+    vec = ir.VectorType(scalar, width)
+    name = f"llvm.fma.v{width}f{c.dtype.itemsize * 8}"
+    fma = ctx.module.globals.get(name) or ir.Function(ctx.module, ir.FunctionType(vec, [vec, vec, vec]), name)
+    rows_full = (m // MR) * MR
+
+    def tile(i0: ir.Value, rows: int, j0: ir.Value) -> None:
+        accs = [[entry_alloca(b, vec) for _ in range(2)] for _ in range(rows)]
+        zero = ir.Constant(vec, [0.0] * width)
+        for row in accs:
+            for slot in row:
+                b.store(zero, slot)
+        with for_range(b, k, name="mk") as kk:
+            bvs = []
+            for half in range(2):
+                col = b.add(j0, const_i64(half * width))
+                bvs.append(b.load(bm.address(b, [kk, col]), typ=vec, align=4))
+            for r in range(rows):
+                av = b.load(a.address(b, [b.add(i0, const_i64(r)), kk]), typ=scalar)
+                splat = b.insert_element(ir.Constant(vec, ir.Undefined), av, ir.Constant(ir.IntType(32), 0))
+                splat = b.shuffle_vector(splat, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+                for half in range(2):
+                    b.store(b.call(fma, [splat, bvs[half], b.load(accs[r][half], typ=vec)]), accs[r][half])
+        scale = ir.Constant(vec, [float(alpha)] * width)
+        for r in range(rows):
+            for half in range(2):
+                value = b.load(accs[r][half], typ=vec)
+                if alpha != 1.0:
+                    value = b.fmul(value, scale)
+                col = b.add(j0, const_i64(half * width))
+                b.store(value, c.address(b, [b.add(i0, const_i64(r)), col]), align=4)
+
+    with for_range(b, cols // (2 * width), name="nb") as jb:
+        j0 = b.mul(jb, const_i64(2 * width))
+        if rows_full:
+            with for_range(b, m // MR, name="mb") as ib:
+                tile(b.mul(ib, const_i64(MR)), MR, j0)
+        if m % MR:
+            tile(const_i64(rows_full), m % MR, j0)
 
 
 def _t(view: View) -> ir.Type:
