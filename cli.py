@@ -107,20 +107,6 @@ def _opts(opt, passes, plugins, dump_ir, time_passes) -> dict:
     return {"opt": opt, "passes": passes, "plugins": plugins, "dump_ir": dump_ir, "time_passes": time_passes}
 
 
-def _random_inputs(module, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, t in module.input_types.items():
-        dtype = t.dtype.numpy
-        if dtype.kind == "f":
-            feeds[name] = rng.standard_normal(t.shape).astype(dtype)
-        elif dtype.kind == "b":
-            feeds[name] = rng.random(t.shape) < 0.5
-        else:
-            feeds[name] = rng.integers(0, 10, size=t.shape).astype(dtype)
-    return feeds
-
-
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
@@ -184,7 +170,9 @@ def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str
     if inputs:
         feeds = {name: _load_npy(path) for name, path in inputs.items()}
     else:
-        feeds = _random_inputs(module, seed)
+        from kiln.bench import random_inputs
+
+        feeds = random_inputs(module.input_types, seed)
     results = module.run(feeds)
     done = time.perf_counter()
     how = "given" if inputs else f"random, seed {seed}"
