@@ -6,6 +6,7 @@
 | KILN_VERIFY         | 0          | 1: verify the graph after every pass                     |
 | KILN_MAX_ELEMENTS   | 2**31      | largest tensor (in elements) a graph may describe        |
 | KILN_FOLD_ELEMENTS  | 65536      | largest constant the importer folds at compile time      |
+| KILN_CACHE_DIR      | (XDG)      | compile cache folder; "off" disables the cache           |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Flags:
     verify: bool = False
     max_elements: int = 2**31
     fold_elements: int = 65536
+    cache_dir: str = ""  # "" = $XDG_CACHE_HOME/kiln; "off" = no cache
 
 
 def _from_environment() -> Flags:
@@ -41,6 +43,7 @@ def _from_environment() -> Flags:
         verify=bool(flag("KILN_VERIFY", 0)),
         max_elements=flag("KILN_MAX_ELEMENTS", 2**31),
         fold_elements=flag("KILN_FOLD_ELEMENTS", 65536),
+        cache_dir=env.get("KILN_CACHE_DIR", ""),
     )
 
 

@@ -17,6 +17,15 @@ def _verify_every_pass():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_compile_cache(tmp_path_factory):
+    """Tests compile into a cache of their own, never the user's."""
+    import os
+
+    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("kiln-cache"))
+    yield
+
+
 @pytest.fixture
 def light_model():
     """Path of one of the light_* nets shipped in the onnx wheel."""

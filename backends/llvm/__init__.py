@@ -15,6 +15,7 @@ from typing import Sequence
 import llvmlite.binding as llvm
 import numpy as np
 
+from kiln.backends.llvm.cache import cache_key, load_entry, store_entry
 from kiln.backends.llvm.codegen import ENTRY, generate
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
@@ -120,7 +121,14 @@ class LLVMBackend:
     default_pipeline = "O2"
 
     def build(self, graph: Graph) -> LLVMExecutable:
-        obj, layout = compile_object(graph, host_cpu())
+        cpu = host_cpu()
+        key = cache_key(graph, cpu)
+        hit = load_entry(key)
+        if hit is None:
+            obj, layout = compile_object(graph, cpu)
+            store_entry(key, obj, layout)
+        else:
+            obj, layout = hit
         return LLVMExecutable(graph, obj, layout)
 
     def load(self, artifact) -> LLVMExecutable:

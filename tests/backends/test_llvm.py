@@ -134,3 +134,35 @@ def test_ops_without_kernels_are_listed_before_any_codegen():
     )
     with pytest.raises(KilnError, match="no kernels yet for: Hardmax, LpNormalization"):
         kiln.compile(graph, target="llvm")
+
+
+def test_the_compile_cache_hits_and_rebuilds_tampered_entries(tmp_path, monkeypatch):
+    import kiln.backends.llvm as llvm_backend
+    from kiln import config
+
+    graph = build(GRAPHS["mlp"])
+    calls = []
+    real = llvm_backend.compile_object
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llvm_backend, "compile_object", counting)
+    with config.override(cache_dir=str(tmp_path / "cache")):
+        first = kiln.compile(graph, target="llvm")
+        second = kiln.compile(graph, target="llvm")
+        assert len(calls) == 1
+        folder = tmp_path / "cache"
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        (obj,) = folder.glob("*.o")
+        obj.write_bytes(obj.read_bytes()[:100])  # truncated: must be rebuilt, never run
+        with pytest.warns(UserWarning, match="corrupted or foreign"):
+            third = kiln.compile(graph, target="llvm")
+        assert len(calls) == 2
+        x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+        for module in (second, third):
+            np.testing.assert_array_equal(module.run({"x": x})["p"], first.run({"x": x})["p"])
+    with config.override(cache_dir="off"):
+        kiln.compile(graph, target="llvm")
+    assert len(calls) == 3

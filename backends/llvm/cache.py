@@ -1,0 +1,85 @@
+"""The compile cache: object code keyed by a SHA-256 of everything that changes it.
+
+Entries live under the user cache dir (``$XDG_CACHE_HOME/kiln``, or ``KILN_CACHE_DIR``), made
+0700. Each entry is ``<key>.o`` plus ``<key>.json`` (the layout and the object's SHA-256),
+written to temporary files and renamed. A read checks the hash and the key first: a corrupted,
+truncated or foreign entry is ignored with a warning and rebuilt, never executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import llvmlite
+import platformdirs
+
+import kiln
+from kiln import config
+from kiln.backends.llvm.target import CPU
+from kiln.ir.graph import Graph
+from kiln.ir.text import print_graph
+
+FORMAT = 1
+
+
+def cache_dir() -> Path | None:
+    """The cache folder (created 0700), or None when caching is off (``KILN_CACHE_DIR=off``)."""
+    configured = config.flags().cache_dir
+    if configured == "off":
+        return None
+    folder = Path(configured) if configured else Path(platformdirs.user_cache_dir("kiln"))
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def cache_key(graph: Graph, cpu: CPU) -> str:
+    """SHA-256 of the graph (its text form hashes every parameter), CPU, features and versions."""
+    h = hashlib.sha256()
+    for part in (print_graph(graph), cpu.triple, cpu.name, cpu.features, kiln.__version__, llvmlite.__version__, str(FORMAT)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_entry(key: str) -> tuple[bytes, dict] | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    obj_path, meta_path = folder / f"{key}.o", folder / f"{key}.json"
+    if not obj_path.exists() or not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        obj = obj_path.read_bytes()
+        if meta.get("key") != key or hashlib.sha256(obj).hexdigest() != meta.get("object_sha256"):
+            raise ValueError("hash mismatch")
+        return obj, meta["layout"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"kiln cache entry {obj_path.name} is corrupted or foreign ({err}); rebuilding it", stacklevel=3)
+        return None
+
+
+def store_entry(key: str, obj: bytes, layout: dict) -> None:
+    folder = cache_dir()
+    if folder is None:
+        return
+    meta = {"key": key, "object_sha256": hashlib.sha256(obj).hexdigest(), "layout": layout}
+    _write_atomic(folder / f"{key}.o", obj)
+    _write_atomic(folder / f"{key}.json", json.dumps(meta).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
