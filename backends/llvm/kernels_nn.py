@@ -414,3 +414,68 @@ def lrn(ctx: KernelContext) -> None:
         base = E.add(E.const(attrs["bias"], acc), E.mul(E.const(attrs["alpha"] / size, acc), acc))
         value = E.typed(x.load(b, index), x.dtype)
         y.store(b, index, E.div(value, E.call("pow", base, E.const(attrs["beta"], acc))))
+
+
+def _conv_t_scratch(node) -> int:
+    x, w = node.inputs[0].type, node.inputs[1].type
+    per_group_out = w.shape[1] * math.prod(w.shape[2:])
+    return per_group_out * math.prod(x.shape[2:]) * x.dtype.itemsize
+
+
+@kernel("ConvTranspose", scratch=_conv_t_scratch)
+def conv_transpose(ctx: KernelContext) -> None:
+    """Columns = W_g^T @ x_g (the GEMM above), then scattered and summed into the output."""
+    _require_float(ctx)
+    node = ctx.node
+    x, w, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    nd = len(x.shape) - 2
+    strides, dilations, pads = _spatial_attrs(node.attrs, nd)
+    groups = node.attrs["group"]
+    n, c, in_sp = x.shape[0], x.shape[1], x.shape[2:]
+    cg, mg, kernel_shape = c // groups, w.shape[1], w.shape[2:]
+    out_sp = y.shape[2:]
+    rows, inner = mg * math.prod(kernel_shape), math.prod(in_sp)
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    cols = View(ctx.scratch, y.dtype, (rows, inner), (inner, 1))
+    _fill_zero(ctx, y)
+    with for_range(b, n, name="img") as img:
+        with for_range(b, groups, name="grp") as g:
+            x_base = b.add(b.mul(img, const_i64(c * inner)), b.mul(g, const_i64(cg * inner)))
+            xg = View(b.gep(x.ptr, [x_base], source_etype=_t(x)), x.dtype, (cg, inner), (inner, 1))
+            w_base = b.mul(g, const_i64(cg * rows))
+            wt = View(b.gep(w.ptr, [w_base], source_etype=_t(w)), w.dtype, (rows, cg), (1, rows))
+            emit_gemm(ctx, wt, xg, cols)
+            y_base = b.add(b.mul(img, const_i64(groups * mg * math.prod(out_sp))), b.mul(g, const_i64(mg * math.prod(out_sp))))
+            with loop_nest(b, (mg, *kernel_shape, *in_sp), name="sc") as index:
+                ch, ks, pos = index[0], index[1 : 1 + nd], index[1 + nd :]
+                inside = ir.Constant(ir.IntType(1), 1)
+                flat = b.add(y_base, b.mul(ch, const_i64(math.prod(out_sp))))
+                for axis in range(nd):
+                    coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+                    ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(out_sp[axis])))
+                    inside = b.and_(inside, ok)
+                    flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(out_sp[axis + 1 :]))))
+                row = ch
+                for axis in range(nd):
+                    row = b.add(b.mul(row, const_i64(kernel_shape[axis])), ks[axis])
+                col = pos[0]
+                for axis in range(1, nd):
+                    col = b.add(b.mul(col, const_i64(in_sp[axis])), pos[axis])
+                target = b.gep(y.ptr, [flat], source_etype=_t(y))
+                current = E.typed(b.load(target, typ=_t(y)), y.dtype)
+                added = E.add(current, E.typed(cols.load(b, [row, col]), y.dtype))
+                b.store(b.select(inside, added, current), target)
+    if bias is not None:
+        from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+
+        rank = len(y.shape)
+        per_channel = View(bias.ptr, bias.dtype, tuple(y.shape[1] if i == 1 else 1 for i in range(rank)), tuple(1 if i == 1 else 0 for i in range(rank)))
+        emit_pointwise(b, ctx.module, y, [y, per_channel], lambda E, xs: E.add(xs[0], xs[1]))
+
+
+def _fill_zero(ctx: KernelContext, view: View) -> None:
+    from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+
+    emit_pointwise(ctx.b, ctx.module, view, [], lambda E, xs: E.typed(ir.Constant(_t(view), 0.0), view.dtype))
