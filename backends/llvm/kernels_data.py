@@ -3,13 +3,17 @@ concat, split, pad, tile), gathers and constant fills."""
 
 from __future__ import annotations
 
+import math
+
 import llvmlite.ir as ir
+import numpy as np
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
 from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, llvm_type, loop_nest
 from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 from kiln.errors import KilnError
 from kiln.ir.dtypes import DType
+from kiln.ir.ops.resize import axis_taps, resized_axes
 
 
 def copy(ctx: KernelContext, out: View, src: View) -> None:
@@ -141,3 +145,80 @@ def gather(ctx: KernelContext) -> None:
         i = b.select(b.icmp_signed("<", i, const_i64(0)), const_i64(0), i)
         i = b.select(b.icmp_signed(">=", i, const_i64(dim)), const_i64(dim - 1), i)
         out.store(b, index, data.load(b, [*before, i, *after]))
+
+
+def _global_table(ctx: KernelContext, values: np.ndarray, element: ir.Type, name: str) -> ir.GlobalVariable:
+    """A read-only table in the module (index and weight tables computed at compile time)."""
+    flat = values.reshape(-1)
+    array_type = ir.ArrayType(element, len(flat))
+    table = ir.GlobalVariable(ctx.module, array_type, ctx.module.get_unique_name(name))
+    cast = int if isinstance(element, ir.IntType) else float
+    table.initializer = ir.Constant(array_type, [cast(v) for v in flat])
+    table.global_constant = True
+    table.linkage = "internal"
+    return table
+
+
+def _resize_scratch(node) -> int:
+    t = node.inputs[0].type
+    sizes = list(t.shape)
+    biggest = math.prod(sizes)  # the input, converted to float64
+    for axis in resized_axes(node.attrs, t.shape):
+        sizes[axis] = node.attrs["sizes"][axis]
+        biggest = max(biggest, math.prod(sizes))
+    return 2 * biggest * (8 if t.dtype.is_float else t.dtype.itemsize)
+
+
+@kernel("Resize", scratch=_resize_scratch)
+def resize(ctx: KernelContext) -> None:
+    """One pass per resized axis through scratch: out[..o..] = sum_t w[o,t] * in[..idx[o,t]..],
+    with the tap tables computed at compile time by the op's own ``axis_taps``."""
+    node = ctx.node
+    attrs = node.attrs
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    if attrs["coordinate_transformation_mode"] == "tf_crop_and_resize":
+        raise KilnError(f"node {node.name!r}: Resize with tf_crop_and_resize has no LLVM kernel yet")
+    nearest = attrs["mode"] == "nearest"
+    if not nearest and not x.dtype.is_float:
+        raise KilnError(f"node {node.name!r}: {attrs['mode']} Resize of {x.dtype.short} has no LLVM kernel yet")
+    axes = resized_axes(attrs, x.shape)
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    work = x.dtype if nearest else DType.float64
+    half = _resize_scratch(node) // 2
+    current = x if nearest or x.dtype is DType.float64 else None
+    if current is None:  # compute in float64, as the reference does
+        current = View.dense(ctx.scratch, DType.float64, x.shape)
+        emit_pointwise(b, ctx.module, current, [x], lambda E, xs: E.cast(xs[0], DType.float64))
+        ping = 1
+    else:
+        ping = 0
+    shape = list(x.shape)
+    for step, axis in enumerate(axes):
+        indices, weights, _ = axis_taps(attrs, axis, x.shape[axis], attrs["sizes"][axis])
+        shape[axis] = attrs["sizes"][axis]
+        last = step == len(axes) - 1
+        if last and work == y.dtype:
+            target = y
+        else:
+            target = View.dense(b.gep(ctx.scratch, [const_i64(half * ping)], source_etype=ir.IntType(8)), work, shape)
+            ping ^= 1
+        idx_table = _global_table(ctx, indices, I64, "resize_idx")
+        w_table = _global_table(ctx, weights, llvm_type(DType.float64), "resize_w")
+        taps = indices.shape[1]
+        with loop_nest(b, target.shape, name="r") as index:
+            o = index[axis]
+            total = None
+            for t in range(taps):
+                slot = b.add(b.mul(o, const_i64(taps)), const_i64(t))
+                src_index = list(index)
+                src_index[axis] = b.load(b.gep(idx_table, [const_i64(0), slot], source_etype=idx_table.value_type), typ=I64)
+                value = E.typed(current.load(b, src_index), current.dtype)
+                if not nearest:
+                    w = E.typed(b.load(b.gep(w_table, [const_i64(0), slot], source_etype=w_table.value_type), typ=llvm_type(DType.float64)), DType.float64)
+                    value = E.mul(w, value)
+                total = value if total is None else E.add(total, value)
+            target.store(b, index, total)
+        current = target
+    if current is not y:
+        emit_pointwise(b, ctx.module, y, [current], lambda E, xs: E.cast(xs[0], y.dtype))

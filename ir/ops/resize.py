@@ -87,8 +87,9 @@ def cubic_kernel(t: np.ndarray, a: float) -> np.ndarray:
     return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
 
 
-def _weights(attrs, x: np.ndarray, n_in: int, scale: float) -> np.ndarray:
-    """(out, in) interpolation matrix for linear/cubic, with antialias and exclude_outside."""
+def _weights(attrs, x: np.ndarray, n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of linear/cubic interpolation (with antialias and exclude_outside): (out, T)
+    input indices (clamped to the edge) and their normalized weights."""
     linear = attrs["mode"] == "linear"
     radius = 1 if linear else 2
     s = min(scale, 1.0) if attrs["antialias"] else 1.0
@@ -102,37 +103,50 @@ def _weights(attrs, x: np.ndarray, n_in: int, scale: float) -> np.ndarray:
     if attrs["exclude_outside"]:
         w = np.where(inside, w, 0.0)
     w = w / np.where(w.sum(axis=1, keepdims=True) == 0, 1, w.sum(axis=1, keepdims=True))
-    matrix = np.zeros((len(x), n_in))
-    idx = np.clip(pos, 0, n_in - 1).astype(np.int64)
-    rows = np.repeat(np.arange(len(x)), taps.size)
-    np.add.at(matrix, (rows, idx.reshape(-1)), w.reshape(-1))
-    return matrix
+    return np.clip(pos, 0, n_in - 1).astype(np.int64), w
+
+
+def resized_axes(attrs, shape) -> list[int]:
+    """The axes Resize changes (all of them under tf_crop_and_resize)."""
+    crop = attrs["coordinate_transformation_mode"] == "tf_crop_and_resize"
+    return [a for a, (n_in, n_out) in enumerate(zip(shape, attrs["sizes"])) if crop or n_in != n_out or attrs["scales"][a] != 1]
+
+
+def axis_taps(attrs, axis: int, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How Resize fills one axis: out[o] = sum_t weights[o, t] * in[indices[o, t]], and the
+    rows that fall outside the input (tf_crop_and_resize writes extrapolation_value there).
+    Backends embed these tables; the eager reference applies them with numpy."""
+    coords = _source_coords(attrs, axis, n_in, n_out)
+    if attrs["mode"] == "nearest":
+        indices, weights = _nearest_index(attrs, coords, n_in)[:, None], np.ones((n_out, 1))
+    else:
+        indices, weights = _weights(attrs, coords, n_in, attrs["scales"][axis])
+    return indices, weights, (coords < 0) | (coords > n_in - 1)
 
 
 def _resize(attrs, x: np.ndarray, *unused) -> np.ndarray:
-    out = x.astype(np.float64) if attrs["mode"] != "nearest" else x
-    sizes = attrs["sizes"]
+    nearest = attrs["mode"] == "nearest"
+    out = x if nearest else x.astype(np.float64)
     crop = attrs["coordinate_transformation_mode"] == "tf_crop_and_resize"
     outside_masks = []
-    for axis, (n_in, n_out) in enumerate(zip(x.shape, sizes)):
-        if n_in == n_out and attrs["scales"][axis] == 1 and not crop:
-            continue
-        coords = _source_coords(attrs, axis, n_in, n_out)
-        if attrs["mode"] == "nearest":
-            out = np.take(out, _nearest_index(attrs, coords, n_in), axis=axis)
+    for axis in resized_axes(attrs, x.shape):
+        indices, weights, outside = axis_taps(attrs, axis, x.shape[axis], attrs["sizes"][axis])
+        if nearest:
+            out = np.take(out, indices[:, 0], axis=axis)
         else:
-            w = _weights(attrs, coords, n_in, attrs["scales"][axis])
-            out = np.moveaxis(np.tensordot(w, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
+            moved = np.moveaxis(out, axis, 0)
+            shape = (-1,) + (1,) * (moved.ndim - 1)
+            acc = sum(weights[:, t].reshape(shape) * moved[indices[:, t]] for t in range(indices.shape[1]))
+            out = np.moveaxis(acc, 0, axis)
         if crop:
-            bad = (coords < 0) | (coords > n_in - 1)
-            outside_masks.append((axis, bad))
-    if crop and outside_masks:
+            outside_masks.append((axis, outside))
+    if outside_masks:
         out = np.array(out, dtype=np.float64)
         for axis, bad in outside_masks:
             index = [slice(None)] * out.ndim
             index[axis] = bad
             out[tuple(index)] = attrs["extrapolation_value"]
-    if x.dtype.kind in "iu" and attrs["mode"] != "nearest":
+    if x.dtype.kind in "iu" and not nearest:
         out = np.rint(out)
     return np.asarray(out).astype(x.dtype)
 
