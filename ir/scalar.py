@@ -38,6 +38,14 @@ class ScalarOps(Protocol):
     def logical_or(self, a: Any, b: Any) -> Any: ...
     def logical_xor(self, a: Any, b: Any) -> Any: ...
     def logical_not(self, a: Any) -> Any: ...
+    def rem(self, a: Any, b: Any) -> Any: ...  # C fmod / integer remainder: the dividend's sign
+    def bit_and(self, a: Any, b: Any) -> Any: ...
+    def bit_or(self, a: Any, b: Any) -> Any: ...
+    def bit_xor(self, a: Any, b: Any) -> Any: ...
+    def bit_not(self, a: Any) -> Any: ...
+    def shift_left(self, a: Any, b: Any) -> Any: ...
+    def shift_right(self, a: Any, b: Any) -> Any: ...  # arithmetic for signed, logical for unsigned
+    def isnan(self, a: Any) -> Any: ...  # -> bool
     def cast(self, a: Any, dtype: DType) -> Any: ...
     def cast_like(self, a: Any, like: Any) -> Any: ...  # to like's dtype
     def call(self, fn: str, *args: Any) -> Any: ...  # float math: exp log sqrt tanh erf pow floor ceil sin cos ...
@@ -121,6 +129,30 @@ class NumpyScalarOps:
 
     def logical_not(self, a):
         return np.logical_not(a)
+
+    def rem(self, a, b):
+        return np.fmod(a, b)
+
+    def bit_and(self, a, b):
+        return np.bitwise_and(a, b)
+
+    def bit_or(self, a, b):
+        return np.bitwise_or(a, b)
+
+    def bit_xor(self, a, b):
+        return np.bitwise_xor(a, b)
+
+    def bit_not(self, a):
+        return np.invert(a)
+
+    def shift_left(self, a, b):
+        return np.left_shift(a, b)
+
+    def shift_right(self, a, b):
+        return np.right_shift(a, b)
+
+    def isnan(self, a):
+        return np.isnan(a)
 
     def cast(self, a, dtype):
         a = np.asarray(a)

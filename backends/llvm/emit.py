@@ -229,6 +229,43 @@ class LLVMScalarOps:
             return a
         return self.select(self.lt(a, self.const(0, a)), self.neg(a), a)
 
+    def rem(self, a, b):
+        if self._is_float(a):
+            return self.typed(self.b.frem(a, b), self.dtype(a))
+        op = "srem" if self.dtype(a).is_signed else "urem"
+        return self.typed(getattr(self.b, op)(a, b), self.dtype(a))
+
+    def bit_and(self, a, b):
+        return self.typed(self.b.and_(a, b), self.dtype(a))
+
+    def bit_or(self, a, b):
+        return self.typed(self.b.or_(a, b), self.dtype(a))
+
+    def bit_xor(self, a, b):
+        return self.typed(self.b.xor(a, b), self.dtype(a))
+
+    def bit_not(self, a):
+        return self.typed(self.b.not_(a), self.dtype(a))
+
+    def _shift_in_range(self, a, b):
+        # LLVM shifts by a negative or >= width amount are poison; numpy's give 0 (or the sign)
+        width = ir.Constant(b.type, a.type.width)
+        return self.b.icmp_unsigned("<", b, width)  # unsigned compare: negative counts are huge
+
+    def shift_left(self, a, b):
+        ok = self._shift_in_range(a, b)
+        return self.typed(self.b.select(ok, self.b.shl(a, b), ir.Constant(a.type, 0)), self.dtype(a))
+
+    def shift_right(self, a, b):
+        ok = self._shift_in_range(a, b)
+        if self.dtype(a).is_signed:
+            fill = self.b.ashr(a, ir.Constant(a.type, a.type.width - 1))  # all sign bits
+            return self.typed(self.b.select(ok, self.b.ashr(a, b), fill), self.dtype(a))
+        return self.typed(self.b.select(ok, self.b.lshr(a, b), ir.Constant(a.type, 0)), self.dtype(a))
+
+    def isnan(self, a):
+        return self.typed(self.b.fcmp_unordered("uno", a, a), DType.bool)
+
     def logical_and(self, a, b):
         return self.typed(self.b.and_(a, b), DType.bool)
 

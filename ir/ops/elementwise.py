@@ -375,7 +375,43 @@ COMPUTE = {
     "Mean": lambda E, a, *xs: E.mul(_nary(lambda E, x, y: E.add(x, y))(E, a, *xs), _c(E, 1.0 / len(xs), xs[0])),
     "Cast": lambda E, a, x: E.cast(x, DType.parse(a["to"])),
     "Clip": lambda E, a, x, lo=None, hi=None: _clip_rule(E, x, lo, hi),
+    "Mod": lambda E, a, x, y: E.rem(x, y) if a["fmod"] else _python_mod_rule(E, x, y),
+    "BitShift": lambda E, a, x, y: E.shift_left(x, y) if a["direction"] == "LEFT" else E.shift_right(x, y),
+    "BitwiseAnd": lambda E, a, x, y: E.bit_and(x, y),
+    "BitwiseOr": lambda E, a, x, y: E.bit_or(x, y),
+    "BitwiseXor": lambda E, a, x, y: E.bit_xor(x, y),
+    "BitwiseNot": lambda E, a, x: E.bit_not(x),
+    "IsNaN": lambda E, a, x: E.isnan(x),
+    "IsInf": lambda E, a, x: _isinf_rule(E, a, x),
+    "Celu": lambda E, a, x: E.add(
+        E.max(x, _c(E, 0.0, x)), E.min(_c(E, 0.0, x), E.mul(_c(E, a["alpha"], x), E.call("expm1", E.div(x, _c(E, a["alpha"], x)))))
+    ),
+    "Shrink": lambda E, a, x: E.select(
+        E.lt(x, _c(E, -a["lambd"], x)),
+        E.add(x, _c(E, a["bias"], x)),
+        E.select(E.gt(x, _c(E, a["lambd"], x)), E.sub(x, _c(E, a["bias"], x)), _c(E, 0, x)),
+    ),
 }
+
+
+def _python_mod_rule(E, x, y):
+    # the divisor's sign (numpy.mod): shift a remainder whose sign differs from y's by y
+    r = E.rem(x, y)
+    zero = _c(E, 0, r)
+    wrong_sign = E.logical_and(E.logical_not(E.eq(r, zero)), E.logical_xor(E.lt(r, zero), E.lt(y, _c(E, 0, y))))
+    return E.select(wrong_sign, E.add(r, y), r)
+
+
+def _isinf_rule(E, a, x):
+    inf = _c(E, float("inf"), x)
+    pos, neg = E.eq(x, inf), E.eq(x, E.neg(inf))
+    if a["detect_positive"] and a["detect_negative"]:
+        return E.logical_or(pos, neg)
+    if a["detect_positive"]:
+        return pos
+    if a["detect_negative"]:
+        return neg
+    return E.logical_and(pos, neg)  # neither asked for: always false
 
 
 def _clip_rule(E, x, lo, hi):

@@ -20,10 +20,25 @@ UNIT = RNG.uniform(-0.9, 0.9, 64).astype(np.float32)
 BOOLS = RNG.random(64) < 0.5
 
 DOMAIN = {"Log": POSITIVE, "Sqrt": POSITIVE, "Acosh": POSITIVE + 1, "Asin": UNIT, "Acos": UNIT, "Atanh": UNIT, "Reciprocal": POSITIVE}
-ATTRS = {"Cast": {"to": "i32"}, "Gelu": {"approximate": "tanh"}}
+ATTRS = {"Cast": {"to": "i32"}, "Gelu": {"approximate": "tanh"}, "BitShift": {"direction": "RIGHT"}, "IsInf": {"detect_negative": 0}}
+
+
+INTS_A = RNG.integers(-50, 50, 64).astype(np.int32)
+INTS_B = np.where(RNG.integers(1, 9, 64) % 2 == 0, 1, -1).astype(np.int32) * RNG.integers(1, 9, 64).astype(np.int32)
+UINTS = RNG.integers(0, 200, 64).astype(np.uint8)
 
 
 def operands(op):
+    if op.name == "Mod":
+        return [INTS_A, INTS_B]
+    if op.name == "BitShift":
+        return [UINTS, (UINTS % 8).astype(np.uint8)]
+    if op.name in ("BitwiseAnd", "BitwiseOr", "BitwiseXor"):
+        return [INTS_A, INTS_B]
+    if op.name == "BitwiseNot":
+        return [INTS_A]
+    if op.name in ("IsNaN", "IsInf"):
+        return [np.array([0.0, np.nan, np.inf, -np.inf, 1.5] * 4, np.float32)]
     if op.name in ("Not",):
         return [BOOLS]
     if op.name in ("And", "Or", "Xor"):
