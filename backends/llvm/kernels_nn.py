@@ -479,3 +479,59 @@ def _fill_zero(ctx: KernelContext, view: View) -> None:
     from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
     emit_pointwise(ctx.b, ctx.module, view, [], lambda E, xs: E.typed(ir.Constant(_t(view), 0.0), view.dtype))
+
+
+@kernel("LayerNormalization", "RMSNormalization")
+def layer_norm(ctx: KernelContext) -> None:
+    """Per row of the normalized axes: statistics in float64, then the affine map. LayerNorm
+    also writes its optional Mean and InvStdDev outputs."""
+    from kiln.ir.dtypes import DType
+
+    _require_float(ctx)
+    node = ctx.node
+    rms = node.op.name == "RMSNormalization"
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    axis = node.attrs["axis"] % len(x.shape)
+    outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis:])
+    trailing = x.shape[axis:]
+    rows = View(x.ptr, x.dtype, (outer, inner), (inner, 1))
+    out = View(y.ptr, y.dtype, (outer, inner), (inner, 1))
+
+    def per_column(view: View | None) -> View | None:
+        if view is None:
+            return None
+        # the same element for every row; a column index walks the trailing dims
+        if view.broadcast_to(trailing).strides == tuple(contiguous_strides(trailing)):
+            return View(view.ptr, view.dtype, (1, inner), (0, 1))
+        raise KilnError(f"node {node.name!r}: a broadcast scale/bias has no LLVM kernel yet")
+
+    scale, bias = per_column(ctx.inputs[1]), per_column(ctx.inputs[2] if len(ctx.inputs) > 2 else None)
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    f64 = llvm_type(DType.float64)
+    mean_ptr, var_ptr = entry_alloca(b, f64), entry_alloca(b, f64)
+    eps = node.attrs["epsilon"]
+    with for_range(b, outer, name="row") as r:
+        b.store(ir.Constant(f64, 0.0), mean_ptr)
+        if not rms:
+            with for_range(b, inner, name="c") as c:
+                v = E.cast(E.typed(rows.load(b, [r, c]), x.dtype), DType.float64)
+                b.store(b.fadd(b.load(mean_ptr, typ=f64), v), mean_ptr)
+            b.store(b.fdiv(b.load(mean_ptr, typ=f64), ir.Constant(f64, float(inner))), mean_ptr)
+        mean = E.typed(b.load(mean_ptr, typ=f64), DType.float64)
+        b.store(ir.Constant(f64, 0.0), var_ptr)
+        with for_range(b, inner, name="c") as c:
+            d = E.sub(E.cast(E.typed(rows.load(b, [r, c]), x.dtype), DType.float64), mean)
+            b.store(b.fadd(b.load(var_ptr, typ=f64), b.fmul(d, d)), var_ptr)
+        var = E.typed(b.fdiv(b.load(var_ptr, typ=f64), ir.Constant(f64, float(inner))), DType.float64)
+        inv = E.div(E.const(1.0, var), E.call("sqrt", E.add(var, E.const(eps, var))))
+        with for_range(b, inner, name="c") as c:
+            v = E.mul(E.sub(E.cast(E.typed(rows.load(b, [r, c]), x.dtype), DType.float64), mean), inv)
+            v = E.mul(v, E.cast(E.typed(scale.load(b, [r, c]), scale.dtype), DType.float64))
+            if bias is not None:
+                v = E.add(v, E.cast(E.typed(bias.load(b, [r, c]), bias.dtype), DType.float64))
+            out.store(b, [r, c], E.cast(v, y.dtype))
+        for k, stat in ((1, mean), (2, inv)):
+            if len(ctx.outputs) > k:
+                view = ctx.outputs[k]
+                View(view.ptr, view.dtype, (outer,), (1,)).store(b, [r], E.cast(stat, view.dtype))
