@@ -535,3 +535,31 @@ def layer_norm(ctx: KernelContext) -> None:
             if len(ctx.outputs) > k:
                 view = ctx.outputs[k]
                 View(view.ptr, view.dtype, (outer,), (1,)).store(b, [r], E.cast(stat, view.dtype))
+
+
+@kernel("ArgMax", "ArgMin")
+def arg_extreme(ctx: KernelContext) -> None:
+    """The index of the first (or, with select_last_index, last) extreme along one axis."""
+    node = ctx.node
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    axis = node.attrs["axis"] % len(x.shape)
+    outer, length, inner = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :])
+    xv = View(x.ptr, x.dtype, (outer, length, inner), (length * inner, inner, 1))
+    yv = View(y.ptr, y.dtype, (outer, inner), (inner, 1))
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    best_ptr, index_ptr = entry_alloca(b, _t(x)), entry_alloca(b, ir.IntType(64))
+    better = E.gt if node.op.name == "ArgMax" else E.lt
+    last = node.attrs["select_last_index"]
+    with loop_nest(b, (outer, inner), name="o") as (o, i):
+        b.store(xv.load(b, [o, const_i64(0), i]), best_ptr)
+        b.store(const_i64(0), index_ptr)
+        with for_range(b, length, start=1, name="a") as a:
+            v = E.typed(xv.load(b, [o, a, i]), x.dtype)
+            best = E.typed(b.load(best_ptr, typ=_t(x)), x.dtype)
+            wins = better(v, best)
+            if last:
+                wins = E.logical_or(wins, E.eq(v, best))
+            b.store(b.select(wins, v, best), best_ptr)
+            b.store(b.select(wins, a, b.load(index_ptr, typ=ir.IntType(64))), index_ptr)
+        yv.store(b, [o, i], b.load(index_ptr, typ=ir.IntType(64)))
