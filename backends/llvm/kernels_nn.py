@@ -226,28 +226,36 @@ def conv(ctx: KernelContext) -> None:
             emit_gemm(ctx, wg, src, yg, 1.0, init)
 
 
+def _window(b, base, ch, ks, pos, image_sp, positions_sp, kernel_shape, strides, dilations, pads):
+    """Where kernel tap ``ks`` of window ``pos`` lands in an image of ``image_sp`` (channel ``ch``):
+    the flat element offset (clamped into the image), whether it is inside, and the column
+    matrix's row (channel, tap) and column (position)."""
+    nd = len(kernel_shape)
+    inside = ir.Constant(ir.IntType(1), 1)
+    flat = b.add(base, b.mul(ch, const_i64(math.prod(image_sp))))
+    for axis in range(nd):
+        coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+        ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(image_sp[axis])))
+        inside = b.and_(inside, ok)
+        flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(image_sp[axis + 1 :]))))
+    row = ch
+    for axis in range(nd):
+        row = b.add(b.mul(row, const_i64(kernel_shape[axis])), ks[axis])
+    col = pos[0]
+    for axis in range(1, nd):
+        col = b.add(b.mul(col, const_i64(positions_sp[axis])), pos[axis])
+    return flat, inside, row, col
+
+
 def _im2col(ctx, xv, x_base, cols, cg, kernel_shape, in_sp, out_sp, strides, dilations, pads):
     """cols[(c, k...), (o...)] = x[c, o*s - pad + k*d] (0 outside the image)."""
     b = ctx.b
     nd = len(kernel_shape)
     zero = ir.Constant(_t(cols), 0.0)
     with loop_nest(b, (cg, *kernel_shape, *out_sp), name="col") as index:
-        ch, ks, os_ = index[0], index[1 : 1 + nd], index[1 + nd :]
-        inside = ir.Constant(ir.IntType(1), 1)
-        flat = b.add(x_base, b.mul(ch, const_i64(math.prod(in_sp))))
-        for axis in range(nd):
-            coord = b.add(b.sub(b.mul(os_[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
-            ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
-            inside = b.and_(inside, ok)
-            clamped = b.select(ok, coord, const_i64(0))
-            flat = b.add(flat, b.mul(clamped, const_i64(math.prod(in_sp[axis + 1 :]))))
+        ch, ks, pos = index[0], index[1 : 1 + nd], index[1 + nd :]
+        flat, inside, row, col = _window(b, x_base, ch, ks, pos, in_sp, out_sp, kernel_shape, strides, dilations, pads)
         value = b.load(b.gep(xv.ptr, [flat], source_etype=_t(xv)), typ=_t(xv))
-        row = ch
-        for axis in range(nd):
-            row = b.add(b.mul(row, const_i64(kernel_shape[axis])), ks[axis])
-        col = os_[0]
-        for axis in range(1, nd):
-            col = b.add(b.mul(col, const_i64(out_sp[axis])), os_[axis])
         cols.store(b, [row, col], b.select(inside, value, zero))
 
 
@@ -450,19 +458,7 @@ def conv_transpose(ctx: KernelContext) -> None:
             y_base = b.add(b.mul(img, const_i64(groups * mg * math.prod(out_sp))), b.mul(g, const_i64(mg * math.prod(out_sp))))
             with loop_nest(b, (mg, *kernel_shape, *in_sp), name="sc") as index:
                 ch, ks, pos = index[0], index[1 : 1 + nd], index[1 + nd :]
-                inside = ir.Constant(ir.IntType(1), 1)
-                flat = b.add(y_base, b.mul(ch, const_i64(math.prod(out_sp))))
-                for axis in range(nd):
-                    coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
-                    ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(out_sp[axis])))
-                    inside = b.and_(inside, ok)
-                    flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(out_sp[axis + 1 :]))))
-                row = ch
-                for axis in range(nd):
-                    row = b.add(b.mul(row, const_i64(kernel_shape[axis])), ks[axis])
-                col = pos[0]
-                for axis in range(1, nd):
-                    col = b.add(b.mul(col, const_i64(in_sp[axis])), pos[axis])
+                flat, inside, row, col = _window(b, y_base, ch, ks, pos, out_sp, in_sp, kernel_shape, strides, dilations, pads)
                 target = b.gep(y.ptr, [flat], source_etype=_t(y))
                 current = E.typed(b.load(target, typ=_t(y)), y.dtype)
                 added = E.add(current, E.typed(cols.load(b, [row, col]), y.dtype))
