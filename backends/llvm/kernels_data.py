@@ -138,12 +138,7 @@ def gather(ctx: KernelContext) -> None:
     dim = data.shape[axis]
     with loop_nest(b, out.shape) as index:
         before, picked, after = index[:axis], index[axis : axis + len(idx.shape)], index[axis + len(idx.shape) :]
-        i = idx.load(b, picked)
-        i = b.sext(i, I64) if i.type != I64 else i
-        i = b.select(b.icmp_signed("<", i, const_i64(0)), b.add(i, const_i64(dim)), i)
-        # clamp: an out-of-range index reads a valid element instead of memory it does not own
-        i = b.select(b.icmp_signed("<", i, const_i64(0)), const_i64(0), i)
-        i = b.select(b.icmp_signed(">=", i, const_i64(dim)), const_i64(dim - 1), i)
+        i = _wrap_index(b, idx.load(b, picked), dim)
         out.store(b, index, data.load(b, [*before, i, *after]))
 
 
@@ -222,3 +217,38 @@ def resize(ctx: KernelContext) -> None:
         current = target
     if current is not y:
         emit_pointwise(b, ctx.module, y, [current], lambda E, xs: E.cast(xs[0], y.dtype))
+
+
+def _wrap_index(b: ir.IRBuilder, i: ir.Value, dim: int) -> ir.Value:
+    """A possibly negative index into a dim of ``dim``, wrapped and clamped into range (an
+    out-of-range index reads a valid element rather than memory the kernel does not own)."""
+    i = b.sext(i, I64) if i.type != I64 else i
+    i = b.select(b.icmp_signed("<", i, const_i64(0)), b.add(i, const_i64(dim)), i)
+    i = b.select(b.icmp_signed("<", i, const_i64(0)), const_i64(0), i)
+    return b.select(b.icmp_signed(">=", i, const_i64(dim)), const_i64(dim - 1), i)
+
+
+@kernel("GatherElements")
+def gather_elements(ctx: KernelContext) -> None:
+    data, idx = ctx.inputs
+    out = ctx.outputs[0]
+    axis = ctx.node.attrs["axis"] % len(data.shape)
+    b = ctx.b
+    with loop_nest(b, out.shape) as index:
+        source = list(index)
+        source[axis] = _wrap_index(b, idx.load(b, index), data.shape[axis])
+        out.store(b, index, data.load(b, source))
+
+
+@kernel("Trilu")
+def trilu(ctx: KernelContext) -> None:
+    """Keep the upper (j - i >= k) or lower (j - i <= k) triangle of the last two dims."""
+    x, out = ctx.inputs[0], ctx.outputs[0]
+    k, upper = ctx.node.attrs["k"], ctx.node.attrs["upper"]
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    with loop_nest(b, out.shape) as index:
+        diagonal = b.sub(index[-1], index[-2])
+        keep = b.icmp_signed(">=" if upper else "<=", diagonal, const_i64(k))
+        value = E.typed(x.load(b, index), x.dtype)
+        out.store(b, index, E.select(E.typed(keep, DType.bool), value, _constant(E, 0, x.dtype)))
