@@ -16,7 +16,7 @@ import llvmlite.ir as ir
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.plan_memory import MemoryPlan, check_plan, plan_memory
-from kiln.backends.llvm.emit import PTR, LLVMScalarOps, View, const_i64
+from kiln.backends.llvm.emit import PTR, View, const_i64
 
 ENTRY = "kiln_main"
 
@@ -33,9 +33,6 @@ class KernelContext:
     outputs: list[View]
     scratch: ir.Value
     codegen: "Codegen"
-
-    def scalar_ops(self) -> LLVMScalarOps:
-        return LLVMScalarOps(self.b, self.module)
 
 
 KernelEmitter = Callable[[KernelContext], None]
@@ -94,7 +91,6 @@ def scratch_bytes(node: Node) -> int:
 
 @dataclass
 class Codegen:
-    graph: Graph
     module: ir.Module = field(default_factory=lambda: ir.Module(name="kiln"))
     _count: int = 0
 
@@ -146,7 +142,7 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int]:
         raise KilnError(f"the llvm target has no kernels yet for: {', '.join(missing)}")
     plan = plan_memory(graph)
     check_plan(graph, plan)
-    cg = Codegen(graph)
+    cg = Codegen()
     entry = ir.Function(cg.module, ir.FunctionType(ir.VoidType(), [PTR]), ENTRY)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
     table = entry.args[0]

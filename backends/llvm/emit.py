@@ -4,7 +4,6 @@ typed views of buffers, ``for_range`` loop nests, and ScalarOps over LLVM values
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -332,6 +331,3 @@ class LLVMScalarOps:
             callee = self.module.globals.get(name) or ir.Function(self.module, ir.FunctionType(ty, [ty] * len(args)), name)
         return self.typed(self.b.call(callee, list(args)), dtype)
 
-
-def element_count(shape: Sequence[int]) -> int:
-    return math.prod(shape)

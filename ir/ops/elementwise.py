@@ -47,10 +47,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x64 >= 0, 1 / (1 + np.exp(-np.abs(x64))), np.exp(-np.abs(x64)) / (1 + np.exp(-np.abs(x64))))
 
 
-def _round_half_even(x: np.ndarray) -> np.ndarray:
-    return np.round(x)
-
-
 def _softplus(x: np.ndarray) -> np.ndarray:
     x64 = x.astype(np.float64)
     return np.logaddexp(0, x64)
@@ -74,7 +70,7 @@ unary("Sqrt", lambda a, x: np.sqrt(x))
 unary("Reciprocal", lambda a, x: np.reciprocal(x))
 unary("Floor", lambda a, x: np.floor(x))
 unary("Ceil", lambda a, x: np.ceil(x))
-unary("Round", lambda a, x: _round_half_even(x))
+unary("Round", lambda a, x: np.round(x))  # numpy rounds half to even, as ONNX does
 unary("Sin", lambda a, x: np.sin(x))
 unary("Cos", lambda a, x: np.cos(x))
 unary("Tan", lambda a, x: np.tan(x))

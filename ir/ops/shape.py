@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from kiln.ir.dtypes import ALL, DType, INTS, SIGNED_INTS
+from kiln.ir.dtypes import DType, INTS
 from kiln.ir.opdef import REQUIRED, OpDef, OpKind, register
 from kiln.ir.ops.rules import broadcast_shapes, check_dtype, fail, ints, norm_axes, norm_axis, present, same_dtype
 from kiln.ir.types import TensorType
