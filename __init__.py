@@ -10,12 +10,19 @@ __version__ = "0.1.0"
 from kiln.errors import KilnError  # noqa: E402
 from kiln.driver import compile, optimize  # noqa: E402
 from kiln.runtime.module import Module, load  # noqa: E402
+from kiln.frontend.dsl.tensor import Tensor  # noqa: E402
+from kiln.frontend.dsl.trace import jit, trace  # noqa: E402
+from kiln.frontend.onnx.export import export_onnx  # noqa: E402
 
-__all__ = ["KilnError", "Module", "compile", "load", "optimize", "__version__"]
+__all__ = ["KilnError", "Module", "Tensor", "compile", "export_onnx", "jit", "load", "optimize", "trace", "__version__"]
 
 
 def __getattr__(name: str):
     # kiln.onnx_backend: the onnx.backend.base.Backend adapter, imported on first use
+    if name == "nn":
+        import kiln.nn
+
+        return kiln.nn
     if name == "onnx_backend":
         from kiln.runtime import onnx_backend
 

@@ -187,6 +187,12 @@ class Graph:
         del self.params[value]
         self._names.discard(value.name)
 
+    def remove_unread_params(self) -> None:
+        """Drop the parameters that no node and no graph output reads."""
+        read = {v for node in self.nodes for v in node.inputs} | set(self.outputs)
+        for value in [v for v in self.params if v not in read]:
+            self.remove_param(value)
+
     def copy(self) -> "Graph":
         """A copy of the structure; parameter arrays are shared (passes replace them, never mutate)."""
         g = Graph(self.name)

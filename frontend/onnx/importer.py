@@ -411,4 +411,5 @@ def import_onnx(
     g = model.graph
     importer.convert_nodes(topological_nodes(g, [*importer.env, *(i.name for i in g.input)], source))
     importer.bind_outputs()
+    importer.graph.remove_unread_params()  # initializers that became attributes (a Reshape's shape)
     return importer.graph

@@ -1,0 +1,1 @@
+"""The Python DSL: tensors, layers and tracing (``kiln.Tensor``, ``kiln.nn``, ``kiln.trace``)."""
