@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 
 from kiln.driver import compile as kiln_compile
-from kiln.driver import resolve_model_path
+from kiln.driver import resolve_model
 from kiln.errors import KilnError
 
 RTOL, ATOL = 1e-3, 1e-4
@@ -76,13 +77,14 @@ def _errors(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> tu
     return abs_err, rel_err, ok
 
 
-def _onnxruntime(path: Path, threads: int = 2):
+def _onnxruntime(model: "Path | onnx.ModelProto", threads: int = 2):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
@@ -100,7 +102,9 @@ def bench(
 
     ``progress(label, total)`` returns a function to call once per run (for a progress bar).
     """
-    path = resolve_model_path(model)
+    path = resolve_model(model, shapes)
+    if isinstance(path, onnx.ModelProto):
+        shapes = None  # a zoo model: exported at these shapes already
     runtimes = [target, *[r for r in vs if r != target]]
     if "eager" not in runtimes:
         runtimes.append("eager")

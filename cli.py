@@ -49,7 +49,7 @@ def _parse_inputs(ctx, param, values: Sequence[str]) -> dict[str, Path]:
     return files
 
 
-MODEL_HELP = "an .onnx file, a .kiln artifact, or a built-in model name (see `kiln zoo`)"
+MODEL_HELP = "an .onnx file, a .kiln artifact, or a zoo model name (see `kiln zoo`)"
 
 
 def _open(model: str, target: str, shapes: dict, opts: dict | None = None):
@@ -292,11 +292,22 @@ def list_passes() -> None:
 
 @cli.command()
 def zoo() -> None:
-    """List the built-in models."""
-    table = Table("name", "file")
-    for name, path in builtin_models().items():
-        table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), str(path))
+    """List the zoo models (with parameters and FLOPs at the standard size) and the light ONNX nets."""
+    from kiln.ir.cost import graph_flops
+    from kiln.models.zoo import ZOO, build, zoo_graph
+
+    table = Table("name", "model", "input", "parameters", "GFLOPs")
+    for name, entry in ZOO.items():
+        params = build(name).num_parameters
+        flops = graph_flops(zoo_graph(name))
+        label = name + (" (default)" if name == DEFAULT_MODEL else "")
+        shape = "x".join(map(str, entry.input_shape))
+        table.add_row(label, entry.description, shape, f"{params:,}", f"{flops / 1e9:.3f}")
     out.print(table)
+    light = Table("light ONNX net", "file")
+    for name, path in builtin_models().items():
+        light.add_row(name, str(path))
+    out.print(light)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

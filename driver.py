@@ -14,10 +14,12 @@ import numpy as np
 import onnx
 
 from kiln.errors import KilnError, ModelLoadError
+from kiln.frontend.dsl.module import Module as DSLModule
+from kiln.frontend.dsl.trace import trace
 from kiln.frontend.onnx import import_onnx, load_model
 from kiln.ir.graph import Graph
 from kiln.ir.verify import verify
-from kiln.models import builtin_model_path
+from kiln.models import ZOO, builtin_model_path
 from kiln.backends import get_backend
 from kiln.passes.base import Pass, PassManager
 from kiln.passes.pipelines import pipeline as pipeline_passes
@@ -25,15 +27,20 @@ from kiln.runtime.module import Module
 
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A file path, or the path of a built-in model named ``model`` (see ``kiln.models``)."""
+def resolve_model(model: str | os.PathLike, shapes: Mapping[str, Sequence[int]] | None = None) -> "Path | onnx.ModelProto":
+    """A file path; or for a zoo name, its ONNX export at ``shapes`` (``{"input": (...)}``);
+    or the path of a light ONNX net of that name (see ``kiln zoo``)."""
     path = Path(model)
     if path.exists():
         return path
+    if str(model) in ZOO:
+        from kiln.models.zoo import zoo_onnx
+
+        return zoo_onnx(str(model), shapes)
     builtin = builtin_model_path(str(model))
     if builtin is not None:
         return builtin
-    raise ModelLoadError(f"{model}: no such file, and no built-in model of that name (try `kiln zoo`)")
+    raise ModelLoadError(f"{model}: no such file, and no zoo model of that name (try `kiln zoo`)")
 
 
 def to_graph(
@@ -49,12 +56,19 @@ def to_graph(
     elif isinstance(model, onnx.ModelProto):
         graph = import_onnx(model, shapes, constants, source=model.graph.name or "model")
     elif isinstance(model, (str, os.PathLike)):
-        path = resolve_model_path(model)
+        path = resolve_model(model, shapes)
+        if isinstance(path, onnx.ModelProto):  # a zoo model, exported at the requested shape
+            return to_graph(path, None, constants)
         if path.suffix == ".kiln":
             raise KilnError(f"{path}: is a compiled artifact; open it with kiln.load()")
         graph = import_onnx(load_model(path), shapes, constants, source=str(path))
+    elif isinstance(model, DSLModule):
+        if not shapes:
+            raise KilnError("compiling a kiln.nn.Module needs shapes={input name: shape} (float32 inputs), or trace it with kiln.trace")
+        examples = [np.zeros(tuple(shape), np.float32) for shape in shapes.values()]
+        graph = trace(model, examples, input_names=list(shapes))
     else:
-        raise KilnError(f"cannot compile a {type(model).__name__}: give a path, an onnx.ModelProto or a kiln Graph")
+        raise KilnError(f"cannot compile a {type(model).__name__}: give a path, a zoo name, an onnx.ModelProto, a kiln.nn.Module or a kiln Graph")
     verify(graph)
     return graph
 

@@ -1,12 +1,27 @@
-"""kiln's model zoo: models users can name instead of a file.
+"""kiln's model zoo: DSL models buildable by name, and the light ONNX nets of the onnx wheel.
 
-For now these are the nine ``light_*`` ImageNet nets shipped inside the onnx wheel (small
-weights, real architectures: ResNet-50, DenseNet-121, Inception, SqueezeNet, VGG-19, ...).
+    model = kiln.models.resnet18(num_classes=10)     # a kiln.nn.Module
+    kiln.compile("unet", shapes={"input": (1, 3, 128, 128)})
+
+``ZOO`` lists the DSL families (MLP, LeNet-5, ResNet-18/34/50, LSTM and GRU classifiers,
+FCN-8s, U-Net, DeepLabv3); ``builtin_models()`` the nine ``light_*`` ImageNet nets shipped
+inside the onnx wheel (small weights, real architectures).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from kiln.models.classic import lenet5, mlp
+from kiln.models.resnet import resnet18, resnet34, resnet50
+from kiln.models.rnn import gru_classifier, lstm_classifier
+from kiln.models.segmentation import deeplabv3, fcn, unet
+from kiln.models.zoo import ZOO, build, zoo_graph, zoo_onnx
+
+__all__ = [
+    "ZOO", "build", "builtin_models", "deeplabv3", "fcn", "gru_classifier", "lenet5", "lstm_classifier",
+    "mlp", "resnet18", "resnet34", "resnet50", "unet", "zoo_graph", "zoo_onnx",
+]
 
 
 def _light_dir() -> Path:
@@ -16,7 +31,7 @@ def _light_dir() -> Path:
 
 
 def builtin_models() -> dict[str, Path]:
-    """Name -> ONNX file of every built-in model."""
+    """Name -> ONNX file of every light net of the onnx wheel."""
     return {p.stem: p for p in sorted(_light_dir().glob("light_*.onnx"))}
 
 
@@ -24,4 +39,4 @@ def builtin_model_path(name: str) -> Path | None:
     return builtin_models().get(name)
 
 
-DEFAULT_MODEL = "light_resnet50"
+DEFAULT_MODEL = "resnet18"
