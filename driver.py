@@ -80,8 +80,9 @@ def optimize(
     shapes: Mapping[str, Sequence[int]] | None = None,
     constants: Mapping[str, np.ndarray] | None = None,
     dump_ir: str | os.PathLike | None = None,
+    lowering: Sequence["str | Pass"] = (),
 ) -> Graph:
-    """Import ``model`` and run ``pipeline`` (``O0``/``O1``/``O2``) then ``passes`` over it.
+    """Import ``model`` and run ``lowering``, ``pipeline`` (``O0``/``O1``/``O2``) then ``passes``.
 
     A Graph given as ``model`` is copied first, never edited. ``dump_ir`` writes the IR before
     and after each pass into that folder. The pass records are on ``graph.pass_records``.
@@ -89,7 +90,7 @@ def optimize(
     graph = to_graph(model, shapes, constants)
     if isinstance(model, Graph):
         graph = graph.copy()
-    manager = PassManager([*pipeline_passes(pipeline), *passes], Path(dump_ir) if dump_ir is not None else None)
+    manager = PassManager([*lowering, *pipeline_passes(pipeline), *passes], Path(dump_ir) if dump_ir is not None else None)
     graph = manager.run(graph)
     graph.pass_records = manager.records
     return graph
@@ -111,7 +112,7 @@ def compile(
     (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it.
     """
     backend = get_backend(target)
-    graph = optimize(model, pipeline or backend.default_pipeline, passes, shapes, constants, dump_ir)
+    graph = optimize(model, pipeline or backend.default_pipeline, passes, shapes, constants, dump_ir, backend.lowering)
     module = Module(graph, target, backend.build(graph))
     module.pass_records = graph.pass_records
     return module

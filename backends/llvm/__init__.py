@@ -119,6 +119,7 @@ class LLVMBackend:
 
     name = "llvm"
     default_pipeline = "O2"
+    lowering = ["decompose_rnn"]  # ops expressed through others before any pipeline runs
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()

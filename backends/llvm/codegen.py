@@ -15,6 +15,7 @@ import llvmlite.ir as ir
 
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.text import print_graph
 from kiln.passes.plan_memory import MemoryPlan, check_plan, plan_memory
 from kiln.backends.llvm.emit import PTR, View, const_i64
 
@@ -93,9 +94,17 @@ def scratch_bytes(node: Node) -> int:
 class Codegen:
     module: ir.Module = field(default_factory=lambda: ir.Module(name="kiln"))
     _count: int = 0
+    _emitted: dict[str, ir.Function] = field(default_factory=dict)
 
     def kernel_function(self, node: Node) -> ir.Function:
-        """Emit ``node``'s kernel as ``void kernel_N(ptr in..., ptr out..., ptr scratch)``."""
+        """``node``'s kernel, ``void kernel_N(ptr in..., ptr out..., ptr scratch)``: emitted once
+        per distinct signature (op, attributes, types), so repeated blocks share their code."""
+        key = kernel_signature(node)
+        if key not in self._emitted:
+            self._emitted[key] = self._emit_kernel(node)
+        return self._emitted[key]
+
+    def _emit_kernel(self, node: Node) -> ir.Function:
         rule = kernel_rule(node)
         if rule is None:
             raise KilnError(f"node {node.name or node.op.name!r}: no LLVM kernel for {node.op.name} yet")
@@ -128,6 +137,14 @@ class Codegen:
             args += [address(v) for v in node.outputs]
             args.append(inner_scratch)
             b.call(fn, args)
+
+
+def kernel_signature(node: Node) -> str:
+    """What a kernel's code depends on: op, attributes (a fused body by its canonical text,
+    parameters included by content hash) and the types of its inputs and outputs."""
+    attrs = {k: print_graph(v, canonical=True) if isinstance(v, Graph) else repr(v) for k, v in node.attrs.items()}
+    ins = [str(v.type) if v is not None else "_" for v in node.inputs]
+    return repr((node.op.name, sorted(attrs.items()), ins, [str(v.type) for v in node.outputs]))
 
 
 def program_bytes(graph: Graph, plan: MemoryPlan) -> int:

@@ -3,6 +3,7 @@ pipeline (vectorizers on)."""
 
 from __future__ import annotations
 
+import ctypes.util
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -15,6 +16,11 @@ from kiln.errors import KilnError
 def _initialized() -> bool:
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    # the math functions kernels call (expf, tanhf...) come from libm: make its symbols known
+    # before the first compile checks them, not only once a JIT engine has loaded the process
+    libm = ctypes.util.find_library("m")
+    if libm:
+        llvm.load_library_permanently(libm)
     return True
 
 

@@ -223,21 +223,22 @@ class _Recurrent(Module):
             setattr(self, f"bias_l{k}", Parameter(init.uniform((d, 2 * g), -bound, bound)))
 
     def _attrs(self) -> dict:
-        return {"hidden_size": self.hidden_size, "direction": "bidirectional" if self.directions == 2 else "forward", "layout": 1}
+        return {"hidden_size": self.hidden_size, "direction": "bidirectional" if self.directions == 2 else "forward"}
 
     def forward(self, x: Tensor):
         if x.ndim != 3:
             raise KilnError(f"{self.op}: input must be 3-D, got shape {list(x.shape)}")
-        h = x if self.batch_first else F.transpose(x, 0, 1)  # the op runs with layout=1 (batch first)
+        # the op runs time-major (layout 0: the layout every ONNX runtime supports)
+        h = F.transpose(x, 0, 1) if self.batch_first else x
         finals: list[list[Tensor]] = []
         for k in range(self.num_layers):
             w, r, b = (getattr(self, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias"))
             outs = apply(self.op, [h, w, r, b], self._attrs(), num_outputs=3 if self.op == "LSTM" else 2)
-            y = outs[0]  # (batch, seq, dirs, H)
+            y = F.permute(outs[0], 0, 2, 1, 3)  # (seq, dirs, batch, H) -> (seq, batch, dirs, H)
             h = F.reshape(y, [y.shape[0], y.shape[1], self.directions * self.hidden_size])
-            finals.append([F.transpose(state, 0, 1) for state in outs[1:]])  # (dirs, batch, H)
-        output = h if self.batch_first else F.transpose(h, 0, 1)
-        states = [F.concat([f[i] for f in finals], axis=0) for i in range(len(finals[0]))]
+            finals.append(list(outs[1:]))  # (dirs, batch, H) each
+        output = F.transpose(h, 0, 1) if self.batch_first else h
+        states = [F.concat([f[i] for f in finals], axis=0) if len(finals) > 1 else finals[0][i] for i in range(len(finals[0]))]
         return output, (states[0] if len(states) == 1 else tuple(states))
 
 

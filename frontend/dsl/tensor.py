@@ -238,6 +238,8 @@ def apply(op: str | OpDef, inputs: Sequence[Any], attrs: Mapping[str, Any] | Non
     """
     opdef = get_op(op) if isinstance(op, str) else op
     tensors = _as_tensors(inputs)
+    while tensors and tensors[-1] is None:
+        tensors.pop()  # absent trailing optional inputs are left off, as the importer does
     tracer = _TRACER.get()
     try:
         attrs = {k: _float32_attr(v) for k, v in opdef.complete_attrs(attrs or {}).items()}

@@ -1,0 +1,178 @@
+"""decompose_rnn: LSTM, GRU and RNN nodes unrolled into GEMMs and elementwise gate math.
+
+For backends without a recurrent kernel (llvm). Per direction, the input projection of every
+time step is one GEMM over (seq * batch) rows; each step then adds one GEMM with the recurrent
+weights (the projection of step t as its C operand) and the gate arithmetic, which the fusion
+pass groups into one kernel per step.
+
+Preconditions: none (nodes it cannot express are left alone: custom activations, clip,
+peepholes, input_forget, sequence lengths). Postconditions: no LSTM/GRU/RNN node of the
+supported kind remains; outputs keep their names, so graph outputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.base import graph_pass
+
+RECURRENT = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def expressible(node: Node) -> bool:
+    a = node.attrs
+    ins = node.inputs + [None] * (8 - len(node.inputs))
+    plain = a["activations"] is None and a["clip"] is None and ins[4] is None
+    if node.op.name == "LSTM":
+        plain = plain and not a["input_forget"] and ins[7] is None
+    return plain
+
+
+class _Unroller:
+    """Emits the unrolled form of one recurrent node into ``g`` (appending nodes in order)."""
+
+    def __init__(self, g: Graph, node: Node, taken: set[str]):
+        self.g, self.node, self.where = g, node, node.name or node.op.name
+        self.taken = taken  # the names of the graph being rebuilt: new values must not take them
+        self.count = 0
+
+    def fresh(self, hint: str) -> str:
+        name = self.g.fresh_name(hint)
+        while name in self.taken:
+            name = self.g.fresh_name(name + "_")
+        return name
+
+    def add_param(self, hint: str, array: np.ndarray) -> Value:
+        return self.g.add_param(self.fresh(f"{self.where}.{hint}"), array)
+
+    def emit(self, op: str, inputs, attrs=None, num_outputs=None) -> list[Value]:
+        self.count += 1
+        node = self.g.add_node(op, inputs, attrs or {}, name=f"{self.where}/{op}_{self.count}", num_outputs=num_outputs)
+        for value in node.outputs:
+            if value.name in self.taken:  # a name a later node of the old graph will claim
+                self.g.rename(value, self.fresh(f"{self.where}.{self.count}"))
+        return node.outputs
+
+    def one(self, op: str, inputs, attrs=None) -> Value:
+        return self.emit(op, inputs, attrs)[0]
+
+    def reshape(self, v: Value, shape) -> Value:
+        return v if list(v.type.shape) == list(shape) else self.one("Reshape", [v], {"shape": list(shape)})
+
+    def slice_rows(self, v: Value, axis: int, start: int, end: int) -> Value:
+        return self.one("Slice", [v], {"starts": [start], "ends": [end], "axes": [axis]})
+
+    def run(self) -> list[Value]:
+        node, op = self.node, self.node.op.name
+        a = node.attrs
+        ins = node.inputs + [None] * (8 - len(node.inputs))
+        x, w, r, b, _, h0, c0 = ins[:7]
+        if a["layout"]:
+            x = self.one("Transpose", [x], {"perm": [1, 0, 2]})
+            h0 = self.one("Transpose", [h0], {"perm": [1, 0, 2]}) if h0 is not None else None
+            c0 = self.one("Transpose", [c0], {"perm": [1, 0, 2]}) if c0 is not None else None
+        seq, batch, width = x.type.shape
+        hidden, gates = r.type.shape[-1], RECURRENT[op]
+        dirs = w.type.shape[0]
+        dtype = x.type.dtype.numpy
+        x2 = self.reshape(x, [seq * batch, width])
+        ys, hs, cs = [], [], []
+        for d in range(dirs):
+            wd = self.reshape(self.slice_rows(w, 0, d, d + 1), [gates * hidden, width])
+            rd = self.reshape(self.slice_rows(r, 0, d, d + 1), [gates * hidden, hidden])
+            if b is not None:
+                bd = self.reshape(self.slice_rows(b, 0, d, d + 1), [2 * gates * hidden])
+                wb, rb = self.slice_rows(bd, 0, 0, gates * hidden), self.slice_rows(bd, 0, gates * hidden, 2 * gates * hidden)
+            else:
+                zero = self.add_param("zero_bias", np.zeros(gates * hidden, dtype))
+                wb = rb = zero
+            if op != "GRU":
+                wb, rb = self.one("Add", [wb, rb]), None  # both biases go into the input projection
+            proj = self.one("Gemm", [x2, wd, wb], {"transB": 1})
+            steps = self.emit("Split", [proj], {"axis": 0, "split": [batch] * seq}) if seq > 1 else [proj]
+            h = self.initial(h0, d, batch, hidden, dtype)
+            c = self.initial(c0, d, batch, hidden, dtype) if op == "LSTM" else None
+            reverse = a["direction"] == "reverse" or d == 1
+            outs: list[Value | None] = [None] * seq
+            for t in (reversed(range(seq)) if reverse else range(seq)):
+                h, c = self.step(op, steps[t], h, c, rd, rb, hidden)
+                outs[t] = self.reshape(h, [1, 1, batch, hidden])
+            ys.append(self.one("Concat", outs, {"axis": 0}) if seq > 1 else outs[0])
+            hs.append(self.reshape(h, [1, batch, hidden]))
+            if c is not None:
+                cs.append(self.reshape(c, [1, batch, hidden]))
+        join = lambda vs, axis: vs[0] if len(vs) == 1 else self.one("Concat", vs, {"axis": axis})  # noqa: E731
+        y, y_h = join(ys, 1), join(hs, 0)
+        y_c = join(cs, 0) if cs else None
+        if a["layout"]:
+            y = self.one("Transpose", [y], {"perm": [2, 0, 1, 3]})
+            y_h = self.one("Transpose", [y_h], {"perm": [1, 0, 2]})
+            y_c = self.one("Transpose", [y_c], {"perm": [1, 0, 2]}) if y_c is not None else None
+        return [y, y_h, y_c][: len(node.outputs)]
+
+    def initial(self, state: Value | None, d: int, batch: int, hidden: int, dtype) -> Value:
+        if state is None:
+            return self.add_param("zero_state", np.zeros((batch, hidden), dtype))
+        return self.reshape(self.slice_rows(state, 0, d, d + 1), [batch, hidden])
+
+    def step(self, op: str, gx: Value, h: Value, c: Value | None, rd: Value, rb: Value | None, hidden: int):
+        """One time step: the new hidden (and cell) state."""
+        if op == "RNN":
+            return self.one("Tanh", [self.one("Gemm", [h, rd, gx], {"transB": 1})]), None
+        if op == "LSTM":
+            pre = self.one("Gemm", [h, rd, gx], {"transB": 1})
+            gi, go, gf, gc = self.emit("Split", [pre], {"axis": 1, "split": [hidden] * 4})
+            i, o, f = (self.one("Sigmoid", [v]) for v in (gi, go, gf))
+            c_new = self.one("Add", [self.one("Mul", [f, c]), self.one("Mul", [i, self.one("Tanh", [gc])])])
+            return self.one("Mul", [o, self.one("Tanh", [c_new])]), c_new
+        # GRU: z, r, candidate
+        xz, xr, xn = self.emit("Split", [gx], {"axis": 1, "split": [hidden] * 3})
+        if self.node.attrs["linear_before_reset"]:
+            gh = self.one("Gemm", [h, rd, rb], {"transB": 1})
+            hz, hr, hn = self.emit("Split", [gh], {"axis": 1, "split": [hidden] * 3})
+        else:
+            r_zr, r_n = self.slice_rows(rd, 0, 0, 2 * hidden), self.slice_rows(rd, 0, 2 * hidden, 3 * hidden)
+            b_zr, b_n = self.slice_rows(rb, 0, 0, 2 * hidden), self.slice_rows(rb, 0, 2 * hidden, 3 * hidden)
+            hz, hr = self.emit("Split", [self.one("Gemm", [h, r_zr, b_zr], {"transB": 1})], {"axis": 1, "split": [hidden] * 2})
+        z = self.one("Sigmoid", [self.one("Add", [xz, hz])])
+        rgate = self.one("Sigmoid", [self.one("Add", [xr, hr])])
+        if self.node.attrs["linear_before_reset"]:
+            cand = self.one("Add", [xn, self.one("Mul", [rgate, hn])])
+        else:
+            cand = self.one("Add", [xn, self.one("Gemm", [self.one("Mul", [rgate, h]), r_n, b_n], {"transB": 1})])
+        n = self.one("Tanh", [cand])
+        # (1 - z) * n + z * h  ==  n + z * (h - n)
+        return self.one("Add", [n, self.one("Mul", [z, self.one("Sub", [h, n])])]), None
+
+
+@graph_pass("decompose_rnn")
+def decompose_rnn(graph: Graph) -> Graph:
+    """LSTM/GRU/RNN unrolled over time into GEMMs and gate arithmetic (for kernels without RNNs)."""
+    if not any(n.op.name in RECURRENT and expressible(n) for n in graph.nodes):
+        return graph
+    out = Graph(graph.name)
+    taken = {v.name for v in graph.values()}
+    new: dict[Value, Value] = {}
+    for v in graph.inputs:
+        new[v] = out.add_input(v.name, v.type)
+    for v, array in graph.params.items():
+        new[v] = out.add_param(v.name, array)
+    for node in graph.nodes:
+        inputs = [new[v] if v is not None else None for v in node.inputs]
+        if node.op.name in RECURRENT and expressible(node):
+            results = _Unroller(out, _rebound(node, inputs), taken).run()
+        else:
+            results = out.add_node(node.op, inputs, node.attrs, name=node.name, output_names=[v.name for v in node.outputs]).outputs
+        for old, value in zip(node.outputs, results):
+            if value.producer is not None and value.name != old.name and not out.has_name(old.name):
+                out.rename(value, old.name)
+            new[old] = value
+    out.outputs = [new[v] for v in graph.outputs]
+    return out
+
+
+def _rebound(node: Node, inputs: list[Value | None]) -> Node:
+    twin = Node(node.op, inputs, node.attrs, node.name)
+    twin.outputs = node.outputs
+    return twin
