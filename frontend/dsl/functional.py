@@ -157,7 +157,10 @@ def group_norm(x, num_groups: int, weight, bias, eps: float = 1e-5) -> Tensor:
 
 
 def dropout(x, p: float = 0.5, training: bool = False, seed: int = 0) -> Tensor:
-    """Inverted dropout; the mask is drawn from MT19937 seeded by ``seed`` (reproducible)."""
+    """Inverted dropout; the mask is drawn from MT19937 seeded by ``seed`` (reproducible).
+    Outside training it is the identity (no node, as the ONNX importer has it)."""
+    if not training or p == 0:
+        return x
     return apply("Dropout", [x], {"ratio": p, "training_mode": int(training), "seed": seed}, num_outputs=1)
 
 

@@ -234,7 +234,8 @@ def apply(op: str | OpDef, inputs: Sequence[Any], attrs: Mapping[str, Any] | Non
     """Run (eager) or record (tracing) ``op`` on ``inputs``; one Tensor, or a tuple for several outputs.
 
     Inputs may be Tensors, arrays or Python scalars (``None`` for an absent optional input);
-    a scalar takes the dtype of the first tensor input, as ``x + 1`` expects.
+    a scalar takes the dtype of the first tensor input, as ``x + 1`` expects. While tracing, an
+    op whose inputs are all constants is evaluated at once (as the ONNX importer folds them).
     """
     opdef = get_op(op) if isinstance(op, str) else op
     tensors = _as_tensors(inputs)
@@ -243,7 +244,7 @@ def apply(op: str | OpDef, inputs: Sequence[Any], attrs: Mapping[str, Any] | Non
     tracer = _TRACER.get()
     try:
         attrs = {k: _float32_attr(v) for k, v in opdef.complete_attrs(attrs or {}).items()}
-        if tracer is not None:
+        if tracer is not None and (any(t is not None and t.is_traced for t in tensors) or not opdef.deterministic):
             values = [tracer.value_of(t) if t is not None else None for t in tensors]
             node = tracer.graph.add_node(opdef, values, attrs, name=tracer.node_name(opdef.name), num_outputs=num_outputs)
             outs = [Tensor(_value=v) for v in node.outputs]

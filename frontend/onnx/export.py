@@ -103,6 +103,7 @@ class _Exporter:
         label = prefix + (node.name or op)
         inputs = [names[v] if v is not None else "" for v in node.inputs]
         attrs = dict(node.attrs)
+        self.fix_attrs(node, attrs)
         for attr, position, dtype in ATTR_INPUTS.get(op, []):
             given = attrs.pop(attr)
             if given is None:
@@ -113,13 +114,12 @@ class _Exporter:
             while len(inputs) < position:
                 inputs.append("")
             inputs.insert(position, name)
-        self.fix_attrs(node, attrs, inputs)
         while inputs and inputs[-1] == "":
             inputs.pop()
         attrs = {k: v for k, v in attrs.items() if v is not None}
         return helper.make_node(op, inputs, [names[v] for v in node.outputs], name=label, **attrs)
 
-    def fix_attrs(self, node: Node, attrs: dict, inputs: list[str]) -> None:
+    def fix_attrs(self, node: Node, attrs: dict) -> None:
         """The attributes whose ONNX spelling differs from kiln's."""
         op = node.op.name
         if op in DTYPE_ATTRS and attrs.get(DTYPE_ATTRS[op]) is not None:
@@ -135,9 +135,9 @@ class _Exporter:
             x = node.inputs[0].type.shape
             scales = node.attrs["scales"]
             if all(s * n == o for s, n, o in zip(scales, x, node.attrs["sizes"])):
-                inputs[2] = ""
+                attrs["scales"] = None
             else:
-                inputs[3] = ""
+                attrs["sizes"] = None
 
 
 def required_opset(ops: set[str]) -> int:
@@ -156,7 +156,7 @@ def graph_to_onnx(graph: Graph, producer: str = "kiln") -> onnx.ModelProto:
     exporter = _Exporter(graph)
     names = {v: v.name for v in graph.values()}
     exporter.export_nodes(graph, names)
-    initializers = [numpy_helper.from_array(np.ascontiguousarray(a), v.name) for v, a in graph.params.items()]
+    initializers = [numpy_helper.from_array(np.require(a, requirements="C"), v.name) for v, a in graph.params.items()]
     outputs, extra = [], []
     seen: set[str] = set()
     for i, value in enumerate(graph.outputs):
