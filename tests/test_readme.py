@@ -1,4 +1,4 @@
-"""The README's pass tutorial runs as written and prints what it says."""
+"""The README's pass tutorial and DSL example run as written and print what they say."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def test_the_tutorial_pass_runs_as_written(capsys):
 
     graph = parse_graph("graph g(%x: f32[2]) {\n  %a: f32[2] = Identity(%x)\n  %y: f32[2] = Exp(%a)\n  return %y\n}")
     assert [n.op.name for n in get_pass("drop_identities").run(graph).nodes] == ["Exp"]
+
+
+def test_the_dsl_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    section = README.read_text().split("## The Python DSL", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, str(README), "exec"), {})
+    assert capsys.readouterr().out.strip() == "True True"
+    assert (tmp_path / "net.onnx").exists() and (tmp_path / "net.npz").exists()
