@@ -6,7 +6,7 @@ weights (the projection of step t as its C operand) and the gate arithmetic, whi
 pass groups into one kernel per step.
 
 Preconditions: none (nodes it cannot express are left alone: custom activations, clip,
-peepholes, input_forget, sequence lengths). Postconditions: no LSTM/GRU/RNN node of the
+input_forget, sequence lengths). Postconditions: no LSTM/GRU/RNN node of the
 supported kind remains; outputs keep their names, so graph outputs are unchanged.
 """
 
@@ -25,7 +25,7 @@ def expressible(node: Node) -> bool:
     ins = node.inputs + [None] * (8 - len(node.inputs))
     plain = a["activations"] is None and a["clip"] is None and ins[4] is None
     if node.op.name == "LSTM":
-        plain = plain and not a["input_forget"] and ins[7] is None
+        plain = plain and not a["input_forget"]
     return plain
 
 
@@ -36,6 +36,7 @@ class _Unroller:
         self.g, self.node, self.where = g, node, node.name or node.op.name
         self.taken = taken  # the names of the graph being rebuilt: new values must not take them
         self.count = 0
+        self.peep: list[Value] | None = None  # LSTM peephole weights of the direction being unrolled
 
     def fresh(self, hint: str) -> str:
         name = self.g.fresh_name(hint)
@@ -93,6 +94,10 @@ class _Unroller:
             steps = self.emit("Split", [proj], {"axis": 0, "split": [batch] * seq}) if seq > 1 else [proj]
             h = self.initial(h0, d, batch, hidden, dtype)
             c = self.initial(c0, d, batch, hidden, dtype) if op == "LSTM" else None
+            self.peep = None
+            if op == "LSTM" and ins[7] is not None:  # peepholes: i, o, f weights on the cell state
+                pd = self.reshape(self.slice_rows(ins[7], 0, d, d + 1), [3 * hidden])
+                self.peep = [self.slice_rows(pd, 0, k * hidden, (k + 1) * hidden) for k in range(3)]
             reverse = a["direction"] == "reverse" or d == 1
             outs: list[Value | None] = [None] * seq
             for t in (reversed(range(seq)) if reverse else range(seq)):
@@ -123,9 +128,14 @@ class _Unroller:
         if op == "LSTM":
             pre = self.one("Gemm", [h, rd, gx], {"transB": 1})
             gi, go, gf, gc = self.emit("Split", [pre], {"axis": 1, "split": [hidden] * 4})
-            i, o, f = (self.one("Sigmoid", [v]) for v in (gi, go, gf))
+            if self.peep is not None:
+                gi = self.one("Add", [gi, self.one("Mul", [self.peep[0], c])])
+                gf = self.one("Add", [gf, self.one("Mul", [self.peep[2], c])])
+            i, f = self.one("Sigmoid", [gi]), self.one("Sigmoid", [gf])
             c_new = self.one("Add", [self.one("Mul", [f, c]), self.one("Mul", [i, self.one("Tanh", [gc])])])
-            return self.one("Mul", [o, self.one("Tanh", [c_new])]), c_new
+            if self.peep is not None:
+                go = self.one("Add", [go, self.one("Mul", [self.peep[1], c_new])])
+            return self.one("Mul", [self.one("Sigmoid", [go]), self.one("Tanh", [c_new])]), c_new
         # GRU: z, r, candidate
         xz, xr, xn = self.emit("Split", [gx], {"axis": 1, "split": [hidden] * 3})
         if self.node.attrs["linear_before_reset"]:

@@ -15,7 +15,7 @@ from kiln.passes import get_pass
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def recurrent_graph(op: str, direction="forward", layout=0, bias=True, initial=False, extra=None, seq=4, batch=3, width=5, hidden=6):
+def recurrent_graph(op: str, direction="forward", layout=0, bias=True, initial=False, extra=None, peepholes=False, seq=4, batch=3, width=5, hidden=6):
     rng = np.random.default_rng(0)
     dirs = 2 if direction == "bidirectional" else 1
     g = Graph()
@@ -26,6 +26,8 @@ def recurrent_graph(op: str, direction="forward", layout=0, bias=True, initial=F
     r = g.add_param("r", rng.uniform(-0.5, 0.5, (dirs, gates * hidden, hidden)).astype(np.float32))
     inputs = [x, w, r]
     inputs.append(g.add_param("b", rng.uniform(-0.5, 0.5, (dirs, 2 * gates * hidden)).astype(np.float32)) if bias else None)
+    if peepholes:
+        inputs += [None] * (7 - len(inputs)) + [g.add_param("p", rng.uniform(-0.5, 0.5, (dirs, 3 * hidden)).astype(np.float32))]
     if initial:
         state_shape = (batch, dirs, hidden) if layout else (dirs, batch, hidden)
         inputs += [None, g.add_param("h0", rng.normal(size=state_shape).astype(np.float32))]
@@ -40,6 +42,7 @@ def recurrent_graph(op: str, direction="forward", layout=0, bias=True, initial=F
 VARIANTS = [
     dict(op="LSTM"), dict(op="LSTM", direction="bidirectional", initial=True), dict(op="LSTM", layout=1, bias=False),
     dict(op="LSTM", direction="reverse", layout=1, initial=True, seq=1),
+    dict(op="LSTM", direction="bidirectional", peepholes=True),
     dict(op="GRU", extra={"linear_before_reset": 1}), dict(op="GRU", direction="bidirectional", initial=True),
     dict(op="GRU", layout=1, direction="reverse"), dict(op="RNN"), dict(op="RNN", direction="bidirectional", layout=1, initial=True),
 ]
