@@ -5,6 +5,8 @@ Rules, over the node order:
   ops after it (bias, activation, residual Add, clip...) join it;
 - a reduction joins the group of its elementwise producers (``reduction``), and elementwise ops
   after it join too;
+- a training-mode BatchNormalization starts a ``normalize`` group: the activation and other
+  elementwise ops after it join (its running statistics leave the group as extra outputs);
 - elementwise ops join the group of an input's producer, else start an ``elementwise`` group;
 - never two heavy ops or two reductions in a group; every other op stays alone.
 
@@ -35,12 +37,23 @@ class Group:
     def kind(self) -> str:
         if self.anchor is None:
             return "elementwise"
+        if is_training_batchnorm(self.anchor):
+            return "normalize"
         return "epilogue" if self.anchor.op.kind is OpKind.HEAVY else "reduction"
+
+
+def is_training_batchnorm(node: Node) -> bool:
+    return node.op.name == "BatchNormalization" and bool(node.attrs["training_mode"])
 
 
 def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users: dict, outputs: set[int]) -> bool:
     if len(users.get(via, [])) != 1 or id(via) in outputs:
         return False
+    if group.anchor is not None and is_training_batchnorm(group.anchor):
+        # the statistics leave the group where its last node stands: no reader may come earlier
+        stats = group.anchor.outputs[1:]
+        if any(index[id(user)] < index[id(node)] for v in stats for user in users.get(v, [])):
+            return False
     kind = node.op.kind
     if kind is OpKind.REDUCTION and group.anchor is not None:
         return False
@@ -78,10 +91,11 @@ def find_groups(graph: Graph) -> list[Group]:
             fusable = kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) or node.op.name in EPILOGUE_ANCHORS
             if not fusable or not node.op.deterministic:
                 joined.anchor = node  # a lone op: nothing will join (see below)
-        if kind is OpKind.REDUCTION or node.op.name in EPILOGUE_ANCHORS:
+        anchor = kind is OpKind.REDUCTION or node.op.name in EPILOGUE_ANCHORS or is_training_batchnorm(node)
+        if anchor:
             joined.anchor = node
         joined.nodes.append(node)
-        if (kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) and node.op.deterministic) or node.op.name in EPILOGUE_ANCHORS:
+        if (kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) and node.op.deterministic) or anchor:
             group_of[id(node)] = joined
     return groups
 
@@ -104,20 +118,24 @@ def _outline(graph: Graph, group: Group, number: int) -> Node:
         for old, new in zip(node.outputs, twin.outputs):
             inner[id(old)] = new
     last = group.nodes[-1]
-    body.outputs = [inner[id(v)] for v in last.outputs]
+    # the last node's outputs, then any other member's outputs read outside (BN statistics)
+    read_outside = {id(v) for n in graph.nodes if id(n) not in members for v in n.inputs if v is not None}
+    read_outside |= {id(v) for v in graph.outputs}
+    escaping = list(last.outputs) + [v for n in group.nodes[:-1] for v in n.outputs if id(v) in read_outside]
+    body.outputs = [inner[id(v)] for v in escaping]
     position = graph.nodes.index(last)
-    names = [v.name for v in last.outputs]
+    names = [v.name for v in escaping]
     graph.remove_nodes(group.nodes)
     fused = graph.add_node(
         get_op("Fused"),
         outer_inputs,
         {"kind": group.kind, "body": body},
         name=group.anchor.name if group.anchor is not None else last.name,
-        num_outputs=len(last.outputs),
+        num_outputs=len(escaping),
         output_names=names,
         index=position - len(group.nodes) + 1,
     )
-    for old, new in zip(last.outputs, fused.outputs):
+    for old, new in zip(escaping, fused.outputs):
         graph.replace_uses(old, new)
     return fused
 

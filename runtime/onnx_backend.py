@@ -21,10 +21,11 @@ from kiln.errors import NeedsStaticValue
 class KilnRep(BackendRep):
     """A prepared model: compiled modules keyed by the static inputs' values and input shapes."""
 
-    def __init__(self, model: onnx.ModelProto, target: str, pipeline: str | None = None):
+    def __init__(self, model: onnx.ModelProto, target: str, pipeline: str | None = None, passes: Sequence[str] = ()):
         self.model = model
         self.target = target
         self.pipeline = pipeline
+        self.passes = list(passes)  # run after the pipeline (the pass differential test drops one at a time)
         initializers = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in initializers]
         self.output_names = [o.name for o in model.graph.output]
@@ -46,7 +47,7 @@ class KilnRep(BackendRep):
             constants = {n: feeds[n] for n in self.static_inputs}
             shapes = {n: a.shape for n, a in feeds.items() if n not in constants}
             try:
-                module = compile(self.model, self.target, shapes=shapes, constants=constants, pipeline=self.pipeline)
+                module = compile(self.model, self.target, shapes=shapes, constants=constants, pipeline=self.pipeline, passes=self.passes)
             except NeedsStaticValue as need:
                 fresh = set(need.inputs) - self.static_inputs
                 if not fresh:

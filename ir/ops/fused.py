@@ -2,8 +2,9 @@
 a group as one kernel; its reference semantics are the body's, evaluated node by node.
 
 ``kind`` says what the group is: ``elementwise`` (a chain of elementwise ops), ``epilogue``
-(a heavy op such as Conv or Gemm with the elementwise ops after it), or ``reduction`` (a
-reduction with its elementwise producers and consumers).
+(a heavy op such as Conv or Gemm with the elementwise ops after it), ``reduction`` (a
+reduction with its elementwise producers and consumers), or ``normalize`` (a training-mode
+BatchNormalization with the activation after it; its running statistics are extra outputs).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from kiln.ir.graph import Graph
 from kiln.ir.opdef import REQUIRED, OpDef, OpKind, register
 from kiln.ir.ops.rules import fail
 
-KINDS = ("elementwise", "epilogue", "reduction")
+KINDS = ("elementwise", "epilogue", "reduction", "normalize")
 
 
 def _infer(attrs, types):

@@ -104,3 +104,50 @@ def test_light_resnet50_O2_leaves_no_relu_outside_an_epilogue(light_model):
     assert anchors == {"Conv"}
     relus = sum(n.op.name == "Relu" for f in graph.nodes if f.op.name == "Fused" for n in f.attrs["body"].nodes)
     assert relus == 49
+
+
+TRAINING_BN = """
+        graph g(%x: f32[2,3,4,4]) {
+          param %s: f32[3] = [1.0, 2.0, 0.5]
+          param %b: f32[3] = [0.0, 0.1, -0.1]
+          param %m: f32[3] = [0.0, 0.0, 0.0]
+          param %v: f32[3] = [1.0, 1.0, 1.0]
+          %y: f32[2,3,4,4], %rm: f32[3], %rv: f32[3] = BatchNormalization(%x, %s, %b, %m, %v) {epsilon=1e-05, momentum=0.9, training_mode=1}
+          %r: f32[2,3,4,4] = Relu(%y)
+          return %r, %rm, %rv
+        }"""
+
+
+def test_training_batchnorm_and_its_activation_are_one_normalize_group(rewrites):
+    rewrites(
+        ["fuse"],
+        TRAINING_BN,
+        """
+        graph g(%x: f32[2,3,4,4]) {
+          param %s: f32[3] = [1.0, 2.0, 0.5]
+          param %b: f32[3] = [0.0, 0.1, -0.1]
+          param %m: f32[3] = [0.0, 0.0, 0.0]
+          param %v: f32[3] = [1.0, 1.0, 1.0]
+          %r: f32[2,3,4,4], %rm: f32[3], %rv: f32[3] = Fused(%x, %s, %b, %m, %v) {kind="normalize", body=<graph>}
+              graph fused_0(%in0: f32[2,3,4,4], %in1: f32[3], %in2: f32[3], %in3: f32[3], %in4: f32[3]) {
+                %0: f32[2,3,4,4], %1: f32[3], %2: f32[3] = BatchNormalization(%in0, %in1, %in2, %in3, %in4) {epsilon=1e-05, momentum=0.9, training_mode=1}
+                %3: f32[2,3,4,4] = Relu(%0)
+                return %3, %1, %2
+              }
+          return %r, %rm, %rv
+        }""",
+    )
+
+
+def test_normalize_group_computes_what_the_nodes_did():
+    import numpy as np
+
+    from kiln.ir.evaluate import evaluate
+
+    graph = parse_graph(TRAINING_BN)
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    want = evaluate(graph, [x])
+    fused = run_passes(graph.copy(), ["fuse"])
+    assert fused.op_histogram() == {"Fused": 1}
+    for got, expected in zip(evaluate(fused, [x]), want):
+        np.testing.assert_array_equal(got, expected)
