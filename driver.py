@@ -81,16 +81,18 @@ def optimize(
     constants: Mapping[str, np.ndarray] | None = None,
     dump_ir: str | os.PathLike | None = None,
     lowering: Sequence["str | Pass"] = (),
+    layout: str = "nchw",
 ) -> Graph:
     """Import ``model`` and run ``lowering``, ``pipeline`` (``O0``/``O1``/``O2``) then ``passes``.
 
+    ``layout`` (``nchw``/``nhwc``) converts convolutions and pools to that data layout (-O2).
     A Graph given as ``model`` is copied first, never edited. ``dump_ir`` writes the IR before
     and after each pass into that folder. The pass records are on ``graph.pass_records``.
     """
     graph = to_graph(model, shapes, constants)
     if isinstance(model, Graph):
         graph = graph.copy()
-    manager = PassManager([*lowering, *pipeline_passes(pipeline), *passes], Path(dump_ir) if dump_ir is not None else None)
+    manager = PassManager([*lowering, *pipeline_passes(pipeline, layout), *passes], Path(dump_ir) if dump_ir is not None else None)
     graph = manager.run(graph)
     graph.pass_records = manager.records
     return graph
@@ -104,6 +106,7 @@ def compile(
     pipeline: str | None = None,
     passes: Sequence["str | Pass"] = (),
     dump_ir: str | os.PathLike | None = None,
+    layout: str = "auto",
 ) -> Module:
     """Compile ``model`` for ``target`` and return a runnable Module.
 
@@ -112,7 +115,10 @@ def compile(
     (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it.
     """
     backend = get_backend(target)
-    graph = optimize(model, pipeline or backend.default_pipeline, passes, shapes, constants, dump_ir, backend.lowering)
+    chosen_pipeline = pipeline or backend.default_pipeline
+    if layout == "auto":  # the backend's preference, where the pipeline converts layouts at all
+        layout = backend.preferred_layout if chosen_pipeline.lstrip("-").upper() == "O2" else "nchw"
+    graph = optimize(model, chosen_pipeline, passes, shapes, constants, dump_ir, backend.lowering, layout)
     module = Module(graph, target, backend.build(graph))
     module.pass_records = graph.pass_records
     return module

@@ -27,6 +27,7 @@ class EagerBackend:
 
     name = "eager"
     default_pipeline = "O0"  # the oracle runs the graph as imported
+    preferred_layout = "nchw"
     lowering: list[str] = []  # every op has its reference: nothing to express through others
 
     def build(self, graph: Graph) -> EagerExecutable:

@@ -19,9 +19,10 @@ def node_macs(node: Node) -> int:
     out = node.outputs[0].type
     if op == "Fused":
         return graph_macs(node.attrs["body"])
-    if op == "Conv":
-        w = ins[1].shape
-        return out.numel * math.prod(w[1:])
+    if op == "Conv":  # each output element: one MAC per weight of its output channel
+        w = ins[1]
+        channels = w.shape[-1] if node.attrs["layout"] == "NHWC" else w.shape[0]
+        return out.numel * (w.numel // channels)
     if op == "ConvTranspose":
         x, w = ins[0].shape, ins[1].shape
         return math.prod(x) * math.prod(w[1:])

@@ -28,8 +28,12 @@ def _factors(m: Match) -> tuple[np.ndarray, np.ndarray]:
     return s, shift - mean * s
 
 
+def _channels_first(m: Match) -> bool:
+    return m.node("conv").attrs.get("layout", "NCHW") == "NCHW"  # the BN's channel axis is 1
+
+
 def _conv_pattern(op: str) -> Op:
-    return _bn(Op(op, Var("x"), Const("w"), Maybe(Const("b")), name="conv"))
+    return _bn(Op(op, Var("x"), Const("w"), Maybe(Const("b")), name="conv", where=_channels_first))
 
 
 def _bias(m: Match, channels: int) -> np.ndarray:

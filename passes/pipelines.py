@@ -17,10 +17,24 @@ PIPELINES: dict[str, list[str]] = {
 }
 
 
-def pipeline(name: str) -> list[str]:
-    """The pass names of pipeline ``name`` (``O0``, ``O1``, ``O2``; a leading ``-`` is accepted)."""
+def pipeline(name: str, layout: str = "nchw") -> list[str]:
+    """The pass names of pipeline ``name`` (``O0``, ``O1``, ``O2``; a leading ``-`` is accepted).
+
+    ``layout="nhwc"`` adds the layout passes to -O2, after BatchNorm folding (which needs the
+    NCHW conv) and before the second canonicalize (which cancels the transposes they leave).
+    """
+    from kiln.passes.layout import LAYOUT_PASSES
+
     key = name.lstrip("-").upper()
     try:
-        return list(PIPELINES[key])
+        passes = list(PIPELINES[key])
     except KeyError:
         raise KilnError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}") from None
+    if layout not in LAYOUT_PASSES:
+        raise KilnError(f"unknown layout {layout!r}; known: {', '.join(LAYOUT_PASSES)}")
+    if LAYOUT_PASSES[layout]:
+        if key != "O2":
+            raise KilnError(f"layout {layout!r} is part of -O2; -{key} keeps the model's layout")
+        at = len(CANONICALIZE) + len(FOLD_BATCHNORM)
+        passes[at:at] = LAYOUT_PASSES[layout]
+    return passes

@@ -119,6 +119,7 @@ class LLVMBackend:
 
     name = "llvm"
     default_pipeline = "O2"
+    preferred_layout = "nchw"  # measured below; --layout nhwc converts
     lowering = ["decompose_rnn"]  # ops expressed through others before any pipeline runs
 
     def build(self, graph: Graph) -> LLVMExecutable:

@@ -182,6 +182,8 @@ def _direct(node) -> bool:
 
 
 def _conv_scratch(node) -> int:
+    if node.attrs["layout"] == "NHWC":
+        return _nhwc_conv_scratch(node)
     if _direct(node):
         return 0
     x, w, nd, *_, out = _conv_geometry(node)
@@ -192,6 +194,9 @@ def _conv_scratch(node) -> int:
 def conv(ctx: KernelContext) -> None:
     _require_float(ctx)
     node = ctx.node
+    if node.attrs["layout"] == "NHWC":
+        _nhwc_conv(ctx)
+        return
     x, w, nd, strides, dilations, pads, out_sp = _conv_geometry(node)
     xv, wv = ctx.inputs[0], ctx.inputs[1]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
@@ -224,6 +229,76 @@ def conv(ctx: KernelContext) -> None:
             if bias is not None:
                 init = View(b.gep(bias.ptr, [b.mul(g, const_i64(mg))], source_etype=_t(bias)), bias.dtype, (mg, p), (1, 0))
             emit_gemm(ctx, wg, src, yg, 1.0, init)
+
+
+# -- channels-last convolution: contiguous im2col rows, then one GEMM per image ------------------------
+def _nhwc_geometry(node):
+    """(x, w, nd, strides, dilations, pads, out spatial) of an NHWC conv, w as (*kernel, C, M)."""
+    x, w = node.inputs[0].type, node.inputs[1].type
+    nd = x.rank - 2
+    strides, dilations, pads = _spatial_attrs(node.attrs, nd)
+    out = window_output_shape(x.shape[1:-1], w.shape[:nd], strides, dilations, pads)
+    return x, w, nd, strides, dilations, pads, out
+
+
+def _nhwc_direct(node) -> bool:
+    x, w, nd, strides, dilations, pads, out = _nhwc_geometry(node)
+    return all(k == 1 for k in w.shape[:nd]) and all(s == 1 for s in strides) and not any(pads)
+
+
+def _nhwc_conv_scratch(node) -> int:
+    if _nhwc_direct(node):
+        return 0
+    x, w, nd, *_, out = _nhwc_geometry(node)
+    return math.prod(out) * math.prod(w.shape[:-1]) * x.dtype.itemsize
+
+
+def _nhwc_conv(ctx: KernelContext) -> None:
+    """y[img, P, M] = cols[P, K] @ w[K, M] (+ bias), K = (*kernel, C): the GEMM's wide side is
+    the output channels, and im2col copies whole channel rows."""
+    node = ctx.node
+    if node.attrs["group"] != 1:
+        raise KilnError(f"node {node.name!r}: grouped NHWC Conv has no LLVM kernel yet")
+    x, w, nd, strides, dilations, pads, out_sp = _nhwc_geometry(node)
+    xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    n, c, m = x.shape[0], x.shape[-1], w.shape[-1]
+    in_sp, kernel_shape = x.shape[1:-1], w.shape[:nd]
+    kk, p = math.prod(kernel_shape) * c, math.prod(out_sp)
+    b = ctx.b
+    w_view = View(wv.ptr, wv.dtype, (kk, m), (m, 1))
+    if _nhwc_direct(node):
+        rows = n * p  # every image at once: (N*P, C) @ (C, M)
+        init = View(bias.ptr, bias.dtype, (rows, m), (0, 1)) if bias is not None else None
+        emit_gemm(ctx, View(xv.ptr, xv.dtype, (rows, c), (c, 1)), w_view, View(y.ptr, y.dtype, (rows, m), (m, 1)), 1.0, init)
+        return
+    cols = View(ctx.scratch, x.dtype, (p, kk), (kk, 1))
+    zero = ir.Constant(_t(cols), 0.0)
+    image = math.prod(in_sp) * c
+    with for_range(b, n, name="img") as img:
+        x_base = b.mul(img, const_i64(image))
+        with loop_nest(b, (*out_sp, *kernel_shape), name="col") as index:
+            pos, ks = index[:nd], index[nd:]
+            inside = ir.Constant(ir.IntType(1), 1)
+            flat = x_base
+            for axis in range(nd):
+                coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+                ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
+                inside = b.and_(inside, ok)
+                flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(in_sp[axis + 1 :]) * c)))
+            row = pos[0]
+            for axis in range(1, nd):
+                row = b.add(b.mul(row, const_i64(out_sp[axis])), pos[axis])
+            tap = ks[0]
+            for axis in range(1, nd):
+                tap = b.add(b.mul(tap, const_i64(kernel_shape[axis])), ks[axis])
+            col0 = b.mul(tap, const_i64(c))
+            with for_range(b, c, name="ch") as ch:
+                value = b.load(b.gep(xv.ptr, [b.add(flat, ch)], source_etype=_t(xv)), typ=_t(xv))
+                cols.store(b, [row, b.add(col0, ch)], b.select(inside, value, zero))
+        y_img = View(b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=_t(y)), y.dtype, (p, m), (m, 1))
+        init = View(bias.ptr, bias.dtype, (p, m), (0, 1)) if bias is not None else None
+        emit_gemm(ctx, cols, w_view, y_img, 1.0, init)
 
 
 def _window(b, base, ch, ks, pos, image_sp, positions_sp, kernel_shape, strides, dilations, pads):
@@ -268,9 +343,14 @@ def _pool(ctx: KernelContext, mode: str) -> None:
         raise KilnError(f"node {node.name!r}: MaxPool's Indices output has no LLVM kernel yet")
     _require_float(ctx)
     x, y = ctx.inputs[0], ctx.outputs[0]
-    kernel_shape, strides, dilations, pads, out_sp = _pool_geometry(node.attrs, node.inputs[0].type)
+    xt = node.inputs[0].type
+    nhwc = node.attrs["layout"] == "NHWC"
+    if nhwc:  # the geometry of the channels-first twin; index (n, *spatial, c) below
+        xt = xt.with_shape([xt.shape[0], xt.shape[-1], *xt.shape[1:-1]])
+    kernel_shape, strides, dilations, pads, out_sp = _pool_geometry(node.attrs, xt)
     nd = len(kernel_shape)
-    in_sp = x.shape[2:]
+    in_sp = xt.shape[2:]
+    first = 1 if nhwc else 2  # where the spatial indices start
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
     ty = _t(x)
@@ -284,13 +364,14 @@ def _pool(ctx: KernelContext, mode: str) -> None:
             counted = ir.Constant(ir.IntType(1), 1)
             coords = []
             for axis in range(nd):
-                coord = b.add(b.sub(b.mul(index[2 + axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+                coord = b.add(b.sub(b.mul(index[first + axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
                 ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
                 inside = b.and_(inside, ok)
                 in_padded = b.icmp_signed("<", coord, const_i64(in_sp[axis] + pads[axis + nd]))
                 counted = b.and_(counted, in_padded)
                 coords.append(b.select(ok, coord, const_i64(0)))
-            value = E.typed(x.load(b, [index[0], index[1], *coords]), x.dtype)
+            where = [index[0], *coords, index[-1]] if nhwc else [index[0], index[1], *coords]
+            value = E.typed(x.load(b, where), x.dtype)
             acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
             if mode == "max":
                 new = b.select(inside, E.max(acc, value), acc)

@@ -1,7 +1,8 @@
 """Convolutions and pooling over N spatial dims (NCHW-style layouts: batch, channel, spatial...).
 
 Attributes are explicit: the importer resolves ``auto_pad`` and ConvTranspose's
-``output_shape`` into ``pads``, so shape rules here never guess.
+``output_shape`` into ``pads``, so shape rules here never guess. Conv, MaxPool and AveragePool
+also take ``layout="NHWC"`` (channels last; made by the layout pass, never by the importer).
 """
 
 from __future__ import annotations
@@ -64,6 +65,61 @@ def _windows(x: np.ndarray, kernel, strides, dilations, pads, out_shape, fill) -
     return win[index]
 
 
+# -- channels-last variants ----------------------------------------------------------------------
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def to_channels_first(rank: int) -> list[int]:
+    """The Transpose perm from (N, *spatial, C) to (N, C, *spatial)."""
+    return [0, rank - 1, *range(1, rank - 1)]
+
+
+def to_channels_last(rank: int) -> list[int]:
+    """The Transpose perm from (N, C, *spatial) to (N, *spatial, C)."""
+    return [0, *range(2, rank), 1]
+
+
+def weight_to_spatial_first(rank: int) -> list[int]:
+    """The Transpose perm from (M, C/g, *kernel) to (*kernel, C/g, M), the NHWC conv weight."""
+    return [*range(2, rank), 1, 0]
+
+
+def _permuted(t, perm):
+    return t.with_shape([t.shape[p] for p in perm])
+
+
+def channels_last(infer, eager, weight: bool = False):
+    """``infer``/``eager`` of an NCHW op extended with the ``layout`` attribute: with "NHWC" the
+    data (and for convolutions the weight, as (*kernel, C/g, M)) are channels-last, and the op
+    means the NCHW op on the transposed operands, transposed back."""
+
+    def layout_infer(attrs, types):
+        if attrs["layout"] not in LAYOUTS:
+            raise fail(f"layout {attrs['layout']!r} is not one of {LAYOUTS}")
+        if attrs["layout"] == "NCHW":
+            return infer(attrs, types)
+        x = present(types, 0, "X")
+        ins = list(types)
+        ins[0] = _permuted(x, to_channels_first(x.rank))
+        if weight:
+            w = present(types, 1, "W")
+            ins[1] = _permuted(w, [w.rank - 1, w.rank - 2, *range(w.rank - 2)])
+        outs = infer(attrs, ins)
+        return [_permuted(outs[0], to_channels_last(outs[0].rank)), *outs[1:]]
+
+    def layout_eager(attrs, x, *rest):
+        if attrs["layout"] == "NCHW":
+            return eager(attrs, x, *rest)
+        rest = list(rest)
+        if weight:
+            rest[0] = rest[0].transpose([rest[0].ndim - 1, rest[0].ndim - 2, *range(rest[0].ndim - 2)])
+        outs = eager(attrs, x.transpose(to_channels_first(x.ndim)), *rest)
+        outs = (outs,) if isinstance(outs, np.ndarray) else tuple(outs)
+        return (np.ascontiguousarray(outs[0].transpose(to_channels_last(outs[0].ndim))), *outs[1:])
+
+    return layout_infer, layout_eager
+
+
 # -- Conv ------------------------------------------------------------------------------------
 CONV_ATTRS = {"strides": None, "pads": None, "dilations": None, "group": 1}
 
@@ -105,7 +161,7 @@ def _conv(a, x, w, b=None):
     return y.astype(x.dtype)
 
 
-register(OpDef("Conv", OpKind.HEAVY, _conv_infer, _conv, CONV_ATTRS, num_inputs=(2, 3)))
+register(OpDef("Conv", OpKind.HEAVY, *channels_last(_conv_infer, _conv, weight=True), {**CONV_ATTRS, "layout": "NCHW"}, num_inputs=(2, 3)))
 
 
 # -- ConvTranspose ---------------------------------------------------------------------------
@@ -214,9 +270,8 @@ register(
     OpDef(
         "MaxPool",
         OpKind.HEAVY,
-        _max_pool_infer,
-        _max_pool,
-        {**POOL_ATTRS, "storage_order": 0},
+        *channels_last(_max_pool_infer, _max_pool),
+        {**POOL_ATTRS, "storage_order": 0, "layout": "NCHW"},
         num_outputs=(1, 2),
     )
 )
@@ -249,9 +304,8 @@ register(
     OpDef(
         "AveragePool",
         OpKind.HEAVY,
-        _avg_pool_infer,
-        _avg_pool,
-        {**POOL_ATTRS, "count_include_pad": 0},
+        *channels_last(_avg_pool_infer, _avg_pool),
+        {**POOL_ATTRS, "count_include_pad": 0, "layout": "NCHW"},
     )
 )
 

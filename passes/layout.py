@@ -1,0 +1,214 @@
+"""Layout passes: convert convolutions and pools to channels-last (NHWC) and sink the
+transposes that creates until they cancel.
+
+``to_nhwc`` rewrites each Conv (group 1), MaxPool (without Indices) and AveragePool of rank >= 3
+as ``Transpose(op_nhwc(Transpose(x)))``; constant weights are transposed to (*kernel, C, M) now,
+at compile time. ``sink_transposes`` then moves every Transpose below the ops that do not care
+about layout (elementwise ops, with constant operands transposed at compile time; Concat;
+Resize; Pad; Slice; Softmax and keepdims reductions; global pools become spatial reductions),
+and turns transposes that only move size-1 axes into reshapes. The canonicalize passes that
+follow fold Transpose(Transpose) chains into the identity and remove them, so a converted
+model keeps transposes only at its boundary and where an op must see NCHW (a BatchNormalization
+left in a training graph, a ConvTranspose, a Reshape of a spatial map).
+
+Preconditions: none. Postconditions: outputs unchanged (names and values).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.opdef import OpKind
+from kiln.ir.ops.nn import to_channels_first, to_channels_last, weight_to_spatial_first
+from kiln.passes.base import graph_pass
+from kiln.passes.rewrite import substitute
+
+LAYOUTS = ("nchw", "nhwc", "auto")
+LAYOUT_PASSES = {"nchw": [], "nhwc": ["to_nhwc", "sink_transposes"]}
+
+
+def _insert(graph: Graph, at: Node, op: str, inputs, attrs, name: str) -> Value:
+    """Add ``op`` right before ``at`` (so it is defined before ``at``'s readers)."""
+    return graph.add_node(op, inputs, attrs, name=name, index=graph.nodes.index(at)).outputs[0]
+
+
+def _transposed_param(graph: Graph, value: Value, perm: list[int], hint: str) -> Value:
+    array = np.ascontiguousarray(np.transpose(graph.params[value], perm))
+    return graph.add_param(graph.fresh_name(hint), array)
+
+
+def _convertible(node: Node) -> bool:
+    op = node.op.name
+    if op not in ("Conv", "MaxPool", "AveragePool") or node.attrs["layout"] != "NCHW":
+        return False
+    if node.inputs[0].type.rank < 3 or len(node.outputs) != 1:
+        return False
+    return op != "Conv" or node.attrs["group"] == 1
+
+
+@graph_pass("to_nhwc")
+def to_nhwc(graph: Graph) -> Graph:
+    """Conv (group 1), MaxPool and AveragePool to channels-last, between transposes."""
+    for node in [n for n in graph.nodes if _convertible(n)]:
+        x = node.inputs[0]
+        rank = x.type.rank
+        where = node.name or node.op.name
+        inputs = [_insert(graph, node, "Transpose", [x], {"perm": to_channels_last(rank)}, f"{where}/to_nhwc")]
+        if node.op.name == "Conv":
+            w = node.inputs[1]
+            perm = weight_to_spatial_first(rank)
+            if w in graph.params:
+                inputs.append(_transposed_param(graph, w, perm, f"{w.name}.nhwc"))
+            else:
+                inputs.append(_insert(graph, node, "Transpose", [w], {"perm": perm}, f"{where}/weight_to_nhwc"))
+            inputs += node.inputs[2:]
+        twin = graph.add_node(node.op, inputs, {**node.attrs, "layout": "NHWC"}, name=node.name, num_outputs=1, index=graph.nodes.index(node))
+        back = _insert(graph, node, "Transpose", [twin.outputs[0]], {"perm": to_channels_first(rank)}, f"{where}/to_nchw")
+        if substitute(graph, node.outputs[0], back):
+            graph.remove_nodes([node])
+    graph.remove_unread_params()
+    return graph
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _transpose_of(value: Value | None) -> list[int] | None:
+    if value is None or value.producer is None or value.producer.op.name != "Transpose":
+        return None
+    return list(value.producer.attrs["perm"])
+
+
+def _moves_only_unit_axes(node: Node) -> bool:
+    """A Transpose that keeps the order of the non-1 axes only relabels: it is a Reshape."""
+    shape = node.inputs[0].type.shape
+    kept = [p for p in node.attrs["perm"] if shape[p] != 1]
+    return kept == sorted(kept)
+
+
+class _Sinker:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.inserted: set[int] = set()  # ids of the inverse transposes added to match operands
+
+    def operand(self, value: Value | None, perm: list[int], rank: int, node: Node, insert: bool) -> Value | None | bool:
+        """``value`` expressed before the transpose ``perm``: the transpose's input, a constant
+        transposed now, or (with ``insert``) the inverse transpose added; False otherwise."""
+        if value is None:
+            return None
+        if _transpose_of(value) == perm:
+            return value.producer.inputs[0]
+        if insert and value not in self.graph.params and value.type.rank == rank:
+            where = f"{node.name or node.op.name}/to_match"
+            matched = _insert(self.graph, node, "Transpose", [value], {"perm": _inverse(perm)}, where)
+            self.inserted.add(id(matched.producer))  # never sunk itself: that would undo this
+            return matched
+        if value in self.graph.params:
+            array = self.graph.params[value]
+            if array.ndim == 0:
+                return value  # scalars broadcast the same in any layout
+            full = array.reshape((1,) * (rank - array.ndim) + array.shape)
+            new = np.ascontiguousarray(np.transpose(full, _inverse(perm)))
+            return self.graph.add_param(self.graph.fresh_name(f"{value.name}.t"), new)
+        return False
+
+    def replace(self, node: Node, op, inputs, attrs, perm: list[int]) -> None:
+        """``node`` becomes ``Transpose(op(inputs, attrs), perm)``."""
+        g = self.graph
+        where = node.name or node.op.name
+        inner = g.add_node(op, inputs, attrs, name=node.name, num_outputs=1, index=g.nodes.index(node))
+        back = _insert(g, node, "Transpose", [inner.outputs[0]], {"perm": perm}, f"{where}/sunk")
+        if substitute(g, node.outputs[0], back):
+            g.remove_nodes([node])
+
+    def sink(self, node: Node) -> bool:
+        op = node.op.name
+        if len(node.outputs) != 1:
+            return False
+        sources = [v for v in node.inputs if v is not None and v.producer is not None and id(v.producer) not in self.inserted]
+        perm = next((p for p in map(_transpose_of, sources) if p is not None), None)
+        if perm is None:
+            return False
+        rank = len(perm)
+        attrs = dict(node.attrs)
+        if node.op.kind is OpKind.ELEMENTWISE and node.op.deterministic:
+            if node.outputs[0].type.rank != rank:
+                return False
+        elif op == "Concat":
+            attrs["axis"] = perm[attrs["axis"] % rank]
+        elif op in ("Softmax", "LogSoftmax"):
+            attrs["axis"] = perm[attrs["axis"] % rank]
+        elif op == "Resize":
+            inv = _inverse(perm)
+            attrs["sizes"] = [attrs["sizes"][inv[j]] for j in range(rank)]
+            attrs["scales"] = [attrs["scales"][inv[j]] for j in range(rank)]
+            if attrs["roi"] is not None:
+                roi = attrs["roi"]
+                attrs["roi"] = [roi[inv[j]] for j in range(rank)] + [roi[rank + inv[j]] for j in range(rank)]
+        elif op == "Pad":
+            inv = _inverse(perm)
+            pads = attrs["pads"]
+            attrs["pads"] = [pads[inv[j]] for j in range(rank)] + [pads[rank + inv[j]] for j in range(rank)]
+        elif op == "Slice":
+            axes = attrs["axes"] if attrs["axes"] is not None else list(range(len(attrs["starts"])))
+            attrs["axes"] = [perm[a % rank] for a in axes]
+        elif node.op.kind is OpKind.REDUCTION and "axes" in attrs and attrs.get("keepdims") == 1:
+            if attrs["axes"] is not None:
+                attrs["axes"] = sorted(perm[a % rank] for a in attrs["axes"])
+        elif op in ("GlobalAveragePool", "GlobalMaxPool") and perm == to_channels_first(rank):
+            reduce = "ReduceMean" if op == "GlobalAveragePool" else "ReduceMax"
+            self.replace(node, reduce, [node.inputs[0].producer.inputs[0]], {"axes": list(range(1, rank - 1)), "keepdims": 1}, perm)
+            return True
+        else:
+            return False
+        # a lone untransposed operand gets the inverse transpose when that removes at least as
+        # many transposes as it adds (a skip connection meeting a ConvTranspose output)
+        variable = [v for v in node.inputs if v is not None and v not in self.graph.params]
+        moved = sum(1 for v in variable if _transpose_of(v) == perm)
+        insert = moved >= len(variable) - moved
+        if any(self.operand(v, perm, rank, node, insert=False) is False for v in node.inputs) and not insert:
+            return False
+        inputs = [self.operand(v, perm, rank, node, insert) for v in node.inputs]
+        if any(v is False for v in inputs):
+            return False
+        self.replace(node, node.op, inputs, attrs, perm)
+        return True
+
+
+@graph_pass("sink_transposes")
+def sink_transposes(graph: Graph) -> Graph:
+    """Move transposes below layout-agnostic ops until they meet (see the module docstring),
+    and make transposes of size-1 axes reshapes."""
+    changed = True
+    sinker = _Sinker(graph)
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node not in graph.nodes:
+                continue
+            if node.op.name == "Transpose" and _moves_only_unit_axes(node):
+                shape = list(node.outputs[0].type.shape)
+                reshaped = _insert(graph, node, "Reshape", [node.inputs[0]], {"shape": shape}, node.name or "Transpose")
+                if substitute(graph, node.outputs[0], reshaped):
+                    graph.remove_nodes([node])
+                    changed = True
+            elif sinker.sink(node):
+                changed = True
+        _drop_unread(graph)
+    return graph
+
+
+def _drop_unread(graph: Graph) -> None:
+    """Remove the transposes and parameters that sinking left without readers."""
+    while True:
+        read = {v for n in graph.nodes for v in n.inputs} | set(graph.outputs)
+        dead = [n for n in graph.nodes if n.op.name == "Transpose" and n.outputs[0] not in read]
+        if not dead:
+            break
+        graph.remove_nodes(dead)
+    graph.remove_unread_params()
