@@ -97,6 +97,7 @@ def bench(
     warmup: int = 3,
     repeat: int = 20,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    layout: str = "auto",
 ) -> list[BenchRow]:
     """Time kiln ``target`` and each runtime in ``vs`` on ``model``; rows in that order.
 
@@ -128,7 +129,7 @@ def bench(
                 raise KilnError("--vs onnxruntime: onnxruntime is not installed (pip install onnxruntime)") from None
             run, setup = session, time.perf_counter() - start
         elif runtime in ("llvm",):
-            module = kiln_compile(path, runtime, shapes=shapes)
+            module = kiln_compile(path, runtime, shapes=shapes, layout=layout)
             run, setup = module.run, time.perf_counter() - start
             arena = module.executable.layout["arena_bytes"]
         else:

@@ -62,8 +62,8 @@ def _open(model: str, target: str, shapes: dict, opts: dict | None = None):
 
     opts = opts or {}
     if model.endswith(".kiln"):
-        if shapes or opts.get("opt") or opts.get("passes"):
-            raise click.UsageError("--shape, -O and --passes apply to ONNX models; an artifact is already compiled")
+        if shapes or opts.get("opt") or opts.get("passes") or opts.get("layout", "auto") != "auto":
+            raise click.UsageError("--shape, -O, --passes and --layout apply to ONNX models; an artifact is already compiled")
         return kiln.load(model)
     for module in opts.get("plugins", ()):
         load_plugin(module)
@@ -74,6 +74,7 @@ def _open(model: str, target: str, shapes: dict, opts: dict | None = None):
         pipeline=f"O{opts['opt']}" if opts.get("opt") is not None else None,
         passes=opts.get("passes", ()),
         dump_ir=opts.get("dump_ir"),
+        layout=opts.get("layout", "auto"),
     )
     if opts.get("time_passes"):
         _print_pass_times(module.pass_records)
@@ -97,14 +98,16 @@ def _pass_options(fn):
         click.option("--pass-plugin", "plugins", multiple=True, metavar="MODULE", help="import MODULE to register its passes"),
         click.option("--dump-ir", type=click.Path(file_okay=False), metavar="DIR", help="write the IR before and after each pass"),
         click.option("--time-passes", is_flag=True, help="print each pass's time and node counts"),
+        click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True,
+                     help="data layout of convolutions and pools (-O2): auto is the target's choice"),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _opts(opt, passes, plugins, dump_ir, time_passes) -> dict:
-    return {"opt": opt, "passes": passes, "plugins": plugins, "dump_ir": dump_ir, "time_passes": time_passes}
+def _opts(opt, passes, plugins, dump_ir, time_passes, layout) -> dict:
+    return {"opt": opt, "passes": passes, "plugins": plugins, "dump_ir": dump_ir, "time_passes": time_passes, "layout": layout}
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -250,8 +253,9 @@ def inspect(model: str, no_ir: bool, memory: bool, as_json: bool, shapes: dict, 
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
 @click.option("--repeat", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the rows as JSON here")
+@click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="data layout of the compiled target's convolutions")
 @shape_option
-def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: str | None, shapes: dict) -> None:
+def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: str | None, layout: str, shapes: dict) -> None:
     """Time MODEL compiled by kiln against eager and its peers; outputs checked against eager."""
     from rich.progress import Progress
 
@@ -264,7 +268,7 @@ def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: 
             task = bar.add_task(f"{label}", total=total)
             return lambda: bar.advance(task)
 
-        rows = run_bench(model, target, [r for r in vs.split(",") if r], shapes, warmup, repeat, progress)
+        rows = run_bench(model, target, [r for r in vs.split(",") if r], shapes, warmup, repeat, progress, layout)
     table = Table("runtime", "setup s", "median ms", "p90 ms", "samples/s", "vs eager", "max abs err", "max rel err", "matches", "arena bytes", title=f"{model}")
     for r in rows:
         table.add_row(

@@ -119,7 +119,7 @@ class LLVMBackend:
 
     name = "llvm"
     default_pipeline = "O2"
-    preferred_layout = "nchw"  # measured below; --layout nhwc converts
+    preferred_layout = "nhwc"  # channels-last convs: resnet18 1.76x, light_resnet50 1.48x faster (see ARCHITECTURE)
     lowering = ["decompose_rnn"]  # ops expressed through others before any pipeline runs
 
     def build(self, graph: Graph) -> LLVMExecutable:

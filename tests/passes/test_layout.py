@@ -1,0 +1,174 @@
+"""Layout passes: to_nhwc converts convolutions and pools between transposes, sink_transposes
+moves the transposes through layout-agnostic ops until only the graph boundary keeps any."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.errors import KilnError
+from kiln.ir import parse_graph
+from kiln.models.zoo import ZOO, build
+from kiln.passes import run_passes
+from kiln.passes.pipelines import pipeline
+
+BEFORE = """
+    graph g(%x: f32[1,2,3,3]) {
+      param %w: f32[2,2,1,1] = [1.0, -1.0, 0.5, 2.0]
+      param %b: f32[2,1,1] = [0.5, -0.5]
+      %c: f32[1,2,3,3] = Conv(%x, %w) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
+      %a: f32[1,2,3,3] = Add(%c, %b)
+      %y: f32[1,2,3,3] = Relu(%a)
+      return %y
+    }"""
+
+CONV_NHWC = '{strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1, layout="NHWC"}'
+
+
+def test_to_nhwc_puts_the_conv_between_transposes_and_transposes_its_weight(rewrites):
+    rewrites(
+        ["to_nhwc"],
+        BEFORE,
+        f"""
+        graph g(%x: f32[1,2,3,3]) {{
+          param %b: f32[2,1,1] = [0.5, -0.5]
+          param %wt: f32[1,1,2,2] = [1.0, 0.5, -1.0, 2.0]
+          %t: f32[1,3,3,2] = Transpose(%x) {{perm=[0, 2, 3, 1]}}
+          %c: f32[1,3,3,2] = Conv(%t, %wt) {CONV_NHWC}
+          %back: f32[1,2,3,3] = Transpose(%c) {{perm=[0, 3, 1, 2]}}
+          %a: f32[1,2,3,3] = Add(%back, %b)
+          %y: f32[1,2,3,3] = Relu(%a)
+          return %y
+        }}""",
+    )
+
+
+def test_sink_transposes_moves_the_transpose_to_the_output(rewrites):
+    rewrites(
+        ["to_nhwc", "sink_transposes"],
+        BEFORE,
+        f"""
+        graph g(%x: f32[1,2,3,3]) {{
+          param %wt: f32[1,1,2,2] = [1.0, 0.5, -1.0, 2.0]
+          param %bt: f32[1,1,1,2] = [0.5, -0.5]
+          %t: f32[1,3,3,2] = Transpose(%x) {{perm=[0, 2, 3, 1]}}
+          %c: f32[1,3,3,2] = Conv(%t, %wt) {CONV_NHWC}
+          %a: f32[1,3,3,2] = Add(%c, %bt)
+          %r: f32[1,3,3,2] = Relu(%a)
+          %y: f32[1,2,3,3] = Transpose(%r) {{perm=[0, 3, 1, 2]}}
+          return %y
+        }}""",
+    )
+
+
+def test_transposes_of_unit_axes_become_reshapes(rewrites):
+    rewrites(
+        ["sink_transposes"],
+        """
+        graph g(%x: f32[2,1,1,5]) {
+          %y: f32[2,5,1,1] = Transpose(%x) {perm=[0, 3, 1, 2]}
+          return %y
+        }""",
+        """
+        graph g(%x: f32[2,1,1,5]) {
+          %y: f32[2,5,1,1] = Reshape(%x) {shape=[2, 5, 1, 1]}
+          return %y
+        }""",
+    )
+
+
+def _nhwc(graph):
+    return kiln.optimize(graph, "O2", layout="nhwc")
+
+
+def _transposes(graph) -> int:
+    nodes = [n for n in graph.nodes]
+    nodes += [b for n in graph.nodes if n.op.name == "Fused" for b in n.attrs["body"].nodes]
+    return sum(n.op.name == "Transpose" for n in nodes)
+
+
+@pytest.mark.parametrize("name,transposes", [("resnet18", 1), ("resnet50", 1), ("lenet5", 1), ("deeplabv3", 3)])
+def test_converted_zoo_models_keep_transposes_only_at_the_boundary(name, transposes):
+    entry = ZOO[name]
+    model = build(name, **entry.small_kwargs)
+    x = np.random.default_rng(0).normal(size=entry.small_shape).astype(np.float32)
+    graph = kiln.trace(model, [x], input_names=["input"])
+    converted = _nhwc(graph)
+    # the input's transpose; deeplab adds one for its image-pooling branch and one at its output
+    assert _transposes(converted) == transposes, converted
+    convs = [n for n in converted.nodes if n.op.name == "Conv"] + [
+        b for n in converted.nodes if n.op.name == "Fused" for b in n.attrs["body"].nodes if b.op.name == "Conv"
+    ]
+    assert convs and all(c.attrs["layout"] == "NHWC" for c in convs)
+    want = model(kiln.Tensor(x)).numpy()
+    for target in ("eager", "llvm"):
+        got = kiln.compile(graph, target=target, pipeline="O2", layout="nhwc").run({"input": x})["output"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{name} on {target}")
+
+
+SINKS = {
+    "concat_resize_pad": """
+        graph g(%x: f32[1,2,4,4], %s: f32[1,2,4,4]) {
+          param %w: f32[2,2,1,1] = [1.0, -1.0, 0.5, 2.0]
+          %c: f32[1,2,4,4] = Conv(%x, %w) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
+          %k: f32[1,4,4,4] = Concat(%c, %s) {axis=1}
+          %r: f32[1,4,8,6] = Resize(%k) {sizes=[1, 4, 8, 6], scales=[1.0, 1.0, 2.0, 1.5], mode="linear", coordinate_transformation_mode="half_pixel"}
+          %p: f32[1,4,9,8] = Pad(%r) {pads=[0, 0, 1, 1, 0, 0, 0, 1]}
+          %l: f32[1,4,5,8] = Slice(%p) {starts=[1], ends=[6], axes=[2]}
+          %m: f32[1,4,5,8] = Softmax(%l) {axis=1}
+          %y: f32[1,2,5,8] = Conv(%m, %w2) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
+          return %y
+        }""",
+    "global_pool_and_reduce": """
+        graph g(%x: f32[2,3,4,4]) {
+          param %w: f32[3,3,3,3] = dense<sha256:0>
+          %c: f32[2,3,2,2] = Conv(%x, %w) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
+          %m: f32[2,3,1,1] = ReduceMax(%c) {axes=[2, 3], keepdims=1}
+          %g: f32[2,3,1,1] = GlobalAveragePool(%c)
+          %y: f32[2,3,1,1] = Sub(%g, %m)
+          return %y
+        }""",
+    "pools": """
+        graph g(%x: f32[1,3,7,7]) {
+          %a: f32[1,3,4,4] = MaxPool(%x) {kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=0}
+          %b: f32[1,3,4,4] = AveragePool(%a) {kernel_shape=[2, 2], strides=[1, 1], pads=[1, 1, 0, 0], count_include_pad=1}
+          return %b
+        }""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SINKS))
+def test_sinking_keeps_outputs(name, random_feeds):
+    text = SINKS[name]
+    rng = np.random.default_rng(4)
+    if "%w2" in text:
+        text = text.replace("{\n", "{\n          param %w2: f32[2,4,1,1] = [" + ", ".join(str(v) for v in rng.normal(size=8).round(3)) + "]\n", 1)
+    if "dense<sha256:0>" in text:
+        text = text.replace("dense<sha256:0>", "[" + ", ".join(str(v) for v in rng.normal(size=81).round(3)) + "]")
+    graph = parse_graph(text)
+    converted = run_passes(graph.copy(), pipeline("O2", layout="nhwc"))
+    for node in converted.nodes:  # what transposes remain sit at the graph's boundary
+        if node.op.name == "Transpose":
+            assert node.inputs[0] in converted.inputs or node.outputs[0] in converted.outputs, converted
+    feeds = random_feeds(graph)
+    want = kiln.compile(graph).run(feeds)
+    for target in ("eager", "llvm"):
+        got = kiln.compile(converted, target=target, pipeline="O0").run(feeds)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"{name} on {target}")
+
+
+def test_layout_choices_are_checked():
+    assert "to_nhwc" in pipeline("O2", layout="nhwc") and "to_nhwc" not in pipeline("O2")
+    with pytest.raises(KilnError, match="part of -O2"):
+        pipeline("O1", layout="nhwc")
+    with pytest.raises(KilnError, match="unknown layout"):
+        pipeline("O2", layout="nchwc")
+
+
+def test_a_channels_last_graph_cannot_be_exported():
+    from kiln.frontend.onnx.export import graph_to_onnx
+
+    with pytest.raises(KilnError, match="channels-last"):
+        graph_to_onnx(run_passes(parse_graph(BEFORE), ["to_nhwc"]))
