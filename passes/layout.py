@@ -1,15 +1,15 @@
 """Layout passes: convert convolutions and pools to channels-last (NHWC) and sink the
 transposes that creates until they cancel.
 
-``to_nhwc`` rewrites each Conv (group 1), MaxPool (without Indices) and AveragePool of rank >= 3
-as ``Transpose(op_nhwc(Transpose(x)))``; constant weights are transposed to (*kernel, C, M) now,
-at compile time. ``sink_transposes`` then moves every Transpose below the ops that do not care
+``to_nhwc`` rewrites each Conv and ConvTranspose (group 1), MaxPool (without Indices) and
+AveragePool of rank >= 3 as ``Transpose(op_nhwc(Transpose(x)))``; constant weights are
+transposed now, at compile time (Conv to (*kernel, C, M), ConvTranspose to (C, *kernel, M)). ``sink_transposes`` then moves every Transpose below the ops that do not care
 about layout (elementwise ops, with constant operands transposed at compile time; Concat;
 Resize; Pad; Slice; Softmax and keepdims reductions; global pools become spatial reductions),
 and turns transposes that only move size-1 axes into reshapes. The canonicalize passes that
 follow fold Transpose(Transpose) chains into the identity and remove them, so a converted
 model keeps transposes only at its boundary and where an op must see NCHW (a BatchNormalization
-left in a training graph, a ConvTranspose, a Reshape of a spatial map).
+left in a training graph, a grouped convolution, a Reshape of a spatial map).
 
 Preconditions: none. Postconditions: outputs unchanged (names and values).
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.opdef import OpKind
-from kiln.ir.ops.nn import to_channels_first, to_channels_last, weight_to_spatial_first
+from kiln.ir.ops.nn import to_channels_first, to_channels_last, transposed_weight_to_last, weight_to_spatial_first
 from kiln.passes.base import graph_pass
 from kiln.passes.rewrite import substitute
 
@@ -40,11 +40,11 @@ def _transposed_param(graph: Graph, value: Value, perm: list[int], hint: str) ->
 
 def _convertible(node: Node) -> bool:
     op = node.op.name
-    if op not in ("Conv", "MaxPool", "AveragePool") or node.attrs["layout"] != "NCHW":
+    if op not in ("Conv", "ConvTranspose", "MaxPool", "AveragePool") or node.attrs["layout"] != "NCHW":
         return False
     if node.inputs[0].type.rank < 3 or len(node.outputs) != 1:
         return False
-    return op != "Conv" or node.attrs["group"] == 1
+    return op not in ("Conv", "ConvTranspose") or node.attrs["group"] == 1
 
 
 @graph_pass("to_nhwc")
@@ -55,11 +55,14 @@ def to_nhwc(graph: Graph) -> Graph:
         rank = x.type.rank
         where = node.name or node.op.name
         inputs = [_insert(graph, node, "Transpose", [x], {"perm": to_channels_last(rank)}, f"{where}/to_nhwc")]
-        if node.op.name == "Conv":
+        if node.op.name in ("Conv", "ConvTranspose"):
             w = node.inputs[1]
-            perm = weight_to_spatial_first(rank)
+            perm = weight_to_spatial_first(rank) if node.op.name == "Conv" else transposed_weight_to_last(rank)
             if w in graph.params:
                 inputs.append(_transposed_param(graph, w, perm, f"{w.name}.nhwc"))
+            elif _filled(w):  # a constant fill: the same fill in the new shape
+                shape = [w.type.shape[p] for p in perm]
+                inputs.append(_insert(graph, node, "ConstantOfShape", [], {**w.producer.attrs, "shape": shape}, f"{where}/weight_nhwc"))
             else:
                 inputs.append(_insert(graph, node, "Transpose", [w], {"perm": perm}, f"{where}/weight_to_nhwc"))
             inputs += node.inputs[2:]
@@ -69,6 +72,10 @@ def to_nhwc(graph: Graph) -> Graph:
             graph.remove_nodes([node])
     graph.remove_unread_params()
     return graph
+
+
+def _filled(value: Value) -> bool:
+    return value.producer is not None and value.producer.op.name == "ConstantOfShape"
 
 
 def _inverse(perm: list[int]) -> list[int]:
@@ -160,6 +167,10 @@ class _Sinker:
         elif node.op.kind is OpKind.REDUCTION and "axes" in attrs and attrs.get("keepdims") == 1:
             if attrs["axes"] is not None:
                 attrs["axes"] = sorted(perm[a % rank] for a in attrs["axes"])
+        elif op == "BatchNormalization" and perm == to_channels_first(rank):
+            return self.batchnorm_as_affine(node, perm)
+        elif op == "Reshape" and perm == to_channels_first(rank):
+            return self.flatten_into_weights(node)
         elif op in ("GlobalAveragePool", "GlobalMaxPool") and perm == to_channels_first(rank):
             reduce = "ReduceMean" if op == "GlobalAveragePool" else "ReduceMax"
             self.replace(node, reduce, [node.inputs[0].producer.inputs[0]], {"axes": list(range(1, rank - 1)), "keepdims": 1}, perm)
@@ -177,6 +188,58 @@ class _Sinker:
         if any(v is False for v in inputs):
             return False
         self.replace(node, node.op, inputs, attrs, perm)
+        return True
+
+
+    def batchnorm_as_affine(self, node: Node, perm: list[int]) -> bool:
+        """Inference BatchNormalization with constant statistics on channels-last data:
+        ``x * s + t`` with per-channel constants on the last axis (then the transpose)."""
+        g = self.graph
+        x, *stats = node.inputs
+        if node.attrs["training_mode"] or len(node.outputs) != 1 or any(v not in g.params for v in stats):
+            return False
+        scale, shift, mean, var = (g.params[v].astype(np.float64) for v in stats)
+        s = scale / np.sqrt(var + node.attrs["epsilon"])
+        t = shift - mean * s
+        dtype = x.type.dtype.numpy
+        where = node.name or "BatchNormalization"
+        s_v = g.add_param(g.fresh_name(f"{where}.scale"), s.astype(dtype))
+        t_v = g.add_param(g.fresh_name(f"{where}.shift"), t.astype(dtype))
+        source = x.producer.inputs[0]
+        scaled = _insert(g, node, "Mul", [source, s_v], {}, f"{where}/scale")
+        self.replace(node, "Add", [scaled, t_v], {}, perm)
+        return True
+
+    def flatten_into_weights(self, node: Node) -> bool:
+        """``Gemm(Reshape(T(x), [N, C*H*W]), W)`` with constant W becomes ``Gemm(Reshape(x, [N,
+        H*W*C]), W')``: the flatten order changes, so W's rows are permuted to match, now."""
+        g = self.graph
+        x = node.inputs[0].producer.inputs[0]  # (N, *spatial, C)
+        n, *spatial, c = x.type.shape
+        if list(node.outputs[0].type.shape) != [n, c * int(np.prod(spatial))]:
+            return False
+        readers = g.users().get(node.outputs[0], [])
+        if not readers or node.outputs[0] in g.outputs:
+            return False
+        for reader in readers:
+            w = reader.inputs[1] if len(reader.inputs) > 1 else None
+            plain = reader.op.name == "MatMul" or (reader.op.name == "Gemm" and not reader.attrs["transA"])
+            if not plain or reader.inputs[0] is not node.outputs[0] or not (w in g.params or _filled(w)):
+                return False
+        flat = _insert(g, node, "Reshape", [x], {"shape": [n, x.type.numel // n]}, node.name or "Reshape")
+        for reader in readers:
+            w = reader.inputs[1]
+            if _filled(w):  # every permutation of a constant fill is itself
+                reader.inputs = [flat, *reader.inputs[1:]]
+                continue
+            array = g.params[w]
+            rows_last = reader.op.name == "Gemm" and reader.attrs["transB"]
+            feature_major = array.T if rows_last else array  # (C*H*W, out)
+            permuted = feature_major.reshape(c, *spatial, -1).transpose(*range(1, len(spatial) + 1), 0, len(spatial) + 1)
+            permuted = permuted.reshape(feature_major.shape)
+            new = g.add_param(g.fresh_name(f"{w.name}.nhwc"), np.ascontiguousarray(permuted.T if rows_last else permuted))
+            reader.inputs = [flat, new, *reader.inputs[2:]]
+        g.remove_nodes([node])
         return True
 
 

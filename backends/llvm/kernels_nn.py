@@ -507,6 +507,8 @@ def lrn(ctx: KernelContext) -> None:
 
 def _conv_t_scratch(node) -> int:
     x, w = node.inputs[0].type, node.inputs[1].type
+    if node.attrs["layout"] == "NHWC":  # columns (P_in, K * M)
+        return math.prod(x.shape[1:-1]) * math.prod(w.shape[1:]) * x.dtype.itemsize
     per_group_out = w.shape[1] * math.prod(w.shape[2:])
     return per_group_out * math.prod(x.shape[2:]) * x.dtype.itemsize
 
@@ -516,6 +518,9 @@ def conv_transpose(ctx: KernelContext) -> None:
     """Columns = W_g^T @ x_g (the GEMM above), then scattered and summed into the output."""
     _require_float(ctx)
     node = ctx.node
+    if node.attrs["layout"] == "NHWC":
+        _nhwc_conv_transpose(ctx)
+        return
     x, w, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     nd = len(x.shape) - 2
@@ -550,6 +555,58 @@ def conv_transpose(ctx: KernelContext) -> None:
         rank = len(y.shape)
         per_channel = View(bias.ptr, bias.dtype, tuple(y.shape[1] if i == 1 else 1 for i in range(rank)), tuple(1 if i == 1 else 0 for i in range(rank)))
         emit_pointwise(b, ctx.module, y, [y, per_channel], lambda E, xs: E.add(xs[0], xs[1]))
+
+
+def _nhwc_conv_transpose(ctx: KernelContext) -> None:
+    """cols[P_in, (K, M)] = x[P_in, C] @ w[C, (K, M)]; each tap's M-vector added into the output
+    pixel it lands on (contiguous channel rows both sides)."""
+    node = ctx.node
+    if node.attrs["group"] != 1:
+        raise KilnError(f"node {node.name!r}: grouped NHWC ConvTranspose has no LLVM kernel yet")
+    x, w, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    nd = len(x.shape) - 2
+    strides, dilations, pads = _spatial_attrs(node.attrs, nd)
+    n, in_sp, c = x.shape[0], x.shape[1:-1], x.shape[-1]
+    kernel_shape, m = w.shape[1:-1], w.shape[-1]
+    out_sp = y.shape[1:-1]
+    p_in, taps = math.prod(in_sp), math.prod(kernel_shape)
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    cols = View(ctx.scratch, y.dtype, (p_in, taps * m), (taps * m, 1))
+    _fill_zero(ctx, y)
+    w_view = View(w.ptr, w.dtype, (c, taps * m), (taps * m, 1))
+    with for_range(b, n, name="img") as img:
+        xi = View(b.gep(x.ptr, [b.mul(img, const_i64(p_in * c))], source_etype=_t(x)), x.dtype, (p_in, c), (c, 1))
+        emit_gemm(ctx, xi, w_view, cols)
+        y_base = b.mul(img, const_i64(math.prod(out_sp) * m))
+        with loop_nest(b, (*in_sp, *kernel_shape), name="sc") as index:
+            pos, ks = index[:nd], index[nd:]
+            inside = ir.Constant(ir.IntType(1), 1)
+            flat = y_base
+            for axis in range(nd):
+                coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+                ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(out_sp[axis])))
+                inside = b.and_(inside, ok)
+                flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(out_sp[axis + 1 :]) * m)))
+            row = pos[0]
+            for axis in range(1, nd):
+                row = b.add(b.mul(row, const_i64(in_sp[axis])), pos[axis])
+            tap = ks[0]
+            for axis in range(1, nd):
+                tap = b.add(b.mul(tap, const_i64(kernel_shape[axis])), ks[axis])
+            with b.if_then(inside):
+                col0 = b.mul(tap, const_i64(m))
+                with for_range(b, m, name="ch") as ch:
+                    target = b.gep(y.ptr, [b.add(flat, ch)], source_etype=_t(y))
+                    current = E.typed(b.load(target, typ=_t(y)), y.dtype)
+                    b.store(E.add(current, E.typed(cols.load(b, [row, b.add(col0, ch)]), y.dtype)), target)
+    if bias is not None:
+        from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+
+        rows = n * math.prod(out_sp)
+        flat_y = View(y.ptr, y.dtype, (rows, m), (m, 1))
+        emit_pointwise(b, ctx.module, flat_y, [flat_y, View(bias.ptr, bias.dtype, (rows, m), (0, 1))], lambda E, xs: E.add(xs[0], xs[1]))
 
 
 def _fill_zero(ctx: KernelContext, view: View) -> None:

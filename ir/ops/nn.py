@@ -1,8 +1,8 @@
 """Convolutions and pooling over N spatial dims (NCHW-style layouts: batch, channel, spatial...).
 
 Attributes are explicit: the importer resolves ``auto_pad`` and ConvTranspose's
-``output_shape`` into ``pads``, so shape rules here never guess. Conv, MaxPool and AveragePool
-also take ``layout="NHWC"`` (channels last; made by the layout pass, never by the importer).
+``output_shape`` into ``pads``, so shape rules here never guess. Conv, ConvTranspose, MaxPool
+and AveragePool also take ``layout="NHWC"`` (channels last; made by the layout pass, never by the importer).
 """
 
 from __future__ import annotations
@@ -84,14 +84,35 @@ def weight_to_spatial_first(rank: int) -> list[int]:
     return [*range(2, rank), 1, 0]
 
 
+def conv_weight_to_first(rank: int) -> list[int]:
+    return _inverse_perm(weight_to_spatial_first(rank))
+
+
+def transposed_weight_to_last(rank: int) -> list[int]:
+    """The Transpose perm from (C, M/g, *kernel) to (C, *kernel, M/g), the NHWC ConvTranspose weight."""
+    return [0, *range(2, rank), 1]
+
+
+def transposed_weight_to_first(rank: int) -> list[int]:
+    return _inverse_perm(transposed_weight_to_last(rank))
+
+
+def _inverse_perm(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
 def _permuted(t, perm):
     return t.with_shape([t.shape[p] for p in perm])
 
 
-def channels_last(infer, eager, weight: bool = False):
+def channels_last(infer, eager, weight_to_first=None):
     """``infer``/``eager`` of an NCHW op extended with the ``layout`` attribute: with "NHWC" the
-    data (and for convolutions the weight, as (*kernel, C/g, M)) are channels-last, and the op
-    means the NCHW op on the transposed operands, transposed back."""
+    data are channels-last (and a convolution's weight is in the order ``weight_to_first(rank)``
+    takes back to the NCHW op's), and the op means the NCHW op on the transposed operands,
+    transposed back."""
 
     def layout_infer(attrs, types):
         if attrs["layout"] not in LAYOUTS:
@@ -101,9 +122,9 @@ def channels_last(infer, eager, weight: bool = False):
         x = present(types, 0, "X")
         ins = list(types)
         ins[0] = _permuted(x, to_channels_first(x.rank))
-        if weight:
+        if weight_to_first is not None:
             w = present(types, 1, "W")
-            ins[1] = _permuted(w, [w.rank - 1, w.rank - 2, *range(w.rank - 2)])
+            ins[1] = _permuted(w, weight_to_first(w.rank))
         outs = infer(attrs, ins)
         return [_permuted(outs[0], to_channels_last(outs[0].rank)), *outs[1:]]
 
@@ -111,8 +132,8 @@ def channels_last(infer, eager, weight: bool = False):
         if attrs["layout"] == "NCHW":
             return eager(attrs, x, *rest)
         rest = list(rest)
-        if weight:
-            rest[0] = rest[0].transpose([rest[0].ndim - 1, rest[0].ndim - 2, *range(rest[0].ndim - 2)])
+        if weight_to_first is not None:
+            rest[0] = rest[0].transpose(weight_to_first(rest[0].ndim))
         outs = eager(attrs, x.transpose(to_channels_first(x.ndim)), *rest)
         outs = (outs,) if isinstance(outs, np.ndarray) else tuple(outs)
         return (np.ascontiguousarray(outs[0].transpose(to_channels_last(outs[0].ndim))), *outs[1:])
@@ -161,7 +182,7 @@ def _conv(a, x, w, b=None):
     return y.astype(x.dtype)
 
 
-register(OpDef("Conv", OpKind.HEAVY, *channels_last(_conv_infer, _conv, weight=True), {**CONV_ATTRS, "layout": "NCHW"}, num_inputs=(2, 3)))
+register(OpDef("Conv", OpKind.HEAVY, *channels_last(_conv_infer, _conv, conv_weight_to_first), {**CONV_ATTRS, "layout": "NCHW"}, num_inputs=(2, 3)))
 
 
 # -- ConvTranspose ---------------------------------------------------------------------------
@@ -211,9 +232,8 @@ register(
     OpDef(
         "ConvTranspose",
         OpKind.HEAVY,
-        _conv_t_infer,
-        _conv_transpose,
-        {**CONV_ATTRS, "output_padding": None},
+        *channels_last(_conv_t_infer, _conv_transpose, transposed_weight_to_first),
+        {**CONV_ATTRS, "output_padding": None, "layout": "NCHW"},
         num_inputs=(2, 3),
     )
 )

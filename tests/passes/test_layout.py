@@ -88,14 +88,18 @@ def _transposes(graph) -> int:
     return sum(n.op.name == "Transpose" for n in nodes)
 
 
-@pytest.mark.parametrize("name,transposes", [("resnet18", 1), ("resnet50", 1), ("lenet5", 1), ("deeplabv3", 3)])
+@pytest.mark.parametrize(
+    "name,transposes",
+    # the input's transpose (none for LeNet's one channel: a reshape), the output's for the
+    # segmentation nets, and deeplab's image-pooling branch meeting the concat
+    [("resnet18", 1), ("resnet50", 1), ("lenet5", 0), ("fcn", 2), ("unet", 2), ("deeplabv3", 3)],
+)
 def test_converted_zoo_models_keep_transposes_only_at_the_boundary(name, transposes):
     entry = ZOO[name]
     model = build(name, **entry.small_kwargs)
     x = np.random.default_rng(0).normal(size=entry.small_shape).astype(np.float32)
     graph = kiln.trace(model, [x], input_names=["input"])
     converted = _nhwc(graph)
-    # the input's transpose; deeplab adds one for its image-pooling branch and one at its output
     assert _transposes(converted) == transposes, converted
     convs = [n for n in converted.nodes if n.op.name == "Conv"] + [
         b for n in converted.nodes if n.op.name == "Fused" for b in n.attrs["body"].nodes if b.op.name == "Conv"
@@ -172,3 +176,12 @@ def test_a_channels_last_graph_cannot_be_exported():
 
     with pytest.raises(KilnError, match="channels-last"):
         graph_to_onnx(run_passes(parse_graph(BEFORE), ["to_nhwc"]))
+
+
+@pytest.mark.parametrize("name", ["light_vgg19", "light_densenet121", "light_squeezenet"])
+def test_light_nets_keep_only_the_input_transpose(name, light_model):
+    # vgg19: the flatten before its classifier is folded into the FC weights; densenet121: the
+    # BatchNorms after its concats become channels-last affine ops
+    converted = kiln.optimize(str(light_model(name)), "O2", layout="nhwc")
+    transposes = [n for n in converted.nodes if n.op.name == "Transpose"]
+    assert len(transposes) == 1 and transposes[0].inputs[0] in converted.inputs
