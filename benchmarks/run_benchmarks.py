@@ -2,9 +2,11 @@
 
     python benchmarks/run_benchmarks.py [MODEL ...] [--repeat N] [--out benchmarks/report.md]
 
-Defaults to the built-in light nets that the llvm target compiles today; the zoo models of the
-standard set (MLP, LeNet-5, ResNet-18, LSTM, U-Net) join when the zoo lands. Ratios are taken
-side by side in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
+Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
+(batch 1, 224x224), light_resnet50 (batch 1), a 2-layer LSTM (hidden 256, 32 steps, batch 16)
+and a U-Net (width 32, 1x3x128x128). Zoo models are built with seeded weights and exported to
+ONNX first, so every runtime (onnxruntime too) runs the same file. Ratios are taken side by side
+in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
 """
 
 from __future__ import annotations
@@ -15,10 +17,35 @@ import platform
 import sys
 from pathlib import Path
 
+import tempfile
+
+import numpy as np
+
+import kiln
 from kiln.bench import bench
 from kiln.backends.llvm.target import host_cpu
+from kiln.models import zoo
 
-DEFAULT = ["light_squeezenet", "light_resnet50", "light_shufflenet", "light_inception_v2"]
+# name -> (zoo builder, its arguments, input shape); plain names are light nets or files
+STANDARD = {
+    "mlp-512-256/b64": ("mlp", {"hidden": (512, 256)}, (64, 784)),
+    "lenet5/b64": ("lenet5", {}, (64, 1, 32, 32)),
+    "resnet18/b1": ("resnet18", {}, (1, 3, 224, 224)),
+    "light_resnet50": None,
+    "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
+    "unet-w32/128": ("unet", {"width": 32}, (1, 3, 128, 128)),
+}
+
+
+def model_file(label: str, folder: Path) -> str:
+    """A path bench can open: the zoo model exported to ONNX, or the name as given."""
+    spec = STANDARD.get(label)
+    if spec is None:
+        return label
+    name, kwargs, shape = spec
+    path = folder / f"{name}.onnx"
+    kiln.export_onnx(zoo.build(name, **kwargs), path, [np.zeros(shape, np.float32)], input_names=["input"])
+    return str(path)
 
 
 def geomean(values: list[float]) -> float:
@@ -27,7 +54,8 @@ def geomean(values: list[float]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="*", default=DEFAULT)
+    ap.add_argument("models", nargs="*", default=list(STANDARD))
+    ap.add_argument("--layout", default="auto", choices=["auto", "nchw", "nhwc"])
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/report.md"))
@@ -35,14 +63,16 @@ def main() -> int:
     lines = [
         "# kiln benchmarks",
         "",
-        f"CPU: {host_cpu().describe()}; Python {platform.python_version()}; medians of {args.repeat} runs after {args.warmup} warm-up runs.",
+        f"CPU: {host_cpu().describe()}; Python {platform.python_version()}; medians of {args.repeat} runs after {args.warmup} warm-up runs; layout {args.layout}.",
         "",
         "| model | kiln llvm ms | eager ms | onnxruntime ms | speedup vs eager | ort / kiln | compile s | outputs match |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     speedups, ort_ratios = [], []
+    folder = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     for model in args.models:
-        rows = {r.runtime: r for r in bench(model, "llvm", ("eager", "onnxruntime"), warmup=args.warmup, repeat=args.repeat)}
+        path = model_file(model, folder)
+        rows = {r.runtime: r for r in bench(path, "llvm", ("eager", "onnxruntime"), warmup=args.warmup, repeat=args.repeat, layout=args.layout)}
         kiln, eager, ort = rows["kiln llvm"], rows["kiln eager"], rows["onnxruntime"]
         speedups.append(eager.median_ms / kiln.median_ms)
         ort_ratios.append(ort.median_ms / kiln.median_ms)
