@@ -85,7 +85,8 @@ def optimize(
 ) -> Graph:
     """Import ``model`` and run ``lowering``, ``pipeline`` (``O0``/``O1``/``O2``) then ``passes``.
 
-    ``layout`` (``nchw``/``nhwc``) converts convolutions and pools to that data layout (-O2).
+    ``layout`` (``nchw``/``nhwc``/``auto``) converts convolutions and pools to that data layout
+    (-O2); ``auto`` chooses channels-last where the convolution work is in wide layers.
     A Graph given as ``model`` is copied first, never edited. ``dump_ir`` writes the IR before
     and after each pass into that folder. The pass records are on ``graph.pass_records``.
     """

@@ -64,6 +64,13 @@ class _Unroller:
     def slice_rows(self, v: Value, axis: int, start: int, end: int) -> Value:
         return self.one("Slice", [v], {"starts": [start], "ends": [end], "axes": [axis]})
 
+    def direction(self, v: Value, d: int, shape) -> Value:
+        """Direction ``d`` of a per-direction operand, reshaped: sliced now when constant
+        (weights stay parameters however large, so later passes can re-layout them)."""
+        if v in self.g.params:
+            return self.add_param(f"{v.name}.d{d}", np.ascontiguousarray(self.g.params[v][d].reshape(shape)))
+        return self.reshape(self.slice_rows(v, 0, d, d + 1), shape)
+
     def run(self) -> list[Value]:
         node, op = self.node, self.node.op.name
         a = node.attrs
@@ -80,10 +87,10 @@ class _Unroller:
         x2 = self.reshape(x, [seq * batch, width])
         ys, hs, cs = [], [], []
         for d in range(dirs):
-            wd = self.reshape(self.slice_rows(w, 0, d, d + 1), [gates * hidden, width])
-            rd = self.reshape(self.slice_rows(r, 0, d, d + 1), [gates * hidden, hidden])
+            wd = self.direction(w, d, [gates * hidden, width])
+            rd = self.direction(r, d, [gates * hidden, hidden])
             if b is not None:
-                bd = self.reshape(self.slice_rows(b, 0, d, d + 1), [2 * gates * hidden])
+                bd = self.direction(b, d, [2 * gates * hidden])
                 wb, rb = self.slice_rows(bd, 0, 0, gates * hidden), self.slice_rows(bd, 0, gates * hidden, 2 * gates * hidden)
             else:
                 zero = self.add_param("zero_bias", np.zeros(gates * hidden, dtype))

@@ -11,9 +11,10 @@ PIPELINES: dict[str, list[str]] = {
     "O0": [],
     # clean-ups that keep every op: folding, no-op removal, chain folding, CSE, DCE
     "O1": [*CANONICALIZE],
-    # everything for inference: canonicalize, fold BatchNorm into conv/gemm, canonicalize again,
-    # then fuse into groups (each one kernel for the compiled backends)
-    "O2": [*CANONICALIZE, *FOLD_BATCHNORM, *CANONICALIZE, "fuse"],
+    # everything for inference: canonicalize, fold BatchNorm into conv/gemm, canonicalize again
+    # (it folds the weights decompose_rnn slices), store GEMM weights row-major, then fuse into
+    # groups (each one kernel for the compiled backends)
+    "O2": [*CANONICALIZE, *FOLD_BATCHNORM, *CANONICALIZE, "pretranspose_weights", "fuse"],
 }
 
 
@@ -21,7 +22,8 @@ def pipeline(name: str, layout: str = "nchw") -> list[str]:
     """The pass names of pipeline ``name`` (``O0``, ``O1``, ``O2``; a leading ``-`` is accepted).
 
     ``layout="nhwc"`` adds the layout passes to -O2, after BatchNorm folding (which needs the
-    NCHW conv) and before the second canonicalize (which cancels the transposes they leave).
+    NCHW conv) and before the second canonicalize (which cancels the transposes they leave);
+    ``layout="auto"`` converts only graphs whose convolution work is in wide layers.
     """
     from kiln.passes.layout import LAYOUT_PASSES
 

@@ -185,3 +185,14 @@ def test_light_nets_keep_only_the_input_transpose(name, light_model):
     converted = kiln.optimize(str(light_model(name)), "O2", layout="nhwc")
     transposes = [n for n in converted.nodes if n.op.name == "Transpose"]
     assert len(transposes) == 1 and transposes[0].inputs[0] in converted.inputs
+
+
+def test_auto_converts_only_graphs_whose_conv_work_is_wide():
+    lenet = kiln.trace(build("lenet5"), [np.zeros((1, 1, 32, 32), np.float32)])  # 6 and 16 channels
+    resnet = kiln.trace(build("resnet18", width=16, num_classes=10), [np.zeros((1, 3, 32, 32), np.float32)])
+    assert all(n.attrs.get("layout") != "NHWC" for n in kiln.optimize(lenet, "O2", layout="auto").nodes)
+    converted = kiln.optimize(resnet, "O2", layout="auto")
+    assert any(b.attrs.get("layout") == "NHWC" for n in converted.nodes if n.op.name == "Fused" for b in n.attrs["body"].nodes)
+    # compile's auto is the target's choice: llvm uses the rule, eager keeps NCHW
+    assert kiln.compile(resnet, target="llvm").graph.op_histogram().get("Transpose") == 1
+    assert "Transpose" not in kiln.compile(resnet, target="eager", pipeline="O2").graph.op_histogram()

@@ -1,0 +1,29 @@
+"""pretranspose_weights: constant GEMM weights stored the way the kernels read them.
+
+``Gemm(a, B, c) {transB=1}`` with a constant ``B`` (PyTorch's Linear layout, (N, K)) becomes
+``Gemm(a, B.T, c) {transB=0}`` with ``B.T`` computed now: the backends' GEMM streams rows of B,
+and a transposed B would be read with a stride of K on every multiply-add.
+
+Preconditions: none. Postconditions: no Gemm with transB=1 on a parameter; outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.ir.graph import Graph
+from kiln.passes.base import graph_pass
+
+
+@graph_pass("pretranspose_weights")
+def pretranspose_weights(graph: Graph) -> Graph:
+    """Gemm weights with transB=1 transposed at compile time (see the module docstring)."""
+    for node in graph.nodes:
+        if node.op.name != "Gemm" or not node.attrs["transB"] or node.inputs[1] not in graph.params:
+            continue
+        w = node.inputs[1]
+        flipped = graph.add_param(graph.fresh_name(f"{w.name}.T"), np.ascontiguousarray(graph.params[w].T))
+        node.inputs[1] = flipped
+        node.attrs["transB"] = 0
+    graph.remove_unread_params()
+    return graph
