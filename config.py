@@ -7,6 +7,7 @@
 | KILN_MAX_ELEMENTS   | 2**31      | largest tensor (in elements) a graph may describe        |
 | KILN_FOLD_ELEMENTS  | 65536      | largest constant the importer folds at compile time      |
 | KILN_CACHE_DIR      | (XDG)      | compile cache folder; "off" disables the cache           |
+| KILN_NUM_THREADS    | (cores)    | threads compiled code splits large GEMMs over            |
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Flags:
     max_elements: int = 2**31
     fold_elements: int = 65536
     cache_dir: str = ""  # "" = $XDG_CACHE_HOME/kiln; "off" = no cache
+    num_threads: int = 0  # 0 = the cores this process may run on
 
 
 def _from_environment() -> Flags:
@@ -44,7 +46,18 @@ def _from_environment() -> Flags:
         max_elements=flag("KILN_MAX_ELEMENTS", 2**31),
         fold_elements=flag("KILN_FOLD_ELEMENTS", 65536),
         cache_dir=env.get("KILN_CACHE_DIR", ""),
+        num_threads=flag("KILN_NUM_THREADS", 0),
     )
+
+
+def num_threads() -> int:
+    """KILN_NUM_THREADS, or the cores this process may run on (at most 64)."""
+    wanted = flags().num_threads
+    if wanted < 0:
+        raise ValueError(f"KILN_NUM_THREADS={wanted} must be >= 0 (0: every core)")
+    if wanted == 0:
+        wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(wanted, 64))
 
 
 _overrides: list[Flags] = []

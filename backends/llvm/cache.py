@@ -40,7 +40,9 @@ def cache_dir() -> Path | None:
 def cache_key(graph: Graph, cpu: CPU) -> str:
     """SHA-256 of the graph (its text form hashes every parameter), CPU, features and versions."""
     h = hashlib.sha256()
-    for part in (print_graph(graph), cpu.triple, cpu.name, cpu.features, kiln.__version__, llvmlite.__version__, str(FORMAT)):
+    from kiln.config import num_threads
+
+    for part in (print_graph(graph), cpu.triple, cpu.name, cpu.features, kiln.__version__, llvmlite.__version__, str(FORMAT), f"threads={num_threads()}"):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

@@ -4,11 +4,13 @@ scratch plus the same GEMM, pooling, reductions and softmax."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
-from kiln.backends.llvm.emit import LLVMScalarOps, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.emit import PTR, LLVMScalarOps, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.config import num_threads
 from kiln.errors import KilnError
 from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
 
@@ -35,13 +37,11 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     """
     m, k = a.shape
     n = bm.shape[1]
-    width = vector_width(c.dtype)
-    nr = 2 * width
-    fast_cols = (n // nr) * nr if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float else 0
-    if fast_cols:
-        _micro_tiles(ctx, a, bm, c, fast_cols, width, alpha)
-    if fast_cols < n:
-        _gemm_loops(ctx, a, _columns(bm, fast_cols, n), _columns(c, fast_cols, n), alpha)
+    threads = min(num_threads(), m // MR)
+    if threads > 1 and m * n * k >= PARALLEL_MACS:
+        _parallel_gemm(ctx, a, bm, c, alpha, threads)
+    else:
+        _serial_gemm(ctx, a, bm, c, alpha)
     if init is not None:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
@@ -50,6 +50,74 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
             return E.add(xs[0], extra)
 
         emit_pointwise(ctx.b, ctx.module, c, [c, init], add_init)
+
+
+PARALLEL_MACS = 1 << 20  # below this a GEMM runs on one thread (a thread start costs ~20 us)
+
+
+def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float) -> None:
+    m, k = a.shape
+    n = bm.shape[1]
+    width = vector_width(c.dtype)
+    nr = 2 * width
+    fast_cols = (n // nr) * nr if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float else 0
+    if fast_cols:
+        _micro_tiles(ctx, a, bm, c, fast_cols, width, alpha)
+    if fast_cols < n:
+        _gemm_loops(ctx, a, _columns(bm, fast_cols, n), _columns(c, fast_cols, n), alpha)
+
+
+@dataclass
+class _Emitting:
+    """The part of a KernelContext the GEMM emitters use: a builder and the module."""
+
+    b: ir.IRBuilder
+    module: ir.Module
+
+
+def _rows(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> View:
+    return View(ptr if ptr is not None else view.ptr, view.dtype, (stop - start, *view.shape[1:]), view.strides, view.offset + start * view.strides[0])
+
+
+def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
+    """Rows of C split over ``threads``: threads 1.. run a worker function each (pthreads, started
+    and joined here, inside the kernel: no Python per task); this thread does the first block.
+    A thread that cannot start has its block run here instead."""
+    b, module = ctx.b, ctx.module
+    m = a.shape[0]
+    bounds = [min(m, (m * t // threads + MR - 1) // MR * MR) for t in range(threads)] + [m]
+    tid_ty = ir.IntType(64)  # pthread_t on Linux
+    create = module.globals.get("pthread_create") or ir.Function(module, ir.FunctionType(ir.IntType(32), [PTR, PTR, PTR, PTR]), "pthread_create")
+    join = module.globals.get("pthread_join") or ir.Function(module, ir.FunctionType(ir.IntType(32), [tid_ty, PTR]), "pthread_join")
+    started = []
+    for t in range(1, threads):
+        worker = ir.Function(module, ir.FunctionType(PTR, [PTR]), module.get_unique_name("gemm_rows"))
+        worker.linkage = "internal"
+        wb = ir.IRBuilder(worker.append_basic_block("entry"))
+        pa, pb, pc = (wb.load(wb.gep(worker.args[0], [const_i64(i)], source_etype=PTR), typ=PTR) for i in range(3))
+        lo, hi = bounds[t], bounds[t + 1]
+        _serial_gemm(_Emitting(wb, module), _rows(a, lo, hi, pa), View(pb, bm.dtype, bm.shape, bm.strides, bm.offset), _rows(c, lo, hi, pc), alpha)
+        wb.ret(ir.Constant(PTR, None))
+        args = _entry_array(b, PTR, 3)  # the worker's argument block: pointers to A, B and C
+        for i, view in enumerate((a, bm, c)):
+            b.store(view.ptr, b.gep(args, [const_i64(i)], source_etype=PTR))
+        tid = entry_alloca(b, tid_ty)
+        ok = b.icmp_signed("==", b.call(create, [tid, ir.Constant(PTR, None), worker, args]), ir.Constant(ir.IntType(32), 0))
+        with b.if_then(b.not_(ok)):
+            b.call(worker, [args])
+        started.append((ok, tid))
+    _serial_gemm(ctx, _rows(a, 0, bounds[1]), bm, _rows(c, 0, bounds[1]), alpha)
+    for ok, tid in started:
+        with b.if_then(ok):
+            b.call(join, [b.load(tid, typ=tid_ty), ir.Constant(PTR, None)])
+
+
+def _entry_array(b: ir.IRBuilder, ty: ir.Type, count: int) -> ir.Value:
+    here = b.block
+    b.position_at_start(b.function.entry_basic_block)
+    slot = b.alloca(ty, size=const_i64(count))
+    b.position_at_end(here)
+    return slot
 
 
 def _columns(view: View, start: int, stop: int) -> View:

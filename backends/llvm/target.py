@@ -16,11 +16,12 @@ from kiln.errors import KilnError
 def _initialized() -> bool:
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
-    # the math functions kernels call (expf, tanhf...) come from libm: make its symbols known
-    # before the first compile checks them, not only once a JIT engine has loaded the process
-    libm = ctypes.util.find_library("m")
-    if libm:
-        llvm.load_library_permanently(libm)
+    # the functions kernels call come from libm and libpthread: make their symbols known before
+    # the first compile checks them, not only once a JIT engine has loaded the process
+    for name in ("m", "pthread"):  # libm: expf/tanhf...; pthread_create/join for threaded GEMMs
+        path = ctypes.util.find_library(name)
+        if path:
+            llvm.load_library_permanently(path)
     return True
 
 

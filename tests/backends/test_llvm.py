@@ -166,3 +166,42 @@ def test_the_compile_cache_hits_and_rebuilds_tampered_entries(tmp_path, monkeypa
     with config.override(cache_dir="off"):
         kiln.compile(graph, target="llvm")
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("shape", [(96, 200, 160), (61, 64, 300), (14, 1024, 256)])
+def test_threaded_gemm_matches_one_thread(shape):
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import MR, PARALLEL_MACS
+
+    m, k, n = shape
+    assert m * n * k >= PARALLEL_MACS and m >= 2 * MR  # large enough to be split
+    rng = np.random.default_rng(5)
+    text = f"""
+        graph g(%a: f32[{m},{k}]) {{
+          param %b: f32[{k},{n}] = dense
+          %c: f32[{m},{n}] = Gemm(%a, %b) {{alpha=1.0, beta=1.0, transA=0, transB=0}}
+          return %c
+        }}"""
+    graph = build(text)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    results = {}
+    for threads in (1, 2, 3):
+        with config.override(num_threads=threads, cache_dir="off"):
+            results[threads] = kiln.compile(graph, target="llvm").run({"a": a})["c"]
+    np.testing.assert_allclose(results[1], a @ graph.params[graph.param("b")], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(results[2], results[1])  # each row block computes the same sums
+    np.testing.assert_array_equal(results[3], results[1])
+
+
+def test_the_thread_count_is_part_of_the_cache_key():
+    from kiln import config
+    from kiln.backends.llvm.cache import cache_key
+
+    graph = build(GRAPHS["mlp"])
+    with config.override(num_threads=1):
+        one = cache_key(graph, host_cpu())
+    with config.override(num_threads=2):
+        two = cache_key(graph, host_cpu())
+    assert one != two
+    with config.override(num_threads=-1), pytest.raises(ValueError, match="KILN_NUM_THREADS"):
+        config.num_threads()
