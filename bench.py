@@ -89,6 +89,32 @@ def _onnxruntime(model: "Path | onnx.ModelProto", threads: int = 2):
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
 
+def _tvm(model: "Path | onnx.ModelProto", input_types: Mapping) -> Callable[[dict], dict]:
+    """TVM's own ONNX importer and its default build (llvm, untuned): the peer users would try."""
+    try:
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+    except ImportError:
+        raise KilnError("--vs tvm: TVM is not installed (pip install apache-tvm)") from None
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    shapes = {name: tuple(t.shape) for name, t in input_types.items()}
+    try:
+        executable = tvm.compile(from_onnx(proto, shape_dict=shapes, keep_params_in_input=False), target="llvm")
+    except Exception as err:  # noqa: BLE001  (TVM raises its own error types; report them as one line)
+        raise KilnError(f"--vs tvm: TVM could not build the model: {str(err).strip().splitlines()[-1]}") from None
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    names = [o.name for o in proto.graph.output]
+    order = list(input_types)
+
+    def run(feeds: dict) -> dict:
+        out = vm["main"](*[tvm.runtime.tensor(feeds[n]) for n in order])
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        return {name: o.numpy() for name, o in zip(names, outs)}
+
+    return run
+
+
 def bench(
     model: str | os.PathLike,
     target: str = "llvm",
@@ -128,12 +154,15 @@ def bench(
             except ImportError:
                 raise KilnError("--vs onnxruntime: onnxruntime is not installed (pip install onnxruntime)") from None
             run, setup = session, time.perf_counter() - start
+        elif runtime == "tvm":
+            run = _tvm(path, eager.input_types)
+            setup = time.perf_counter() - start
         elif runtime in ("llvm",):
             module = kiln_compile(path, runtime, shapes=shapes, layout=layout)
             run, setup = module.run, time.perf_counter() - start
             arena = module.executable.layout["arena_bytes"]
         else:
-            raise KilnError(f"unknown runtime {runtime!r} for --vs (kiln targets: eager, llvm; peers: onnxruntime)")
+            raise KilnError(f"unknown runtime {runtime!r} for --vs (kiln targets: eager, llvm; peers: onnxruntime, tvm)")
         tick = progress(runtime, warmup + repeat) if progress else (lambda: None)
         outputs = run(feeds)
         times = _time(lambda: run(feeds), warmup, repeat, tick)
@@ -145,7 +174,7 @@ def bench(
         abs_err, rel_err, ok = _errors(outputs, reference)
         rows.append(
             BenchRow(
-                runtime=runtime if runtime in ("onnxruntime",) else f"kiln {runtime}",
+                runtime=runtime if runtime in ("onnxruntime", "tvm") else f"kiln {runtime}",
                 setup_s=setup,
                 median_ms=median * 1e3,
                 p90_ms=float(np.percentile(times, 90)) * 1e3,

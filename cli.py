@@ -249,7 +249,7 @@ def inspect(model: str, no_ir: bool, memory: bool, as_json: bool, shapes: dict, 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--target", "-t", default="llvm", show_default=True, help="kiln target to benchmark")
-@click.option("--vs", default="eager,onnxruntime", show_default=True, help="runtimes to compare, comma separated")
+@click.option("--vs", default="eager,onnxruntime", show_default=True, help="runtimes to compare, comma separated: eager, onnxruntime, tvm")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
 @click.option("--repeat", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the rows as JSON here")

@@ -25,4 +25,10 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["runtime"] for r in data["rows"]] == ["kiln llvm", "kiln eager"]
     assert "median ms" in capsys.readouterr().out
-    assert main(["bench", "light_squeezenet", "--vs", "tvm-someday", "--repeat", "1"]) == 1
+    assert main(["bench", "light_squeezenet", "--vs", "mxnet", "--repeat", "1"]) == 1
+
+
+def test_tvm_peer_builds_with_tvms_own_importer_and_matches():
+    rows = bench("lenet5", "llvm", ("tvm",), shapes={"input": (2, 1, 32, 32)}, warmup=0, repeat=2)
+    assert [r.runtime for r in rows] == ["kiln llvm", "tvm", "kiln eager"]
+    assert all(r.matches_eager for r in rows) and rows[1].setup_s > 0
