@@ -8,6 +8,7 @@
 | KILN_FOLD_ELEMENTS  | 65536      | largest constant the importer folds at compile time      |
 | KILN_CACHE_DIR      | (XDG)      | compile cache folder; "off" disables the cache           |
 | KILN_NUM_THREADS    | (cores)    | threads compiled code splits large GEMMs over            |
+| KILN_CHECK_BOUNDS   | 0          | 1: compiled code checks guard bytes after every kernel   |
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Flags:
     fold_elements: int = 65536
     cache_dir: str = ""  # "" = $XDG_CACHE_HOME/kiln; "off" = no cache
     num_threads: int = 0  # 0 = the cores this process may run on
+    check_bounds: bool = False
 
 
 def _from_environment() -> Flags:
@@ -47,6 +49,7 @@ def _from_environment() -> Flags:
         fold_elements=flag("KILN_FOLD_ELEMENTS", 65536),
         cache_dir=env.get("KILN_CACHE_DIR", ""),
         num_threads=flag("KILN_NUM_THREADS", 0),
+        check_bounds=bool(flag("KILN_CHECK_BOUNDS", 0)),
     )
 
 

@@ -73,8 +73,11 @@ def _liveness(graph: Graph) -> tuple[dict[int, int], dict[int, int]]:
     return define, last
 
 
-def plan_memory(graph: Graph, in_place: bool = True) -> MemoryPlan:
-    """Assign arena offsets to every node output of ``graph`` (see the module docstring)."""
+def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0) -> MemoryPlan:
+    """Assign arena offsets to every node output of ``graph`` (see the module docstring).
+
+    ``guard`` bytes are reserved after every buffer (the bounds-checked build fills and checks
+    them around each kernel)."""
     define, last = _liveness(graph)
     outputs = {id(v) for v in graph.outputs}
     group: dict[int, Buffer] = {}
@@ -101,7 +104,7 @@ def plan_memory(graph: Graph, in_place: bool = True) -> MemoryPlan:
                 group.pop(id(v))  # the input hosts one output; it cannot donate again
                 group[id(out)] = donor
             else:
-                buf = Buffer([out], out.type.nbytes, define[id(out)], last[id(out)])
+                buf = Buffer([out], out.type.nbytes + guard, define[id(out)], last[id(out)])
                 buffers.append(buf)
                 group[id(out)] = buf
     _place(buffers)

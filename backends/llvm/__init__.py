@@ -16,7 +16,8 @@ import llvmlite.binding as llvm
 import numpy as np
 
 from kiln.backends.llvm.cache import cache_key, load_entry, store_entry
-from kiln.backends.llvm.codegen import ENTRY, generate
+from kiln import config
+from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, generate
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
@@ -39,6 +40,7 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
     _check_symbols(parsed)
     layout = {
         "arena_bytes": arena_bytes,
+        "checked_nodes": [f"{n.name or n.op.name!r} ({n.op.name})" for n in graph.nodes] if config.flags().check_bounds else None,
         "outputs": [_output_location(graph, plan, v) for v in graph.outputs],
         "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
     }
@@ -81,6 +83,10 @@ class LLVMExecutable:
         if not address:
             raise KilnError("the object code has no kiln_main")
         self._main = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
+        self._checked = layout.get("checked_nodes")
+        self._bounds_error = None
+        if self._checked:  # the bounds-checked build: kiln_main records the first guard breaker
+            self._bounds_error = ctypes.c_int64.from_address(self._engine.get_global_value_address(BOUNDS_ERROR))
         raw = np.zeros(layout["arena_bytes"] + ALIGN, dtype=np.uint8)
         start = (-raw.ctypes.data) % ALIGN
         self._arena = raw[start : start + layout["arena_bytes"]]
@@ -99,6 +105,9 @@ class LLVMExecutable:
             for i, array in enumerate(arrays):
                 self._table[i] = array.ctypes.data
             self._main(ctypes.addressof(self._table))
+            if self._bounds_error is not None and self._bounds_error.value:
+                node = self._checked[self._bounds_error.value - 1]
+                raise KilnError(f"node {node} wrote past the end of its output or scratch buffer (KILN_CHECK_BOUNDS): a kernel bug")
             return [self._read(where, v) for where, v in zip(self.layout["outputs"], self.graph.outputs)]
 
     def _read(self, where: dict, value) -> np.ndarray:

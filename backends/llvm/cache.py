@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 
 import llvmlite
+
+from kiln import config
 import platformdirs
 
 import kiln
@@ -42,7 +44,7 @@ def cache_key(graph: Graph, cpu: CPU) -> str:
     h = hashlib.sha256()
     from kiln.config import num_threads
 
-    for part in (print_graph(graph), cpu.triple, cpu.name, cpu.features, kiln.__version__, llvmlite.__version__, str(FORMAT), f"threads={num_threads()}"):
+    for part in (print_graph(graph), cpu.triple, cpu.name, cpu.features, kiln.__version__, llvmlite.__version__, str(FORMAT), f"threads={num_threads()}", f"check_bounds={config.flags().check_bounds}"):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

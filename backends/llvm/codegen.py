@@ -13,6 +13,7 @@ from typing import Callable
 
 import llvmlite.ir as ir
 
+from kiln import config
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.text import print_graph
@@ -120,8 +121,13 @@ class Codegen:
         b.ret_void()
         return fn
 
-    def emit_program(self, graph: Graph, plan: MemoryPlan, b: ir.IRBuilder, pointer: Callable[[Value], ir.Value], scratch: ir.Value) -> None:
-        """Call each node's kernel in order; ``pointer(v)`` addresses values outside the plan."""
+    def emit_program(self, graph: Graph, plan: MemoryPlan, b: ir.IRBuilder, pointer: Callable[[Value], ir.Value], scratch: ir.Value, guards: bool = False) -> None:
+        """Call each node's kernel in order; ``pointer(v)`` addresses values outside the plan.
+
+        With ``guards`` (the bounds-checked build; the plan reserved GUARD_BYTES after every
+        buffer) the bytes after each output and after the node's scratch are filled with a
+        pattern before the call and checked after it; the first node that changed them is
+        recorded in ``kiln_bounds_error`` (its index + 1) for the runtime to report."""
         offsets = {id(v): buf.offset for buf in plan.buffers for v in buf.values}
         arena_base = scratch  # the caller's scratch is where this program's planned region starts
 
@@ -131,12 +137,56 @@ class Codegen:
             return pointer(v)
 
         inner_scratch = b.gep(arena_base, [const_i64(plan.arena_bytes)], source_etype=ir.IntType(8))
-        for node in graph.nodes:
+        for index, node in enumerate(graph.nodes):
             fn = self.kernel_function(node)
             args = [address(v) if v is not None else ir.Constant(PTR, None) for v in node.inputs]
             args += [address(v) for v in node.outputs]
             args.append(inner_scratch)
+            if not guards:
+                b.call(fn, args)
+                continue
+            regions = [b.gep(address(v), [const_i64(v.type.nbytes)], source_etype=ir.IntType(8)) for v in node.outputs]
+            regions.append(b.gep(inner_scratch, [const_i64(scratch_bytes(node))], source_etype=ir.IntType(8)))
+            for region in regions:
+                _fill_guard(b, region)
             b.call(fn, args)
+            broken = ir.Constant(ir.IntType(1), 0)
+            for region in regions:
+                broken = b.or_(broken, _guard_broken(b, region))
+            flag = bounds_error_global(self.module)
+            first = b.icmp_signed("==", b.load(flag, typ=ir.IntType(64)), const_i64(0))
+            with b.if_then(b.and_(broken, first)):
+                b.store(const_i64(index + 1), flag)
+
+
+GUARD_BYTES = 64
+GUARD_WORD = 0xA5A5A5A5A5A5A5A5
+BOUNDS_ERROR = "kiln_bounds_error"
+
+
+def bounds_error_global(module: ir.Module) -> ir.GlobalVariable:
+    """``i64 kiln_bounds_error``: 0, or the index + 1 of the first node that broke a guard."""
+    existing = module.globals.get(BOUNDS_ERROR)
+    if existing is not None:
+        return existing
+    flag = ir.GlobalVariable(module, ir.IntType(64), BOUNDS_ERROR)
+    flag.initializer = const_i64(0)
+    return flag
+
+
+def _fill_guard(b: ir.IRBuilder, region: ir.Value) -> None:
+    word = ir.Constant(ir.IntType(64), GUARD_WORD)
+    for i in range(GUARD_BYTES // 8):
+        b.store(word, b.gep(region, [const_i64(8 * i)], source_etype=ir.IntType(8)), align=1)
+
+
+def _guard_broken(b: ir.IRBuilder, region: ir.Value) -> ir.Value:
+    broken = ir.Constant(ir.IntType(1), 0)
+    word = ir.Constant(ir.IntType(64), GUARD_WORD)
+    for i in range(GUARD_BYTES // 8):
+        value = b.load(b.gep(region, [const_i64(8 * i)], source_etype=ir.IntType(8)), typ=ir.IntType(64), align=1)
+        broken = b.or_(broken, b.icmp_unsigned("!=", value, word))
+    return broken
 
 
 def kernel_signature(node: Node) -> str:
@@ -147,9 +197,9 @@ def kernel_signature(node: Node) -> str:
     return repr((node.op.name, sorted(attrs.items()), ins, [str(v.type) for v in node.outputs]))
 
 
-def program_bytes(graph: Graph, plan: MemoryPlan) -> int:
-    """Planned bytes plus the largest scratch any node needs."""
-    return plan.arena_bytes + max((scratch_bytes(n) for n in graph.nodes), default=0)
+def program_bytes(graph: Graph, plan: MemoryPlan, guard: int = 0) -> int:
+    """Planned bytes plus the largest scratch any node needs (plus its guard)."""
+    return plan.arena_bytes + max((scratch_bytes(n) for n in graph.nodes), default=0) + guard
 
 
 def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int]:
@@ -157,7 +207,8 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int]:
     missing = unsupported_ops(graph)
     if missing:
         raise KilnError(f"the llvm target has no kernels yet for: {', '.join(missing)}")
-    plan = plan_memory(graph)
+    guards = config.flags().check_bounds
+    plan = plan_memory(graph, guard=GUARD_BYTES if guards else 0)
     check_plan(graph, plan)
     cg = Codegen()
     entry = ir.Function(cg.module, ir.FunctionType(ir.VoidType(), [PTR]), ENTRY)
@@ -174,7 +225,9 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int]:
         return loaded[id(v)]
 
     arena = b.load(b.gep(table, [const_i64(len(slots))], source_etype=PTR), typ=PTR)
-    cg.emit_program(graph, plan, b, pointer, arena)
+    if guards:
+        b.store(const_i64(0), bounds_error_global(cg.module))
+    cg.emit_program(graph, plan, b, pointer, arena, guards)
     b.ret_void()
-    return cg.module, plan, program_bytes(graph, plan)
+    return cg.module, plan, program_bytes(graph, plan, GUARD_BYTES if guards else 0)
 

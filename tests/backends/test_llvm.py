@@ -205,3 +205,38 @@ def test_the_thread_count_is_part_of_the_cache_key():
     assert one != two
     with config.override(num_threads=-1), pytest.raises(ValueError, match="KILN_NUM_THREADS"):
         config.num_threads()
+
+
+def test_bounds_checked_build_names_the_kernel_that_overflows(monkeypatch):
+    """KILN_CHECK_BOUNDS=1: guard bytes after every output and scratch are checked after each
+    kernel; a kernel that writes one element too many is reported by name, not left to corrupt."""
+    import llvmlite.ir as ir
+
+    import kiln.backends.llvm.codegen as codegen
+    from kiln import config
+    from kiln.backends.llvm.emit import const_i64
+
+    graph = build(GRAPHS["mlp"])
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    with config.override(check_bounds=True, cache_dir="off"):
+        clean = kiln.compile(graph, target="llvm").run({"x": x})["p"]  # correct kernels pass the check
+    np.testing.assert_allclose(clean, kiln.compile(graph).run({"x": x})["p"], rtol=1e-5, atol=1e-6)
+
+    real = codegen.kernel_rule
+
+    class Overflowing:
+        """The real kernel, then one more float written just past the output's end."""
+
+        def __init__(self, rule):
+            self.rule, self.scratch = rule, rule.scratch
+
+        def emit(self, ctx):
+            self.rule.emit(ctx)
+            out = ctx.outputs[0]
+            ctx.b.store(ir.Constant(ir.FloatType(), 1.0), ctx.b.gep(out.ptr, [const_i64(int(np.prod(out.shape)))], source_etype=ir.FloatType()))
+
+    monkeypatch.setattr(codegen, "kernel_rule", lambda node: Overflowing(real(node)) if node.op.name == "Relu" else real(node))
+    with config.override(check_bounds=True, cache_dir="off"):
+        module = kiln.compile(graph, target="llvm", pipeline="O0")
+        with pytest.raises(KilnError, match=r"node 'Relu' \(Relu\) wrote past the end .*KILN_CHECK_BOUNDS"):
+            module.run({"x": x})
