@@ -79,37 +79,49 @@ def _rows(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> Vie
     return View(ptr if ptr is not None else view.ptr, view.dtype, (stop - start, *view.shape[1:]), view.strides, view.offset + start * view.strides[0])
 
 
-def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
-    """Rows of C split over ``threads``: threads 1.. run a worker function each (pthreads, started
-    and joined here, inside the kernel: no Python per task); this thread does the first block.
-    A thread that cannot start has its block run here instead."""
+def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, align: int = 1) -> None:
+    """Rows [0, rows) split over ``threads``: ``emit(emitting, pointers, lo, hi)`` writes the code
+    for one block. Threads 1.. run it in worker functions emitted here (pthreads started and
+    joined inside the kernel: no Python per task), over ``pointers`` passed through an argument
+    block; this thread runs the first block. A thread that cannot start has its block run here.
+    Block starts are multiples of ``align``."""
     b, module = ctx.b, ctx.module
-    m = a.shape[0]
-    bounds = [min(m, (m * t // threads + MR - 1) // MR * MR) for t in range(threads)] + [m]
+    bounds = [min(rows, (rows * t // threads + align - 1) // align * align) for t in range(threads)] + [rows]
     tid_ty = ir.IntType(64)  # pthread_t on Linux
     create = module.globals.get("pthread_create") or ir.Function(module, ir.FunctionType(ir.IntType(32), [PTR, PTR, PTR, PTR]), "pthread_create")
     join = module.globals.get("pthread_join") or ir.Function(module, ir.FunctionType(ir.IntType(32), [tid_ty, PTR]), "pthread_join")
     started = []
     for t in range(1, threads):
-        worker = ir.Function(module, ir.FunctionType(PTR, [PTR]), module.get_unique_name("gemm_rows"))
+        if bounds[t] >= bounds[t + 1]:
+            continue
+        worker = ir.Function(module, ir.FunctionType(PTR, [PTR]), module.get_unique_name("rows"))
         worker.linkage = "internal"
         wb = ir.IRBuilder(worker.append_basic_block("entry"))
-        pa, pb, pc = (wb.load(wb.gep(worker.args[0], [const_i64(i)], source_etype=PTR), typ=PTR) for i in range(3))
-        lo, hi = bounds[t], bounds[t + 1]
-        _serial_gemm(_Emitting(wb, module), _rows(a, lo, hi, pa), View(pb, bm.dtype, bm.shape, bm.strides, bm.offset), _rows(c, lo, hi, pc), alpha)
+        passed = [wb.load(wb.gep(worker.args[0], [const_i64(i)], source_etype=PTR), typ=PTR) for i in range(len(pointers))]
+        emit(_Emitting(wb, module), passed, bounds[t], bounds[t + 1])
         wb.ret(ir.Constant(PTR, None))
-        args = _entry_array(b, PTR, 3)  # the worker's argument block: pointers to A, B and C
-        for i, view in enumerate((a, bm, c)):
-            b.store(view.ptr, b.gep(args, [const_i64(i)], source_etype=PTR))
+        args = _entry_array(b, PTR, len(pointers))
+        for i, ptr in enumerate(pointers):
+            b.store(ptr, b.gep(args, [const_i64(i)], source_etype=PTR))
         tid = entry_alloca(b, tid_ty)
         ok = b.icmp_signed("==", b.call(create, [tid, ir.Constant(PTR, None), worker, args]), ir.Constant(ir.IntType(32), 0))
         with b.if_then(b.not_(ok)):
             b.call(worker, [args])
         started.append((ok, tid))
-    _serial_gemm(ctx, _rows(a, 0, bounds[1]), bm, _rows(c, 0, bounds[1]), alpha)
+    emit(ctx, pointers, bounds[0], bounds[1])
     for ok, tid in started:
         with b.if_then(ok):
             b.call(join, [b.load(tid, typ=tid_ty), ir.Constant(PTR, None)])
+
+
+def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
+    """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
+
+    def block(emitting, ptrs, lo, hi):
+        b_view = View(ptrs[1], bm.dtype, bm.shape, bm.strides, bm.offset)
+        _serial_gemm(emitting, _rows(a, lo, hi, ptrs[0]), b_view, _rows(c, lo, hi, ptrs[2]), alpha)
+
+    parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=MR)
 
 
 def _entry_array(b: ir.IRBuilder, ty: ir.Type, count: int) -> ir.Value:
@@ -341,32 +353,52 @@ def _nhwc_conv(ctx: KernelContext) -> None:
         emit_gemm(ctx, View(xv.ptr, xv.dtype, (rows, c), (c, 1)), w_view, View(y.ptr, y.dtype, (rows, m), (m, 1)), 1.0, init)
         return
     cols = View(ctx.scratch, x.dtype, (p, kk), (kk, 1))
-    zero = ir.Constant(_t(cols), 0.0)
     image = math.prod(in_sp) * c
+    geometry = (in_sp, out_sp, kernel_shape, strides, dilations, pads, c)
+    threads = min(num_threads(), p)
     with for_range(b, n, name="img") as img:
-        x_base = b.mul(img, const_i64(image))
-        with loop_nest(b, (*out_sp, *kernel_shape), name="col") as index:
-            pos, ks = index[:nd], index[nd:]
+        x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=_t(xv))
+
+        def block(emitting, ptrs, lo, hi):
+            _nhwc_im2col(emitting.b, ptrs[0], View(ptrs[1], cols.dtype, cols.shape, cols.strides), lo, hi, *geometry)
+
+        if threads > 1 and p * kk >= PARALLEL_COPY:
+            parallel_rows(ctx, p, threads, [x_img, ctx.scratch], block)
+        else:
+            block(ctx, [x_img, ctx.scratch], 0, p)
+        y_img = View(b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=_t(y)), y.dtype, (p, m), (m, 1))
+        init = View(bias.ptr, bias.dtype, (p, m), (0, 1)) if bias is not None else None
+        emit_gemm(ctx, cols, w_view, y_img, 1.0, init)
+
+
+PARALLEL_COPY = 1 << 16  # im2col elements below which one thread copies
+
+
+def _nhwc_im2col(b, x_img, cols: View, lo: int, hi: int, in_sp, out_sp, kernel_shape, strides, dilations, pads, c) -> None:
+    """cols[pos, (tap, ch)] = x[pos * s - pad + tap * d, ch] (0 outside) for positions [lo, hi)."""
+    nd = len(in_sp)
+    zero = ir.Constant(_t(cols), 0.0)
+    ty = _t(cols)
+    with for_range(b, hi, start=lo, name="pos") as row:
+        pos, rest = [], row
+        for axis in reversed(range(nd)):  # the flat position as coordinates
+            pos.insert(0, b.urem(rest, const_i64(out_sp[axis])))
+            rest = b.udiv(rest, const_i64(out_sp[axis]))
+        with loop_nest(b, kernel_shape, name="tap") as ks:
             inside = ir.Constant(ir.IntType(1), 1)
-            flat = x_base
+            flat = const_i64(0)
             for axis in range(nd):
                 coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
                 ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
                 inside = b.and_(inside, ok)
                 flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(in_sp[axis + 1 :]) * c)))
-            row = pos[0]
-            for axis in range(1, nd):
-                row = b.add(b.mul(row, const_i64(out_sp[axis])), pos[axis])
             tap = ks[0]
             for axis in range(1, nd):
                 tap = b.add(b.mul(tap, const_i64(kernel_shape[axis])), ks[axis])
             col0 = b.mul(tap, const_i64(c))
             with for_range(b, c, name="ch") as ch:
-                value = b.load(b.gep(xv.ptr, [b.add(flat, ch)], source_etype=_t(xv)), typ=_t(xv))
+                value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
                 cols.store(b, [row, b.add(col0, ch)], b.select(inside, value, zero))
-        y_img = View(b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=_t(y)), y.dtype, (p, m), (m, 1))
-        init = View(bias.ptr, bias.dtype, (p, m), (0, 1)) if bias is not None else None
-        emit_gemm(ctx, cols, w_view, y_img, 1.0, init)
 
 
 def _window(b, base, ch, ks, pos, image_sp, positions_sp, kernel_shape, strides, dilations, pads):
