@@ -16,8 +16,6 @@ import warnings
 from pathlib import Path
 
 import llvmlite
-
-from kiln import config
 import platformdirs
 
 import kiln
