@@ -9,7 +9,7 @@ import llvmlite.ir as ir
 import numpy as np
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
-from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, llvm_type, loop_nest
+from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 from kiln.errors import KilnError
 from kiln.ir.dtypes import DType
@@ -94,11 +94,31 @@ def constant_of_shape(ctx: KernelContext) -> None:
     _fill(ctx, ctx.outputs[0], ctx.node.attrs["value"])
 
 
+def _nonnegative_mod(b: ir.IRBuilder, i: ir.Value, period: int) -> ir.Value:
+    return b.srem(b.add(b.srem(i, const_i64(period)), const_i64(period)), const_i64(period))
+
+
+def _pad_source(b: ir.IRBuilder, mode: str, i: ir.Value, size: int) -> ir.Value:
+    """The input index an output index ``i`` (already shifted by the begin pad) reads."""
+    if mode == "edge" or size == 1:
+        return b.select(b.icmp_signed("<", i, const_i64(0)), const_i64(0), b.select(b.icmp_signed(">=", i, const_i64(size)), const_i64(size - 1), i))
+    if mode == "wrap":
+        return _nonnegative_mod(b, i, size)
+    period = 2 * (size - 1)  # reflect: ... 2 1 [0 1 2 3] 2 1 0 1 ..., repeated as numpy does
+    m = _nonnegative_mod(b, i, period)
+    return b.select(b.icmp_signed(">=", m, const_i64(size)), b.sub(const_i64(period), m), m)
+
+
 @kernel("Pad")
 def pad(ctx: KernelContext) -> None:
     node = ctx.node
     if node.attrs["mode"] != "constant":
-        raise KilnError(f"node {node.name!r}: Pad mode {node.attrs['mode']!r} has no LLVM kernel yet")
+        x, out, pads = ctx.inputs[0], ctx.outputs[0], node.attrs["pads"]
+        b = ctx.b
+        with loop_nest(b, out.shape, name="p") as index:
+            src = [_pad_source(b, node.attrs["mode"], b.sub(i, const_i64(pads[axis])), x.shape[axis]) for axis, i in enumerate(index)]
+            out.store(b, index, x.load(b, src))
+        return
     x, out = ctx.inputs[0], ctx.outputs[0]
     rank, pads = len(x.shape), node.attrs["pads"]
     if len(ctx.inputs) > 1 and ctx.inputs[1] is not None:
@@ -252,3 +272,30 @@ def trilu(ctx: KernelContext) -> None:
         keep = b.icmp_signed(">=" if upper else "<=", diagonal, const_i64(k))
         value = E.typed(x.load(b, index), x.dtype)
         out.store(b, index, E.select(E.typed(keep, DType.bool), value, _constant(E, 0, x.dtype)))
+
+
+@kernel("CumSum", "CumProd")
+def cumulative(ctx: KernelContext) -> None:
+    """A running sum (product) along ``axis``: one accumulator walks each line, forwards or in
+    ``reverse``; ``exclusive`` stores it before adding the element."""
+    node = ctx.node
+    x, out = ctx.inputs[0], ctx.outputs[0]
+    rank = len(x.shape)
+    axis = node.attrs["axis"] % rank
+    size = x.shape[axis]
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    ty = llvm_type(out.dtype)
+    product = node.op.name == "CumProd"
+    acc = entry_alloca(b, ty)
+    outer = [d for k, d in enumerate(x.shape) if k != axis]
+    with loop_nest(b, outer, name="line") as index:
+        b.store(_constant(E, 1 if product else 0, out.dtype), acc)
+        with for_range(b, size, name="step") as step:
+            at = b.sub(const_i64(size - 1), step) if node.attrs["reverse"] else step
+            where = [*index[:axis], at, *index[axis:]]
+            current = E.typed(b.load(acc, typ=ty), out.dtype)
+            value = E.typed(x.load(b, where), x.dtype)
+            updated = E.mul(current, value) if product else E.add(current, value)
+            out.store(b, where, current if node.attrs["exclusive"] else updated)
+            b.store(updated, acc)
