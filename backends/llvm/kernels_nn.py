@@ -797,3 +797,58 @@ def arg_extreme(ctx: KernelContext) -> None:
             b.store(b.select(wins, v, best), best_ptr)
             b.store(b.select(wins, a, b.load(index_ptr, typ=ir.IntType(64))), index_ptr)
         yv.store(b, [o, i], b.load(index_ptr, typ=ir.IntType(64)))
+
+
+def _lines(x: View, axis: int):
+    """The index lists of the lines along ``axis`` (the other axes' loop nest)."""
+    return [d for k, d in enumerate(x.shape) if k != axis]
+
+
+@kernel("LpNormalization")
+def lp_normalization(ctx: KernelContext) -> None:
+    """Each line along ``axis`` divided by its L1 or L2 norm (lines of norm 0 are left as 0)."""
+    _require_float(ctx)
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    axis = ctx.node.attrs["axis"] % len(x.shape)
+    p = ctx.node.attrs["p"]
+    if p not in (1, 2):
+        raise KilnError(f"node {ctx.node.name!r}: LpNormalization with p={p} has no LLVM kernel")
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    ty = _t(y)
+    total = entry_alloca(b, ty)
+    with loop_nest(b, _lines(x, axis), name="line") as index:
+        b.store(ir.Constant(ty, 0.0), total)
+        with for_range(b, x.shape[axis], name="s") as k:
+            v = E.typed(x.load(b, [*index[:axis], k, *index[axis:]]), x.dtype)
+            b.store(E.add(E.typed(b.load(total, typ=ty), y.dtype), E.abs(v) if p == 1 else E.mul(v, v)), total)
+        norm = E.typed(b.load(total, typ=ty), y.dtype)
+        if p == 2:
+            norm = E.call("sqrt", norm)
+        norm = b.select(b.fcmp_ordered("==", norm, ir.Constant(ty, 0.0)), ir.Constant(ty, 1.0), norm)
+        with for_range(b, x.shape[axis], name="d") as k:
+            where = [*index[:axis], k, *index[axis:]]
+            y.store(b, where, b.fdiv(x.load(b, where), norm))
+
+
+@kernel("Hardmax")
+def hardmax(ctx: KernelContext) -> None:
+    """1 at the first maximum of each line along ``axis``, 0 elsewhere."""
+    _require_float(ctx)
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    axis = ctx.node.attrs["axis"] % len(x.shape)
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    ty = _t(y)
+    best, best_at = entry_alloca(b, ty), entry_alloca(b, ir.IntType(64))
+    with loop_nest(b, _lines(x, axis), name="line") as index:
+        b.store(ir.Constant(ty, float("-inf")), best)
+        b.store(const_i64(0), best_at)
+        with for_range(b, x.shape[axis], name="s") as k:
+            v = x.load(b, [*index[:axis], k, *index[axis:]])
+            better = b.fcmp_ordered(">", v, b.load(best, typ=ty))
+            b.store(b.select(better, v, b.load(best, typ=ty)), best)
+            b.store(b.select(better, k, b.load(best_at, typ=ir.IntType(64))), best_at)
+        with for_range(b, x.shape[axis], name="w") as k:
+            hit = b.icmp_signed("==", k, b.load(best_at, typ=ir.IntType(64)))
+            y.store(b, [*index[:axis], k, *index[axis:]], b.select(hit, ir.Constant(ty, 1.0), ir.Constant(ty, 0.0)))
