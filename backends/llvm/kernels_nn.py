@@ -838,7 +838,6 @@ def hardmax(ctx: KernelContext) -> None:
     x, y = ctx.inputs[0], ctx.outputs[0]
     axis = ctx.node.attrs["axis"] % len(x.shape)
     b = ctx.b
-    E = LLVMScalarOps(b, ctx.module)
     ty = _t(y)
     best, best_at = entry_alloca(b, ty), entry_alloca(b, ir.IntType(64))
     with loop_nest(b, _lines(x, axis), name="line") as index:
