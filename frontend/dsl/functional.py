@@ -96,29 +96,24 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     return apply("ConvTranspose", [x, weight, bias], attrs)
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Tensor:
-    k = _pair(kernel_size, "kernel_size")
+def _pool_attrs(kernel_size, stride, padding, ceil_mode: bool) -> dict[str, Any]:
+    """The window attributes both pools share (stride defaults to the kernel size)."""
     p = _pair(padding, "padding")
-    attrs = {
-        "kernel_shape": k,
+    return {
+        "kernel_shape": _pair(kernel_size, "kernel_size"),
         "strides": _pair(stride if stride is not None else kernel_size, "stride"),
         "pads": p + p,
-        "dilations": _pair(dilation, "dilation"),
         "ceil_mode": int(ceil_mode),
     }
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Tensor:
+    attrs = {**_pool_attrs(kernel_size, stride, padding, ceil_mode), "dilations": _pair(dilation, "dilation")}
     return apply("MaxPool", [x], attrs, num_outputs=1)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True) -> Tensor:
-    k = _pair(kernel_size, "kernel_size")
-    p = _pair(padding, "padding")
-    attrs = {
-        "kernel_shape": k,
-        "strides": _pair(stride if stride is not None else kernel_size, "stride"),
-        "pads": p + p,
-        "ceil_mode": int(ceil_mode),
-        "count_include_pad": int(count_include_pad),
-    }
+    attrs = {**_pool_attrs(kernel_size, stride, padding, ceil_mode), "count_include_pad": int(count_include_pad)}
     return apply("AveragePool", [x], attrs)
 
 

@@ -178,29 +178,6 @@ class Module:
         return "\n".join(lines) + ("\n)" if self._modules else ")")
 
 
-class Sequential(Module):
-    """Modules applied in order; children are named ``0``, ``1``, ..."""
-
-    def __init__(self, *modules: Module):
-        super().__init__()
-        for i, module in enumerate(modules):
-            setattr(self, str(i), module)
-
-    def __iter__(self) -> Iterator[Module]:
-        return iter(self._modules.values())
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __getitem__(self, index: int) -> Module:
-        return list(self._modules.values())[index]
-
-    def forward(self, x: Any) -> Any:
-        for module in self._modules.values():
-            x = module(x)
-        return x
-
-
 class ModuleList(Module):
     """A list of modules, registered as ``0``, ``1``, ... (called by the owner's forward)."""
 
@@ -220,3 +197,15 @@ class ModuleList(Module):
 
     def __getitem__(self, index: int) -> Module:
         return list(self._modules.values())[index]
+
+
+class Sequential(ModuleList):
+    """Modules applied in order; children are named ``0``, ``1``, ..."""
+
+    def __init__(self, *modules: Module):
+        super().__init__(modules)
+
+    def forward(self, x: Any) -> Any:
+        for module in self._modules.values():
+            x = module(x)
+        return x
