@@ -385,40 +385,49 @@ def _nhwc_im2col(b, x_img, cols: View, lo: int, hi: int, in_sp, out_sp, kernel_s
             pos.insert(0, b.urem(rest, const_i64(out_sp[axis])))
             rest = b.udiv(rest, const_i64(out_sp[axis]))
         with loop_nest(b, kernel_shape, name="tap") as ks:
-            inside = ir.Constant(ir.IntType(1), 1)
-            flat = const_i64(0)
-            for axis in range(nd):
-                coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
-                ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
-                inside = b.and_(inside, ok)
-                flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(in_sp[axis + 1 :]) * c)))
-            tap = ks[0]
-            for axis in range(1, nd):
-                tap = b.add(b.mul(tap, const_i64(kernel_shape[axis])), ks[axis])
+            flat, inside = _tap_offset(b, const_i64(0), pos, ks, in_sp, c, strides, dilations, pads)
+            tap = _row_major(b, ks, kernel_shape)
             col0 = b.mul(tap, const_i64(c))
             with for_range(b, c, name="ch") as ch:
                 value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
                 cols.store(b, [row, b.add(col0, ch)], b.select(inside, value, zero))
 
 
+def _tap_coord(b, pos: ir.Value, k: ir.Value, stride: int, dilation: int, pad: int) -> ir.Value:
+    """The input coordinate kernel tap ``k`` of window ``pos`` reads along one axis."""
+    return b.add(b.sub(b.mul(pos, const_i64(stride)), const_i64(pad)), b.mul(k, const_i64(dilation)))
+
+
+def _tap_offset(b, base, pos, ks, image_sp, scale: int, strides, dilations, pads):
+    """Where tap ``ks`` of window ``pos`` lands in an image of ``image_sp`` whose spatial steps
+    are ``scale`` elements apart (1 channels-first, C channels-last): the flat offset from
+    ``base`` (clamped into the image) and whether it is inside."""
+    inside = ir.Constant(ir.IntType(1), 1)
+    flat = base
+    for axis in range(len(image_sp)):
+        coord = _tap_coord(b, pos[axis], ks[axis], strides[axis], dilations[axis], pads[axis])
+        ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(image_sp[axis])))
+        inside = b.and_(inside, ok)
+        flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(image_sp[axis + 1 :]) * scale)))
+    return flat, inside
+
+
+def _row_major(b, index, extents) -> ir.Value:
+    """The flat row-major position of ``index`` in a grid of ``extents`` (the first unused)."""
+    flat = index[0]
+    for i, extent in zip(index[1:], extents[1:]):
+        flat = b.add(b.mul(flat, const_i64(extent)), i)
+    return flat
+
+
 def _window(b, base, ch, ks, pos, image_sp, positions_sp, kernel_shape, strides, dilations, pads):
     """Where kernel tap ``ks`` of window ``pos`` lands in an image of ``image_sp`` (channel ``ch``):
     the flat element offset (clamped into the image), whether it is inside, and the column
     matrix's row (channel, tap) and column (position)."""
-    nd = len(kernel_shape)
-    inside = ir.Constant(ir.IntType(1), 1)
-    flat = b.add(base, b.mul(ch, const_i64(math.prod(image_sp))))
-    for axis in range(nd):
-        coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
-        ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(image_sp[axis])))
-        inside = b.and_(inside, ok)
-        flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(image_sp[axis + 1 :]))))
-    row = ch
-    for axis in range(nd):
-        row = b.add(b.mul(row, const_i64(kernel_shape[axis])), ks[axis])
-    col = pos[0]
-    for axis in range(1, nd):
-        col = b.add(b.mul(col, const_i64(positions_sp[axis])), pos[axis])
+    channel_base = b.add(base, b.mul(ch, const_i64(math.prod(image_sp))))
+    flat, inside = _tap_offset(b, channel_base, pos, ks, image_sp, 1, strides, dilations, pads)
+    row = _row_major(b, [ch, *ks], [0, *kernel_shape])
+    col = _row_major(b, pos, positions_sp)
     return flat, inside, row, col
 
 
@@ -464,7 +473,7 @@ def _pool(ctx: KernelContext, mode: str) -> None:
             counted = ir.Constant(ir.IntType(1), 1)
             coords = []
             for axis in range(nd):
-                coord = b.add(b.sub(b.mul(index[first + axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
+                coord = _tap_coord(b, index[first + axis], ks[axis], strides[axis], dilations[axis], pads[axis])
                 ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[axis])))
                 inside = b.and_(inside, ok)
                 in_padded = b.icmp_signed("<", coord, const_i64(in_sp[axis] + pads[axis + nd]))
@@ -682,19 +691,8 @@ def _nhwc_conv_transpose(ctx: KernelContext) -> None:
         y_base = b.mul(img, const_i64(math.prod(out_sp) * m))
         with loop_nest(b, (*in_sp, *kernel_shape), name="sc") as index:
             pos, ks = index[:nd], index[nd:]
-            inside = ir.Constant(ir.IntType(1), 1)
-            flat = y_base
-            for axis in range(nd):
-                coord = b.add(b.sub(b.mul(pos[axis], const_i64(strides[axis])), const_i64(pads[axis])), b.mul(ks[axis], const_i64(dilations[axis])))
-                ok = b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(out_sp[axis])))
-                inside = b.and_(inside, ok)
-                flat = b.add(flat, b.mul(b.select(ok, coord, const_i64(0)), const_i64(math.prod(out_sp[axis + 1 :]) * m)))
-            row = pos[0]
-            for axis in range(1, nd):
-                row = b.add(b.mul(row, const_i64(in_sp[axis])), pos[axis])
-            tap = ks[0]
-            for axis in range(1, nd):
-                tap = b.add(b.mul(tap, const_i64(kernel_shape[axis])), ks[axis])
+            flat, inside = _tap_offset(b, y_base, pos, ks, out_sp, m, strides, dilations, pads)
+            row, tap = _row_major(b, pos, in_sp), _row_major(b, ks, kernel_shape)
             with b.if_then(inside):
                 col0 = b.mul(tap, const_i64(m))
                 with for_range(b, m, name="ch") as ch:
