@@ -10,49 +10,23 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import os
 import sys
 import warnings
 
-import numpy as np
-import onnx
-from onnx import numpy_helper
 from onnx.backend.test.loader import load_model_tests
 from onnx.backend.test.runner import Runner
+
+from suite import case_data, case_model
 
 from kiln.runtime.onnx_backend import KilnBackend
 
 
-def _data_sets(case) -> list:
-    if case.data_sets is not None:
-        return case.data_sets
-    sets = []
-    for d in sorted(glob.glob(os.path.join(case.model_dir, "test_data_set*"))):
-        def read(kind):
-            out = []
-            for f in sorted(glob.glob(os.path.join(d, f"{kind}_*.pb")), key=lambda p: int(p.rsplit("_", 1)[1][:-3])):
-                t = onnx.TensorProto()
-                with open(f, "rb") as fh:
-                    t.ParseFromString(fh.read())
-                out.append(numpy_helper.to_array(t))
-            return out
-
-        sets.append((read("input"), read("output")))
-    return sets
-
-
-def _normalize(item):
-    return numpy_helper.to_array(item) if isinstance(item, onnx.TensorProto) else np.asarray(item)
-
-
 def run_case(case, target: str) -> str | None:
-    model = case.model if case.model is not None else onnx.load(os.path.join(case.model_dir, "model.onnx"))
     try:
-        rep = KilnBackend.prepare(model, "CPU", target=target)
-        for inputs, expected in _data_sets(case):
-            outputs = rep.run([_normalize(i) for i in inputs])
-            Runner.assert_similar_outputs([_normalize(e) for e in expected], outputs, rtol=case.rtol, atol=case.atol)
+        rep = KilnBackend.prepare(case_model(case), "CPU", target=target)
+        for inputs, expected in case_data(case):
+            outputs = rep.run(inputs)
+            Runner.assert_similar_outputs(expected, outputs, rtol=case.rtol, atol=case.atol)
     except AssertionError as err:
         return "wrong values: " + str(err).strip().splitlines()[0][:150]
     except Exception as err:  # noqa: BLE001 - a report wants every failure

@@ -7,15 +7,13 @@ A pass that hides another's bug (a fold that removes a miscompiled pattern) show
 
 from __future__ import annotations
 
-import glob
-import os
 import warnings
 
 import numpy as np
 import onnx
 import pytest
 from expectations import load_expectations
-from onnx import numpy_helper
+from suite import case_data, case_model
 
 import kiln
 from kiln.models import builtin_models
@@ -24,21 +22,6 @@ from kiln.runtime.onnx_backend import KilnRep
 
 O2 = pipeline("O2")
 EXPECTED = load_expectations("eager")
-
-
-def _read_tensors(folder: str, prefix: str) -> list[np.ndarray]:
-    out = []
-    for path in sorted(glob.glob(os.path.join(folder, f"{prefix}_*.pb")), key=lambda p: int(p.rsplit("_", 1)[1][:-3])):
-        tensor = onnx.TensorProto()
-        with open(path, "rb") as f:
-            tensor.ParseFromString(f.read())
-        out.append(numpy_helper.to_array(tensor))
-    return out
-
-
-def _array(x) -> np.ndarray:
-    """Suite data as arrays (some node cases keep special element types as TensorProtos)."""
-    return numpy_helper.to_array(x) if isinstance(x, onnx.TensorProto) else np.asarray(x)
 
 
 def _cases() -> list[tuple[str, onnx.ModelProto, list, float, float]]:
@@ -51,13 +34,7 @@ def _cases() -> list[tuple[str, onnx.ModelProto, list, float, float]]:
             for case in load_model_tests(kind=kind):
                 if case.name in EXPECTED:
                     continue
-                if case.model is not None:
-                    model = case.model
-                    data = [([_array(a) for a in ins], [_array(a) for a in outs]) for ins, outs in case.data_sets]
-                else:
-                    model = onnx.load(os.path.join(case.model_dir, "model.onnx"))
-                    data = [(_read_tensors(d, "input"), _read_tensors(d, "output")) for d in sorted(glob.glob(os.path.join(case.model_dir, "test_data_set_*")))]
-                cases.append((case.name, model, data, case.rtol, case.atol))
+                cases.append((case.name, case_model(case), case_data(case), case.rtol, case.atol))
     return cases
 
 
