@@ -11,13 +11,27 @@ def _llvm():
     return LLVMBackend()
 
 
-BACKENDS = {"eager": EagerBackend, "llvm": _llvm}
+def _tvm(kind: str):
+    def make(arch: str | None = None):
+        from kiln.backends.tvm import TVMBackend
+
+        return TVMBackend(kind, arch)
+
+    return make
 
 
-def get_backend(target: str):
-    """The backend for ``target``; KilnError naming the known targets otherwise."""
+BACKENDS = {"eager": EagerBackend, "llvm": _llvm, "tvm-llvm": _tvm("llvm"), "tvm-cuda": _tvm("cuda")}
+
+
+def get_backend(target: str, arch: str | None = None):
+    """The backend for ``target``; KilnError naming the known targets otherwise. ``arch`` picks
+    the GPU generation of ``tvm-cuda`` (``sm_90``; default: the GPU present, else sm_90)."""
     try:
         make = BACKENDS[target]
     except KeyError:
         raise KilnError(f"unknown target {target!r}; available: {', '.join(sorted(BACKENDS))}") from None
+    if arch is not None:
+        if target != "tvm-cuda":
+            raise KilnError(f"--arch applies to target tvm-cuda, not {target!r}")
+        return make(arch)
     return make()

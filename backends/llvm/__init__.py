@@ -12,11 +12,12 @@ import json
 import threading
 from typing import Sequence
 
+import llvmlite
 import llvmlite.binding as llvm
 import numpy as np
 
-from kiln.backends.llvm.cache import cache_key, load_entry, store_entry
 from kiln import config
+from kiln.backends.cache import cache_key, load_entry, store_entry
 from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, generate
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
@@ -123,6 +124,12 @@ class LLVMExecutable:
         return {"llvm.o": self.object_code, "llvm.json": json.dumps(self.layout).encode()}
 
 
+def llvm_cache_key(graph: Graph, cpu: CPU) -> str:
+    """The cache key of ``graph`` built for ``cpu``: its features, llvmlite and the options."""
+    options = (f"threads={config.num_threads()}", f"check_bounds={config.flags().check_bounds}")
+    return cache_key(graph, cpu.triple, cpu.name, cpu.features, llvmlite.__version__, *options)
+
+
 class LLVMBackend:
     """``target="llvm"``: compiled CPU code through llvmlite; -O2 by default."""
 
@@ -133,7 +140,7 @@ class LLVMBackend:
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()
-        key = cache_key(graph, cpu)
+        key = llvm_cache_key(graph, cpu)
         hit = load_entry(key)
         if hit is None:
             obj, layout = compile_object(graph, cpu)

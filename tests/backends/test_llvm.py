@@ -195,7 +195,7 @@ def test_threaded_gemm_matches_one_thread(shape):
 
 def test_the_thread_count_is_part_of_the_cache_key():
     from kiln import config
-    from kiln.backends.llvm.cache import cache_key
+    from kiln.backends.llvm import llvm_cache_key as cache_key
 
     graph = build(GRAPHS["mlp"])
     with config.override(num_threads=1):

@@ -45,7 +45,7 @@ def test_output_is_not_trivial(zoo_case):
     assert np.isfinite(want).all() and want.std() > 1e-3, f"{name}: outputs too small to compare meaningfully"
 
 
-@pytest.mark.parametrize("target", ["eager", "llvm"])
+@pytest.mark.parametrize("target", ["eager", "llvm", "tvm-llvm"])
 def test_traced_and_compiled_matches_eager_dsl(zoo_case, target):
     name, _, x, want, graph = zoo_case
     got = kiln.compile(graph, target=target, pipeline="O2").run({"input": x})["output"]

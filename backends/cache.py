@@ -1,7 +1,8 @@
-"""The compile cache: object code keyed by a SHA-256 of everything that changes it.
+"""The compile cache: compiled code keyed by a SHA-256 of everything that changes it.
 
 Entries live under the user cache dir (``$XDG_CACHE_HOME/kiln``, or ``KILN_CACHE_DIR``), made
-0700. Each entry is ``<key>.o`` plus ``<key>.json`` (the layout and the object's SHA-256),
+0700. Each entry is ``<key><ext>`` (object code ``.o``, a TVM library ``.so``) plus
+``<key>.json`` (the backend's layout and the code's SHA-256),
 written to temporary files and renamed. A read checks the hash and the key first: a corrupted,
 truncated or foreign entry is ignored with a warning and rebuilt, never executed.
 """
@@ -15,12 +16,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import llvmlite
 import platformdirs
 
 import kiln
 from kiln import config
-from kiln.backends.llvm.target import CPU
 from kiln.ir.graph import Graph
 from kiln.ir.text import print_graph
 
@@ -37,22 +36,21 @@ def cache_dir() -> Path | None:
     return folder
 
 
-def cache_key(graph: Graph, cpu: CPU) -> str:
-    """SHA-256 of the graph (its text form hashes every parameter), CPU, features and versions."""
+def cache_key(graph: Graph, *parts: str) -> str:
+    """SHA-256 of the graph (its text form hashes every parameter), kiln's version and the
+    backend's ``parts`` (target, features, its compiler's version, options)."""
     h = hashlib.sha256()
-    from kiln.config import num_threads
-
-    for part in (print_graph(graph), cpu.triple, cpu.name, cpu.features, kiln.__version__, llvmlite.__version__, str(FORMAT), f"threads={num_threads()}", f"check_bounds={config.flags().check_bounds}"):
+    for part in (print_graph(graph), kiln.__version__, str(FORMAT), *parts):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
-def load_entry(key: str) -> tuple[bytes, dict] | None:
+def load_entry(key: str, ext: str = ".o") -> tuple[bytes, dict] | None:
     folder = cache_dir()
     if folder is None:
         return None
-    obj_path, meta_path = folder / f"{key}.o", folder / f"{key}.json"
+    obj_path, meta_path = folder / f"{key}{ext}", folder / f"{key}.json"
     if not obj_path.exists() or not meta_path.exists():
         return None
     try:
@@ -66,12 +64,12 @@ def load_entry(key: str) -> tuple[bytes, dict] | None:
         return None
 
 
-def store_entry(key: str, obj: bytes, layout: dict) -> None:
+def store_entry(key: str, obj: bytes, layout: dict, ext: str = ".o") -> None:
     folder = cache_dir()
     if folder is None:
         return
     meta = {"key": key, "object_sha256": hashlib.sha256(obj).hexdigest(), "layout": layout}
-    _write_atomic(folder / f"{key}.o", obj)
+    _write_atomic(folder / f"{key}{ext}", obj)
     _write_atomic(folder / f"{key}.json", json.dumps(meta).encode())
 
 

@@ -1,0 +1,177 @@
+"""The TVM backend: ``target="tvm-cuda"`` (NVIDIA GPUs) and ``target="tvm-llvm"`` (TVM on the
+CPU, the same lowering, so machines without a GPU test it).
+
+``build`` lowers the planned graph to one Relax module (``lower.to_relax``: a PrimFunc per node
+or fused group, called from one ``main``), compiles it with TVM's default pipeline for the
+target (dlight's GPU rules schedule every PrimFunc on CUDA) and runs it in a Relax VM: a run is
+one VM call, parameters stay on the device between runs. The artifact stores the exported
+library, so ``kiln.load`` never compiles again; compiles are cached like the llvm backend's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from kiln.backends.cache import cache_key, load_entry, store_entry
+from kiln.errors import ArtifactError, KilnError
+from kiln.ir.graph import Graph
+
+DEFAULT_ARCH = "sm_90"
+
+
+def _tvm():
+    try:
+        import tvm
+    except ImportError as err:  # pragma: no cover - apache-tvm is a dependency
+        raise KilnError(f"the TVM backend needs apache-tvm ({err})") from None
+    return tvm
+
+
+@dataclass(frozen=True)
+class TVMTarget:
+    """Where the code runs: ``kind`` "cuda" (with a GPU ``arch``) or "llvm" (the host CPU)."""
+
+    kind: str
+    arch: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"tvm-{self.kind}"
+
+    def tvm_target(self):
+        tvm = _tvm()
+        if self.kind == "cuda":
+            return tvm.target.Target({"kind": "cuda", "arch": self.arch})
+        return tvm.target.Target({"kind": "llvm"})
+
+    def device(self):
+        tvm = _tvm()
+        if self.kind == "cuda":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                raise KilnError("target tvm-cuda: no CUDA device is visible here (compiling works without one; running needs a GPU)")
+            return dev
+        return tvm.cpu(0)
+
+
+def present_arch() -> str:
+    """The arch of the GPU present (``sm_90`` for an H100), else DEFAULT_ARCH."""
+    tvm = _tvm()
+    dev = tvm.cuda(0)
+    if dev.exist:
+        return "sm_" + dev.compute_version.replace(".", "")
+    return DEFAULT_ARCH
+
+
+class TVMExecutable:
+    """A Relax VM over the compiled library; parameters uploaded once."""
+
+    def __init__(self, graph: Graph, target: TVMTarget, library: bytes):
+        tvm = _tvm()
+        from tvm import relax
+
+        self.graph = graph
+        self.target = target
+        self.library = library
+        self.device = target.device()
+        with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as folder:
+            path = os.path.join(folder, "model.so")
+            with open(path, "wb") as fh:
+                fh.write(library)
+            try:
+                module = tvm.runtime.load_module(path)
+            except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+                raise ArtifactError(f"the TVM library does not load here ({str(err).splitlines()[0]})") from None
+        self._vm = relax.VirtualMachine(module, self.device)
+        self._main = self._vm["main"]
+        self._params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in graph.params.values()]
+
+    def to_device(self, array: Any):
+        """A TVM tensor on this executable's device: from numpy, or from any DLPack tensor."""
+        tvm = _tvm()
+        if hasattr(array, "__dlpack__") and not isinstance(array, np.ndarray):
+            return tvm.runtime.from_dlpack(array)
+        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+
+    def run_device(self, inputs: Sequence[Any]) -> list:
+        """Run on device tensors (or numpy arrays); the outputs stay on the device (DLPack)."""
+        result = self._main(*[self.to_device(a) for a in inputs], *self._params)
+        return list(result)
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [t.numpy() for t in self.run_device(inputs)]
+
+    def code(self) -> dict[str, bytes]:
+        meta = {"kind": self.target.kind, "arch": self.target.arch}
+        return {"tvm.so": self.library, "tvm.json": json.dumps(meta).encode()}
+
+
+def compile_library(graph: Graph, target: TVMTarget) -> bytes:
+    """The exported shared library of ``graph`` built for ``target``."""
+    tvm = _tvm()
+    from kiln.backends.tvm.lower import to_relax, unsupported_ops
+
+    missing = unsupported_ops(graph)
+    if missing:
+        raise KilnError(f"target {target.name}: no TVM lowering yet for {', '.join(missing)}")
+    module = to_relax(graph)
+    try:
+        executable = tvm.compile(module, target=target.tvm_target())
+    except Exception as err:  # noqa: BLE001 - TVM's errors carry its C++ stack
+        raise KilnError(f"internal error: TVM could not build {graph.name!r} for {target.name}: {_first_line(err)}") from None
+    with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as folder:
+        path = os.path.join(folder, "model.so")
+        executable.export_library(path)
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(("#", " "))]
+    return lines[0] if lines else type(err).__name__
+
+
+class TVMBackend:
+    """``target="tvm-cuda"`` or ``"tvm-llvm"``: TE/TIR lowering built by TVM; -O2 by default."""
+
+    default_pipeline = "O2"
+    preferred_layout = "nchw"
+    lowering = ["decompose_rnn"]  # recurrent ops become GEMMs and gate math, as on llvm
+
+    def __init__(self, kind: str, arch: str | None = None):
+        self.kind = kind
+        self.arch = arch
+        self.name = f"tvm-{kind}"
+
+    def target(self) -> TVMTarget:
+        return TVMTarget(self.kind, (self.arch or present_arch()) if self.kind == "cuda" else None)
+
+    def build(self, graph: Graph) -> TVMExecutable:
+        target = self.target()
+        library = self.compile(graph, target)
+        return TVMExecutable(graph, target, library)
+
+    def compile(self, graph: Graph, target: TVMTarget) -> bytes:
+        """The library for ``graph`` from the cache, or built (and cached)."""
+        tvm = _tvm()
+        key = cache_key(graph, target.name, target.arch or "", tvm.__version__)
+        hit = load_entry(key, ".so")
+        if hit is not None:
+            return hit[0]
+        library = compile_library(graph, target)
+        store_entry(key, library, {"target": target.name, "arch": target.arch}, ".so")
+        return library
+
+    def load(self, artifact) -> TVMExecutable:
+        try:
+            library, meta = artifact.code["tvm.so"], json.loads(artifact.code["tvm.json"])
+            target = TVMTarget(meta["kind"], meta["arch"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise ArtifactError(f"a TVM artifact without its library or target ({err})") from None
+        return TVMExecutable(artifact.graph, target, library)
