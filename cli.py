@@ -52,7 +52,7 @@ def _parse_inputs(ctx, param, values: Sequence[str]) -> dict[str, Path]:
 MODEL_HELP = "an .onnx file, a .kiln artifact, or a zoo model name (see `kiln zoo`)"
 
 
-def _open(model: str, target: str, shapes: dict, opts: dict | None = None):
+def _open(model: str, target: str, shapes: dict, opts: dict | None = None, arch: str | None = None):
     """A Module for ``model``: load an artifact, or compile an ONNX file / built-in model.
 
     ``opts`` holds the pass options (-O, --passes, --pass-plugin, --dump-ir, --time-passes).
@@ -62,8 +62,8 @@ def _open(model: str, target: str, shapes: dict, opts: dict | None = None):
 
     opts = opts or {}
     if model.endswith(".kiln"):
-        if shapes or opts.get("opt") or opts.get("passes") or opts.get("layout", "auto") != "auto":
-            raise click.UsageError("--shape, -O, --passes and --layout apply to ONNX models; an artifact is already compiled")
+        if shapes or opts.get("opt") or opts.get("passes") or opts.get("layout", "auto") != "auto" or arch:
+            raise click.UsageError("--shape, -O, --passes, --layout and --arch apply to ONNX models; an artifact is already compiled")
         return kiln.load(model)
     for module in opts.get("plugins", ()):
         load_plugin(module)
@@ -75,6 +75,7 @@ def _open(model: str, target: str, shapes: dict, opts: dict | None = None):
         passes=opts.get("passes", ()),
         dump_ir=opts.get("dump_ir"),
         layout=opts.get("layout", "auto"),
+        arch=arch,
     )
     if opts.get("time_passes"):
         _print_pass_times(module.pass_records)
@@ -135,19 +136,21 @@ def cli() -> None:
 shape_option = click.option(
     "--shape", "shapes", multiple=True, callback=_parse_shapes, metavar="NAME=DIMS", help="bind an input's shape, e.g. x=1x3x224x224"
 )
-target_option = click.option("--target", "-t", default="eager", show_default=True, help="backend to compile for")
+target_option = click.option("--target", "-t", default="eager", show_default=True, help="backend to compile for: eager, llvm, tvm-llvm, tvm-cuda")
+arch_option = click.option("--arch", metavar="SM", help="GPU generation for tvm-cuda, e.g. sm_90 [default: the GPU present, else sm_90]")
 
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="artifact to write [default: MODEL.kiln]")
 @target_option
+@arch_option
 @shape_option
 @_pass_options
-def compile(model: str, output: str | None, target: str, shapes: dict, **pass_opts) -> None:
+def compile(model: str, output: str | None, target: str, arch: str | None, shapes: dict, **pass_opts) -> None:
     """Compile MODEL (an .onnx file or a built-in name) into a .kiln artifact."""
     start = time.perf_counter()
-    module = _open(model, target, shapes, _opts(**pass_opts))
+    module = _open(model, target, shapes, _opts(**pass_opts), arch)
     path = Path(output) if output else Path(Path(model).stem + ".kiln")
     module.save(path)
     g = module.graph
@@ -163,12 +166,13 @@ def compile(model: str, output: str | None, target: str, shapes: dict, **pass_op
 @click.option("--output-dir", type=click.Path(file_okay=False), help="write one NAME.npy per output here")
 @click.option("--seed", default=0, show_default=True, help="seed of the random inputs used when none are given")
 @target_option
+@arch_option
 @shape_option
 @_pass_options
-def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str, shapes: dict, **pass_opts) -> None:
+def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str, arch: str | None, shapes: dict, **pass_opts) -> None:
     """Run MODEL once and summarize its outputs (random inputs unless --input is given)."""
     start = time.perf_counter()
-    module = _open(model, target, shapes, _opts(**pass_opts))
+    module = _open(model, target, shapes, _opts(**pass_opts), arch)
     built = time.perf_counter()
     if inputs:
         feeds = {name: _load_npy(path) for name, path in inputs.items()}

@@ -108,14 +108,16 @@ def compile(
     passes: Sequence["str | Pass"] = (),
     dump_ir: str | os.PathLike | None = None,
     layout: str = "auto",
+    arch: str | None = None,
 ) -> Module:
     """Compile ``model`` for ``target`` and return a runnable Module.
 
     ``shapes`` binds symbolic input dims (``{"x": (1, 3, 224, 224)}``); ``constants`` fixes
     inputs to values, which then become parameters. ``pipeline`` defaults to the backend's
-    (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it.
+    (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it. ``arch`` is
+    the GPU generation of ``tvm-cuda`` (``sm_90``...).
     """
-    backend = get_backend(target)
+    backend = get_backend(target, arch)
     chosen_pipeline = pipeline or backend.default_pipeline
     if layout == "auto":  # the backend's preference, where the pipeline converts layouts at all
         layout = backend.preferred_layout if chosen_pipeline.lstrip("-").upper() == "O2" else "nchw"

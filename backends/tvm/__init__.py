@@ -47,7 +47,8 @@ class TVMTarget:
     def tvm_target(self):
         tvm = _tvm()
         if self.kind == "cuda":
-            return tvm.target.Target({"kind": "cuda", "arch": self.arch})
+            # 48 KiB: what every CUDA GPU gives a block without opting in
+            return tvm.target.Target({"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152})
         return tvm.target.Target({"kind": "llvm"})
 
     def device(self):
@@ -121,8 +122,9 @@ def compile_library(graph: Graph, target: TVMTarget) -> bytes:
     if missing:
         raise KilnError(f"target {target.name}: no TVM lowering yet for {', '.join(missing)}")
     module = to_relax(graph)
+    tvm_target = target.tvm_target()
     try:
-        executable = tvm.compile(module, target=target.tvm_target())
+        executable = tvm.compile(module, target=tvm_target, relax_pipeline=relax_pipeline(target.kind, tvm_target))
     except Exception as err:  # noqa: BLE001 - TVM's errors carry its C++ stack
         raise KilnError(f"internal error: TVM could not build {graph.name!r} for {target.name}: {_first_line(err)}") from None
     with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as folder:
@@ -130,6 +132,33 @@ def compile_library(graph: Graph, target: TVMTarget) -> bytes:
         executable.export_library(path)
         with open(path, "rb") as fh:
             return fh.read()
+
+
+def relax_pipeline(kind: str, tvm_target):
+    """TVM's default Relax pipeline for the target without its FuseOps/FuseTIR: kiln's passes
+    chose the groups, each already one PrimFunc. On CUDA dlight's default GPU rules schedule
+    every PrimFunc (matmul, GEMV, reductions, then a fallback for the rest)."""
+    import tvm
+    from tvm import relax
+
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    backend = cuda if kind == "cuda" else cpu
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()]
+    if kind == "cuda":
+        from tvm.s_tir import dlight as dl
+
+        rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+        passes.append(dl.ApplyDefaultSchedule(*rules))
+    passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnRelaxPipeline")
+    def pipeline(mod, _ctx):
+        with tvm_target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
 
 
 def _first_line(err: Exception) -> str:

@@ -168,15 +168,19 @@ def to_relax(graph: Graph) -> IRModule:
 def _emit(bb: relax.BlockBuilder, node: Node, args: list) -> list[relax.Expr]:
     if node.op.name == "Reshape":  # a view: the VM reshapes without a copy
         return [bb.emit(relax.op.reshape(args[0], node.outputs[0].type.shape))]
-    present = [(i, v) for i, v in enumerate(node.inputs) if v is not None]
-    holders = {i: placeholder(v.type, f"in{i}") for i, v in present}
+    holders: dict[int, te.Tensor] = {}  # one placeholder per distinct value (Mul(x, x) reads x once)
+    call_args = []
+    for i, v in enumerate(node.inputs):
+        if v is not None and id(v) not in holders:
+            holders[id(v)] = placeholder(v.type, f"in{i}")
+            call_args.append(args[i])
     ctx = KernelContext()
-    outs = lower_node(ctx, node, [holders.get(i) for i in range(len(node.inputs))])
+    outs = lower_node(ctx, node, [holders[id(v)] if v is not None else None for v in node.inputs])
     outs = [_fresh(t, holders.values()) for t in outs]
     tables = [tensor for tensor, _ in ctx.constants]
     func = te.create_prim_func([*holders.values(), *tables, *outs]).without_attr("global_symbol")
     gvar = bb.add_func(func, _identifier(node.name or node.op.name))
-    call_args = [args[i] for i, _ in present] + [relax.const(array, str(array.dtype)) for _, array in ctx.constants]
+    call_args += [relax.const(array, str(array.dtype)) for _, array in ctx.constants]
     out_types = [relax_type(v.type) for v in node.outputs]
     result = bb.emit(relax.call_tir(gvar, call_args, out_types if len(out_types) > 1 else out_types[0]))
     if len(out_types) == 1:

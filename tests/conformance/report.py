@@ -58,6 +58,8 @@ def reason(error: str) -> str:
         return f"{', '.join(ops)}: not in kiln's op set yet"
     if "has no kernels yet for: " in error:
         return f"llvm: no kernel yet for {error.split('has no kernels yet for: ', 1)[1]}"
+    if "no TVM lowering yet for " in error:
+        return f"tvm: no lowering yet for {error.split('no TVM lowering yet for ', 1)[1]}"
     if "has no LLVM kernel yet" in error:
         return "llvm: " + error.split(": ", 2)[-1]
     if "element type " in error:
