@@ -16,8 +16,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import platformdirs
-
 import kiln
 from kiln import config
 from kiln.ir.graph import Graph
@@ -31,7 +29,12 @@ def cache_dir() -> Path | None:
     configured = config.flags().cache_dir
     if configured == "off":
         return None
-    folder = Path(configured) if configured else Path(platformdirs.user_cache_dir("kiln"))
+    if configured:
+        folder = Path(configured)
+    else:
+        import platformdirs  # only where no KILN_CACHE_DIR is set
+
+        folder = Path(platformdirs.user_cache_dir("kiln"))
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
 

@@ -61,6 +61,11 @@ class TVMTarget:
         return tvm.cpu(0)
 
 
+def cuda_available() -> bool:
+    """Whether TVM sees a CUDA device here (compiling for tvm-cuda never needs one)."""
+    return bool(_tvm().cuda(0).exist)
+
+
 def present_arch() -> str:
     """The arch of the GPU present (``sm_90`` for an H100), else DEFAULT_ARCH."""
     tvm = _tvm()
@@ -91,14 +96,14 @@ class TVMExecutable:
                 raise ArtifactError(f"the TVM library does not load here ({str(err).splitlines()[0]})") from None
         self._vm = relax.VirtualMachine(module, self.device)
         self._main = self._vm["main"]
-        self._params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in graph.params.values()]
+        self._params = [tvm.runtime.tensor(np.require(a, requirements="C"), self.device) for a in graph.params.values()]
 
     def to_device(self, array: Any):
         """A TVM tensor on this executable's device: from numpy, or from any DLPack tensor."""
         tvm = _tvm()
         if hasattr(array, "__dlpack__") and not isinstance(array, np.ndarray):
             return tvm.runtime.from_dlpack(array)
-        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+        return tvm.runtime.tensor(np.require(array, requirements="C"), self.device)
 
     def run_device(self, inputs: Sequence[Any]) -> list:
         """Run on device tensors (or numpy arrays); the outputs stay on the device (DLPack)."""

@@ -91,7 +91,7 @@ class TEScalarOps:
         return tir.Or(a, b)
 
     def logical_xor(self, a, b):
-        return tir.NE(a, b)
+        return tir.Or(tir.And(a, tir.Not(b)), tir.And(tir.Not(a), b))
 
     def logical_not(self, a):
         return tir.Not(a)
@@ -131,6 +131,9 @@ class TEScalarOps:
             x = args[0]
             series = x + x * x * tir.const(0.5, dtype_of(x))
             return tir.Select(tir.abs(x) < tir.const(1e-5, dtype_of(x)), series, tir.exp(x) - tir.const(1.0, dtype_of(x)))
-        if fn == "pow" and dtype_of(args[0]) != dtype_of(args[1]):
-            return tir.pow(args[0], args[1].astype(dtype_of(args[0])))
+        if fn == "pow":
+            x, y = args
+            if not _is_float(x):  # integer powers through float64 (exact in its 53 bits)
+                return tir.pow(x.astype("float64"), y.astype("float64")).astype(dtype_of(x))
+            return tir.pow(x, y if dtype_of(y) == dtype_of(x) else y.astype(dtype_of(x)))
         return self._MATH[fn](*args)

@@ -55,10 +55,12 @@ def reduction(ctx, node, ins):
     a, op = node.attrs, node.op.name
     axes = _axes(a, len(x.shape))
     keep = bool(a["keepdims"])
-    if op == "ReduceMax":
-        return reduce(x, axes, te.max, keepdims=keep)
-    if op == "ReduceMin":
-        return reduce(x, axes, te.min, keepdims=keep)
+    if op in ("ReduceMax", "ReduceMin"):
+        combine = te.max if op == "ReduceMax" else te.min
+        if dtype_of(x) == "bool":  # any / all, through int8
+            wide = reduce(x, axes, combine, lambda v: v.astype("int8"), keep)
+            return _map(wide, lambda v: v.astype("bool"))
+        return reduce(x, axes, combine, keepdims=keep)
     if op == "ReduceProd":
         prod = te.comm_reducer(lambda p, q: p * q, lambda t: tir.const(1, t), name="prod")
         return reduce(x, axes, prod, keepdims=keep)

@@ -12,17 +12,12 @@ import pytest
 from sample_graphs import GRAPHS, build
 
 import kiln
+from kiln.backends.tvm import cuda_available
 from kiln.errors import KilnError
 from kiln.ir import parse_graph
 
 
-def _cuda_present() -> bool:
-    import tvm
-
-    return tvm.cuda(0).exist
-
-
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not _cuda_present(), reason="no CUDA device visible")]
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="no CUDA device visible")]
 TARGETS = ["tvm-llvm", pytest.param("tvm-cuda", marks=gpu)]
 
 
@@ -145,7 +140,7 @@ def test_unlowered_ops_are_named_and_arch_is_checked():
         kiln.compile(build(GRAPHS["mlp"]), target="llvm", arch="sm_90")
 
 
-@pytest.mark.skipif(_cuda_present(), reason="checks the message given where no GPU is visible")
+@pytest.mark.skipif(cuda_available(), reason="checks the message given where no GPU is visible")
 def test_running_cuda_code_without_a_gpu_says_so():
     with pytest.raises(KilnError, match="no CUDA device is visible"):
         kiln.compile(build(GRAPHS["mlp"]), target="tvm-cuda", arch="sm_90")

@@ -1,6 +1,6 @@
 """Run the ONNX backend suite outside pytest and summarize why cases fail.
 
-    python tests/conformance/report.py [--target eager] [--kind node] [--out failures.tsv]
+    python tests/conformance/report.py [--target eager] [--kind node] [--out failures.tsv] [--jobs N]
 
 Prints pass/fail counts per kind and groups failures by error message, so the expectations
 file's reasons can be written from evidence. (pytest runs the suite itself; this is for people.)
@@ -12,6 +12,7 @@ import argparse
 import collections
 import sys
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 from onnx.backend.test.loader import load_model_tests
 from onnx.backend.test.runner import Runner
@@ -70,25 +71,32 @@ def reason(error: str) -> str:
     return error.replace(":", " -")[:160]
 
 
+def _run_kind_slice(args: tuple[str, str, int, int]) -> dict[str, str]:
+    """Failures among every ``jobs``-th case of ``kind`` from ``start`` (one worker's share)."""
+    kind, target, start, jobs = args
+    warnings.simplefilter("ignore")
+    cases = [c for c in load_model_tests(kind=kind) if c.url is None][start::jobs]
+    return {case.name: err for case in cases if (err := run_case(case, target))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="eager")
     ap.add_argument("--kind", action="append", help="node, simple, pytorch-converted, pytorch-operator")
     ap.add_argument("--out", help="write 'case<TAB>error' lines here")
     ap.add_argument("--write-expectations", metavar="PATH", help="write every failure as 'case: reason' (review it!)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     kinds = args.kind or ["node", "simple", "pytorch-converted", "pytorch-operator"]
     failures: dict[str, str] = {}
     for kind in kinds:
-        cases = [c for c in load_model_tests(kind=kind) if c.url is None]
-        bad = 0
-        for case in cases:
-            err = run_case(case, args.target)
-            if err:
-                bad += 1
-                failures[case.name] = err
-        print(f"{kind}: {len(cases) - bad}/{len(cases)} pass")
+        total = len([c for c in load_model_tests(kind=kind) if c.url is None])
+        shares = [(kind, args.target, start, args.jobs) for start in range(args.jobs)]
+        with ProcessPoolExecutor(args.jobs) as pool:
+            found = [f for share in pool.map(_run_kind_slice, shares) for f in share.items()]
+        failures.update(found)
+        print(f"{kind}: {total - len(found)}/{total} pass", flush=True)
     groups = collections.Counter(e.split(":")[0] + ":" + e.split(":")[1][:60] if ":" in e else e for e in failures.values())
     for msg, n in groups.most_common(40):
         print(f"{n:5d}  {msg}")

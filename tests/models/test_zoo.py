@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 import kiln
+from kiln.backends.tvm import cuda_available
 from kiln.frontend.onnx import import_onnx
 from kiln.frontend.onnx.export import graph_to_onnx
 from kiln.ir.graph import graphs_equal
@@ -45,7 +46,10 @@ def test_output_is_not_trivial(zoo_case):
     assert np.isfinite(want).all() and want.std() > 1e-3, f"{name}: outputs too small to compare meaningfully"
 
 
-@pytest.mark.parametrize("target", ["eager", "llvm", "tvm-llvm"])
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="no CUDA device visible")]
+
+
+@pytest.mark.parametrize("target", ["eager", "llvm", "tvm-llvm", pytest.param("tvm-cuda", marks=GPU)])
 def test_traced_and_compiled_matches_eager_dsl(zoo_case, target):
     name, _, x, want, graph = zoo_case
     got = kiln.compile(graph, target=target, pipeline="O2").run({"input": x})["output"]
