@@ -42,7 +42,7 @@ def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
 
 
 def _load_lowerings() -> None:
-    from kiln.backends.tvm import te_nn, te_tensor  # noqa: F401
+    from kiln.backends.tvm import te_misc, te_nn, te_tensor  # noqa: F401
 
 
 def has_lowering(node: Node) -> bool:
@@ -50,7 +50,7 @@ def has_lowering(node: Node) -> bool:
     if node.op.name == "Fused":
         return not unsupported_ops(node.attrs["body"])
     if node.op.name in LOWERINGS:
-        return LOWERINGS[node.op.name] is not None and _accepts(node)
+        return _accepts(node)
     return node.op.compute is not None
 
 

@@ -97,7 +97,9 @@ class TEScalarOps:
         return tir.Not(a)
 
     def rem(self, a, b):
-        return tir.fmod(a, b) if _is_float(a) else tir.truncmod(a, b)
+        if _is_float(a):  # no fmod intrinsic on every target: a - trunc(a / b) * b
+            return a - tir.trunc(a / b) * b
+        return tir.truncmod(a, b)
 
     def bit_and(self, a, b):
         return tir.bitwise_and(a, b)

@@ -33,7 +33,19 @@ def reduce(x: te.Tensor, axes, combine, value=lambda v: v, keepdims: bool = True
         full = [next(reduced) if i in axes else next(kept) for i in range(len(shape))]
         return combine(value(x(*full)), axis=rs)
 
+    if any(shape[a] == 0 for a in axes):  # an empty reduction is its identity (TIR would skip the init)
+        dtype = dtype_of(value(x(*[0] * len(shape))))
+        return te.compute(out_shape, lambda *i: _identity(combine, dtype), name=name)
     return te.compute(out_shape, body, name=name)
+
+
+def _identity(combine, dtype: str):
+    floating = dtype.startswith("float")
+    if combine is te.max:
+        return tir.const(float("-inf"), dtype) if floating else tir.min_value(dtype)
+    if combine is te.min:
+        return tir.const(float("inf"), dtype) if floating else tir.max_value(dtype)
+    return tir.const(0 if combine is te.sum else 1, dtype)
 
 
 def _axes(attrs, rank: int) -> list[int]:
@@ -57,8 +69,8 @@ def reduction(ctx, node, ins):
     keep = bool(a["keepdims"])
     if op in ("ReduceMax", "ReduceMin"):
         combine = te.max if op == "ReduceMax" else te.min
-        if dtype_of(x) == "bool":  # any / all, through int8
-            wide = reduce(x, axes, combine, lambda v: v.astype("int8"), keep)
+        if dtype_of(x) == "bool":  # any / all, through uint8
+            wide = reduce(x, axes, combine, lambda v: v.astype("uint8"), keep)
             return _map(wide, lambda v: v.astype("bool"))
         return reduce(x, axes, combine, keepdims=keep)
     if op == "ReduceProd":
