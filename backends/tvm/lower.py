@@ -20,7 +20,7 @@ from tvm.ir import IRModule
 
 from kiln.backends.tvm.scalar import TEScalarOps, dtype_of, tvm_dtype
 from kiln.errors import KilnError
-from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.graph import Graph, Node
 from kiln.ir.types import TensorType
 
 Lowering = Callable[["KernelContext", Node, list], "te.Tensor | list[te.Tensor]"]

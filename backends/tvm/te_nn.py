@@ -70,7 +70,7 @@ def conv_transpose(ctx, node, ins):
     nd = len(x.shape) - 2
     strides, dilations, pads = _spatial_attrs(node.attrs, nd)
     g = node.attrs["group"]
-    (n, c, *spatial), (_, mg, *kernel) = shape_of(x), shape_of(w)
+    (_, c, *spatial), (_, mg, *kernel) = shape_of(x), shape_of(w)
     cg = c // g
     rc = te.reduce_axis((0, cg), "rc")
     rk = [te.reduce_axis((0, k), f"rk{i}") for i, k in enumerate(kernel)]
