@@ -1,0 +1,156 @@
+"""Gradient rules of data movement, reductions and the softmax family."""
+
+from __future__ import annotations
+
+import math
+
+from kiln.errors import KilnError
+from kiln.ir.ops.shape import _slices
+from kiln.passes.autodiff.rules_elementwise import vjp
+
+
+@vjp("Reshape")
+def _reshape(b, node, grads):
+    return [b.reshape(grads[0], node.inputs[0].type.shape)]
+
+
+@vjp("Transpose")
+def _transpose(b, node, grads):
+    perm = node.attrs["perm"]
+    inverse = [perm.index(i) for i in range(len(perm))]
+    return [b.op("Transpose", grads[0], perm=inverse)]
+
+
+@vjp("Expand")
+def _expand(b, node, grads):
+    return [b.unbroadcast(grads[0], node.inputs[0].type.shape)]
+
+
+@vjp("Concat")
+def _concat(b, node, grads):
+    axis = node.attrs["axis"] % node.outputs[0].type.rank
+    out, start = [], 0
+    for i, x in enumerate(node.inputs):
+        size = x.type.shape[axis]
+        out.append(b.op("Slice", grads[0], starts=[start], ends=[start + size], axes=[axis]) if b.wants(i) else None)
+        start += size
+    return out
+
+
+@vjp("Split")
+def _split(b, node, grads):
+    parts = [g if g is not None else b.zeros_like(v) for g, v in zip(grads, node.outputs)]
+    return [b.op("Concat", *parts, axis=node.attrs["axis"]) if len(parts) > 1 else parts[0]]
+
+
+@vjp("Slice")
+def _slice(b, node, grads):
+    x = node.inputs[0]
+    shape = x.type.shape
+    before, after = [], []
+    for dim, s in zip(shape, _slices(node.attrs, shape)):
+        r = range(dim)[s]
+        if r.step != 1:
+            raise KilnError(f"autodiff: Slice {node.name!r} with step {r.step}: only unit steps have a gradient rule yet")
+        before.append(r.start if len(r) else 0)
+        after.append(dim - (r.start + len(r)) if len(r) else dim)
+    return [b.op("Pad", grads[0], pads=before + after, mode="constant")]
+
+
+@vjp("Pad")
+def _pad(b, node, grads):
+    if node.attrs["mode"] != "constant":
+        raise KilnError(f"autodiff: Pad {node.name!r} mode {node.attrs['mode']!r}: only constant padding has a gradient rule yet")
+    x = node.inputs[0]
+    rank = x.type.rank
+    pads = node.attrs["pads"]
+    starts = [pads[i] for i in range(rank)]
+    ends = [pads[i] + x.type.shape[i] for i in range(rank)]
+    if any(p < 0 for p in pads):
+        raise KilnError(f"autodiff: Pad {node.name!r} with negative pads has no gradient rule yet")
+    return [b.op("Slice", grads[0], starts=starts, ends=ends, axes=list(range(rank))), None]
+
+
+@vjp("Gather")
+def _gather(b, node, grads):
+    """Scatter-add the rows back: ScatterND on the gathered axis moved to the front."""
+    x, idx = node.inputs
+    axis = node.attrs["axis"] % x.type.rank
+    g = grads[0]
+    k = idx.type.rank
+    if axis:  # move the gathered axis (and the index dims in g) to the front
+        perm_x = [axis, *[i for i in range(x.type.rank) if i != axis]]
+        perm_g = [*range(axis, axis + k), *range(axis), *range(axis + k, g.type.rank)]
+        g = b.op("Transpose", g, perm=perm_g)
+        zeros = b.op("Transpose", b.zeros_like(x), perm=perm_x)
+    else:
+        perm_x, zeros = None, b.zeros_like(x)
+    dim = x.type.shape[axis]
+    wrapped = b.op("Where", b.op("Less", idx, b.const(0, idx)), b.op("Add", idx, b.const(dim, idx)), idx)
+    index = b.reshape(b.op("Cast", wrapped, to="i64"), [*idx.type.shape, 1])
+    scattered = b.op("ScatterND", zeros, index, g, reduction="add")
+    if perm_x is not None:
+        scattered = b.op("Transpose", scattered, perm=[perm_x.index(i) for i in range(len(perm_x))])
+    return [scattered, None]
+
+
+def _reduced_axes(node):
+    rank = node.inputs[0].type.rank
+    axes = node.attrs["axes"]
+    return list(range(rank)) if axes is None else sorted(a % rank for a in axes)
+
+
+def _spread(b, g, node, axes):
+    """``g`` (the reduced output's cotangent) broadcast back over the input's shape."""
+    x = node.inputs[0]
+    kept = [1 if i in axes else d for i, d in enumerate(x.type.shape)]
+    return b.op("Expand", b.reshape(g, kept), shape=list(x.type.shape))
+
+
+@vjp("ReduceSum", "ReduceMean")
+def _reduce_sum(b, node, grads):
+    axes = _reduced_axes(node)
+    g = _spread(b, grads[0], node, axes)
+    if node.op.name == "ReduceMean":
+        g = b.scale(g, 1.0 / max(1, math.prod(node.inputs[0].type.shape[a] for a in axes)))
+    return [g]
+
+
+@vjp("ReduceSumSquare")
+def _reduce_sum_square(b, node, grads):
+    x = node.inputs[0]
+    return [b.op("Mul", _spread(b, grads[0], node, _reduced_axes(node)), b.scale(x, 2.0))]
+
+
+@vjp("ReduceMax", "ReduceMin")
+def _reduce_max(b, node, grads):
+    """To the elements equal to the extreme (shared equally among ties)."""
+    axes = _reduced_axes(node)
+    x = node.inputs[0]
+    extreme = _spread(b, node.outputs[0], node, axes)
+    hit = b.op("Cast", b.op("Equal", x, extreme), to=x.type.dtype.short)
+    count = b.op("ReduceSum", hit, axes=axes, keepdims=1)
+    share = b.op("Div", hit, count)
+    return [b.op("Mul", _spread(b, grads[0], node, axes), share)]
+
+
+@vjp("GlobalAveragePool")
+def _global_average(b, node, grads):
+    x = node.inputs[0]
+    count = math.prod(x.type.shape[2:])
+    return [b.scale(b.op("Expand", grads[0], shape=list(x.type.shape)), 1.0 / count)]
+
+
+@vjp("Softmax")
+def _softmax(b, node, grads):
+    y, g = node.outputs[0], grads[0]
+    axis = node.attrs["axis"]
+    dot = b.op("ReduceSum", b.op("Mul", g, y), axes=[axis], keepdims=1)
+    return [b.op("Mul", y, b.op("Sub", g, dot))]
+
+
+@vjp("LogSoftmax")
+def _log_softmax(b, node, grads):
+    y, g = node.outputs[0], grads[0]
+    total = b.op("ReduceSum", g, axes=[node.attrs["axis"]], keepdims=1)
+    return [b.op("Sub", g, b.op("Mul", b.op("Exp", y), total))]
