@@ -13,8 +13,9 @@ from kiln.runtime.module import Module, load  # noqa: E402
 from kiln.frontend.dsl.tensor import Tensor  # noqa: E402
 from kiln.frontend.dsl.trace import jit, trace  # noqa: E402
 from kiln.frontend.onnx.export import export_onnx  # noqa: E402
+from kiln import optim, train  # noqa: E402  (kiln.optim.Adam, kiln.train.Trainer)
 
-__all__ = ["KilnError", "Module", "Tensor", "compile", "export_onnx", "jit", "load", "optimize", "trace", "__version__"]
+__all__ = ["KilnError", "Module", "Tensor", "compile", "export_onnx", "jit", "load", "optim", "optimize", "trace", "train", "__version__"]
 
 
 def __getattr__(name: str):

@@ -19,16 +19,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from kiln.errors import KilnError
-from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.graph import Graph, Value
 from kiln.ir.opdef import all_ops
 
 
 class GradBuilder:
-    """Adds gradient nodes to the graph; one per VJP rule call (knows the node it serves)."""
+    """Adds nodes to the graph, named after ``where`` (a VJP rule's: ``grad/<node>``);
+    ``wanted[i]`` says whether the node's input ``i`` needs a gradient."""
 
-    def __init__(self, graph: Graph, node: Node, wanted: Sequence[bool]):
-        self.graph, self.node, self.wanted = graph, node, list(wanted)
-        self.where = f"grad/{node.name or node.op.name}"
+    def __init__(self, graph: Graph, where: str, wanted: Sequence[bool] = ()):
+        self.graph, self.where, self.wanted = graph, where, list(wanted)
 
     def wants(self, i: int) -> bool:
         return i < len(self.wanted) and self.wanted[i]
@@ -87,7 +87,7 @@ def add_gradients(graph: Graph, loss: Value, wrt: Sequence[Value]) -> list[Value
             continue
         if node.op.vjp is None:
             raise KilnError(f"autodiff: node {node.name or node.op.name!r} ({node.op.name}) has no gradient rule yet")
-        builder = GradBuilder(graph, node, wanted)
+        builder = GradBuilder(graph, f"grad/{node.name or node.op.name}", wanted)
         in_grads = node.op.vjp(builder, node, outs)
         for value, want, grad in zip(node.inputs, wanted, in_grads):
             if not want or grad is None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from kiln.errors import KilnError
-from kiln.ir.ops.nn import _spatial_attrs
+from kiln.ir.ops.nn import _pool_geometry, _spatial_attrs
 from kiln.passes.autodiff.rules_elementwise import vjp
 
 
@@ -121,15 +123,34 @@ def _conv_transpose(b, node, grads):
 
 @vjp("MaxPool")
 def _max_pool(b, node, grads):
-    """Each window's maximum gets the gradient (recomputed with its indices, scattered back)."""
+    """Each window's first maximum gets the window's gradient, built from ops every backend
+    runs: per kernel tap, a strided slice of the (-inf padded) input compared with the pooled
+    output marks the windows whose first maximum sits there; the masked gradients of all taps
+    go back to their positions in one depthwise transposed convolution with one-hot kernels."""
     _channels_first(node)
-    x = node.inputs[0]
-    attrs = {k: v for k, v in node.attrs.items() if k != "storage_order"}
-    _, indices = b.ops("MaxPool", [x], **attrs, storage_order=0)
-    flat = b.reshape(b.zeros_like(x), [x.type.numel])
-    index = b.reshape(indices, [indices.type.numel, 1])
-    updates = b.reshape(grads[0], [grads[0].type.numel])
-    return [b.reshape(b.op("ScatterND", flat, index, updates, reduction="add"), x.type.shape)]
+    x, y, g = node.inputs[0], node.outputs[0], grads[0]
+    kernel, strides, dilations, pads, out = _pool_geometry(node.attrs, x.type)
+    nd = len(kernel)
+    n, c, *spatial = x.type.shape
+    full = [(out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 for i in range(nd)]
+    ends = [max(pads[i + nd], full[i] - pads[i] - spatial[i]) for i in range(nd)]  # ceil_mode windows
+    padded = b.op("Pad", x, b.const(float("-inf"), x), pads=[0, 0, *pads[:nd], 0, 0, *ends], mode="constant")
+    found, masked = None, []
+    for tap in np.ndindex(*kernel):
+        starts = [tap[i] * dilations[i] for i in range(nd)]
+        window = b.op("Slice", padded, starts=starts, ends=[starts[i] + full[i] - (kernel[i] - 1) * dilations[i] for i in range(nd)], axes=list(range(2, 2 + nd)), steps=list(strides))
+        hit = b.op("Equal", window, y)
+        first = hit if found is None else b.op("And", hit, b.op("Not", found))
+        found = hit if found is None else b.op("Or", found, hit)
+        masked.append(b.reshape(b.op("Where", first, g, b.const(0.0, g)), [n, c, 1, *out]))
+    taps = len(masked)
+    stacked = b.reshape(b.op("Concat", *masked, axis=2) if taps > 1 else masked[0], [n, c * taps, *out])
+    one_hot = np.zeros((c, taps, 1, *kernel), dtype=x.type.dtype.numpy)
+    for t, tap in enumerate(np.ndindex(*kernel)):
+        one_hot[(slice(None), t, 0, *tap)] = 1
+    weight = b.graph.add_param(b.graph.fresh_name(f"{b.where}.taps"), one_hot.reshape(c * taps, 1, *kernel))
+    opad = [spatial[i] - (full[i] - pads[i] - ends[i]) for i in range(nd)]
+    return [b.op("ConvTranspose", stacked, weight, strides=strides, dilations=dilations, pads=[*pads[:nd], *ends], group=c, output_padding=opad)]
 
 
 @vjp("AveragePool")

@@ -59,6 +59,8 @@ CASES = {
     "conv1d": ("%y: f64[2,2,4] = Conv(%x, %w) {dilations=null, group=1, pads=[1, 0], strides=[2]}", {}, "%x: f64[2,3,8], %w: f64[2,3,2]"),
     "conv_transpose": ("%y: f64[1,2,8,8] = ConvTranspose(%x, %w, %b) {dilations=null, group=1, output_padding=[1, 1], pads=[1, 1, 1, 1], strides=[2, 2]}", {}, "%x: f64[1,3,4,4], %w: f64[3,2,3,3], %b: f64[2]"),
     "max_pool": ("%y: f64[2,2,3,3] = MaxPool(%x) {ceil_mode=0, dilations=null, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]}", {}, "%x: f64[2,2,6,6]"),
+    "max_pool_ceil_dilated": ("%y: f64[1,2,3,2] = MaxPool(%x) {ceil_mode=1, dilations=[1, 2], kernel_shape=[2, 2], pads=null, strides=[2, 2]}", {}, "%x: f64[1,2,6,5]"),
+    "max_pool_ties": ("%r: f64[1,1,4,4] = Relu(%x)\n%y: f64[1,1,2,2] = MaxPool(%r) {ceil_mode=0, dilations=null, kernel_shape=[2, 2], pads=null, strides=[2, 2]}", {}, "%x: f64[1,1,4,4]"),
     "average_pool": ("%y: f64[1,2,3,3] = AveragePool(%x) {ceil_mode=0, count_include_pad=1, dilations=null, kernel_shape=[2, 2], pads=[1, 1, 1, 1], strides=[2, 2]}", {}, "%x: f64[1,2,5,5]"),
     "batch_norm_inference": ("%y: f64[2,3,2,2] = BatchNormalization(%x, %s, %b, %m, %v) {epsilon=1e-05, momentum=0.9, training_mode=0}", {"m": np.array([0.1, -0.2, 0.3]), "v": np.array([0.5, 1.5, 1.0])}, "%x: f64[2,3,2,2], %s: f64[3], %b: f64[3], %m: f64[3], %v: f64[3]"),
     "batch_norm_training": ("%y: f64[4,3,2,2], %rm: f64[3], %rv: f64[3] = BatchNormalization(%x, %s, %b, %m, %v) {epsilon=1e-05, momentum=0.9, training_mode=1}", {"m": np.zeros(3), "v": np.ones(3)}, "%x: f64[4,3,2,2], %s: f64[3], %b: f64[3], %m: f64[3], %v: f64[3]"),

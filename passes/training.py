@@ -1,0 +1,184 @@
+"""The training step as one graph: a loss on the model's output, its gradients (autodiff), the
+optimizer's update, and the BatchNorm running statistics, with the parameters turned into
+inputs so each step reads the current values and returns the next ones.
+
+``training_step(graph, loss, optimizer)`` returns a ``TrainingStep``: the step graph, whose
+inputs are ``[model inputs..., target, parameters..., optimizer state..., step]`` and whose
+outputs are ``[loss, new parameters..., new state..., new buffers...]``, and the initial values
+of everything it carries from step to step. Training-mode BatchNormalization is decomposed into
+reductions and elementwise ops first, which every backend runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.ir.graph import Graph, Value
+from kiln.ir.types import TensorType
+from kiln.ir.verify import verify
+from kiln.passes.autodiff import GradBuilder, add_gradients
+
+LOSSES = ("ce", "nll", "mse", "l1", "bce")
+TARGET = "target"
+STEP = "optimizer.step"
+
+
+@dataclass
+class TrainingStep:
+    graph: Graph
+    params: dict[str, np.ndarray]  # trainable parameters, by name
+    buffers: dict[str, np.ndarray]  # carried but not trained (BatchNorm running statistics)
+    state: dict[str, np.ndarray]  # optimizer state, by input name
+    next_names: dict[str, str] = field(default_factory=dict)  # carried input -> its output
+    data_inputs: list[str] = field(default_factory=list)  # the model's inputs, then the target
+
+
+def target_type(loss: str, output: TensorType) -> TensorType:
+    """What the step's ``target`` input holds: one-hot class scores for ce/nll (the trainer
+    converts class indices), values shaped like the output otherwise."""
+    if loss not in LOSSES:
+        raise KilnError(f"unknown loss {loss!r}; kiln has {', '.join(LOSSES)}")
+    return output
+
+
+def attach_loss(graph: Graph, output: Value, loss: str, target: Value) -> Value:
+    """The scalar loss of ``output`` against ``target`` (appended to ``graph``)."""
+    b = GradBuilder(graph, "loss")
+    if loss in ("ce", "nll"):  # -mean over samples (and positions) of sum_c target * log p
+        if output.type.rank < 2:
+            raise KilnError(f"loss {loss}: the output {output.name!r} {output.type} needs a class axis 1")
+        log_p = b.op("LogSoftmax", output, axis=1) if loss == "ce" else output
+        picked = b.op("ReduceSum", b.op("Mul", log_p, target), axes=[1], keepdims=0)
+        return b.op("Neg", b.op("ReduceMean", picked, axes=None, keepdims=0))
+    diff = b.op("Sub", output, target)
+    if loss == "mse":
+        return b.op("ReduceMean", b.op("Mul", diff, diff), axes=None, keepdims=0)
+    if loss == "l1":
+        return b.op("ReduceMean", b.op("Abs", diff), axes=None, keepdims=0)
+    # bce with logits: max(x, 0) - x * y + log(1 + exp(-|x|))
+    stable = b.op("Add", b.op("Sub", b.op("Relu", output), b.op("Mul", output, target)), b.op("Softplus", b.op("Neg", b.op("Abs", output))))
+    return b.op("ReduceMean", stable, axes=None, keepdims=0)
+
+
+def decompose_batchnorm_training(graph: Graph) -> dict[Value, Value]:
+    """Training-mode BatchNormalization as reductions and elementwise ops (in place). Returns
+    the running statistics it updates: parameter -> its new value."""
+    updates: dict[Value, Value] = {}
+    for node in [n for n in graph.nodes if n.op.name == "BatchNormalization" and n.attrs["training_mode"]]:
+        x, scale, bias, mean, var = node.inputs
+        index = graph.nodes.index(node)
+        start = len(graph.nodes)  # built at the end, then moved into the node's place
+        b = GradBuilder(graph, node.name or "BatchNormalization")
+        rank = x.type.rank
+        axes = [0, *range(2, rank)]
+        channel = [1, x.type.shape[1]] + [1] * (rank - 2)
+        mu = b.op("ReduceMean", x, axes=axes, keepdims=1)
+        centered = b.op("Sub", x, mu)
+        batch_var = b.op("ReduceMean", b.op("Mul", centered, centered), axes=axes, keepdims=1)
+        inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", batch_var, b.const(node.attrs["epsilon"], x))))
+        y = b.op("Add", b.op("Mul", b.op("Mul", centered, inv_std), b.reshape(scale, channel)), b.reshape(bias, channel))
+        m = node.attrs["momentum"]
+        outs = [y]
+        if len(node.outputs) > 1:
+            new_mean = b.op("Add", b.scale(mean, m), b.scale(b.reshape(mu, mean.type.shape), 1 - m))
+            new_var = b.op("Add", b.scale(var, m), b.scale(b.reshape(batch_var, var.type.shape), 1 - m))
+            outs += [new_mean, new_var]
+            updates.update((p, new) for p, new in ((mean, new_mean), (var, new_var)) if p in graph.params)
+        added = graph.nodes[start:]
+        del graph.nodes[start:]
+        graph.nodes[index:index] = added
+        for old, new in zip(node.outputs, outs):
+            graph.replace_uses(old, new)
+            if old in graph.outputs:
+                graph.outputs[graph.outputs.index(old)] = new
+        graph.remove_nodes([node])
+    return updates
+
+
+def training_step(graph: Graph, loss: str, optimizer, output: str | None = None, clip_norm: float | None = None) -> TrainingStep:
+    """The training step of ``graph`` (a copy is changed; ``graph`` is left alone)."""
+    graph = graph.copy()
+    model_params = list(graph.params)  # constants the passes below add are not trained
+    name = _pick_output(graph, output).name
+    updates = decompose_batchnorm_training(graph)
+    out = next(v for v in graph.outputs if v.name == name)
+    data_inputs = [v.name for v in graph.inputs]
+    target = graph.add_input(TARGET, target_type(loss, out.type))
+    loss_value = attach_loss(graph, out, loss, target)
+    graph.rename(loss_value, graph.fresh_name("loss"))
+
+    buffer_values = [v for v in graph.params if v in updates]
+    buffers = {v.name: graph.params.pop(v) for v in buffer_values}
+    trainable = [v for v in model_params if v in graph.params and v.type.dtype.name.startswith("float")]
+    params = {v.name: graph.params.pop(v) for v in trainable}
+    graph.inputs.extend(trainable)
+    grads = add_gradients(graph, loss_value, trainable)
+
+    b = GradBuilder(graph, "optimizer")
+    if clip_norm is not None:
+        grads = _clip_by_global_norm(b, grads, clip_norm)
+    step_in = graph.add_input(STEP, TensorType((), trainable[0].type.dtype if trainable else loss_value.type.dtype))
+    step = b.op("Add", step_in, b.const(1.0, step_in))
+    state: dict[str, np.ndarray] = {}
+    outputs, next_names = [loss_value], {}
+    state_inputs: list[Value] = []
+    for p, g in zip(trainable, grads):
+        slots = optimizer.state_arrays(params[p.name])
+        values = {}
+        for slot, array in slots.items():
+            name = f"optimizer.{slot}/{p.name}"
+            values[slot] = graph.add_input(name, TensorType.of(array))
+            state[name] = array
+            state_inputs.append(values[slot])
+        new_p, new_state = optimizer.update(b, p, g, values, step)
+        outputs.append(_named(graph, new_p, f"{p.name}.next"))
+        next_names[p.name] = outputs[-1].name
+        for slot, value in new_state.items():
+            outputs.append(_named(graph, value, f"optimizer.{slot}/{p.name}.next"))
+            next_names[f"optimizer.{slot}/{p.name}"] = outputs[-1].name
+    # buffers (running statistics) become inputs too, their updates outputs
+    for v in buffer_values:
+        graph.inputs.append(v)
+        outputs.append(_named(graph, updates[v], f"{v.name}.next"))
+        next_names[v.name] = outputs[-1].name
+    # the step count goes last among inputs, as documented
+    graph.inputs.remove(step_in)
+    graph.inputs.append(step_in)
+    outputs.append(_named(graph, step, f"{STEP}.next"))
+    next_names[STEP] = outputs[-1].name
+    state[STEP] = np.zeros((), dtype=step_in.type.dtype.numpy)
+    graph.outputs = outputs
+    graph.remove_unread_params()
+    verify(graph)
+    return TrainingStep(graph, params, buffers, state, next_names, [*data_inputs, TARGET])
+
+
+def _pick_output(graph: Graph, output: str | None) -> Value:
+    floats = [v for v in graph.outputs if v.type.dtype.name.startswith("float")]
+    if output is not None:
+        for v in graph.outputs:
+            if v.name == output:
+                return v
+        raise KilnError(f"the model has no output {output!r}; it has {[v.name for v in graph.outputs]}")
+    if len(floats) != 1:
+        raise KilnError(f"the model has {len(floats)} floating-point outputs ({[v.name for v in floats]}): name the one the loss applies to")
+    return floats[0]
+
+
+def _named(graph: Graph, value: Value, name: str) -> Value:
+    graph.rename(value, graph.fresh_name(name))
+    return value
+
+
+def _clip_by_global_norm(b, grads: list[Value], max_norm: float) -> list[Value]:
+    """Every gradient scaled by min(1, max_norm / ||all gradients||)."""
+    total = None
+    for g in grads:
+        sq = b.op("ReduceSumSquare", g, axes=None, keepdims=0)
+        total = sq if total is None else b.op("Add", total, sq)
+    norm = b.op("Sqrt", total)
+    factor = b.op("Min", b.const(1.0, norm), b.op("Div", b.const(max_norm, norm), b.op("Add", norm, b.const(1e-6, norm))))
+    return [b.op("Mul", g, factor) for g in grads]

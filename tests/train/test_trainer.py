@@ -1,0 +1,134 @@
+"""Training: the compiled step gives the same parameters on every target, models learn, and
+checkpoints and exports carry the trained weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import kiln
+from kiln.errors import KilnError
+from kiln.models import zoo
+from kiln.optim import SGD, Adam, AdamW, AdaGrad, RMSProp
+
+
+def _batch(shape, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape).astype(np.float32), rng.integers(0, classes, shape[0])
+
+
+MODELS = {
+    "mlp": ({"hidden": (32,)}, (16, 784), 10),
+    "lenet5": ({}, (8, 1, 32, 32), 10),
+    "resnet_small": ({"width": 4, "layers": (1, 1, 1, 1), "num_classes": 5}, (8, 3, 64, 64), 5),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_five_compiled_steps_give_eager_parameters(name):
+    """5 SGD-with-momentum steps: llvm's parameters equal eager's (rtol 1e-4). (The ResNet's
+    last BatchNorms need a few samples per channel: over 4 values, float32 summation order is
+    amplified step after step until the two runs part.)"""
+    kwargs, shape, classes = MODELS[name]
+    builder = "resnet18" if name.startswith("resnet") else name
+    x, y = _batch(shape, classes)
+    results = {}
+    for target in ("eager", "llvm"):
+        trainer = kiln.train.Trainer(zoo.build(builder, **kwargs), loss="ce", optimizer=SGD(lr=0.02, momentum=0.9), target=target)
+        losses = [trainer.step(x, y) for _ in range(5)]
+        assert losses[-1] < losses[0], f"{name} on {target}: loss did not fall {losses}"
+        results[target] = trainer.values
+    for key, want in results["eager"].items():
+        np.testing.assert_allclose(results["llvm"][key], want, rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("optimizer", [SGD(lr=0.1), SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), Adam(lr=1e-2), AdamW(lr=1e-2), AdaGrad(lr=0.1), RMSProp(lr=1e-2)], ids=repr)
+def test_every_optimizer_lowers_the_loss_identically_on_tvm(optimizer):
+    x, y = _batch((16, 784), 10, 1)
+    results = {}
+    for target in ("eager", "tvm-llvm"):
+        trainer = kiln.train.Trainer(zoo.build("mlp", hidden=(16,)), loss="ce", optimizer=optimizer, target=target)
+        losses = [trainer.step(x, y) for _ in range(4)]
+        assert losses[-1] < losses[0]
+        results[target] = losses
+    np.testing.assert_allclose(results["tvm-llvm"], results["eager"], rtol=1e-4)
+
+
+def test_optimizer_updates_match_their_formulas():
+    """One Adam step on a known gradient: p - lr * m_hat / (sqrt(v_hat) + eps)."""
+    from kiln.ir import parse_graph
+
+    graph = parse_graph("graph g(%x: f32[2,3]) {\n param %w: f32[3,1] = dense<sha256:" + _digest() + ">\n %y: f32[2,1] = MatMul(%x, %w)\n return %y\n}", {"w": W0})
+    x = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    t = np.array([[1.0], [-1.0]], np.float32)
+    trainer = kiln.train.Trainer(graph, loss="mse", optimizer=Adam(lr=0.1), input_name="x")
+    trainer.step(x, t)
+    grad = 2 * x.T @ (x @ W0 - t) / 2
+    m, v = 0.1 * grad, 0.001 * grad**2
+    want = W0 - 0.1 * (m / 0.1) / (np.sqrt(v / 0.001) + 1e-8)
+    np.testing.assert_allclose(trainer.values["w"], want, rtol=1e-5, atol=1e-6)
+
+
+W0 = np.array([[0.5], [-0.25], [0.1]], np.float32)
+
+
+def _digest():
+    from kiln.ir.text import array_digest
+
+    return array_digest(W0)
+
+
+def test_lenet5_learns_handwritten_digits():
+    """scikit-learn's digits (8x8, upsampled to 32x32): >= 97% held-out accuracy, on llvm."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = np.kron(digits.images.astype(np.float32) / 16.0, np.ones((4, 4), np.float32))[:, None]
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], digits.target[order]
+    split = int(0.8 * len(x))
+    trainer = kiln.train.Trainer(zoo.build("lenet5"), loss="ce", optimizer=Adam(lr=2e-3), target="llvm")
+    history = trainer.fit((x[:split], y[:split]), epochs=6, batch_size=64, validation=(x[split:], y[split:]), progress=False)
+    assert history[-1]["val_accuracy"] >= 0.97, history
+
+
+def test_checkpoints_and_onnx_export_carry_the_trained_weights(tmp_path):
+    x, y = _batch((8, 784), 10, 2)
+    model = zoo.build("mlp", hidden=(16,))
+    trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=1e-2))
+    for _ in range(3):
+        trainer.step(x, y)
+    trainer.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt.npz").exists() and (tmp_path / "ckpt.json").exists()
+    again = kiln.train.Trainer(zoo.build("mlp", hidden=(16,)), loss="ce", optimizer=Adam(lr=1e-2))
+    again.step(x, y)  # its own state, then replaced by the checkpoint's
+    again.load(tmp_path / "ckpt")
+    assert again.steps_done == 3
+    assert trainer.step(x, y) == again.step(x, y)  # the same state, optimizer moments included
+
+    trainer.export(tmp_path / "trained.onnx", x)
+    session = ort.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], trainer.predict(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_onnx_model_trains_and_exports(tmp_path):
+    x, y = _batch((8, 1, 32, 32), 10, 3)
+    path = tmp_path / "lenet.onnx"
+    kiln.export_onnx(zoo.build("lenet5"), path, [x], input_names=["input"])
+    trainer = kiln.train.Trainer(str(path), loss="ce", optimizer=Adam(lr=3e-3), target="llvm")
+    losses = [trainer.step(x, y) for _ in range(8)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    trainer.export(tmp_path / "trained.onnx")
+    session = ort.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], trainer.predict(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_targets_and_settings_are_named():
+    x, y = _batch((4, 784), 10)
+    trainer = kiln.train.Trainer(zoo.build("mlp", hidden=(8,)), loss="ce")
+    with pytest.raises(KilnError, match=r"class indices must lie in \[0, 10\)"):
+        trainer.step(x, y + 10)
+    with pytest.raises(KilnError, match="class indices of shape"):
+        trainer.step(x, y[:2])
+    with pytest.raises(KilnError, match="unknown loss 'hinge'"):
+        kiln.train.Trainer(zoo.build("mlp"), loss="hinge")
