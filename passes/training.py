@@ -20,6 +20,7 @@ from kiln.ir.graph import Graph, Value
 from kiln.ir.types import TensorType
 from kiln.ir.verify import verify
 from kiln.passes.autodiff import GradBuilder, add_gradients
+from kiln.passes.decompose_rnn import RECURRENT, decompose_rnn
 
 LOSSES = ("ce", "nll", "mse", "l1", "bce")
 TARGET = "target"
@@ -101,20 +102,25 @@ def decompose_batchnorm_training(graph: Graph) -> dict[Value, Value]:
 def training_step(graph: Graph, loss: str, optimizer, output: str | None = None, clip_norm: float | None = None) -> TrainingStep:
     """The training step of ``graph`` (a copy is changed; ``graph`` is left alone)."""
     graph = graph.copy()
-    model_params = list(graph.params)  # constants the passes below add are not trained
+    model_params = [v.name for v in graph.params]  # constants the passes below add are not trained
     name = _pick_output(graph, output).name
-    updates = decompose_batchnorm_training(graph)
-    out = next(v for v in graph.outputs if v.name == name)
+    updates = {p.name: new.name for p, new in decompose_batchnorm_training(graph).items()}
     data_inputs = [v.name for v in graph.inputs]
+    # parameters and buffers become inputs before recurrent nodes are unrolled, so their
+    # weights are sliced by nodes the gradients flow back through (not copied into constants)
+    by_name = {v.name: v for v in graph.params}
+    trainable_names = [n for n in model_params if n not in updates and by_name[n].type.dtype.name.startswith("float")]
+    params = {n: graph.params.pop(by_name[n]) for n in trainable_names}
+    buffers = {n: graph.params.pop(by_name[n]) for n in updates}
+    graph.inputs.extend(by_name[n] for n in [*trainable_names, *buffers])
+    if any(node.op.name in RECURRENT for node in graph.nodes):
+        graph = decompose_rnn(graph)
+    values = {v.name: v for v in graph.values()}
+    out = values[name]
+    trainable = [values[n] for n in trainable_names]
     target = graph.add_input(TARGET, target_type(loss, out.type))
     loss_value = attach_loss(graph, out, loss, target)
     graph.rename(loss_value, graph.fresh_name("loss"))
-
-    buffer_values = [v for v in graph.params if v in updates]
-    buffers = {v.name: graph.params.pop(v) for v in buffer_values}
-    trainable = [v for v in model_params if v in graph.params and v.type.dtype.name.startswith("float")]
-    params = {v.name: graph.params.pop(v) for v in trainable}
-    graph.inputs.extend(trainable)
     grads = add_gradients(graph, loss_value, trainable)
 
     b = GradBuilder(graph, "optimizer")
@@ -124,26 +130,22 @@ def training_step(graph: Graph, loss: str, optimizer, output: str | None = None,
     step = b.op("Add", step_in, b.const(1.0, step_in))
     state: dict[str, np.ndarray] = {}
     outputs, next_names = [loss_value], {}
-    state_inputs: list[Value] = []
     for p, g in zip(trainable, grads):
         slots = optimizer.state_arrays(params[p.name])
-        values = {}
+        slot_inputs = {}
         for slot, array in slots.items():
-            name = f"optimizer.{slot}/{p.name}"
-            values[slot] = graph.add_input(name, TensorType.of(array))
-            state[name] = array
-            state_inputs.append(values[slot])
-        new_p, new_state = optimizer.update(b, p, g, values, step)
+            slot_name = f"optimizer.{slot}/{p.name}"
+            slot_inputs[slot] = graph.add_input(slot_name, TensorType.of(array))
+            state[slot_name] = array
+        new_p, new_state = optimizer.update(b, p, g, slot_inputs, step)
         outputs.append(_named(graph, new_p, f"{p.name}.next"))
         next_names[p.name] = outputs[-1].name
         for slot, value in new_state.items():
             outputs.append(_named(graph, value, f"optimizer.{slot}/{p.name}.next"))
             next_names[f"optimizer.{slot}/{p.name}"] = outputs[-1].name
-    # buffers (running statistics) become inputs too, their updates outputs
-    for v in buffer_values:
-        graph.inputs.append(v)
-        outputs.append(_named(graph, updates[v], f"{v.name}.next"))
-        next_names[v.name] = outputs[-1].name
+    for buffer, update in updates.items():  # the running statistics' next values
+        outputs.append(_named(graph, values[update], f"{buffer}.next"))
+        next_names[buffer] = outputs[-1].name
     # the step count goes last among inputs, as documented
     graph.inputs.remove(step_in)
     graph.inputs.append(step_in)
