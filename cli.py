@@ -284,6 +284,93 @@ def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: 
         Path(json_out).write_text(json.dumps({"model": model, "rows": rows_as_dicts(rows)}, indent=2))
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="an .npz with x, y (and optionally x_val, y_val)")
+@click.option("--loss", type=click.Choice(["ce", "nll", "mse", "l1", "bce"]), default="ce", show_default=True, help="attached to the model's output")
+@click.option("--optimizer", "optimizer_name", type=click.Choice(["sgd", "adam", "adamw", "adagrad", "rmsprop"]), default="adam", show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--momentum", type=float, default=0.0, show_default=True, help="sgd only")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--clip-norm", type=float, help="clip the gradients' global norm to this")
+@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="shuffling seed")
+@click.option("--target", "-t", default="llvm", show_default=True, help="backend the training step is compiled for")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="write the trained model as ONNX here")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write the loss/accuracy curves as a PNG (needs matplotlib)")
+def train(model: str, data_path: str, loss: str, optimizer_name: str, lr: float, momentum: float, weight_decay: float,
+          clip_norm: float | None, epochs: int, batch_size: int, seed: int, target: str, output: str | None, plot: str | None) -> None:  # fmt: skip
+    """Train MODEL (an .onnx file or a zoo name) on DATA.npz and export the trained model."""
+    from kiln import optim
+    from kiln.models.zoo import ZOO, build
+    from kiln.train import Trainer
+
+    data = _load_training_data(Path(data_path))
+    options = {"lr": lr, "weight_decay": weight_decay}
+    if optimizer_name == "sgd":
+        options["momentum"] = momentum
+    optimizer = optim.OPTIMIZERS[optimizer_name](**options)
+    net = build(model) if model in ZOO else model
+    trainer = Trainer(net, loss=loss, optimizer=optimizer, target=target)
+    validation = (data["x_val"], data["y_val"]) if "x_val" in data else None
+    history = trainer.fit((data["x"], data["y"]), epochs=epochs, batch_size=min(batch_size, len(data["x"])), validation=validation, seed=seed)
+    table = Table(*history[0].keys(), title=f"training {model} ({loss}, {optimizer_name}, target {target})")
+    for row in history:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    out.print(table)
+    if output:
+        trainer.export(output, data["x"][:1])
+        out.print(f"wrote {output}")
+    if plot:
+        _plot_history(history, Path(plot))
+        out.print(f"wrote {plot}")
+
+
+def _load_training_data(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise KilnError(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise KilnError(f"{path}: not a readable .npz ({e})") from None
+    missing = [k for k in ("x", "y") if k not in data]
+    if missing:
+        raise KilnError(f"{path}: needs arrays x and y (samples on the first axis); missing {missing}, has {sorted(data)}")
+    if len(data["x"]) != len(data["y"]):
+        raise KilnError(f"{path}: x has {len(data['x'])} samples, y {len(data['y'])}")
+    if ("x_val" in data) != ("y_val" in data):
+        raise KilnError(f"{path}: x_val and y_val come together")
+    if data["x"].dtype.kind == "f":
+        data["x"] = data["x"].astype(np.float32)
+        if "x_val" in data:
+            data["x_val"] = data["x_val"].astype(np.float32)
+    return data
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KilnError("--plot needs matplotlib: pip install 'kiln[plot]'") from None
+    epochs = [row["epoch"] for row in history]
+    metrics = [k for k in history[0] if k != "epoch"]
+    fig, axes = plt.subplots(1, 2 if any("accuracy" in m for m in metrics) else 1, figsize=(10, 4), squeeze=False)
+    for m in metrics:
+        axis = axes[0][1] if "accuracy" in m else axes[0][0]
+        axis.plot(epochs, [row[m] for row in history], marker="o", label=m)
+    for axis in axes[0]:
+        axis.set_xlabel("epoch")
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 @cli.command(name="passes")
 def list_passes() -> None:
     """List the registered passes and the pipelines."""

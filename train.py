@@ -91,10 +91,11 @@ class Trainer:
 
         if not hasattr(self, "_model_proto"):
             if isinstance(self.model, onnx.ModelProto):
-                self._model_proto = self.model
+                proto = self.model
             else:
                 found = resolve_model(self.model)
-                self._model_proto = found if isinstance(found, onnx.ModelProto) else onnx.load(str(found))
+                proto = found if isinstance(found, onnx.ModelProto) else onnx.load(str(found))
+            self._model_proto = _batch_free(proto, self.input_name or _single_input(proto))
         return self._model_proto
 
     def _step_module(self, x: np.ndarray):
@@ -310,6 +311,20 @@ def _single_input(proto) -> str:
     if len(names) != 1:
         raise KilnError(f"the model has inputs {names}: training takes a model with one input (name it with input_name=)")
     return names[0]
+
+
+def _batch_free(proto, input_name: str):
+    """A copy of ``proto`` whose input's first dim is symbolic (exports often fix the batch
+    they were traced at; training picks its own). Nodes that bake the batch in still refuse."""
+    import onnx
+
+    free = onnx.ModelProto.FromString(proto.SerializeToString())
+    for value in free.graph.input:
+        if value.name == input_name and value.type.tensor_type.shape.dim:
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_value")
+            dim.dim_param = "batch"
+    return free
 
 
 def _batches(x, y, batch_size: int, rng) -> Iterable[tuple[np.ndarray, np.ndarray]]:

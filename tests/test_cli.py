@@ -108,3 +108,35 @@ def test_bad_input_files_are_named(tmp_path):
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
     result = kiln_cmd("run", "light_squeezenet", "--input", f"data_0={tmp_path / 'small.npy'}")
     assert result.returncode == 1 and "input 'data_0': expected shape" in result.stderr
+
+
+def test_train_an_onnx_model_from_npz_and_export_it(tmp_path, capsys):
+    """kiln train MODEL.onnx --data DATA.npz -o trained.onnx: the loss falls and the exported
+    model (run by onnxruntime) carries the trained weights, not the initial ones."""
+    import onnxruntime as ort
+
+    import kiln
+    from kiln.models import zoo
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 20)).astype(np.float32)
+    y = (x[:, :10].sum(axis=1) > 0).astype(np.int64)  # a linearly separable two-class task
+    np.savez(tmp_path / "data.npz", x=x, y=y, x_val=x[:16], y_val=y[:16])
+    model = tmp_path / "mlp.onnx"
+    kiln.export_onnx(zoo.build("mlp", in_features=20, hidden=(16,), num_classes=2), model, [x[:8]], input_names=["input"])
+    code = main(["train", str(model), "--data", str(tmp_path / "data.npz"), "--epochs", "5", "--batch-size", "16",
+                 "--lr", "0.01", "--target", "eager", "-o", str(tmp_path / "trained.onnx")])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "val_accuracy" in printed and "wrote" in printed
+    before = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x[:8]})[0]
+    after = ort.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x[:8]})[0]
+    accuracy = lambda logits: float((logits.argmax(1) == y[:8]).mean())  # noqa: E731
+    assert not np.allclose(before, after) and accuracy(after) >= accuracy(before)
+
+
+def test_train_names_bad_data(tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3), np.float32))
+    result = kiln_cmd("train", "mlp", "--data", str(tmp_path / "bad.npz"))
+    assert result.returncode == 1
+    assert "needs arrays x and y" in result.stderr and "missing ['y']" in result.stderr

@@ -109,6 +109,33 @@ def test_lstm_classifier_learns_a_sequence_task():
     assert history[-1]["val_accuracy"] >= 0.95, history
 
 
+def _shapes(rng, n, size=32):
+    """Noisy images of one square (class 1) and one slightly brighter disc (class 2)."""
+    x = np.zeros((n, 1, size, size), np.float32)
+    y = np.zeros((n, size, size), np.int64)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        for cls in (1, 2):
+            r = rng.integers(4, 8)
+            cy, cx = rng.integers(r, size - r, 2)
+            inside = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r) if cls == 1 else (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            y[i][inside] = cls
+    x[:, 0] = (y > 0) + 0.5 * (y == 2) + 0.3 * rng.standard_normal((n, size, size))
+    return x, y
+
+
+def test_unet_learns_to_segment_shapes():
+    """A small U-Net (transposed-conv upsampling, skip concatenations, training BatchNorm):
+    mean IoU >= 0.9 on held-out images."""
+    rng = np.random.default_rng(0)
+    (x, y), (xv, yv) = _shapes(rng, 256), _shapes(rng, 64)
+    trainer = kiln.train.Trainer(zoo.build("unet", in_channels=1, num_classes=3, width=8), loss="ce", optimizer=Adam(lr=3e-3))
+    trainer.fit((x, y), epochs=8, batch_size=16, progress=False)
+    predicted = trainer.predict(xv).argmax(axis=1)
+    ious = [((predicted == c) & (yv == c)).sum() / ((predicted == c) | (yv == c)).sum() for c in range(3)]
+    assert np.mean(ious) >= 0.9, ious
+
+
 def test_checkpoints_and_onnx_export_carry_the_trained_weights(tmp_path):
     x, y = _batch((8, 784), 10, 2)
     model = zoo.build("mlp", hidden=(16,))
