@@ -1,4 +1,6 @@
-"""pretranspose_weights: constant GEMM weights stored the way the kernels read them.
+"""pretranspose_weights: constant GEMM weights stored the way the kernels read them;
+row_major_gemm: the same for operands computed at run time (a transpose node, O(K N), before
+an O(M K N) product).
 
 ``Gemm(a, B, c) {transB=1}`` with a constant ``B`` (PyTorch's Linear layout, (N, K)) becomes
 ``Gemm(a, B.T, c) {transB=0}`` with ``B.T`` computed now: the backends' GEMM streams rows of B,
@@ -25,5 +27,27 @@ def pretranspose_weights(graph: Graph) -> Graph:
         flipped = graph.add_param(graph.fresh_name(f"{w.name}.T"), np.ascontiguousarray(graph.params[w].T))
         node.inputs[1] = flipped
         node.attrs["transB"] = 0
+    graph.remove_unread_params()
+    return graph
+
+
+@graph_pass("row_major_gemm")
+def row_major_gemm(graph: Graph) -> Graph:
+    """Gemm operands with transA/transB=1 transposed by a node first (constants: at compile time)."""
+    for index in range(len(graph.nodes) - 1, -1, -1):
+        node = graph.nodes[index]
+        if node.op.name != "Gemm":
+            continue
+        for slot, flag in ((0, "transA"), (1, "transB")):
+            if not node.attrs[flag]:
+                continue
+            value = node.inputs[slot]
+            if value in graph.params:
+                flipped = graph.add_param(graph.fresh_name(f"{value.name}.T"), np.ascontiguousarray(graph.params[value].T))
+            else:
+                flipped = graph.add_node("Transpose", [value], {"perm": [1, 0]}, name=f"{node.name or 'Gemm'}/{flag}", index=index).outputs[0]
+                index += 1
+            node.inputs[slot] = flipped
+            node.attrs[flag] = 0
     graph.remove_unread_params()
     return graph

@@ -136,7 +136,9 @@ class LLVMBackend:
     name = "llvm"
     default_pipeline = "O2"
     preferred_layout = "auto"  # NHWC where convs are wide: resnet18 1.7x faster, LeNet-5 stays NCHW
-    lowering = ["decompose_rnn"]  # ops expressed through others before any pipeline runs
+    # ops expressed through others before any pipeline runs; GEMM operands made row-major
+    # (the micro-kernel streams rows: training's x^T g and g W^T products come transposed)
+    lowering = ["decompose_rnn", "row_major_gemm"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()

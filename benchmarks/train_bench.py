@@ -1,0 +1,124 @@
+"""One compiled training step (forward, cross-entropy, gradients, Adam) against PyTorch eager on
+the CPU, side by side in one run; writes a markdown table.
+
+    python benchmarks/train_bench.py [--target llvm] [--repeat 30] [--out benchmarks/train-report.md]
+
+Models: MLP 784-512-256-10 at batch 64, LeNet-5 at batch 64, the 2-layer LSTM classifier
+(hidden 256, 32 steps of 64 features) at batch 16. kiln's step is the Trainer's (arrays in,
+arrays out, the next parameters copied back); torch's is zero_grad, forward, loss, backward,
+optimizer step. Medians after warm-up; torch uses as many threads as kiln (KILN_NUM_THREADS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import kiln
+from kiln import config
+from kiln.models import zoo
+from kiln.optim import Adam
+
+MODELS = {
+    "mlp-512-256/b64": ("mlp", {"hidden": (512, 256)}, (64, 784), 10),
+    "lenet5/b64": ("lenet5", {}, (64, 1, 32, 32), 10),
+    "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64), 10),
+}
+
+
+def _torch_model(name: str, kwargs: dict):
+    import torch.nn as tnn
+
+    if name == "mlp":
+        sizes = [784, *kwargs["hidden"], 10]
+        layers = []
+        for a, b in zip(sizes, sizes[1:]):
+            layers += [tnn.Linear(a, b), tnn.ReLU()]
+        return tnn.Sequential(*layers[:-1])
+    if name == "lenet5":
+        return tnn.Sequential(
+            tnn.Conv2d(1, 6, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(6, 16, 5), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Flatten(), tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10),
+        )  # fmt: skip
+
+    class LSTMClassifier(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = tnn.LSTM(64, kwargs["hidden_size"], kwargs["num_layers"], batch_first=True)
+            self.fc = tnn.Linear(kwargs["hidden_size"], 10)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            return self.fc(y[:, -1])
+
+    return LSTMClassifier()
+
+
+def _median_ms(fn, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/train-report.md"))
+    args = ap.parse_args()
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(config.num_threads())
+    lines = [
+        "# kiln training step vs PyTorch eager (CPU)",
+        "",
+        f"target {args.target}; {config.num_threads()} threads; medians of {args.repeat} steps after {args.warmup} warm-up steps; Adam, cross-entropy.",
+        "",
+        "| model | kiln ms | PyTorch eager ms | torch / kiln | kiln compile s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    rng = np.random.default_rng(0)
+    for label, (name, kwargs, shape, classes) in MODELS.items():
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = rng.integers(0, classes, shape[0])
+        trainer = kiln.train.Trainer(zoo.build(name, **kwargs), loss="ce", optimizer=Adam(lr=1e-4), target=args.target)
+        start = time.perf_counter()
+        trainer.step(x, y)
+        compile_s = time.perf_counter() - start
+        kiln_ms = _median_ms(lambda: trainer.step(x, y), args.warmup, args.repeat)
+        torch_ms = float("nan")
+        if torch is not None:
+            net = _torch_model(name, kwargs)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+            tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+            def torch_step():
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(net(tx), ty)
+                loss.backward()
+                opt.step()
+
+            torch_ms = _median_ms(torch_step, args.warmup, args.repeat)
+        lines.append(f"| {label} | {kiln_ms:.2f} | {torch_ms:.2f} | {torch_ms / kiln_ms:.2f} | {compile_s:.1f} |")
+        print(lines[-1], flush=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
