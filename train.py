@@ -3,8 +3,9 @@ gradients, optimizer update) into one module for the chosen target and runs it b
 
 The model is a DSL module (traced in training mode) or an ONNX model (a path, a zoo name or a
 ModelProto; its float initializers become the trainable parameters). The trainer holds the
-parameters, BatchNorm statistics and optimizer state as arrays, feeds them to every step and
-takes the next ones back, so the compiled step stays a pure function. Static shapes: one module
+parameters, BatchNorm statistics and optimizer state, feeds them to every step and takes the
+next ones back, so the compiled step stays a pure function: numpy arrays on llvm and eager,
+device tensors on the TVM targets (the parameters stay on the GPU between steps). Static shapes: one module
 is compiled per batch size met (a last, smaller batch gets its own).
 """
 
@@ -136,11 +137,20 @@ class Trainer:
         for v in step.graph.inputs:
             if v.name not in feeds:
                 feeds[v.name] = self.values[v.name]
-        out = module.run(feeds)
+        executable = module.executable
+        if hasattr(executable, "run_device"):  # TVM: the carried values stay device tensors
+            outs = executable.run_device([feeds[v.name] for v in step.graph.inputs])
+            out = dict(zip([v.name for v in step.graph.outputs], outs))
+        else:
+            out = module.run(feeds)
         for name, next_name in step.next_names.items():
             self.values[name] = out[next_name]
         self.steps_done += 1
-        return float(out[step.graph.outputs[0].name])
+        return float(_host(out[step.graph.outputs[0].name]))
+
+    def host_values(self) -> dict[str, np.ndarray]:
+        """The carried values as numpy arrays (copied from the device where they live there)."""
+        return {name: _host(value) for name, value in self.values.items()}
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The model's output for ``x`` in inference mode, with the current weights."""
@@ -156,7 +166,7 @@ class Trainer:
             self._evals[key] = (graph, kiln.compile(graph, target=self.target, layout="nchw"))
         graph, module = self._evals[key]
         feeds = {graph.inputs[0].name: x}
-        feeds.update((v.name, self.values[v.name]) for v in graph.inputs[1:])
+        feeds.update((v.name, _host(self.values[v.name])) for v in graph.inputs[1:])
         out = module.run(feeds)
         return out[self.output] if self.output else next(iter(out.values()))
 
@@ -218,7 +228,7 @@ class Trainer:
 
         if isinstance(self.model, DSLModule) and self.values:
             state = self.model.state_dict()
-            state.update({k: v for k, v in self.values.items() if k in state})
+            state.update({k: v for k, v in self.host_values().items() if k in state})
             self.model.load_state_dict(state)
 
     def export(self, path: str | os.PathLike, example: np.ndarray | None = None) -> None:
@@ -238,9 +248,10 @@ class Trainer:
             kiln.export_onnx(self.model, path, [example], input_names=[self.input_name or "input"])
             return
         proto = onnx.ModelProto.FromString(self._proto().SerializeToString())
+        values = self.host_values()
         for init in proto.graph.initializer:
-            if init.name in self.values:
-                init.CopyFrom(numpy_helper.from_array(self.values[init.name].astype(numpy_helper.to_array(init).dtype), init.name))
+            if init.name in values:
+                init.CopyFrom(numpy_helper.from_array(values[init.name].astype(numpy_helper.to_array(init).dtype), init.name))
         _write_atomic(Path(path), proto.SerializeToString())
 
     def save(self, path: str | os.PathLike) -> None:
@@ -257,7 +268,7 @@ class Trainer:
         fd, tmp = tempfile.mkstemp(prefix=f".{base.name}.", suffix=".npz", dir=base.parent)
         os.close(fd)
         try:
-            np.savez(tmp, **{_key(k): v for k, v in self.values.items()})
+            np.savez(tmp, **{_key(k): v for k, v in self.host_values().items()})
             os.replace(tmp, base.with_suffix(".npz"))
         finally:
             if os.path.exists(tmp):
@@ -276,12 +287,16 @@ class Trainer:
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("loss") != self.loss:
             raise KilnError(f"{base}: a checkpoint of format {meta.get('format')} for loss {meta.get('loss')!r}; this trainer uses format {CHECKPOINT_FORMAT}, loss {self.loss!r}")
         for name, array in arrays.items():
-            known = self.values.get(name)
+            known = _host(self.values[name]) if name in self.values else None
             if known is not None and (known.shape != array.shape or known.dtype != array.dtype):
                 raise KilnError(f"{base}: {name!r} is {array.dtype}{list(array.shape)}, the model's is {known.dtype}{list(known.shape)}")
         self.values.update(arrays)
         self.trainable = list(meta["trainable"])
         self.steps_done = int(meta["steps_done"])
+
+
+def _host(value) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 def _key(name: str) -> str:

@@ -7,10 +7,13 @@ set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-cache}
+# the digits data for the GPU training test (that machine has no scikit-learn): staged with
+#   python -c "from sklearn.datasets import load_digits as l; import numpy as n; d=l(); n.savez('.gpu/b/digits.npz', images=d.images, target=d.target)"
+[[ -f .gpu/b/digits.npz ]] && export KILN_DIGITS_NPZ=$PWD/.gpu/b/digits.npz
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 workers=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 8" || echo "")
 echo "== gpu tests" | tee -a "$out/summary.txt"
-timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider $workers tests/backends/test_tvm.py tests/models/test_zoo.py \
+timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider $workers tests/backends/test_tvm.py tests/models/test_zoo.py tests/train \
   > "$out/pytest-gpu.txt" 2>&1
 tail -3 "$out/pytest-gpu.txt" | tee -a "$out/summary.txt"
 if [[ "${SKIP_CONFORMANCE:-0}" != 1 ]]; then

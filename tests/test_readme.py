@@ -37,3 +37,13 @@ def test_the_dsl_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(block, str(README), "exec"), {})
     assert capsys.readouterr().out.strip() == "True True"
     assert (tmp_path / "net.onnx").exists() and (tmp_path / "net.npz").exists()
+
+
+def test_the_training_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    section = README.read_text().split("## Training", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, str(README), "exec"), {})
+    assert capsys.readouterr().out.strip() == "True"
+    for name in ("ckpt.npz", "ckpt.json", "trained.onnx"):
+        assert (tmp_path / name).exists()

@@ -101,6 +101,8 @@ class TVMExecutable:
     def to_device(self, array: Any):
         """A TVM tensor on this executable's device: from numpy, or from any DLPack tensor."""
         tvm = _tvm()
+        if isinstance(array, tvm.runtime.Tensor) and array.device == self.device:
+            return array  # already here: parameters kept on the device between runs
         if hasattr(array, "__dlpack__") and not isinstance(array, np.ndarray):
             return tvm.runtime.from_dlpack(array)
         return tvm.runtime.tensor(np.require(array, requirements="C"), self.device)
