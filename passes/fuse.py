@@ -11,8 +11,10 @@ Rules, over the node order:
 - never two heavy ops or two reductions in a group; every other op stays alone.
 
 An op joins a group only through a value nobody else reads (so nothing is computed twice and no
-intermediate leaves the group) and only if its other inputs are defined before the group starts
-(so the group stays convex: no path leaves it and comes back). Groups of one node stay plain.
+intermediate leaves the group), except that elementwise groups may fan out (a value read outside
+leaves as an extra output: an optimizer's update is one group), and only if its other inputs are
+defined before the group starts (so the group stays convex: no path leaves it and comes back).
+Groups of one node stay plain.
 Parameters a group reads become inputs of its Fused node.
 """
 
@@ -47,7 +49,18 @@ def is_training_batchnorm(node: Node) -> bool:
 
 
 def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users: dict, outputs: set[int]) -> bool:
-    if len(users.get(via, [])) != 1 or id(via) in outputs:
+    fans_out = len(users.get(via, [])) != 1 or id(via) in outputs
+    if group.anchor is None:
+        # an elementwise group may fan out (a value read outside leaves it as an extra output)
+        # if every outside reader comes after the group's new end, where its Fused node goes
+        if fans_out and not (node.op.kind is OpKind.ELEMENTWISE and _one_shape(group, node)):
+            return False
+        members = {id(n) for n in group.nodes}
+        for member in group.nodes:
+            for v in member.outputs:
+                if any(id(u) not in members and u is not node and index[id(u)] < index[id(node)] for u in users.get(v, [])):
+                    return False
+    elif fans_out:
         return False
     if group.anchor is not None and is_training_batchnorm(group.anchor):
         # the statistics leave the group where its last node stands: no reader may come earlier
@@ -97,7 +110,39 @@ def find_groups(graph: Graph) -> list[Group]:
         joined.nodes.append(node)
         if (kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) and node.op.deterministic) or anchor:
             group_of[id(node)] = joined
+        if kind is OpKind.ELEMENTWISE and node.op.deterministic and joined.anchor is None:
+            _merge_siblings(node, joined, group_of, groups, index, users)
     return groups
+
+
+def _one_shape(group: Group, node: Node) -> bool:
+    """Whether every value of ``group`` has ``node``'s output shape (one loop nest computes all)."""
+    shape = node.outputs[0].type.shape
+    return all(v.type.shape == shape for n in group.nodes for v in n.outputs)
+
+
+def _merge_siblings(node: Node, joined: Group, group_of: dict, groups: list, index: dict, users: dict) -> None:
+    """Fold into ``joined`` the other elementwise groups ``node`` reads (``a * x + b * y``
+    starts two groups, joined at the Add), when every value they make that is read outside is
+    read after ``node``: the merged group then sits at ``node``'s place, convex and in order."""
+    for v in node.inputs:
+        other = group_of.get(id(v.producer)) if v is not None and v.producer is not None else None
+        if other is None or other is joined or other.anchor is not None or other not in groups or not _one_shape(other, node):
+            continue
+        members = {id(n) for n in [*joined.nodes, *other.nodes]}
+        late = all(
+            id(u) in members or index[id(u)] > index[id(node)]
+            for member in [*joined.nodes, *other.nodes]
+            for out in member.outputs
+            for u in users.get(out, [])
+        )
+        if not late:
+            continue
+        joined.nodes = sorted([*joined.nodes, *other.nodes], key=lambda n: index[id(n)])
+        joined.start = min(joined.start, other.start)
+        for member in other.nodes:
+            group_of[id(member)] = joined
+        groups.remove(other)
 
 
 def _outline(graph: Graph, group: Group, number: int) -> Node:

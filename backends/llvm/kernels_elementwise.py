@@ -40,14 +40,28 @@ def emit_pointwise(
     body: Callable[[LLVMScalarOps, list], ir.Value],
 ) -> None:
     """``out[i] = body(E, [inp[i] ...])`` over every index of ``out`` (inputs broadcast)."""
-    present = [v.broadcast_to(out.shape) for v in inputs if v is not None]
-    shape, coalesced = coalesce(out.shape, [out, *present])
-    out_view, in_views = coalesced[0], iter(coalesced[1:])
+    emit_pointwise_outputs(b, module, [out], inputs, lambda E, xs: [body(E, xs)])
+
+
+def emit_pointwise_outputs(
+    b: ir.IRBuilder,
+    module: ir.Module,
+    outs: Sequence[View],
+    inputs: Sequence[View | None],
+    body: Callable[[LLVMScalarOps, list], list],
+) -> None:
+    """``outs[k][i] = body(E, [inp[i] ...])[k]``: one loop nest writing several outputs of one
+    shape (an elementwise group that fans out)."""
+    shape0 = outs[0].shape
+    present = [v.broadcast_to(shape0) for v in inputs if v is not None]
+    shape, coalesced = coalesce(shape0, [*outs, *present])
+    out_views, in_views = coalesced[: len(outs)], iter(coalesced[len(outs) :])
     views = [next(in_views) if v is not None else None for v in inputs]
     E = LLVMScalarOps(b, module)
     with loop_nest(b, shape) as index:
         loaded = [E.typed(v.load(b, index), v.dtype) if v is not None else None for v in views]
-        out_view.store(b, index, body(E, loaded))
+        for view, value in zip(out_views, body(E, loaded)):
+            view.store(b, index, value)
 
 
 @kernel("<elementwise>")
@@ -64,7 +78,14 @@ def _fused_scratch(node) -> int:
 
 
 def _is_pointwise(body) -> bool:
-    return len(body.outputs) == 1 and all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None for n in body.nodes)
+    """One loop nest can compute the group: elementwise ops only, every output of one shape."""
+    shapes = {v.type.shape for v in body.outputs}
+    produced = {id(v) for n in body.nodes for v in n.outputs}
+    return (
+        len(shapes) == 1
+        and all(id(v) in produced for v in body.outputs)
+        and all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None for n in body.nodes)
+    )
 
 
 @kernel("Fused", scratch=_fused_scratch)
@@ -84,18 +105,19 @@ def fused(ctx: KernelContext) -> None:
 
 
 def _fused_pointwise(ctx: KernelContext, body) -> None:
-    """One loop nest: each body node's compute rule evaluated at the output index."""
-    out = ctx.outputs[0]
-    inputs = [v.broadcast_to(out.shape) if v is not None else None for v in ctx.inputs]
+    """One loop nest: each body node's compute rule evaluated at the output index; every
+    output of the group stored from it."""
+    shape = ctx.outputs[0].shape
+    inputs = [v.broadcast_to(shape) if v is not None else None for v in ctx.inputs]
 
-    def evaluate(E: LLVMScalarOps, loaded: list) -> ir.Value:
+    def evaluate(E: LLVMScalarOps, loaded: list) -> list:
         env = {id(v): x for v, x in zip(body.inputs, loaded)}
         for node in body.nodes:
             args = [env[id(v)] if v is not None else None for v in node.inputs]
             env[id(node.outputs[0])] = E.typed(node.op.compute(E, node.attrs, *args), node.outputs[0].type.dtype)
-        return env[id(body.outputs[0])]
+        return [env[id(v)] for v in body.outputs]
 
-    emit_pointwise(ctx.b, ctx.module, out, inputs, evaluate)
+    emit_pointwise_outputs(ctx.b, ctx.module, ctx.outputs, inputs, evaluate)
 
 
 @kernel("BatchNormalization")

@@ -151,3 +151,51 @@ def test_normalize_group_computes_what_the_nodes_did():
     assert fused.op_histogram() == {"Fused": 1}
     for got, expected in zip(evaluate(fused, [x]), want):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_an_elementwise_update_that_fans_out_is_one_group(rewrites):
+    """Momentum SGD: ``v' = m * v + g`` is an output and feeds ``p' = p - lr * v'``; the two
+    scaled operands start groups of their own that the Add merges. One Fused node, two outputs."""
+    rewrites(
+        ["fuse"],
+        """
+        graph g(%p: f32[8], %v: f32[8], %g: f32[8], %m: f32[], %lr: f32[]) {
+          %a: f32[8] = Mul(%v, %m)
+          %b: f32[8] = Mul(%g, %lr)
+          %n: f32[8] = Add(%a, %g)
+          %s: f32[8] = Mul(%n, %lr)
+          %q: f32[8] = Sub(%p, %s)
+          %r: f32[8] = Add(%q, %b)
+          return %r, %n
+        }""",
+        """
+        graph g(%p: f32[8], %v: f32[8], %g: f32[8], %m: f32[], %lr: f32[]) {
+          %r: f32[8], %n: f32[8] = Fused(%v, %m, %g, %lr, %p) {kind="elementwise", body=<graph>}
+              graph fused_0(%in0: f32[8], %in1: f32[], %in2: f32[8], %in3: f32[], %in4: f32[8]) {
+                %0: f32[8] = Mul(%in0, %in1)
+                %1: f32[8] = Mul(%in2, %in3)
+                %2: f32[8] = Add(%0, %in2)
+                %3: f32[8] = Mul(%2, %in3)
+                %4: f32[8] = Sub(%in4, %3)
+                %5: f32[8] = Add(%4, %1)
+                return %5, %2
+              }
+          return %r, %n
+        }""",
+    )
+
+
+def test_a_fanned_out_value_read_before_the_group_ends_keeps_groups_apart():
+    """``n`` is read by the Exp before the chain goes on: merging would define it too late."""
+    graph = parse_graph(
+        """
+        graph g(%x: f32[4]) {
+          %n: f32[4] = Neg(%x)
+          %e: f32[4,4] = Expand(%n) {shape=[4, 4]}
+          %a: f32[4] = Abs(%n)
+          return %a, %e
+        }"""
+    )
+    groups = [[n.op.name for n in g.nodes] for g in find_groups(graph)]
+    assert ["Neg", "Abs"] not in groups
+    run_passes(graph, ["fuse"])  # and the outlined graph verifies
