@@ -205,6 +205,33 @@ def _batch_norm(b, node, grads):
     return [gx, gs, gb, None, None]
 
 
+@vjp("LayerNormalization")
+def _layer_norm(b, node, grads):
+    if any(g is not None for g in grads[1:]):
+        raise KilnError(f"autodiff: the Mean/InvStdDev outputs of {node.name!r} have no gradient rule yet")
+    x, scale = node.inputs[:2]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    g = grads[0]
+    rank = x.type.rank
+    axes = list(range(node.attrs["axis"] % rank, rank))
+    mu = b.op("ReduceMean", x, axes=axes, keepdims=1)
+    centered = b.op("Sub", x, mu)
+    var = b.op("ReduceMean", b.op("Mul", centered, centered), axes=axes, keepdims=1)
+    inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(node.attrs["epsilon"], x))))
+    x_hat = b.op("Mul", centered, inv_std)
+    gx = gs = gb = None
+    if b.wants(0):  # (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)) * inv_std
+        g_hat = b.op("Mul", g, scale)
+        m1 = b.op("ReduceMean", g_hat, axes=axes, keepdims=1)
+        m2 = b.op("ReduceMean", b.op("Mul", g_hat, x_hat), axes=axes, keepdims=1)
+        gx = b.op("Mul", b.op("Sub", b.op("Sub", g_hat, m1), b.op("Mul", x_hat, m2)), inv_std)
+    if b.wants(1):
+        gs = b.unbroadcast(b.op("Mul", g, x_hat), scale.type.shape)
+    if bias is not None and b.wants(2):
+        gb = b.unbroadcast(g, bias.type.shape)
+    return [gx, gs, gb]
+
+
 def _running_stats_grad(b, node, grads, gx, centered, channel):
     """What flows into x from the running statistics' outputs (momentum-weighted batch mean
     and variance), when anything reads them."""

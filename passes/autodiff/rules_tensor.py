@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from kiln.errors import KilnError
+from kiln.ir.ops.resize import axis_taps, resized_axes
 from kiln.ir.ops.shape import _slices
 from kiln.passes.autodiff.rules_elementwise import vjp
 
@@ -154,3 +157,32 @@ def _log_softmax(b, node, grads):
     y, g = node.outputs[0], grads[0]
     total = b.op("ReduceSum", g, axes=[node.attrs["axis"]], keepdims=1)
     return [b.op("Sub", g, b.op("Mul", b.op("Exp", y), total))]
+
+
+@vjp("Resize")
+def _resize(b, node, grads):
+    """Resize is linear and separable: per resized axis out = M @ in with M (out, in) built from
+    the op's tap tables, so the gradient applies M^T along each axis in reverse order (rows that
+    tf_crop_and_resize fills with the extrapolation value pass nothing back)."""
+    x = node.inputs[0]
+    a = node.attrs
+    shape = list(x.type.shape)
+    steps = []  # (axis, n_in, matrix, kept rows) in forward order
+    for axis in resized_axes(a, shape):
+        n_in, n_out = shape[axis], a["sizes"][axis]
+        indices, weights, outside = axis_taps(a, axis, n_in, n_out)
+        matrix = np.zeros((n_out, n_in))
+        np.add.at(matrix, (np.repeat(np.arange(n_out), indices.shape[1]), indices.reshape(-1)), np.asarray(weights, dtype=np.float64).reshape(-1))
+        if a["coordinate_transformation_mode"] == "tf_crop_and_resize":
+            matrix[np.asarray(outside, dtype=bool).reshape(-1)] = 0.0
+        steps.append((axis, matrix))
+        shape[axis] = n_out
+    g = grads[0]
+    rank = x.type.rank
+    for axis, matrix in reversed(steps):
+        perm = [*[i for i in range(rank) if i != axis], axis]
+        moved = b.op("Transpose", g, perm=perm) if axis != rank - 1 else g
+        m = b.graph.add_param(b.graph.fresh_name(f"{b.where}.taps{axis}"), matrix.astype(x.type.dtype.numpy))
+        back = b.op("MatMul", moved, m)
+        g = b.op("Transpose", back, perm=[perm.index(i) for i in range(rank)]) if axis != rank - 1 else back
+    return [g] + [None] * (len(node.inputs) - 1)

@@ -64,6 +64,10 @@ CASES = {
     "average_pool": ("%y: f64[1,2,3,3] = AveragePool(%x) {ceil_mode=0, count_include_pad=1, dilations=null, kernel_shape=[2, 2], pads=[1, 1, 1, 1], strides=[2, 2]}", {}, "%x: f64[1,2,5,5]"),
     "batch_norm_inference": ("%y: f64[2,3,2,2] = BatchNormalization(%x, %s, %b, %m, %v) {epsilon=1e-05, momentum=0.9, training_mode=0}", {"m": np.array([0.1, -0.2, 0.3]), "v": np.array([0.5, 1.5, 1.0])}, "%x: f64[2,3,2,2], %s: f64[3], %b: f64[3], %m: f64[3], %v: f64[3]"),
     "batch_norm_training": ("%y: f64[4,3,2,2], %rm: f64[3], %rv: f64[3] = BatchNormalization(%x, %s, %b, %m, %v) {epsilon=1e-05, momentum=0.9, training_mode=1}", {"m": np.zeros(3), "v": np.ones(3)}, "%x: f64[4,3,2,2], %s: f64[3], %b: f64[3], %m: f64[3], %v: f64[3]"),
+    "resize_linear": ("%y: f64[1,2,5,7] = Resize(%x) {mode=\"linear\", scales=[1.0, 1.0, 1.6667, 1.75], sizes=[1, 2, 5, 7]}", {}, "%x: f64[1,2,3,4]"),
+    "resize_nearest_align": ("%y: f64[1,1,6,6] = Resize(%x) {mode=\"nearest\", scales=[1.0, 1.0, 2.0, 2.0], sizes=[1, 1, 6, 6]}", {}, "%x: f64[1,1,3,3]"),
+    "resize_cubic": ("%y: f64[1,1,4,4] = Resize(%x) {coordinate_transformation_mode=\"align_corners\", mode=\"cubic\", scales=[1.0, 1.0, 0.8, 0.8], sizes=[1, 1, 4, 4]}", {}, "%x: f64[1,1,5,5]"),
+    "layer_norm": ("%y: f64[2,3,4] = LayerNormalization(%x, %s, %b) {axis=-2, epsilon=1e-05}", {}, "%x: f64[2,3,4], %s: f64[3,4], %b: f64[4]"),
     "softmax_cross_entropy": ("%y: f64[] = SoftmaxCrossEntropyLoss(%x, %t) {ignore_index=null, reduction=\"mean\"}", {"t": np.array([1, 0, 3, 3])}, "%x: f64[4,5], %t: i64[4]"),
     "softmax_cross_entropy_weighted": (
         "%y: f64[] = SoftmaxCrossEntropyLoss(%x, %t, %w) {ignore_index=2, reduction=\"mean\"}",
