@@ -50,18 +50,16 @@ def is_training_batchnorm(node: Node) -> bool:
 
 def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users: dict, outputs: set[int]) -> bool:
     fans_out = len(users.get(via, [])) != 1 or id(via) in outputs
-    if group.anchor is None:
-        # an elementwise group may fan out (a value read outside leaves it as an extra output)
-        # if every outside reader comes after the group's new end, where its Fused node goes
-        if fans_out and not (node.op.kind is OpKind.ELEMENTWISE and _one_shape(group, node)):
-            return False
-        members = {id(n) for n in group.nodes}
-        for member in group.nodes:
-            for v in member.outputs:
-                if any(id(u) not in members and u is not node and index[id(u)] < index[id(node)] for u in users.get(v, [])):
-                    return False
-    elif fans_out:
+    # an elementwise group may fan out (a value read outside leaves it as an extra output)
+    if fans_out and not (group.anchor is None and node.op.kind is OpKind.ELEMENTWISE and _one_shape(group, node)):
         return False
+    # values leaving the group are defined where its Fused node goes, at its new end: every
+    # outside reader must come after that (whatever joins later, reduction or not)
+    members = {id(n) for n in group.nodes}
+    for member in group.nodes:
+        for v in member.outputs:
+            if any(id(u) not in members and u is not node and index[id(u)] < index[id(node)] for u in users.get(v, [])):
+                return False
     if group.anchor is not None and is_training_batchnorm(group.anchor):
         # the statistics leave the group where its last node stands: no reader may come earlier
         stats = group.anchor.outputs[1:]
