@@ -3,9 +3,10 @@ optimizer's update, and the BatchNorm running statistics, with the parameters tu
 inputs so each step reads the current values and returns the next ones.
 
 ``training_step(graph, loss, optimizer)`` returns a ``TrainingStep``: the step graph, whose
-inputs are ``[model inputs..., target, parameters..., optimizer state..., step]`` and whose
-outputs are ``[loss, new parameters..., new state..., new buffers...]``, and the initial values
-of everything it carries from step to step. Training-mode BatchNormalization is decomposed into
+inputs are ``[model inputs..., parameters..., buffers..., target, optimizer state..., step]``
+and whose outputs are ``[loss, new parameters and their new state..., new buffers..., new
+step]`` (``next_names`` maps each carried input to its output), and the initial values of
+everything it carries from step to step. Training-mode BatchNormalization is decomposed into
 reductions and elementwise ops first, which every backend runs.
 """
 
