@@ -46,6 +46,7 @@ class Trainer:
         output: str | None = None,
         clip_norm: float | None = None,
         input_name: str | None = None,
+        arch: str | None = None,
     ):
         if loss not in LOSSES:
             raise KilnError(f"unknown loss {loss!r}; kiln has {', '.join(LOSSES)}")
@@ -56,6 +57,7 @@ class Trainer:
         self.output = output
         self.clip_norm = clip_norm
         self.input_name = input_name
+        self.arch = arch  # the GPU generation for tvm-cuda
         self.values: dict[str, np.ndarray] = {}  # parameters, buffers and optimizer state, by name
         self.trainable: list[str] = []
         self._steps: dict[tuple, tuple[TrainingStep, Any]] = {}
@@ -108,7 +110,7 @@ class Trainer:
             for name, array in {**step.params, **step.buffers, **step.state}.items():
                 self.values.setdefault(name, np.array(array, copy=True))
             self.trainable = list(step.params)
-            module = kiln.compile(step.graph, target=self.target, layout="nchw")
+            module = kiln.compile(step.graph, target=self.target, layout="nchw", arch=self.arch)
             self._steps[key] = (step, module)
         return self._steps[key]
 
@@ -163,7 +165,7 @@ class Trainer:
             for v in [v for v in graph.params if v.type.dtype.name.startswith("float")]:
                 self.values.setdefault(v.name, np.array(graph.params.pop(v), copy=True))
                 graph.inputs.append(v)  # fed the current values: one compile serves every step
-            self._evals[key] = (graph, kiln.compile(graph, target=self.target, layout="nchw"))
+            self._evals[key] = (graph, kiln.compile(graph, target=self.target, layout="nchw", arch=self.arch))
         graph, module = self._evals[key]
         feeds = {graph.inputs[0].name: x}
         feeds.update((v.name, _host(self.values[v.name])) for v in graph.inputs[1:])

@@ -232,6 +232,37 @@ def _layer_norm(b, node, grads):
     return [gx, gs, gb]
 
 
+@vjp("GroupNormalization", "InstanceNormalization")
+def _group_norm(b, node, grads):
+    """Normalized per (sample, group) over the group's channels and positions, then a
+    per-channel affine: the LayerNorm gradient on the (N, groups, rest) view."""
+    x, scale, bias = node.inputs
+    g = grads[0]
+    n, c = x.type.shape[:2]
+    groups = node.attrs.get("num_groups", c)
+    rank = x.type.rank
+    channel = [1, c] + [1] * (rank - 2)
+    flat = [n, groups, x.type.numel // (n * groups)]
+    xg = b.reshape(x, flat)
+    mu = b.op("ReduceMean", xg, axes=[2], keepdims=1)
+    centered = b.op("Sub", xg, mu)
+    var = b.op("ReduceMean", b.op("Mul", centered, centered), axes=[2], keepdims=1)
+    inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(node.attrs["epsilon"], x))))
+    x_hat = b.op("Mul", centered, inv_std)
+    gx = gs = gb = None
+    if b.wants(0):
+        g_hat = b.reshape(b.op("Mul", g, b.reshape(scale, channel)), flat)
+        m1 = b.op("ReduceMean", g_hat, axes=[2], keepdims=1)
+        m2 = b.op("ReduceMean", b.op("Mul", g_hat, x_hat), axes=[2], keepdims=1)
+        gx = b.reshape(b.op("Mul", b.op("Sub", b.op("Sub", g_hat, m1), b.op("Mul", x_hat, m2)), inv_std), x.type.shape)
+    spatial = [0, *range(2, rank)]
+    if b.wants(1):
+        gs = b.op("ReduceSum", b.op("Mul", g, b.reshape(x_hat, x.type.shape)), axes=spatial, keepdims=0)
+    if b.wants(2):
+        gb = b.op("ReduceSum", g, axes=spatial, keepdims=0)
+    return [gx, gs, gb]
+
+
 def _running_stats_grad(b, node, grads, gx, centered, channel):
     """What flows into x from the running statistics' outputs (momentum-weighted batch mean
     and variance), when anything reads them."""

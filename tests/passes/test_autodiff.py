@@ -67,6 +67,8 @@ CASES = {
     "resize_linear": ("%y: f64[1,2,5,7] = Resize(%x) {mode=\"linear\", scales=[1.0, 1.0, 1.6667, 1.75], sizes=[1, 2, 5, 7]}", {}, "%x: f64[1,2,3,4]"),
     "resize_nearest_align": ("%y: f64[1,1,6,6] = Resize(%x) {mode=\"nearest\", scales=[1.0, 1.0, 2.0, 2.0], sizes=[1, 1, 6, 6]}", {}, "%x: f64[1,1,3,3]"),
     "resize_cubic": ("%y: f64[1,1,4,4] = Resize(%x) {coordinate_transformation_mode=\"align_corners\", mode=\"cubic\", scales=[1.0, 1.0, 0.8, 0.8], sizes=[1, 1, 4, 4]}", {}, "%x: f64[1,1,5,5]"),
+    "group_norm": ("%y: f64[2,4,2,3] = GroupNormalization(%x, %s, %b) {epsilon=1e-05, num_groups=2}", {}, "%x: f64[2,4,2,3], %s: f64[4], %b: f64[4]"),
+    "instance_norm": ("%y: f64[2,3,4] = InstanceNormalization(%x, %s, %b) {epsilon=1e-05}", {}, "%x: f64[2,3,4], %s: f64[3], %b: f64[3]"),
     "layer_norm": ("%y: f64[2,3,4] = LayerNormalization(%x, %s, %b) {axis=-2, epsilon=1e-05}", {}, "%x: f64[2,3,4], %s: f64[3,4], %b: f64[4]"),
     "softmax_cross_entropy": ("%y: f64[] = SoftmaxCrossEntropyLoss(%x, %t) {ignore_index=null, reduction=\"mean\"}", {"t": np.array([1, 0, 3, 3])}, "%x: f64[4,5], %t: i64[4]"),
     "softmax_cross_entropy_weighted": (
@@ -133,6 +135,8 @@ LLVM_GAPS = {  # gradient graphs using ops without an LLVM kernel yet (training 
     "gather_axis1": "ScatterND",
     "gather_rows": "ScatterND",
     "layer_norm": "LayerNormalization with a broadcast scale",
+    "group_norm": "GroupNormalization",
+    "instance_norm": "InstanceNormalization",
     "nll_sum": "NegativeLogLikelihoodLoss, OneHot",
     "softmax_cross_entropy": "SoftmaxCrossEntropyLoss, OneHot",
     "softmax_cross_entropy_weighted": "SoftmaxCrossEntropyLoss, OneHot",
