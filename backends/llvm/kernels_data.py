@@ -299,3 +299,47 @@ def cumulative(ctx: KernelContext) -> None:
             updated = E.mul(current, value) if product else E.add(current, value)
             out.store(b, where, current if node.attrs["exclusive"] else updated)
             b.store(updated, acc)
+
+
+@kernel("OneHot")
+def one_hot(ctx: KernelContext) -> None:
+    """out[..., j, ...] = values[1] where the index (wrapped) is j along ``axis``, else values[0]."""
+    idx, values = ctx.inputs
+    out = ctx.outputs[0]
+    axis = ctx.node.attrs["axis"] % len(out.shape)
+    depth = int(ctx.node.attrs["depth"])
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    off = E.typed(values.load(b, [const_i64(0)]), values.dtype)
+    on = E.typed(values.load(b, [const_i64(1)]), values.dtype)
+    with loop_nest(b, out.shape) as index:
+        raw = E.typed(idx.load(b, [*index[:axis], *index[axis + 1 :]]), idx.dtype)
+        i = E.cast(raw, DType.int64) if idx.dtype is not DType.int64 else raw
+        i = b.select(b.icmp_signed("<", i, const_i64(0)), b.add(i, const_i64(depth)), i)
+        out.store(b, index, b.select(b.icmp_signed("==", i, index[axis]), on, off))
+
+
+@kernel("ScatterND")
+def scatter_nd(ctx: KernelContext) -> None:
+    """A copy of data, then each update row in order: written (``none``, the last duplicate
+    wins as in the reference) or combined (add, mul, max, min) into the row the index names."""
+    data, idx, upd = ctx.inputs
+    out = ctx.outputs[0]
+    reduction = ctx.node.attrs["reduction"]
+    copy(ctx, out, data)
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    k = idx.shape[-1]
+    lead = idx.shape[:-1]
+    rest = data.shape[k:]
+    combine = {"add": E.add, "mul": E.mul, "max": E.max, "min": E.min}.get(reduction)
+    if reduction != "none" and combine is None:
+        raise KilnError(f"node {ctx.node.name!r}: ScatterND reduction {reduction!r} has no LLVM kernel yet")
+    with loop_nest(b, lead, name="u") as row:
+        target = [_wrap_index(b, idx.load(b, [*row, const_i64(j)]), data.shape[j]) for j in range(k)]
+        with loop_nest(b, rest, name="e") as element:
+            value = E.typed(upd.load(b, [*row, *element]), upd.dtype)
+            where = [*target, *element]
+            if combine is not None:
+                value = combine(E.typed(out.load(b, where), out.dtype), value)
+            out.store(b, where, value)
