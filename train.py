@@ -22,7 +22,7 @@ import numpy as np
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph
 from kiln.optim import Adam, Optimizer
-from kiln.passes.training import LOSSES, STEP, TARGET, TrainingStep, training_step
+from kiln.passes.training import LOSSES, TARGET, TrainingStep, training_step
 
 CHECKPOINT_FORMAT = 1
 
@@ -63,6 +63,7 @@ class Trainer:
         self._steps: dict[tuple, tuple[TrainingStep, Any]] = {}
         self._evals: dict[tuple, tuple[Graph, Any]] = {}
         self.steps_done = 0
+        self._model_proto = None  # an ONNX model, read once (its batch dim made symbolic)
 
     # -- graphs ----------------------------------------------------------------------------
     def _graph(self, x: np.ndarray, training: bool) -> Graph:
@@ -91,13 +92,14 @@ class Trainer:
         import onnx
 
         from kiln.driver import resolve_model
+        from kiln.frontend.onnx import load_model
 
-        if not hasattr(self, "_model_proto"):
+        if self._model_proto is None:
             if isinstance(self.model, onnx.ModelProto):
                 proto = self.model
             else:
-                found = resolve_model(self.model)
-                proto = found if isinstance(found, onnx.ModelProto) else onnx.load(str(found))
+                found = resolve_model(self.model)  # a path (checked, read safely) or a zoo export
+                proto = found if isinstance(found, onnx.ModelProto) else load_model(found)
             self._model_proto = _batch_free(proto, self.input_name or _single_input(proto))
         return self._model_proto
 
@@ -386,4 +388,4 @@ class _NoBar:
         return None
 
 
-__all__ = ["Trainer", "STEP"]
+__all__ = ["Trainer"]
