@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.fileio import npz_bytes, write_atomic
 from kiln.ir.graph import Graph
 from kiln.optim import Adam, Optimizer
 from kiln.passes.training import LOSSES, TARGET, TrainingStep, training_step
@@ -256,7 +256,7 @@ class Trainer:
         for init in proto.graph.initializer:
             if init.name in values:
                 init.CopyFrom(numpy_helper.from_array(values[init.name].astype(numpy_helper.to_array(init).dtype), init.name))
-        _write_atomic(Path(path), proto.SerializeToString())
+        write_atomic(path, proto.SerializeToString())
 
     def save(self, path: str | os.PathLike) -> None:
         """A checkpoint: ``PATH.npz`` (every carried array) and ``PATH.json`` (settings)."""
@@ -269,15 +269,8 @@ class Trainer:
             "trainable": self.trainable,
             "arrays": sorted(self.values),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{base.name}.", suffix=".npz", dir=base.parent)
-        os.close(fd)
-        try:
-            np.savez(tmp, **{_key(k): v for k, v in self.host_values().items()})
-            os.replace(tmp, base.with_suffix(".npz"))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        _write_atomic(base.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+        write_atomic(base.with_suffix(".npz"), npz_bytes({_key(k): v for k, v in self.host_values().items()}))
+        write_atomic(base.with_suffix(".json"), json.dumps(meta, indent=1).encode())
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by ``save`` (arrays checked against the model's)."""
@@ -310,18 +303,6 @@ def _key(name: str) -> str:
 
 def _plain(config: Mapping[str, Any]) -> dict:
     return {k: v for k, v in config.items() if isinstance(v, (int, float, bool, str))}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _single_input(proto) -> str:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import kiln
 from kiln import config
+from kiln.fileio import write_atomic
 from kiln.ir.graph import Graph
 from kiln.ir.text import print_graph
 
@@ -72,17 +71,5 @@ def store_entry(key: str, obj: bytes, layout: dict, ext: str = ".o") -> None:
     if folder is None:
         return
     meta = {"key": key, "object_sha256": hashlib.sha256(obj).hexdigest(), "layout": layout}
-    _write_atomic(folder / f"{key}{ext}", obj)
-    _write_atomic(folder / f"{key}.json", json.dumps(meta).encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(folder / f"{key}{ext}", obj)
+    write_atomic(folder / f"{key}.json", json.dumps(meta).encode())

@@ -9,12 +9,12 @@ of a traced graph, and the initializer names of an ONNX export.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.fileio import npz_bytes, write_atomic
 from kiln.frontend.dsl.tensor import Tensor, scope
 
 
@@ -152,11 +152,7 @@ class Module:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` to an .npz file (atomically; no pickle)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.state_dict())
-        os.replace(tmp, path)
+        write_atomic(path, npz_bytes(self.state_dict()))
 
     def load(self, path: str | os.PathLike) -> None:
         """Read an .npz written by ``save`` (arrays only: pickled objects are refused)."""

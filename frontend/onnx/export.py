@@ -9,7 +9,6 @@ The opset is 21, or the lowest newer one that has every op the graph uses.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.errors import KilnError
+from kiln.fileio import write_atomic
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Node, Value
 
@@ -215,8 +215,5 @@ def export_onnx(
         graph = trace(model, example_inputs, input_names)
     proto = graph_to_onnx(graph)
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, proto.SerializeToString())
     return proto
