@@ -77,10 +77,7 @@ def decompose_batchnorm_training(graph: Graph) -> dict[Value, Value]:
         rank = x.type.rank
         axes = [0, *range(2, rank)]
         channel = [1, x.type.shape[1]] + [1] * (rank - 2)
-        mu = b.op("ReduceMean", x, axes=axes, keepdims=1)
-        centered = b.op("Sub", x, mu)
-        batch_var = b.op("ReduceMean", b.op("Mul", centered, centered), axes=axes, keepdims=1)
-        inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", batch_var, b.const(node.attrs["epsilon"], x))))
+        mu, centered, batch_var, inv_std = b.moments(x, axes, node.attrs["epsilon"])
         y = b.op("Add", b.op("Mul", b.op("Mul", centered, inv_std), b.reshape(scale, channel)), b.reshape(bias, channel))
         m = node.attrs["momentum"]
         outs = [y]

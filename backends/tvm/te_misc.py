@@ -10,7 +10,7 @@ from tvm import tirx as tir
 
 from kiln.backends.tvm.lower import lowering
 from kiln.backends.tvm.scalar import dtype_of, tvm_dtype
-from kiln.backends.tvm.te_tensor import reduce, shape_of
+from kiln.backends.tvm.te_tensor import reduce, shape_of, wrap_index
 
 
 # -- quantization ----------------------------------------------------------------------------
@@ -69,11 +69,6 @@ def bitcast(ctx, node, ins):
 
 
 # -- gathers, scatters, selection ------------------------------------------------------------
-def _wrapped(i, dim):
-    i = i.astype("int64")
-    return tir.Select(i < 0, i + dim, i)
-
-
 @lowering("GatherND")
 def gather_nd(ctx, node, ins):
     x, idx = ins
@@ -83,7 +78,7 @@ def gather_nd(ctx, node, ins):
     lead = len(shape_of(idx)) - 1  # output: idx.shape[:-1] + x.shape[b + k:]
 
     def body(*o):
-        where = [_wrapped(idx[(*o[:lead], j)], dims[b + j]) for j in range(k)]
+        where = [wrap_index(idx[(*o[:lead], j)], dims[b + j]) for j in range(k)]
         return x[(*o[:b], *where, *o[lead:])]
 
     return te.compute(node.outputs[0].type.shape, body, name="gather_nd")
@@ -95,7 +90,7 @@ def scatter_elements(ctx, node, ins):
     reduction = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}[node.attrs["reduction"]]
     axis = node.attrs["axis"] % len(x.shape)
     dim = shape_of(x)[axis]
-    fixed = te.compute(idx.shape, lambda *i: _wrapped(idx[i], dim), name="fixed")
+    fixed = te.compute(idx.shape, lambda *i: wrap_index(idx[i], dim), name="fixed")
     return topi.scatter_elements(x, fixed, upd, axis, reduction)
 
 
@@ -106,7 +101,7 @@ def scatter_nd(ctx, node, ins):
     k = shape_of(idx)[-1]
     dims = shape_of(x)
     # topi wants the index tuple on the first axis: (K, ...) instead of (..., K)
-    moved = te.compute([k, *shape_of(idx)[:-1]], lambda j, *i: _wrapped(idx[(*i, j)], _dim_at(dims, j, k)), name="moved")
+    moved = te.compute([k, *shape_of(idx)[:-1]], lambda j, *i: wrap_index(idx[(*i, j)], _dim_at(dims, j, k)), name="moved")
     return topi.scatter_nd(x, moved, upd, mode)
 
 

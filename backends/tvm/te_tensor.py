@@ -243,7 +243,8 @@ def pad(ctx, node, ins):
     return te.compute(node.outputs[0].type.shape, body, name="pad")
 
 
-def _wrap_index(i, dim):
+def wrap_index(i, dim):
+    """A possibly negative index into a dim of ``dim``, as int64 (negative counts from the end)."""
     i = i.astype("int64")
     return tir.Select(i < 0, i + dim, i)
 
@@ -256,7 +257,7 @@ def gather(ctx, node, ins):
     dim = shape_of(x)[axis]
 
     def body(*o):
-        where = _wrap_index(idx(*o[axis : axis + k]), dim)
+        where = wrap_index(idx(*o[axis : axis + k]), dim)
         return x(*o[:axis], where, *o[axis + k :])
 
     return te.compute(node.outputs[0].type.shape, body, name="gather")
@@ -267,7 +268,7 @@ def gather_elements(ctx, node, ins):
     x, idx = ins
     axis = node.attrs["axis"] % len(x.shape)
     dim = shape_of(x)[axis]
-    return te.compute(idx.shape, lambda *o: x(*[_wrap_index(idx(*o), dim) if k == axis else v for k, v in enumerate(o)]), name="gather_elements")
+    return te.compute(idx.shape, lambda *o: x(*[wrap_index(idx(*o), dim) if k == axis else v for k, v in enumerate(o)]), name="gather_elements")
 
 
 @lowering("ConstantOfShape")

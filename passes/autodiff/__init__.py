@@ -65,6 +65,23 @@ class GradBuilder:
     def zeros_like(self, v: Value) -> Value:
         return zeros_like(self.graph, v, self.where)
 
+    def moments(self, x: Value, axes: Sequence[int], eps: float) -> tuple[Value, Value, Value, Value]:
+        """Over ``axes`` of ``x`` (kept as size-1 dims): the mean, ``x`` centered, the
+        (population) variance and 1 / sqrt(variance + eps): what every normalization computes."""
+        mean = self.op("ReduceMean", x, axes=list(axes), keepdims=1)
+        centered = self.op("Sub", x, mean)
+        var = self.op("ReduceMean", self.op("Mul", centered, centered), axes=list(axes), keepdims=1)
+        inv_std = self.op("Reciprocal", self.op("Sqrt", self.op("Add", var, self.const(eps, x))))
+        return mean, centered, var, inv_std
+
+    def normalized_grad(self, g_hat: Value, x_hat: Value, inv_std: Value, axes: Sequence[int]) -> Value:
+        """The gradient through ``x_hat = (x - mean) * inv_std`` with the statistics taken over
+        ``axes``, given the gradient ``g_hat`` of ``x_hat``:
+        (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)) * inv_std."""
+        m1 = self.op("ReduceMean", g_hat, axes=list(axes), keepdims=1)
+        m2 = self.op("ReduceMean", self.op("Mul", g_hat, x_hat), axes=list(axes), keepdims=1)
+        return self.op("Mul", self.op("Sub", self.op("Sub", g_hat, m1), self.op("Mul", x_hat, m2)), inv_std)
+
 
 def zeros_like(graph: Graph, v: Value, where: str = "grad") -> Value:
     attrs = {"shape": list(v.type.shape), "value": 0.0, "dtype": v.type.dtype.short}

@@ -80,6 +80,18 @@ def _conv_weight_grad(b, x, g, kernel, strides, dilations, pads, groups):
     return parts[0] if groups == 1 else b.op("Concat", *parts, axis=0)
 
 
+def _windows_extent(out, kernel, strides, dilations) -> list[int]:
+    """Per spatial dim, the padded input extent that ``out`` windows cover."""
+    return [(o - 1) * s + (k - 1) * d + 1 for o, k, s, d in zip(out, kernel, strides, dilations)]
+
+
+def _restoring_padding(spatial, full, pads) -> list[int]:
+    """The ConvTranspose output padding that brings a window-gradient back to ``spatial``
+    (the input rows that no window reached, beyond the cropped ``pads``)."""
+    nd = len(spatial)
+    return [spatial[i] - (full[i] - pads[i] - pads[i + nd]) for i in range(nd)]
+
+
 @vjp("Conv")
 def _conv(b, node, grads):
     _channels_first(node)
@@ -92,7 +104,7 @@ def _conv(b, node, grads):
     gx = gw = gb = None
     if b.wants(0):  # the transposed convolution, output padding restoring the input's size
         spatial, out = x.type.shape[2:], g.type.shape[2:]
-        opad = [spatial[i] - ((out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + nd]) for i in range(nd)]
+        opad = _restoring_padding(spatial, _windows_extent(out, kernel, strides, dilations), pads)
         gx = b.op("ConvTranspose", g, w, strides=strides, dilations=dilations, pads=pads, group=groups, output_padding=opad)
     if b.wants(1):
         gw = _conv_weight_grad(b, x, g, kernel, strides, dilations, pads, groups)
@@ -132,7 +144,7 @@ def _max_pool(b, node, grads):
     kernel, strides, dilations, pads, out = _pool_geometry(node.attrs, x.type)
     nd = len(kernel)
     n, c, *spatial = x.type.shape
-    full = [(out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 for i in range(nd)]
+    full = _windows_extent(out, kernel, strides, dilations)
     ends = [max(pads[i + nd], full[i] - pads[i] - spatial[i]) for i in range(nd)]  # ceil_mode windows
     padded = b.op("Pad", x, b.const(float("-inf"), x), pads=[0, 0, *pads[:nd], 0, 0, *ends], mode="constant")
     found, masked = None, []
@@ -149,7 +161,7 @@ def _max_pool(b, node, grads):
     for t, tap in enumerate(np.ndindex(*kernel)):
         one_hot[(slice(None), t, 0, *tap)] = 1
     weight = b.graph.add_param(b.graph.fresh_name(f"{b.where}.taps"), one_hot.reshape(c * taps, 1, *kernel))
-    opad = [spatial[i] - (full[i] - pads[i] - ends[i]) for i in range(nd)]
+    opad = _restoring_padding(spatial, full, [*pads[:nd], *ends])
     return [b.op("ConvTranspose", stacked, weight, strides=strides, dilations=dilations, pads=[*pads[:nd], *ends], group=c, output_padding=opad)]
 
 
@@ -167,7 +179,7 @@ def _average_pool(b, node, grads):
     c = x.type.shape[1]
     weight = b.const(1.0 / math.prod(kernel), x, (c, 1, *kernel))
     spatial, out = x.type.shape[2:], grads[0].type.shape[2:]
-    opad = [spatial[i] - ((out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + nd]) for i in range(nd)]
+    opad = _restoring_padding(spatial, _windows_extent(out, kernel, strides, dilations), pads)
     return [b.op("ConvTranspose", grads[0], weight, strides=strides, dilations=dilations, pads=pads, group=c, output_padding=opad)]
 
 
@@ -178,23 +190,17 @@ def _batch_norm(b, node, grads):
     rank = x.type.rank
     axes = [0, *range(2, rank)]
     channel = [1, x.type.shape[1]] + [1] * (rank - 2)
-    eps = b.const(node.attrs["epsilon"], x)
     if node.attrs["training_mode"]:  # batch statistics: the mean and variance depend on x
-        mu = b.op("ReduceMean", x, axes=axes, keepdims=1)
-        centered = b.op("Sub", x, mu)
-        batch_var = b.op("ReduceMean", b.op("Mul", centered, centered), axes=axes, keepdims=1)
-        inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", batch_var, eps)))
+        _, centered, _, inv_std = b.moments(x, axes, node.attrs["epsilon"])
     else:
         centered = b.op("Sub", x, b.reshape(mean, channel))
-        inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", b.reshape(var, channel), eps)))
+        inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", b.reshape(var, channel), b.const(node.attrs["epsilon"], x))))
     x_hat = b.op("Mul", centered, inv_std)
     gx = gs = gb = None
     if b.wants(0):
         g_hat = b.op("Mul", g, b.reshape(scale, channel))
-        if node.attrs["training_mode"]:  # (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)) * inv_std
-            m1 = b.op("ReduceMean", g_hat, axes=axes, keepdims=1)
-            m2 = b.op("ReduceMean", b.op("Mul", g_hat, x_hat), axes=axes, keepdims=1)
-            gx = b.op("Mul", b.op("Sub", b.op("Sub", g_hat, m1), b.op("Mul", x_hat, m2)), inv_std)
+        if node.attrs["training_mode"]:
+            gx = b.normalized_grad(g_hat, x_hat, inv_std, axes)
             gx = _running_stats_grad(b, node, grads, gx, centered, channel)
         else:
             gx = b.op("Mul", g_hat, inv_std)
@@ -214,17 +220,11 @@ def _layer_norm(b, node, grads):
     g = grads[0]
     rank = x.type.rank
     axes = list(range(node.attrs["axis"] % rank, rank))
-    mu = b.op("ReduceMean", x, axes=axes, keepdims=1)
-    centered = b.op("Sub", x, mu)
-    var = b.op("ReduceMean", b.op("Mul", centered, centered), axes=axes, keepdims=1)
-    inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(node.attrs["epsilon"], x))))
+    _, centered, _, inv_std = b.moments(x, axes, node.attrs["epsilon"])
     x_hat = b.op("Mul", centered, inv_std)
     gx = gs = gb = None
-    if b.wants(0):  # (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)) * inv_std
-        g_hat = b.op("Mul", g, scale)
-        m1 = b.op("ReduceMean", g_hat, axes=axes, keepdims=1)
-        m2 = b.op("ReduceMean", b.op("Mul", g_hat, x_hat), axes=axes, keepdims=1)
-        gx = b.op("Mul", b.op("Sub", b.op("Sub", g_hat, m1), b.op("Mul", x_hat, m2)), inv_std)
+    if b.wants(0):
+        gx = b.normalized_grad(b.op("Mul", g, scale), x_hat, inv_std, axes)
     if b.wants(1):
         gs = b.unbroadcast(b.op("Mul", g, x_hat), scale.type.shape)
     if bias is not None and b.wants(2):
@@ -243,18 +243,12 @@ def _group_norm(b, node, grads):
     rank = x.type.rank
     channel = [1, c] + [1] * (rank - 2)
     flat = [n, groups, x.type.numel // (n * groups)]
-    xg = b.reshape(x, flat)
-    mu = b.op("ReduceMean", xg, axes=[2], keepdims=1)
-    centered = b.op("Sub", xg, mu)
-    var = b.op("ReduceMean", b.op("Mul", centered, centered), axes=[2], keepdims=1)
-    inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(node.attrs["epsilon"], x))))
+    _, centered, _, inv_std = b.moments(b.reshape(x, flat), [2], node.attrs["epsilon"])
     x_hat = b.op("Mul", centered, inv_std)
     gx = gs = gb = None
     if b.wants(0):
         g_hat = b.reshape(b.op("Mul", g, b.reshape(scale, channel)), flat)
-        m1 = b.op("ReduceMean", g_hat, axes=[2], keepdims=1)
-        m2 = b.op("ReduceMean", b.op("Mul", g_hat, x_hat), axes=[2], keepdims=1)
-        gx = b.reshape(b.op("Mul", b.op("Sub", b.op("Sub", g_hat, m1), b.op("Mul", x_hat, m2)), inv_std), x.type.shape)
+        gx = b.reshape(b.normalized_grad(g_hat, x_hat, inv_std, [2]), x.type.shape)
     spatial = [0, *range(2, rank)]
     if b.wants(1):
         gs = b.op("ReduceSum", b.op("Mul", g, b.reshape(x_hat, x.type.shape)), axes=spatial, keepdims=0)
