@@ -11,6 +11,7 @@ is compiled per batch size met (a last, smaller batch gets its own).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -212,7 +213,7 @@ class Trainer:
             task = bar.add_task("training", total=epochs * per_epoch)
             for epoch in range(1, epochs + 1):
                 losses, seen = [], 0
-                for xb, yb in list(_batches(x, y, batch_size, rng))[:per_epoch]:
+                for xb, yb in itertools.islice(_batches(x, y, batch_size, rng), per_epoch):
                     losses.append(self.step(xb, yb) * len(xb))
                     seen += len(xb)
                     bar.update(task, advance=1, description=f"epoch {epoch}/{epochs} loss {losses[-1] / len(xb):.4f}")
