@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from kiln import config
 from kiln.driver import compile as kiln_compile
 from kiln.driver import resolve_model
 from kiln.errors import KilnError
@@ -36,6 +37,7 @@ class BenchRow:
     max_rel_err: float
     matches_eager: bool
     arena_bytes: int | None = None
+    profile: list | None = None  # NodeTime per node of kiln's compiled target, with profile=True
 
 
 def random_inputs(input_types: Mapping, seed: int = 0) -> dict[str, np.ndarray]:
@@ -124,10 +126,13 @@ def bench(
     repeat: int = 20,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     layout: str = "auto",
+    profile: bool = False,
 ) -> list[BenchRow]:
     """Time kiln ``target`` and each runtime in ``vs`` on ``model``; rows in that order.
 
     ``progress(label, total)`` returns a function to call once per run (for a progress bar).
+    ``profile``: kiln's compiled target is built with per-kernel timers (``KILN_PROFILE``); its
+    row carries the time of every node over the timed runs. The timers cost a few cycles a node.
     """
     path = resolve_model(model, shapes)
     if isinstance(path, onnx.ModelProto):
@@ -143,6 +148,7 @@ def bench(
     batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
     rows: list[BenchRow] = []
     measured: dict[str, tuple[float, list[float], dict, int | None]] = {}
+    profiled = None
     for runtime in runtimes:
         start = time.perf_counter()
         arena = None
@@ -158,13 +164,17 @@ def bench(
             run = _tvm(path, eager.input_types)
             setup = time.perf_counter() - start
         elif runtime in ("llvm",):
-            module = kiln_compile(path, runtime, shapes=shapes, layout=layout)
+            with config.override(profile=profile):
+                module = kiln_compile(path, runtime, shapes=shapes, layout=layout)
             run, setup = module.run, time.perf_counter() - start
             arena = module.executable.layout["arena_bytes"]
+            profiled = module.executable if profile else None
         else:
             raise KilnError(f"unknown runtime {runtime!r} for --vs (kiln targets: eager, llvm; peers: onnxruntime, tvm)")
         tick = progress(runtime, warmup + repeat) if progress else (lambda: None)
         outputs = run(feeds)
+        if profiled is not None and runtime == target:
+            profiled.reset_profile()  # the first run may fault pages in: count the steady ones
         times = _time(lambda: run(feeds), warmup, repeat, tick)
         measured[runtime] = (setup, times, outputs, arena)
     eager_median = statistics.median(measured["eager"][1])
@@ -184,6 +194,7 @@ def bench(
                 max_rel_err=rel_err,
                 matches_eager=ok,
                 arena_bytes=arena,
+                profile=profiled.profile() if profiled is not None and runtime == target else None,
             )
         )
     return rows
@@ -191,3 +202,14 @@ def bench(
 
 def rows_as_dicts(rows: Sequence[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def by_op(times: Sequence) -> list[tuple[str, int, float, float]]:
+    """A profile summed per op label: (op, nodes, ms, share), the costliest first."""
+    totals: dict[str, list] = {}
+    for t in times:
+        entry = totals.setdefault(t.op, [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += t.ms
+        entry[2] += t.share
+    return sorted(((op, n, ms, share) for op, (n, ms, share) in totals.items()), key=lambda r: -r[2])

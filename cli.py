@@ -258,8 +258,9 @@ def inspect(model: str, no_ir: bool, memory: bool, as_json: bool, shapes: dict, 
 @click.option("--repeat", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the rows as JSON here")
 @click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="data layout of the compiled target's convolutions")
+@click.option("--profile", "top", type=click.IntRange(1), help="time every kernel of kiln's build (KILN_PROFILE) and show the TOP costliest nodes and the time per op")
 @shape_option
-def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: str | None, layout: str, shapes: dict) -> None:
+def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: str | None, layout: str, top: int | None, shapes: dict) -> None:
     """Time MODEL compiled by kiln against eager and its peers; outputs checked against eager."""
     from rich.progress import Progress
 
@@ -272,7 +273,7 @@ def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: 
             task = bar.add_task(f"{label}", total=total)
             return lambda: bar.advance(task)
 
-        rows = run_bench(model, target, [r for r in vs.split(",") if r], shapes, warmup, repeat, progress, layout)
+        rows = run_bench(model, target, [r for r in vs.split(",") if r], shapes, warmup, repeat, progress, layout, profile=top is not None)
     table = Table("runtime", "setup s", "median ms", "p90 ms", "samples/s", "vs eager", "max abs err", "max rel err", "matches", "arena bytes", title=f"{model}")
     for r in rows:
         table.add_row(
@@ -280,8 +281,26 @@ def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: 
             f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}", "yes" if r.matches_eager else "NO", f"{r.arena_bytes:,}" if r.arena_bytes is not None else "-",
         )  # fmt: skip
     out.print(table)
+    if top is not None:
+        _print_profile(rows[0], top)
     if json_out:
         Path(json_out).write_text(json.dumps({"model": model, "rows": rows_as_dicts(rows)}, indent=2))
+
+
+def _print_profile(row, top: int) -> None:
+    from kiln.bench import by_op
+
+    if row.profile is None:
+        raise click.UsageError(f"--profile needs a compiled target (llvm), not {row.runtime}")
+    ms = sum(t.ms for t in row.profile)
+    nodes = Table("node", "op", "ms", "share", title=f"{row.runtime}: the costliest nodes ({ms:.3f} ms a run in kernels)")
+    for t in sorted(row.profile, key=lambda t: -t.ms)[: top]:
+        nodes.add_row(t.node, t.op, f"{t.ms:.3f}", f"{t.share:.1%}")
+    out.print(nodes)
+    ops = Table("op", "nodes", "ms", "share", title="time per op")
+    for op, count, op_ms, share in by_op(row.profile)[: top]:
+        ops.add_row(op, str(count), f"{op_ms:.3f}", f"{share:.1%}")
+    out.print(ops)
 
 
 @cli.command()

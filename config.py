@@ -9,6 +9,7 @@
 | KILN_CACHE_DIR      | (XDG)      | compile cache folder; "off" disables the cache           |
 | KILN_NUM_THREADS    | (cores)    | threads compiled code splits large GEMMs over            |
 | KILN_CHECK_BOUNDS   | 0          | 1: compiled code checks guard bytes after every kernel   |
+| KILN_PROFILE        | 0          | 1: compiled code counts the time of every kernel         |
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Flags:
     cache_dir: str = ""  # "" = $XDG_CACHE_HOME/kiln; "off" = no cache
     num_threads: int = 0  # 0 = the cores this process may run on
     check_bounds: bool = False
+    profile: bool = False
 
 
 def _from_environment() -> Flags:
@@ -50,6 +52,7 @@ def _from_environment() -> Flags:
         cache_dir=env.get("KILN_CACHE_DIR", ""),
         num_threads=flag("KILN_NUM_THREADS", 0),
         check_bounds=bool(flag("KILN_CHECK_BOUNDS", 0)),
+        profile=bool(flag("KILN_PROFILE", 0)),
     )
 
 

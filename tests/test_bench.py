@@ -32,3 +32,13 @@ def test_tvm_peer_builds_with_tvms_own_importer_and_matches():
     rows = bench("lenet5", "llvm", ("tvm",), shapes={"input": (2, 1, 32, 32)}, warmup=0, repeat=2)
     assert [r.runtime for r in rows] == ["kiln llvm", "tvm", "kiln eager"]
     assert all(r.matches_eager for r in rows) and rows[1].setup_s > 0
+
+
+def test_cli_bench_profile_lists_the_costliest_nodes_and_ops(capsys):
+    assert main(["bench", "light_squeezenet", "--vs", "eager", "--warmup", "0", "--repeat", "2", "--profile", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "the costliest nodes" in printed and "time per op" in printed and "Fused(" in printed
+    rows = bench("light_squeezenet", "llvm", ("eager",), warmup=0, repeat=2, profile=True)
+    times = rows[0].profile
+    assert times and rows[1].profile is None
+    assert abs(sum(t.share for t in times) - 1) < 1e-9

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
+import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import llvmlite
@@ -18,7 +20,7 @@ import numpy as np
 
 from kiln import config
 from kiln.backends.cache import cache_key, load_entry, store_entry
-from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, generate
+from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, generate
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
@@ -42,10 +44,28 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
     layout = {
         "arena_bytes": arena_bytes,
         "checked_nodes": [f"{n.name or n.op.name!r} ({n.op.name})" for n in graph.nodes] if config.flags().check_bounds else None,
+        "profiled_nodes": [[n.name or n.op.name, _op_label(n)] for n in graph.nodes] if config.flags().profile else None,
         "outputs": [_output_location(graph, plan, v) for v in graph.outputs],
         "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
     }
     return machine.emit_object(parsed), layout
+
+
+def _op_label(node) -> str:
+    """The op, or for a fused group its ops joined: ``Fused(Conv+Add+Relu)``."""
+    if node.op.name != "Fused":
+        return node.op.name
+    return "Fused(" + "+".join(n.op.name for n in node.attrs["body"].nodes) + ")"
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """One node's share of a profiled run (``KILN_PROFILE=1``): mean milliseconds per run."""
+
+    node: str
+    op: str
+    ms: float
+    share: float  # of the time spent in kernels
 
 
 def _check_symbols(module: llvm.ModuleRef) -> None:
@@ -88,6 +108,11 @@ class LLVMExecutable:
         self._bounds_error = None
         if self._checked:  # the bounds-checked build: kiln_main records the first guard breaker
             self._bounds_error = ctypes.c_int64.from_address(self._engine.get_global_value_address(BOUNDS_ERROR))
+        self._profiled = layout.get("profiled_nodes")
+        if self._profiled:  # the profiled build: kiln_main sums each kernel's cycles here
+            count = len(self._profiled)
+            self._ticks = (ctypes.c_int64 * count).from_address(self._engine.get_global_value_address(PROFILE))
+            self._runs, self._wall = 0, 0.0
         raw = np.zeros(layout["arena_bytes"] + ALIGN, dtype=np.uint8)
         start = (-raw.ctypes.data) % ALIGN
         self._arena = raw[start : start + layout["arena_bytes"]]
@@ -105,11 +130,37 @@ class LLVMExecutable:
         with self._lock:
             for i, array in enumerate(arrays):
                 self._table[i] = array.ctypes.data
+            start = time.perf_counter()
             self._main(ctypes.addressof(self._table))
+            if self._profiled:
+                self._wall += time.perf_counter() - start
+                self._runs += 1
             if self._bounds_error is not None and self._bounds_error.value:
                 node = self._checked[self._bounds_error.value - 1]
                 raise KilnError(f"node {node} wrote past the end of its output or scratch buffer (KILN_CHECK_BOUNDS): a kernel bug")
             return [self._read(where, v) for where, v in zip(self.layout["outputs"], self.graph.outputs)]
+
+    def profile(self) -> list[NodeTime]:
+        """Time per node over the runs so far, in node order (a build with ``KILN_PROFILE=1``).
+
+        Cycle counts become seconds at the rate the runs' wall time gives, so the shares are
+        exact and the milliseconds are as good as the cycle counter is steady."""
+        if not self._profiled:
+            raise KilnError("no profile: this module was not built with KILN_PROFILE=1")
+        with self._lock:
+            ticks = list(self._ticks)
+            runs, wall = self._runs, self._wall
+        total = sum(ticks)
+        if not runs or not total:
+            return [NodeTime(name, op, 0.0, 0.0) for name, op in self._profiled]
+        ms_per_tick = wall * 1e3 / total / runs
+        return [NodeTime(name, op, t * ms_per_tick, t / total) for (name, op), t in zip(self._profiled, ticks)]
+
+    def reset_profile(self) -> None:
+        with self._lock:
+            if self._profiled:
+                ctypes.memset(self._ticks, 0, ctypes.sizeof(self._ticks))
+                self._runs, self._wall = 0, 0.0
 
     def _read(self, where: dict, value) -> np.ndarray:
         t = value.type
@@ -126,7 +177,7 @@ class LLVMExecutable:
 
 def llvm_cache_key(graph: Graph, cpu: CPU) -> str:
     """The cache key of ``graph`` built for ``cpu``: its features, llvmlite and the options."""
-    options = (f"threads={config.num_threads()}", f"check_bounds={config.flags().check_bounds}")
+    options = (f"threads={config.num_threads()}", f"check_bounds={config.flags().check_bounds}", f"profile={config.flags().profile}")
     return cache_key(graph, cpu.triple, cpu.name, cpu.features, llvmlite.__version__, *options)
 
 

@@ -121,10 +121,13 @@ class Codegen:
         b.ret_void()
         return fn
 
-    def emit_program(self, graph: Graph, plan: MemoryPlan, b: ir.IRBuilder, pointer: Callable[[Value], ir.Value], scratch: ir.Value, guards: bool = False) -> None:
+    def emit_program(
+        self, graph: Graph, plan: MemoryPlan, b: ir.IRBuilder, pointer: Callable[[Value], ir.Value], scratch: ir.Value, guards: bool = False, profile: bool = False
+    ) -> None:
         """Call each node's kernel in order; ``pointer(v)`` addresses values outside the plan.
 
-        With ``guards`` (the bounds-checked build; the plan reserved GUARD_BYTES after every
+        With ``profile`` the cycle counter is read around every call and the difference added to
+        ``kiln_profile[index]`` (the runtime turns the counts into seconds). With ``guards`` (the bounds-checked build; the plan reserved GUARD_BYTES after every
         buffer) the bytes after each output and after the node's scratch are filled with a
         pattern before the call and checked after it; the first node that changed them is
         recorded in ``kiln_bounds_error`` (its index + 1) for the runtime to report."""
@@ -137,11 +140,15 @@ class Codegen:
             return pointer(v)
 
         inner_scratch = b.gep(arena_base, [const_i64(plan.arena_bytes)], source_etype=ir.IntType(8))
+        ticks = profile_global(self.module, len(graph.nodes)) if profile else None
         for index, node in enumerate(graph.nodes):
             fn = self.kernel_function(node)
             args = [address(v) if v is not None else ir.Constant(PTR, None) for v in node.inputs]
             args += [address(v) for v in node.outputs]
             args.append(inner_scratch)
+            if ticks is not None:
+                _timed_call(b, fn, args, ticks, index)
+                continue
             if not guards:
                 b.call(fn, args)
                 continue
@@ -157,6 +164,26 @@ class Codegen:
             first = b.icmp_signed("==", b.load(flag, typ=ir.IntType(64)), const_i64(0))
             with b.if_then(b.and_(broken, first)):
                 b.store(const_i64(index + 1), flag)
+
+
+PROFILE = "kiln_profile"
+
+
+def profile_global(module: ir.Module, count: int) -> ir.GlobalVariable:
+    """``i64 kiln_profile[count]``: cycles spent in each node's kernel, summed over runs."""
+    ticks = ir.GlobalVariable(module, ir.ArrayType(ir.IntType(64), count), PROFILE)
+    ticks.initializer = ir.Constant(ticks.value_type, [0] * count)
+    return ticks
+
+
+def _timed_call(b: ir.IRBuilder, fn: ir.Function, args: list, ticks: ir.GlobalVariable, index: int) -> None:
+    module = b.module
+    counter = module.globals.get("llvm.readcyclecounter") or ir.Function(module, ir.FunctionType(ir.IntType(64), []), "llvm.readcyclecounter")
+    start = b.call(counter, [])
+    b.call(fn, args)
+    spent = b.sub(b.call(counter, []), start)
+    slot = b.gep(b.bitcast(ticks, ir.IntType(64).as_pointer()), [const_i64(index)])
+    b.store(b.add(b.load(slot, typ=ir.IntType(64)), spent), slot)
 
 
 GUARD_BYTES = 64
@@ -227,7 +254,7 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int]:
     arena = b.load(b.gep(table, [const_i64(len(slots))], source_etype=PTR), typ=PTR)
     if guards:
         b.store(const_i64(0), bounds_error_global(cg.module))
-    cg.emit_program(graph, plan, b, pointer, arena, guards)
+    cg.emit_program(graph, plan, b, pointer, arena, guards, config.flags().profile)
     b.ret_void()
     return cg.module, plan, program_bytes(graph, plan, GUARD_BYTES if guards else 0)
 

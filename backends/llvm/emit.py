@@ -320,6 +320,10 @@ class LLVMScalarOps:
         ty = args[0].type
         if fn == "round":
             fn = "roundeven"  # numpy rounds half to even
+        if dtype is DType.float32 and fn in ("exp", "tanh"):  # inline, so loops vectorize
+            from kiln.backends.llvm.fastmath import exp_f32, tanh_f32
+
+            return self.typed((exp_f32 if fn == "exp" else tanh_f32)(self.b, args[0]), dtype)
         if fn in self._INTRINSICS:
             callee = self._intrinsic(fn, ty, len(args))
         else:

@@ -181,3 +181,58 @@ def test_bounds_checked_build_names_the_kernel_that_overflows(monkeypatch):
         module = kiln.compile(graph, target="llvm", pipeline="O0")
         with pytest.raises(KilnError, match=r"node 'Relu' \(Relu\) wrote past the end .*KILN_CHECK_BOUNDS"):
             module.run({"x": x})
+
+
+def _unary(op: str, n: int) -> "kiln.ir.Graph":
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    graph = Graph("unary")
+    x = graph.add_input("x", TensorType((n,), DType.float32))
+    graph.outputs = [graph.add_node(op, [x], {}).outputs[0]]
+    return graph
+
+
+@pytest.mark.parametrize("op, reference, max_ulp", [("Exp", np.exp, 1), ("Tanh", np.tanh, 4)])
+def test_inline_exp_and_tanh_are_within_a_few_ulp_of_numpy(op, reference, max_ulp):
+    """float32 exp and tanh are emitted as arithmetic (so loops vectorize), not libm calls:
+    checked over the whole range, at the edges of overflow and subnormals, and on NaN/inf."""
+    special = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-5, 3e-4, 5e-4, 7.9, 88.7, 88.73, -87.5, -103.9, -110.0]
+    x = np.concatenate([np.linspace(-120, 100, 40001), special]).astype(np.float32)
+    module = kiln.compile(_unary(op, x.size), "llvm")
+    (got,) = module.run({"x": x}).values()
+    with np.errstate(over="ignore"):
+        want = reference(x.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    assert np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    spacing = np.spacing(np.abs(want[finite])).astype(np.float64)
+    ulp = np.abs(got[finite].astype(np.float64) - want[finite]) / spacing
+    assert ulp.max() <= max_ulp
+    from kiln.backends.llvm.codegen import generate
+
+    ir_text = str(generate(module.graph)[0])
+    assert "expf" not in ir_text and "tanhf" not in ir_text and "llvm.exp" not in ir_text
+
+
+def test_profiled_build_times_every_node(monkeypatch):
+    """KILN_PROFILE=1: kiln_main reads the cycle counter around each kernel; profile() gives
+    every node's mean milliseconds per run and its share, in node order."""
+    from kiln import config
+
+    graph = build(GRAPHS["mlp"])
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    plain = kiln.compile(graph, target="llvm")
+    with pytest.raises(KilnError, match="KILN_PROFILE=1"):
+        plain.executable.profile()
+    with config.override(profile=True):
+        module = kiln.compile(graph, target="llvm")
+    np.testing.assert_array_equal(module.run({"x": x})["p"], plain.run({"x": x})["p"])
+    for _ in range(4):
+        module.run({"x": x})
+    times = module.executable.profile()
+    assert [t.node for t in times] == [n.name or n.op.name for n in module.graph.nodes]
+    assert all(t.ms > 0 for t in times) and abs(sum(t.share for t in times) - 1) < 1e-9
+    module.executable.reset_profile()
+    assert all(t.ms == 0 for t in module.executable.profile())
