@@ -13,19 +13,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Value
 from kiln.passes.base import graph_pass
+
+
+def _transposed(graph: Graph, value: Value, made: dict[Value, Value]) -> Value:
+    """The parameter ``value`` transposed now: one copy however many Gemms read it (an
+    unrolled LSTM reads its recurrent weights once per step; a copy each would stream 1 MB of
+    fresh weights from memory every step instead of reading one copy from the cache)."""
+    if value not in made:
+        made[value] = graph.add_param(graph.fresh_name(f"{value.name}.T"), np.ascontiguousarray(graph.params[value].T))
+    return made[value]
 
 
 @graph_pass("pretranspose_weights")
 def pretranspose_weights(graph: Graph) -> Graph:
     """Gemm weights with transB=1 transposed at compile time (see the module docstring)."""
+    made: dict[Value, Value] = {}
     for node in graph.nodes:
         if node.op.name != "Gemm" or not node.attrs["transB"] or node.inputs[1] not in graph.params:
             continue
-        w = node.inputs[1]
-        flipped = graph.add_param(graph.fresh_name(f"{w.name}.T"), np.ascontiguousarray(graph.params[w].T))
-        node.inputs[1] = flipped
+        node.inputs[1] = _transposed(graph, node.inputs[1], made)
         node.attrs["transB"] = 0
     graph.remove_unread_params()
     return graph
@@ -34,6 +42,7 @@ def pretranspose_weights(graph: Graph) -> Graph:
 @graph_pass("row_major_gemm")
 def row_major_gemm(graph: Graph) -> Graph:
     """Gemm operands with transA/transB=1 transposed by a node first (constants: at compile time)."""
+    made: dict[Value, Value] = {}
     for index in range(len(graph.nodes) - 1, -1, -1):
         node = graph.nodes[index]
         if node.op.name != "Gemm":
@@ -43,7 +52,7 @@ def row_major_gemm(graph: Graph) -> Graph:
                 continue
             value = node.inputs[slot]
             if value in graph.params:
-                flipped = graph.add_param(graph.fresh_name(f"{value.name}.T"), np.ascontiguousarray(graph.params[value].T))
+                flipped = _transposed(graph, value, made)
             else:
                 flipped = graph.add_node("Transpose", [value], {"perm": [1, 0]}, name=f"{node.name or 'Gemm'}/{flag}", index=index).outputs[0]
                 index += 1

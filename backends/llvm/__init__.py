@@ -19,6 +19,7 @@ import llvmlite.binding as llvm
 import numpy as np
 
 from kiln import config
+from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
 from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, generate
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
@@ -69,7 +70,9 @@ class NodeTime:
 
 
 def _check_symbols(module: llvm.ModuleRef) -> None:
-    """Every function the code calls must exist in this process (libm), or running would crash."""
+    """Every function the code calls must exist in this process (libm, the worker pool), or
+    running would crash."""
+    pool.install()
     missing = [
         f.name
         for f in module.functions
@@ -97,6 +100,7 @@ class LLVMExecutable:
         self.object_code = obj
         self.layout = layout
         machine = target_machine(cpu)
+        pool.install()  # the worker pool kernels call by name
         self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
         self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self._engine.finalize_object()

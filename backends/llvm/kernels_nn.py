@@ -37,11 +37,13 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     """
     m, k = a.shape
     n = bm.shape[1]
-    threads = min(num_threads(), m // MR)
-    if threads > 1 and m * n * k >= PARALLEL_MACS:
-        _parallel_gemm(ctx, a, bm, c, alpha, threads)
-    else:
+    nr = 2 * vector_width(c.dtype)
+    if m * n * k < PARALLEL_MACS or num_threads() == 1:
         _serial_gemm(ctx, a, bm, c, alpha)
+    elif m >= 4 * MR * num_threads() or n < 2 * nr:
+        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // MR)))
+    else:  # few rows (an RNN step, a small batch): split the columns, whole micro-tiles each
+        _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr)
     if init is not None:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
@@ -52,7 +54,7 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
         emit_pointwise(ctx.b, ctx.module, c, [c, init], add_init)
 
 
-PARALLEL_MACS = 1 << 20  # below this a GEMM runs on one thread (a thread start costs ~20 us)
+PARALLEL_MACS = 1 << 18  # below this a GEMM runs on one thread (handing a block to the pool costs ~1 us)
 
 
 def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float) -> None:
@@ -81,37 +83,36 @@ def _rows(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> Vie
 
 def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, align: int = 1) -> None:
     """Rows [0, rows) split over ``threads``: ``emit(emitting, pointers, lo, hi)`` writes the code
-    for one block. Threads 1.. run it in worker functions emitted here (pthreads started and
-    joined inside the kernel: no Python per task), over ``pointers`` passed through an argument
-    block; this thread runs the first block. A thread that cannot start has its block run here.
-    Block starts are multiples of ``align``."""
+    for one block. Blocks 1.. are worker functions emitted here, handed with their argument
+    blocks (``pointers``) to the process's worker pool (``pool.py``: no thread start, no Python
+    per task); this thread runs the first block, then waits for the rest. Block starts are
+    multiples of ``align``."""
+    from kiln.backends.llvm.pool import SUBMIT, WAIT
+
     b, module = ctx.b, ctx.module
     bounds = [min(rows, (rows * t // threads + align - 1) // align * align) for t in range(threads)] + [rows]
-    tid_ty = ir.IntType(64)  # pthread_t on Linux
-    create = module.globals.get("pthread_create") or ir.Function(module, ir.FunctionType(ir.IntType(32), [PTR, PTR, PTR, PTR]), "pthread_create")
-    join = module.globals.get("pthread_join") or ir.Function(module, ir.FunctionType(ir.IntType(32), [tid_ty, PTR]), "pthread_join")
-    started = []
-    for t in range(1, threads):
-        if bounds[t] >= bounds[t + 1]:
-            continue
+    blocks = [(bounds[t], bounds[t + 1]) for t in range(1, threads) if bounds[t] < bounds[t + 1]]
+    i32 = ir.IntType(32)
+    submit = module.globals.get(SUBMIT) or ir.Function(module, ir.FunctionType(i32, [PTR, PTR, ir.IntType(64)]), SUBMIT)
+    wait = module.globals.get(WAIT) or ir.Function(module, ir.FunctionType(ir.VoidType(), []), WAIT)
+    fns, args = _entry_array(b, PTR, max(1, len(blocks))), _entry_array(b, PTR, max(1, len(blocks)))
+    for index, (lo, hi) in enumerate(blocks):
         worker = ir.Function(module, ir.FunctionType(PTR, [PTR]), module.get_unique_name("rows"))
         worker.linkage = "internal"
         wb = ir.IRBuilder(worker.append_basic_block("entry"))
         passed = [wb.load(wb.gep(worker.args[0], [const_i64(i)], source_etype=PTR), typ=PTR) for i in range(len(pointers))]
-        emit(_Emitting(wb, module), passed, bounds[t], bounds[t + 1])
+        emit(_Emitting(wb, module), passed, lo, hi)
         wb.ret(ir.Constant(PTR, None))
-        args = _entry_array(b, PTR, len(pointers))
+        block_args = _entry_array(b, PTR, len(pointers))
         for i, ptr in enumerate(pointers):
-            b.store(ptr, b.gep(args, [const_i64(i)], source_etype=PTR))
-        tid = entry_alloca(b, tid_ty)
-        ok = b.icmp_signed("==", b.call(create, [tid, ir.Constant(PTR, None), worker, args]), ir.Constant(ir.IntType(32), 0))
-        with b.if_then(b.not_(ok)):
-            b.call(worker, [args])
-        started.append((ok, tid))
+            b.store(ptr, b.gep(block_args, [const_i64(i)], source_etype=PTR))
+        b.store(worker, b.gep(fns, [const_i64(index)], source_etype=PTR))
+        b.store(block_args, b.gep(args, [const_i64(index)], source_etype=PTR))
+    dispatched = b.call(submit, [fns, args, const_i64(len(blocks))]) if blocks else None
     emit(ctx, pointers, bounds[0], bounds[1])
-    for ok, tid in started:
-        with b.if_then(ok):
-            b.call(join, [b.load(tid, typ=tid_ty), ir.Constant(PTR, None)])
+    if dispatched is not None:
+        with b.if_then(b.icmp_unsigned("!=", dispatched, ir.Constant(i32, 0))):
+            b.call(wait, [])
 
 
 def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
@@ -124,6 +125,17 @@ def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) 
     parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=MR)
 
 
+def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: int, nr: int) -> None:
+    """Columns of C split over ``threads`` (blocks of whole micro-tile widths): each thread
+    reads all of A, which is small, and only its part of B."""
+
+    def block(emitting, ptrs, lo, hi):
+        a_view = View(ptrs[0], a.dtype, a.shape, a.strides, a.offset)
+        _serial_gemm(emitting, a_view, _columns(bm, lo, hi, ptrs[1]), _columns(c, lo, hi, ptrs[2]), alpha)
+
+    parallel_rows(ctx, bm.shape[1], threads, [a.ptr, bm.ptr, c.ptr], block, align=nr)
+
+
 def _entry_array(b: ir.IRBuilder, ty: ir.Type, count: int) -> ir.Value:
     here = b.block
     b.position_at_start(b.function.entry_basic_block)
@@ -132,8 +144,8 @@ def _entry_array(b: ir.IRBuilder, ty: ir.Type, count: int) -> ir.Value:
     return slot
 
 
-def _columns(view: View, start: int, stop: int) -> View:
-    return View(view.ptr, view.dtype, (view.shape[0], stop - start), view.strides, view.offset + start * view.strides[1])
+def _columns(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> View:
+    return View(ptr if ptr is not None else view.ptr, view.dtype, (view.shape[0], stop - start), view.strides, view.offset + start * view.strides[1])
 
 
 def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) -> None:

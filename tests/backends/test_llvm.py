@@ -109,21 +109,25 @@ def test_the_compile_cache_hits_and_rebuilds_tampered_entries(tmp_path, monkeypa
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("shape", [(96, 200, 160), (61, 64, 300), (14, 1024, 256)])
-def test_threaded_gemm_matches_one_thread(shape):
-    from kiln import config
-    from kiln.backends.llvm.kernels_nn import MR, PARALLEL_MACS
-
-    m, k, n = shape
-    assert m * n * k >= PARALLEL_MACS and m >= 2 * MR  # large enough to be split
-    rng = np.random.default_rng(5)
-    text = f"""
+def _gemm_graph(m: int, k: int, n: int):
+    return build(f"""
         graph g(%a: f32[{m},{k}]) {{
           param %b: f32[{k},{n}] = dense
           %c: f32[{m},{n}] = Gemm(%a, %b) {{alpha=1.0, beta=1.0, transA=0, transB=0}}
           return %c
-        }}"""
-    graph = build(text)
+        }}""")
+
+
+# rows split (many rows), columns split (an RNN step's few rows), ragged blocks and remainders
+@pytest.mark.parametrize("shape", [(96, 200, 160), (61, 64, 300), (14, 1024, 256), (16, 256, 1024), (8, 300, 200)])
+def test_threaded_gemm_matches_one_thread(shape):
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import PARALLEL_MACS
+
+    m, k, n = shape
+    assert m * n * k >= PARALLEL_MACS  # large enough to be split
+    rng = np.random.default_rng(5)
+    graph = _gemm_graph(m, k, n)
     a = rng.standard_normal((m, k)).astype(np.float32)
     results = {}
     for threads in (1, 2, 3):
@@ -132,6 +136,45 @@ def test_threaded_gemm_matches_one_thread(shape):
     np.testing.assert_allclose(results[1], a @ graph.params[graph.param("b")], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(results[2], results[1])  # each row block computes the same sums
     np.testing.assert_array_equal(results[3], results[1])
+
+
+def test_the_worker_pool_serves_two_python_threads_and_a_fork_child():
+    """Kernels hand blocks to one worker pool per process. Two models run from two Python
+    threads at once (the GIL is released during a run): one gets the pool, the other runs its
+    blocks itself; both are right. A forked child, which has none of the parent's worker
+    threads, starts its own."""
+    import os
+    import threading
+
+    from kiln import config
+
+    with config.override(num_threads=2, cache_dir="off"):
+        modules = [kiln.compile(_gemm_graph(16, 256, 1024), target="llvm"), kiln.compile(_gemm_graph(96, 200, 160), target="llvm")]
+    rng = np.random.default_rng(7)
+    feeds = [rng.standard_normal((16, 256)).astype(np.float32), rng.standard_normal((96, 200)).astype(np.float32)]
+    want = [m.run({"a": a})["c"] for m, a in zip(modules, feeds)]
+    failures = []
+
+    def hammer(module, a, expected):
+        for _ in range(200):
+            if not np.array_equal(module.run({"a": a})["c"], expected):
+                failures.append(module)
+                return
+
+    threads = [threading.Thread(target=hammer, args=args) for args in zip(modules, feeds, want)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not failures
+    np.testing.assert_allclose(want[0], feeds[0] @ modules[0].graph.params[modules[0].graph.param("b")], rtol=1e-4, atol=1e-4)
+
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if the threaded GEMM finishes and is right
+        ok = np.array_equal(modules[0].run({"a": feeds[0]})["c"], want[0])
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def test_the_thread_count_is_part_of_the_cache_key():

@@ -33,3 +33,25 @@ def test_computed_weights_and_plain_gemms_are_left_alone(rewrites):
           return %z
         }"""
     rewrites(["pretranspose_weights"], text, text)
+
+
+def test_a_weight_read_by_many_gemms_is_transposed_once(rewrites):
+    """An unrolled recurrence reads its recurrent weights at every step: one copy, shared."""
+    for name in ("pretranspose_weights", "row_major_gemm"):
+        rewrites(
+            [name],
+            """
+            graph g(%x: f32[2,3]) {
+              param %w: f32[3,3] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+              %h: f32[2,3] = Gemm(%x, %w) {alpha=1.0, beta=1.0, transA=0, transB=1}
+              %y: f32[2,3] = Gemm(%h, %w) {alpha=1.0, beta=1.0, transA=0, transB=1}
+              return %y
+            }""",
+            """
+            graph g(%x: f32[2,3]) {
+              param %wt: f32[3,3] = [1.0, 4.0, 7.0, 2.0, 5.0, 8.0, 3.0, 6.0, 9.0]
+              %h: f32[2,3] = Gemm(%x, %wt) {alpha=1.0, beta=1.0, transA=0, transB=0}
+              %y: f32[2,3] = Gemm(%h, %wt) {alpha=1.0, beta=1.0, transA=0, transB=0}
+              return %y
+            }""",
+        )
