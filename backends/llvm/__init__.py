@@ -90,6 +90,18 @@ def _output_location(graph: Graph, plan, value) -> dict:
     return {"kind": "arena", "offset": plan.offset(value)}
 
 
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """``array`` C-contiguous at a 64-byte boundary (copied if it is not): the kernels' vector
+    loads of weight rows then never straddle two cache lines."""
+    if array.flags.c_contiguous and array.ctypes.data % ALIGN == 0:
+        return array
+    raw = np.empty(array.nbytes + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    out = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 class LLVMExecutable:
     """Linked object code plus the arena and the pointer table ``kiln_main`` reads."""
 
@@ -121,7 +133,8 @@ class LLVMExecutable:
         start = (-raw.ctypes.data) % ALIGN
         self._arena = raw[start : start + layout["arena_bytes"]]
         self._raw = raw
-        self._params = [np.require(a, requirements="C") for a in graph.params.values()]
+        graph.params.update({v: _aligned(a) for v, a in graph.params.items()})  # one copy, shared
+        self._params = list(graph.params.values())
         n_in = len(graph.inputs)
         self._table = (ctypes.c_void_p * (n_in + len(self._params) + 1))()
         for i, array in enumerate(self._params):
