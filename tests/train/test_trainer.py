@@ -45,7 +45,10 @@ def test_five_compiled_steps_give_eager_parameters(name):
         assert losses[-1] < losses[0], f"{name} on {target}: loss did not fall {losses}"
         results[target] = trainer.values
     for key, want in results["eager"].items():
-        np.testing.assert_allclose(results["llvm"][key], want, rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+        # rtol 1e-4 per element; elements near a cancellation (a velocity summing gradients of
+        # both signs) are held to 1e-5 of the tensor's largest value instead
+        atol = max(1e-6, 1e-5 * float(np.abs(want).max(initial=0.0)))
+        np.testing.assert_allclose(results["llvm"][key], want, rtol=1e-4, atol=atol, err_msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("optimizer", [SGD(lr=0.1), SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), Adam(lr=1e-2), AdamW(lr=1e-2), AdaGrad(lr=0.1), RMSProp(lr=1e-2)], ids=repr)
