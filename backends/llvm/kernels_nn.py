@@ -61,12 +61,10 @@ def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float) -> None:
     m, k = a.shape
     n = bm.shape[1]
     width = vector_width(c.dtype)
-    nr = 2 * width
-    fast_cols = (n // nr) * nr if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float else 0
-    if fast_cols:
-        _micro_tiles(ctx, a, bm, c, fast_cols, width, alpha)
-    if fast_cols < n:
-        _gemm_loops(ctx, a, _columns(bm, fast_cols, n), _columns(c, fast_cols, n), alpha)
+    if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float:
+        _micro_tiles(ctx, a, bm, c, width, alpha)
+    else:
+        _gemm_loops(ctx, a, bm, c, alpha)
 
 
 @dataclass
@@ -167,50 +165,73 @@ def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) ->
                 c.store(b, [i, j], b.fadd(c.load(b, [i, j]), prod, flags=FAST))
 
 
-def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, cols: int, width: int, alpha: float) -> None:
-    """C[:, :cols] in MR x (2 x width) tiles: per k, two vector loads of bm's row, one broadcast
-    of a per row, and 2 x MR fused multiply-adds into accumulators that stay in registers."""
+def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alpha: float) -> None:
+    """C in MR x (2 x width) tiles: per k, two vector loads of bm's row, one broadcast of a per
+    row, and 2 x MR fused multiply-adds into accumulators that stay in registers. The last
+    columns (fewer than two vectors: a classifier's 10 outputs, LeNet's 6 channels) use the same
+    tile with masked loads and stores."""
     b = ctx.b
     m, k = a.shape
+    n = bm.shape[1]
     scalar = _t(c)
     vec = ir.VectorType(scalar, width)
-    name = f"llvm.fma.v{width}f{c.dtype.itemsize * 8}"
-    fma = ctx.module.globals.get(name) or ir.Function(ctx.module, ir.FunctionType(vec, [vec, vec, vec]), name)
+    mask_ty = ir.VectorType(ir.IntType(1), width)
+    bits = c.dtype.itemsize * 8
+    fma = ctx.module.declare_intrinsic(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(vec, [vec, vec, vec]))
+    masked_load = ctx.module.declare_intrinsic(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(vec, [PTR, ir.IntType(32), mask_ty, vec]))
+    masked_store = ctx.module.declare_intrinsic(f"llvm.masked.store.v{width}f{bits}.p0", (), ir.FunctionType(ir.VoidType(), [vec, PTR, ir.IntType(32), mask_ty]))
+    zero = ir.Constant(vec, [0.0] * width)
     rows_full = (m // MR) * MR
 
-    def tile(i0: ir.Value, rows: int, j0: ir.Value) -> None:
-        accs = [[entry_alloca(b, vec) for _ in range(2)] for _ in range(rows)]
-        zero = ir.Constant(vec, [0.0] * width)
+    def load(address, mask):
+        if mask is None:
+            return b.load(address, typ=vec, align=4)
+        return b.call(masked_load, [address, ir.Constant(ir.IntType(32), 4), mask, zero])
+
+    def store(value, address, mask):
+        if mask is None:
+            b.store(value, address, align=4)
+        else:
+            b.call(masked_store, [value, address, ir.Constant(ir.IntType(32), 4), mask])
+
+    def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list) -> None:
+        """Rows i0.. (``rows`` of them) by one vector per entry of ``masks`` (None: all lanes)."""
+        accs = [[entry_alloca(b, vec) for _ in masks] for _ in range(rows)]
         for row in accs:
             for slot in row:
                 b.store(zero, slot)
         with for_range(b, k, name="mk") as kk:
-            bvs = []
-            for half in range(2):
-                col = b.add(j0, const_i64(half * width))
-                bvs.append(b.load(bm.address(b, [kk, col]), typ=vec, align=4))
+            bvs = [load(bm.address(b, [kk, b.add(j0, const_i64(h * width))]), mask) for h, mask in enumerate(masks)]
             for r in range(rows):
                 av = b.load(a.address(b, [b.add(i0, const_i64(r)), kk]), typ=scalar)
                 splat = b.insert_element(ir.Constant(vec, ir.Undefined), av, ir.Constant(ir.IntType(32), 0))
                 splat = b.shuffle_vector(splat, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
-                for half in range(2):
-                    b.store(b.call(fma, [splat, bvs[half], b.load(accs[r][half], typ=vec)]), accs[r][half])
+                for h in range(len(masks)):
+                    b.store(b.call(fma, [splat, bvs[h], b.load(accs[r][h], typ=vec)]), accs[r][h])
         scale = ir.Constant(vec, [float(alpha)] * width)
         for r in range(rows):
-            for half in range(2):
-                value = b.load(accs[r][half], typ=vec)
+            for h, mask in enumerate(masks):
+                value = b.load(accs[r][h], typ=vec)
                 if alpha != 1.0:
                     value = b.fmul(value, scale)
-                col = b.add(j0, const_i64(half * width))
-                b.store(value, c.address(b, [b.add(i0, const_i64(r)), col]), align=4)
+                store(value, c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), mask)
 
-    with for_range(b, cols // (2 * width), name="nb") as jb:
-        j0 = b.mul(jb, const_i64(2 * width))
+    def column_block(j0: ir.Value, masks: list) -> None:
         if rows_full:
             with for_range(b, m // MR, name="mb") as ib:
-                tile(b.mul(ib, const_i64(MR)), MR, j0)
+                tile(b.mul(ib, const_i64(MR)), MR, j0, masks)
         if m % MR:
-            tile(const_i64(rows_full), m % MR, j0)
+            tile(const_i64(rows_full), m % MR, j0, masks)
+
+    nr = 2 * width
+    if n // nr:
+        with for_range(b, n // nr, name="nb") as jb:
+            column_block(b.mul(jb, const_i64(nr)), [None, None])
+    rest = n % nr
+    if rest:
+        lanes = [min(width, rest - h * width) for h in range((rest + width - 1) // width)]
+        masks = [None if count == width else ir.Constant(mask_ty, [1] * count + [0] * (width - count)) for count in lanes]
+        column_block(const_i64(n - rest), masks)
 
 
 def _t(view: View) -> ir.Type:
