@@ -1,5 +1,5 @@
-"""Heavy kernels: Gemm/MatMul (i-k-j loops, the inner one vectorized), Conv as im2col into
-scratch plus the same GEMM, pooling, reductions and softmax."""
+"""Heavy kernels: Gemm/MatMul (register-tiled FMA micro-kernel, split over the worker pool),
+Conv as im2col into scratch plus the same GEMM, pooling, reductions and softmax."""
 
 from __future__ import annotations
 
@@ -58,8 +58,6 @@ PARALLEL_MACS = 1 << 18  # below this a GEMM runs on one thread (handing a block
 
 
 def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float) -> None:
-    m, k = a.shape
-    n = bm.shape[1]
     width = vector_width(c.dtype)
     if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float:
         _micro_tiles(ctx, a, bm, c, width, alpha)
@@ -80,8 +78,8 @@ def _rows(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> Vie
 
 
 def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, align: int = 1) -> None:
-    """Rows [0, rows) split over ``threads``: ``emit(emitting, pointers, lo, hi)`` writes the code
-    for one block. Blocks 1.. are worker functions emitted here, handed with their argument
+    """Rows [0, rows) split over ``threads``: ``emit(emitting, pointers, lo, hi, block)`` writes
+    the code for block number ``block`` (0 is this thread's; a block's scratch may be its own). Blocks 1.. are worker functions emitted here, handed with their argument
     blocks (``pointers``) to the process's worker pool (``pool.py``: no thread start, no Python
     per task); this thread runs the first block, then waits for the rest. Block starts are
     multiples of ``align``."""
@@ -99,7 +97,7 @@ def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, 
         worker.linkage = "internal"
         wb = ir.IRBuilder(worker.append_basic_block("entry"))
         passed = [wb.load(wb.gep(worker.args[0], [const_i64(i)], source_etype=PTR), typ=PTR) for i in range(len(pointers))]
-        emit(_Emitting(wb, module), passed, lo, hi)
+        emit(_Emitting(wb, module), passed, lo, hi, index + 1)
         wb.ret(ir.Constant(PTR, None))
         block_args = _entry_array(b, PTR, len(pointers))
         for i, ptr in enumerate(pointers):
@@ -107,7 +105,7 @@ def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, 
         b.store(worker, b.gep(fns, [const_i64(index)], source_etype=PTR))
         b.store(block_args, b.gep(args, [const_i64(index)], source_etype=PTR))
     dispatched = b.call(submit, [fns, args, const_i64(len(blocks))]) if blocks else None
-    emit(ctx, pointers, bounds[0], bounds[1])
+    emit(ctx, pointers, bounds[0], bounds[1], 0)
     if dispatched is not None:
         with b.if_then(b.icmp_unsigned("!=", dispatched, ir.Constant(i32, 0))):
             b.call(wait, [])
@@ -116,7 +114,7 @@ def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, 
 def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
     """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
 
-    def block(emitting, ptrs, lo, hi):
+    def block(emitting, ptrs, lo, hi, _):
         b_view = View(ptrs[1], bm.dtype, bm.shape, bm.strides, bm.offset)
         _serial_gemm(emitting, _rows(a, lo, hi, ptrs[0]), b_view, _rows(c, lo, hi, ptrs[2]), alpha)
 
@@ -127,7 +125,7 @@ def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: in
     """Columns of C split over ``threads`` (blocks of whole micro-tile widths): each thread
     reads all of A, which is small, and only its part of B."""
 
-    def block(emitting, ptrs, lo, hi):
+    def block(emitting, ptrs, lo, hi, _):
         a_view = View(ptrs[0], a.dtype, a.shape, a.strides, a.offset)
         _serial_gemm(emitting, a_view, _columns(bm, lo, hi, ptrs[1]), _columns(c, lo, hi, ptrs[2]), alpha)
 
@@ -228,7 +226,9 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
         with for_range(b, n // nr, name="nb") as jb:
             column_block(b.mul(jb, const_i64(nr)), [None, None])
     rest = n % nr
-    if rest:
+    if rest and c.dtype.itemsize < 4:  # half: LLVM's masked half loads crashed; plain loops
+        _gemm_loops(ctx, a, _columns(bm, n - rest, n), _columns(c, n - rest, n), alpha)
+    elif rest:
         lanes = [min(width, rest - h * width) for h in range((rest + width - 1) // width)]
         masks = [None if count == width else ir.Constant(mask_ty, [1] * count + [0] * (width - count)) for count in lanes]
         column_block(const_i64(n - rest), masks)
@@ -294,13 +294,23 @@ def _direct(node) -> bool:
     return all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in strides) and not any(pads)
 
 
+def _image_threads(node) -> int:
+    """Threads an NCHW convolution splits its images over: several when one image's GEMM is too
+    small to split itself (LeNet-5's 6x25x784) but the batch is large enough."""
+    x, w, nd, *_, out = _conv_geometry(node)
+    per_image = w.shape[0] * w.shape[1] * math.prod(w.shape[2:]) * math.prod(out)
+    if per_image >= PARALLEL_MACS or x.shape[0] * per_image < PARALLEL_MACS:
+        return 1
+    return max(1, min(num_threads(), x.shape[0]))
+
+
 def _conv_scratch(node) -> int:
     if node.attrs["layout"] == "NHWC":
         return _nhwc_conv_scratch(node)
     if _direct(node):
         return 0
     x, w, nd, *_, out = _conv_geometry(node)
-    return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize
+    return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize * _image_threads(node)
 
 
 @kernel("Conv", scratch=_conv_scratch)
@@ -311,9 +321,7 @@ def conv(ctx: KernelContext) -> None:
         _nhwc_conv(ctx)
         return
     x, w, nd, strides, dilations, pads, out_sp = _conv_geometry(node)
-    xv, wv = ctx.inputs[0], ctx.inputs[1]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
-    y = ctx.outputs[0]
     n, c = x.shape[:2]
     m, cg = w.shape[0], w.shape[1]
     groups = node.attrs["group"]
@@ -322,26 +330,40 @@ def conv(ctx: KernelContext) -> None:
     kk = cg * math.prod(kernel_shape)
     p = math.prod(out_sp)
     spatial_in = math.prod(x.shape[2:])
-    b = ctx.b
     direct = _direct(node)
-    cols = View(ctx.scratch, x.dtype, (kk, p), (p, 1))
-    with for_range(b, n, name="img") as img:
-        with for_range(b, groups, name="grp") as g:
-            channel0 = b.mul(g, const_i64(cg))
-            x_base = b.add(b.mul(img, const_i64(c * spatial_in)), b.mul(channel0, const_i64(spatial_in)))
-            if direct:
-                src = View(b.gep(xv.ptr, [x_base], source_etype=_t(xv)), xv.dtype, (kk, p), (p, 1))
-            else:
-                _im2col(ctx, xv, x_base, cols, cg, kernel_shape, x.shape[2:], out_sp, strides, dilations, pads)
-                src = cols
-            w_base = b.mul(g, const_i64(mg * kk))
-            wg = View(b.gep(wv.ptr, [w_base], source_etype=_t(wv)), wv.dtype, (mg, kk), (kk, 1))
-            y_base = b.add(b.mul(img, const_i64(m * p)), b.mul(g, const_i64(mg * p)))
-            yg = View(b.gep(y.ptr, [y_base], source_etype=_t(y)), y.dtype, (mg, p), (p, 1))
-            init = None
-            if bias is not None:
-                init = View(b.gep(bias.ptr, [b.mul(g, const_i64(mg))], source_etype=_t(bias)), bias.dtype, (mg, p), (1, 0))
-            emit_gemm(ctx, wg, src, yg, 1.0, init)
+    cols_bytes = kk * p * x.dtype.itemsize
+
+    def images(emitting, ptrs, lo, hi, block):
+        """Images [lo, hi): im2col into this block's scratch, then one GEMM per group."""
+        b = emitting.b
+        xv, wv, y = (View(ptr, v.dtype, v.shape, v.strides) for ptr, v in zip(ptrs, ctx.inputs[:2] + ctx.outputs[:1]))
+        scratch = b.gep(ptrs[3], [const_i64(block * cols_bytes)], source_etype=ir.IntType(8))
+        cols = View(scratch, x.dtype, (kk, p), (p, 1))
+        with for_range(b, hi, start=lo, name="img") as img:
+            with for_range(b, groups, name="grp") as g:
+                channel0 = b.mul(g, const_i64(cg))
+                x_base = b.add(b.mul(img, const_i64(c * spatial_in)), b.mul(channel0, const_i64(spatial_in)))
+                if direct:
+                    src = View(b.gep(xv.ptr, [x_base], source_etype=_t(xv)), xv.dtype, (kk, p), (p, 1))
+                else:
+                    _im2col(emitting, xv, x_base, cols, cg, kernel_shape, x.shape[2:], out_sp, strides, dilations, pads)
+                    src = cols
+                w_base = b.mul(g, const_i64(mg * kk))
+                wg = View(b.gep(wv.ptr, [w_base], source_etype=_t(wv)), wv.dtype, (mg, kk), (kk, 1))
+                y_base = b.add(b.mul(img, const_i64(m * p)), b.mul(g, const_i64(mg * p)))
+                yg = View(b.gep(y.ptr, [y_base], source_etype=_t(y)), y.dtype, (mg, p), (p, 1))
+                init = None
+                if bias is not None:
+                    bias_ptr = b.gep(ptrs[4], [b.mul(g, const_i64(mg))], source_etype=_t(bias))
+                    init = View(bias_ptr, bias.dtype, (mg, p), (1, 0))
+                emit_gemm(emitting, wg, src, yg, 1.0, init)
+
+    pointers = [ctx.inputs[0].ptr, ctx.inputs[1].ptr, ctx.outputs[0].ptr, ctx.scratch] + ([bias.ptr] if bias is not None else [])
+    threads = _image_threads(node)
+    if threads > 1:
+        parallel_rows(ctx, n, threads, pointers, images)
+    else:
+        images(ctx, pointers, 0, n, 0)
 
 
 # -- channels-last convolution: contiguous im2col rows, then one GEMM per image ------------------------
@@ -392,13 +414,13 @@ def _nhwc_conv(ctx: KernelContext) -> None:
     with for_range(b, n, name="img") as img:
         x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=_t(xv))
 
-        def block(emitting, ptrs, lo, hi):
+        def block(emitting, ptrs, lo, hi, _):
             _nhwc_im2col(emitting.b, ptrs[0], View(ptrs[1], cols.dtype, cols.shape, cols.strides), lo, hi, *geometry)
 
         if threads > 1 and p * kk >= PARALLEL_COPY:
             parallel_rows(ctx, p, threads, [x_img, ctx.scratch], block)
         else:
-            block(ctx, [x_img, ctx.scratch], 0, p)
+            block(ctx, [x_img, ctx.scratch], 0, p, 0)
         y_img = View(b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=_t(y)), y.dtype, (p, m), (m, 1))
         init = View(bias.ptr, bias.dtype, (p, m), (0, 1)) if bias is not None else None
         emit_gemm(ctx, cols, w_view, y_img, 1.0, init)
@@ -469,11 +491,45 @@ def _im2col(ctx, xv, x_base, cols, cg, kernel_shape, in_sp, out_sp, strides, dil
     b = ctx.b
     nd = len(kernel_shape)
     zero = ir.Constant(_t(cols), 0.0)
+    if nd == 2 and strides[1] == 1:
+        _im2col_rows(b, xv, x_base, cols, cg, kernel_shape, in_sp, out_sp, strides, dilations, pads)
+        return
     with loop_nest(b, (cg, *kernel_shape, *out_sp), name="col") as index:
         ch, ks, pos = index[0], index[1 : 1 + nd], index[1 + nd :]
         flat, inside, row, col = _window(b, x_base, ch, ks, pos, in_sp, out_sp, kernel_shape, strides, dilations, pads)
         value = b.load(b.gep(xv.ptr, [flat], source_etype=_t(xv)), typ=_t(xv))
         cols.store(b, [row, col], b.select(inside, value, zero))
+
+
+def _im2col_rows(b, xv, x_base, cols, cg, kernel_shape, in_sp, out_sp, strides, dilations, pads) -> None:
+    """The 2-D, unit-width-stride im2col as row copies: for each (channel, tap, output row) the
+    columns that read inside the image are one contiguous run of the input row (a loop LLVM
+    vectorizes), and the padded ends are zeros, with no per-element bounds checks."""
+    (kh_n, kw_n), (ih_n, iw_n), (oh_n, ow_n) = kernel_shape, in_sp, out_sp
+    zero = ir.Constant(_t(cols), 0.0)
+    with loop_nest(b, (cg, kh_n, kw_n, oh_n), name="row") as (ch, kh, kw, oh):
+        ih = _tap_coord(b, oh, kh, strides[0], dilations[0], pads[0])
+        row = _row_major(b, [ch, kh, kw], [0, kh_n, kw_n])
+        start = b.mul(oh, const_i64(ow_n))  # the column of (oh, 0)
+        shift = b.sub(b.mul(kw, const_i64(dilations[1])), const_i64(pads[1]))  # iw = ow + shift
+        row_ok = b.and_(b.icmp_signed(">=", ih, const_i64(0)), b.icmp_signed("<", ih, const_i64(ih_n)))
+        # ow in [lo, hi) reads inside: 0 <= ow + shift < iw_n; empty when the row is outside
+        lo = _clamp(b, b.neg(shift), 0, ow_n)
+        hi = _clamp(b, b.sub(const_i64(iw_n), shift), 0, ow_n)
+        hi = b.select(row_ok, b.select(b.icmp_signed("<", hi, lo), lo, hi), lo)
+        with for_range(b, lo, name="zl") as ow:
+            cols.store(b, [row, b.add(start, ow)], zero)
+        src = b.add(b.add(x_base, b.mul(ch, const_i64(ih_n * iw_n))), b.mul(b.select(row_ok, ih, const_i64(0)), const_i64(iw_n)))
+        with for_range(b, hi, start=lo, name="cp") as ow:
+            value = b.load(b.gep(xv.ptr, [b.add(src, b.add(ow, shift))], source_etype=_t(xv)), typ=_t(xv))
+            cols.store(b, [row, b.add(start, ow)], value)
+        with for_range(b, const_i64(ow_n), start=hi, name="zh") as ow:
+            cols.store(b, [row, b.add(start, ow)], zero)
+
+
+def _clamp(b, value: ir.Value, lo: int, hi: int) -> ir.Value:
+    value = b.select(b.icmp_signed("<", value, const_i64(lo)), const_i64(lo), value)
+    return b.select(b.icmp_signed(">", value, const_i64(hi)), const_i64(hi), value)
 
 
 # -- pooling ------------------------------------------------------------------------------------------

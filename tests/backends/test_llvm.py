@@ -279,3 +279,35 @@ def test_profiled_build_times_every_node(monkeypatch):
     assert all(t.ms > 0 for t in times) and abs(sum(t.share for t in times) - 1) < 1e-9
     module.executable.reset_profile()
     assert all(t.ms == 0 for t in module.executable.profile())
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [0, 0, 0, 0]},
+    {"pads": [2, 1, 2, 3], "dilations": [1, 2]},
+    {"pads": [1, 1, 1, 1], "strides": [2, 1]},
+    {"pads": [1, 1, 1, 1], "strides": [1, 2]},  # the per-element im2col (width stride 2)
+])
+def test_nchw_conv_split_over_images_matches_eager(attrs):
+    """A small per-image GEMM (LeNet's 6x25x784) on a batch: images split over the threads,
+    each with its own im2col scratch; the row-copy im2col handles padding and dilation."""
+    from kiln import config
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(3)
+    graph = Graph("conv")
+    x = graph.add_input("x", TensorType((16, 1, 30, 30), DType.float32))
+    w = graph.add_param("w", rng.standard_normal((6, 1, 5, 5)).astype(np.float32))
+    bias = graph.add_param("b", rng.standard_normal(6).astype(np.float32))
+    graph.outputs = [graph.add_node("Conv", [x, w, bias], dict(attrs)).outputs[0]]
+    feed = {"x": rng.standard_normal((16, 1, 30, 30)).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    from kiln.backends.llvm.kernels_nn import _image_threads
+
+    with config.override(num_threads=2):
+        assert _image_threads(graph.nodes[0]) == 2
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
