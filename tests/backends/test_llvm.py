@@ -311,3 +311,15 @@ def test_nchw_conv_split_over_images_matches_eager(attrs):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
             (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cache_key_follows_kilns_sources(monkeypatch):
+    """An edited kiln (same version number) must not load code an older kiln generated."""
+    from kiln.backends import cache
+    from kiln.backends.llvm import llvm_cache_key
+
+    graph = build(GRAPHS["mlp"])
+    before = llvm_cache_key(graph, host_cpu())
+    assert len(cache.source_digest()) == 64
+    monkeypatch.setattr(cache, "source_digest", lambda: "0" * 64)
+    assert llvm_cache_key(graph, host_cpu()) != before
