@@ -17,6 +17,7 @@ from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
 FAST = ("contract",)  # allow a*b+c as one FMA
 
 
+KC = 256  # K block of the GEMM micro-kernel (B panel: KC x two vectors)
 MR = 6  # rows of C per micro-tile; with 2 vectors of columns: 12 accumulators in registers
 
 
@@ -193,12 +194,20 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
             b.call(masked_store, [value, address, ir.Constant(ir.IntType(32), 4), mask])
 
     def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list) -> None:
-        """Rows i0.. (``rows`` of them) by one vector per entry of ``masks`` (None: all lanes)."""
+        """Rows i0.. (``rows`` of them) by one vector per entry of ``masks`` (None: all lanes),
+        over the K block [k0, k1): the first block starts from zero, later ones from C."""
         accs = [[entry_alloca(b, vec) for _ in masks] for _ in range(rows)]
-        for row in accs:
-            for slot in row:
-                b.store(zero, slot)
-        with for_range(b, k, name="mk") as kk:
+        for r, row in enumerate(accs):
+            for h, slot in enumerate(row):
+                if blocked:
+                    with b.if_else(b.icmp_signed("==", k0, const_i64(0))) as (first, later):
+                        with first:
+                            b.store(zero, slot)
+                        with later:
+                            b.store(load(c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), masks[h]), slot)
+                else:
+                    b.store(zero, slot)
+        with for_range(b, k1, start=k0, name="mk") as kk:
             bvs = [load(bm.address(b, [kk, b.add(j0, const_i64(h * width))]), mask) for h, mask in enumerate(masks)]
             for r in range(rows):
                 av = b.load(a.address(b, [b.add(i0, const_i64(r)), kk]), typ=scalar)
@@ -222,6 +231,16 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
             tile(const_i64(rows_full), m % MR, j0, masks)
 
     nr = 2 * width
+    # K in blocks of KC when it is long (a ResNet's 3x3x512 = 4608): the block's B panel stays
+    # in L1 across the row tiles and its A block in L2 across the column blocks
+    blocked = k > KC and alpha == 1.0
+    if blocked:
+        k_loop = for_range(b, (k + KC - 1) // KC, name="kb")
+        kb = k_loop.__enter__()
+        k0 = b.mul(kb, const_i64(KC))
+        k1 = b.select(b.icmp_signed("<", b.add(k0, const_i64(KC)), const_i64(k)), b.add(k0, const_i64(KC)), const_i64(k))
+    else:
+        k0, k1 = const_i64(0), const_i64(k)
     if n // nr:
         with for_range(b, n // nr, name="nb") as jb:
             column_block(b.mul(jb, const_i64(nr)), [None, None])
@@ -232,6 +251,8 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
         lanes = [min(width, rest - h * width) for h in range((rest + width - 1) // width)]
         masks = [None if count == width else ir.Constant(mask_ty, [1] * count + [0] * (width - count)) for count in lanes]
         column_block(const_i64(n - rest), masks)
+    if blocked:
+        k_loop.__exit__(None, None, None)
 
 
 def _t(view: View) -> ir.Type:
