@@ -323,3 +323,26 @@ def test_the_cache_key_follows_kilns_sources(monkeypatch):
     assert len(cache.source_digest()) == 64
     monkeypatch.setattr(cache, "source_digest", lambda: "0" * 64)
     assert llvm_cache_key(graph, host_cpu()) != before
+
+
+@pytest.mark.parametrize("op, attrs", [
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ("AveragePool", {"kernel_shape": [3, 3], "strides": [1, 2], "pads": [1, 0, 1, 2], "count_include_pad": 1}),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+])
+def test_pools_on_a_batch_match_eager(op, attrs):
+    """Padded, strided and count_include_pad pools on a batch, one and two threads, bounds-checked."""
+    from kiln import config
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    graph = Graph("pool")
+    x = graph.add_input("x", TensorType((8, 6, 40, 40), DType.float32))
+    graph.outputs = [graph.add_node(op, [x], dict(attrs), num_outputs=1).outputs[0]]
+    feed = {"x": np.random.default_rng(4).standard_normal((8, 6, 40, 40)).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
