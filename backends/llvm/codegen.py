@@ -127,7 +127,9 @@ class Codegen:
         """Call each node's kernel in order; ``pointer(v)`` addresses values outside the plan.
 
         With ``profile`` the cycle counter is read around every call and the difference added to
-        ``kiln_profile[index]`` (the runtime turns the counts into seconds). With ``guards`` (the bounds-checked build; the plan reserved GUARD_BYTES after every
+        ``kiln_profile[index]`` (the runtime turns the counts into seconds).
+
+        With ``guards`` (the bounds-checked build; the plan reserved GUARD_BYTES after every
         buffer) the bytes after each output and after the node's scratch are filled with a
         pattern before the call and checked after it; the first node that changed them is
         recorded in ``kiln_bounds_error`` (its index + 1) for the runtime to report."""
@@ -178,7 +180,7 @@ def profile_global(module: ir.Module, count: int) -> ir.GlobalVariable:
 
 def _timed_call(b: ir.IRBuilder, fn: ir.Function, args: list, ticks: ir.GlobalVariable, index: int) -> None:
     module = b.module
-    counter = module.globals.get("llvm.readcyclecounter") or ir.Function(module, ir.FunctionType(ir.IntType(64), []), "llvm.readcyclecounter")
+    counter = module.declare_intrinsic("llvm.readcyclecounter", (), ir.FunctionType(ir.IntType(64), []))
     start = b.call(counter, [])
     b.call(fn, args)
     spent = b.sub(b.call(counter, []), start)

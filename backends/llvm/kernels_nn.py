@@ -80,8 +80,9 @@ def _rows(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> Vie
 
 def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, align: int = 1) -> None:
     """Rows [0, rows) split over ``threads``: ``emit(emitting, pointers, lo, hi, block)`` writes
-    the code for block number ``block`` (0 is this thread's; a block's scratch may be its own). Blocks 1.. are worker functions emitted here, handed with their argument
-    blocks (``pointers``) to the process's worker pool (``pool.py``: no thread start, no Python
+    the code for block number ``block`` (0 is this thread's; a block's scratch may be its own).
+    Blocks 1.. are worker functions emitted here, handed with their argument blocks
+    (``pointers``) to the process's worker pool (``pool.py``: no thread start, no Python
     per task); this thread runs the first block, then waits for the rest. Block starts are
     multiples of ``align``."""
     from kiln.backends.llvm.pool import SUBMIT, WAIT
@@ -193,20 +194,27 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
         else:
             b.call(masked_store, [value, address, ir.Constant(ir.IntType(32), 4), mask])
 
-    def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list) -> None:
+    def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list, k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
         """Rows i0.. (``rows`` of them) by one vector per entry of ``masks`` (None: all lanes),
-        over the K block [k0, k1): the first block starts from zero, later ones from C."""
+        over the K block [k0, k1): the first block (``first`` None: the only one) starts from
+        zero, later ones from the partial sums in C."""
         accs = [[entry_alloca(b, vec) for _ in masks] for _ in range(rows)]
-        for r, row in enumerate(accs):
-            for h, slot in enumerate(row):
-                if blocked:
-                    with b.if_else(b.icmp_signed("==", k0, const_i64(0))) as (first, later):
-                        with first:
-                            b.store(zero, slot)
-                        with later:
-                            b.store(load(c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), masks[h]), slot)
-                else:
+
+        def start_from_zero():
+            for row in accs:
+                for slot in row:
                     b.store(zero, slot)
+
+        if first is None:
+            start_from_zero()
+        else:
+            with b.if_else(first) as (then, otherwise):
+                with then:
+                    start_from_zero()
+                with otherwise:
+                    for r, row in enumerate(accs):
+                        for h, slot in enumerate(row):
+                            b.store(load(c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), masks[h]), slot)
         with for_range(b, k1, start=k0, name="mk") as kk:
             bvs = [load(bm.address(b, [kk, b.add(j0, const_i64(h * width))]), mask) for h, mask in enumerate(masks)]
             for r in range(rows):
@@ -223,36 +231,38 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
                     value = b.fmul(value, scale)
                 store(value, c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), mask)
 
-    def column_block(j0: ir.Value, masks: list) -> None:
+    def column_block(j0: ir.Value, masks: list, *k_block) -> None:
         if rows_full:
             with for_range(b, m // MR, name="mb") as ib:
-                tile(b.mul(ib, const_i64(MR)), MR, j0, masks)
+                tile(b.mul(ib, const_i64(MR)), MR, j0, masks, *k_block)
         if m % MR:
-            tile(const_i64(rows_full), m % MR, j0, masks)
+            tile(const_i64(rows_full), m % MR, j0, masks, *k_block)
 
     nr = 2 * width
+    rest = n % nr
+    masked_rest = rest and c.dtype.itemsize >= 4  # half: LLVM's masked half loads crashed
+
+    def panel(k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
+        """Every column block over the K block [k0, k1)."""
+        if n // nr:
+            with for_range(b, n // nr, name="nb") as jb:
+                column_block(b.mul(jb, const_i64(nr)), [None, None], k0, k1, first)
+        if masked_rest:
+            lanes = [min(width, rest - h * width) for h in range((rest + width - 1) // width)]
+            masks = [None if count == width else ir.Constant(mask_ty, [1] * count + [0] * (width - count)) for count in lanes]
+            column_block(const_i64(n - rest), masks, k0, k1, first)
+
     # K in blocks of KC when it is long (a ResNet's 3x3x512 = 4608): the block's B panel stays
     # in L1 across the row tiles and its A block in L2 across the column blocks
-    blocked = k > KC and alpha == 1.0
-    if blocked:
-        k_loop = for_range(b, (k + KC - 1) // KC, name="kb")
-        kb = k_loop.__enter__()
-        k0 = b.mul(kb, const_i64(KC))
-        k1 = b.select(b.icmp_signed("<", b.add(k0, const_i64(KC)), const_i64(k)), b.add(k0, const_i64(KC)), const_i64(k))
+    if k > KC and alpha == 1.0:
+        with for_range(b, (k + KC - 1) // KC, name="kb") as kb:
+            k0 = b.mul(kb, const_i64(KC))
+            k1 = b.select(b.icmp_signed("<", b.add(k0, const_i64(KC)), const_i64(k)), b.add(k0, const_i64(KC)), const_i64(k))
+            panel(k0, k1, b.icmp_signed("==", kb, const_i64(0)))
     else:
-        k0, k1 = const_i64(0), const_i64(k)
-    if n // nr:
-        with for_range(b, n // nr, name="nb") as jb:
-            column_block(b.mul(jb, const_i64(nr)), [None, None])
-    rest = n % nr
-    if rest and c.dtype.itemsize < 4:  # half: LLVM's masked half loads crashed; plain loops
+        panel(const_i64(0), const_i64(k), None)
+    if rest and not masked_rest:  # plain loops over the whole K, once
         _gemm_loops(ctx, a, _columns(bm, n - rest, n), _columns(c, n - rest, n), alpha)
-    elif rest:
-        lanes = [min(width, rest - h * width) for h in range((rest + width - 1) // width)]
-        masks = [None if count == width else ir.Constant(mask_ty, [1] * count + [0] * (width - count)) for count in lanes]
-        column_block(const_i64(n - rest), masks)
-    if blocked:
-        k_loop.__exit__(None, None, None)
 
 
 def _t(view: View) -> ir.Type:

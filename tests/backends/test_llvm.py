@@ -346,3 +346,24 @@ def test_pools_on_a_batch_match_eager(op, attrs):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
             (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gemm_with_long_k_and_leftover_columns_matches_eager(dtype):
+    """K longer than one block (KC) and columns past the two-vector tiles: masked tiles for
+    float32, plain loops once over the whole K for half."""
+    from kiln.backends.llvm.kernels_nn import KC
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    m, k, n = 7, 2 * KC + 44, 45
+    rng = np.random.default_rng(6)
+    graph = Graph("gemm")
+    a = graph.add_input("a", TensorType((m, k), DType[dtype]))
+    w = graph.add_param("w", (rng.standard_normal((k, n)) / 8).astype(dtype))
+    graph.outputs = [graph.add_node("Gemm", [a, w], {}).outputs[0]]
+    feed = {"a": (rng.standard_normal((m, k)) / 8).astype(dtype)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    (got,) = kiln.compile(graph, target="llvm").run(feed).values()
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2 if dtype == "float16" else 1e-5, atol=1e-2 if dtype == "float16" else 1e-5)
