@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from kiln.errors import GraphError
 from kiln.ir.graph import Graph, Node, Value
 
 
@@ -35,3 +38,30 @@ def live_nodes(graph: Graph) -> list[Node]:
             keep.append(node)
             needed.update(id(v) for v in node.inputs if v is not None)
     return keep[::-1]
+
+
+def replace_node(graph: Graph, node: Node, outputs: Sequence[Value | None], added_from: int) -> None:
+    """Put the nodes appended to ``graph`` since ``added_from`` where ``node`` stands, and make
+    the readers of ``node``'s outputs read ``outputs`` (one each; None for an output nobody
+    reads); then drop ``node``. A graph output keeps its name: where the replacement cannot take
+    it over (an input or parameter), an Identity carries it."""
+    added = graph.nodes[added_from:]
+    del graph.nodes[added_from:]
+    index = graph.nodes.index(node)
+    graph.nodes[index:index] = added
+    after = index + len(added)
+    read = {v for n in graph.nodes for v in n.inputs} | set(graph.outputs)
+    for old, new in zip(node.outputs, outputs):
+        if new is None:
+            if old in read:
+                raise GraphError(f"node {node.name!r}: its output %{old.name} is read but its replacement gives none")
+            continue
+        if not substitute(graph, old, new):
+            carrier = graph.add_node("Identity", [new], name=f"{node.name}/Identity", index=after).outputs[0]
+            after += 1
+            graph.replace_uses(old, carrier)
+            name = old.name
+            graph.forget_name(name)
+            graph.rename(carrier, name)
+            old.name = f"{name}.replaced"
+    graph.remove_nodes([node])

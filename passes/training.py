@@ -21,6 +21,7 @@ from kiln.ir.graph import Graph, Value
 from kiln.ir.types import TensorType
 from kiln.ir.verify import verify
 from kiln.passes.autodiff import GradBuilder, add_gradients
+from kiln.passes.decompose import decompose_node
 from kiln.passes.decompose_rnn import RECURRENT, decompose_rnn
 
 LOSSES = ("ce", "nll", "mse", "l1", "bce")
@@ -70,30 +71,10 @@ def decompose_batchnorm_training(graph: Graph) -> dict[Value, Value]:
     the running statistics it updates: parameter -> its new value."""
     updates: dict[Value, Value] = {}
     for node in [n for n in graph.nodes if n.op.name == "BatchNormalization" and n.attrs["training_mode"]]:
-        x, scale, bias, mean, var = node.inputs
-        index = graph.nodes.index(node)
-        start = len(graph.nodes)  # built at the end, then moved into the node's place
-        b = GradBuilder(graph, node.name or "BatchNormalization")
-        rank = x.type.rank
-        axes = [0, *range(2, rank)]
-        channel = [1, x.type.shape[1]] + [1] * (rank - 2)
-        mu, centered, batch_var, inv_std = b.moments(x, axes, node.attrs["epsilon"])
-        y = b.op("Add", b.op("Mul", b.op("Mul", centered, inv_std), b.reshape(scale, channel)), b.reshape(bias, channel))
-        m = node.attrs["momentum"]
-        outs = [y]
-        if len(node.outputs) > 1:
-            new_mean = b.op("Add", b.scale(mean, m), b.scale(b.reshape(mu, mean.type.shape), 1 - m))
-            new_var = b.op("Add", b.scale(var, m), b.scale(b.reshape(batch_var, var.type.shape), 1 - m))
-            outs += [new_mean, new_var]
-            updates.update((p, new) for p, new in ((mean, new_mean), (var, new_var)) if p in graph.params)
-        added = graph.nodes[start:]
-        del graph.nodes[start:]
-        graph.nodes[index:index] = added
-        for old, new in zip(node.outputs, outs):
-            graph.replace_uses(old, new)
-            if old in graph.outputs:
-                graph.outputs[graph.outputs.index(old)] = new
-        graph.remove_nodes([node])
+        stats = node.inputs[3:5]
+        outputs = decompose_node(graph, node)
+        if outputs is not None and len(outputs) > 1:
+            updates.update((p, new) for p, new in zip(stats, outputs[1:]) if p in graph.params)
     return updates
 
 

@@ -21,10 +21,11 @@ import numpy as np
 from kiln import config
 from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
-from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, generate
+from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, generate, lacks_kernel
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
+from kiln.passes.decompose import Decompose
 
 ALIGN = 64
 
@@ -204,9 +205,9 @@ class LLVMBackend:
     name = "llvm"
     default_pipeline = "O2"
     preferred_layout = "auto"  # NHWC where convs are wide: resnet18 1.7x faster, LeNet-5 stays NCHW
-    # ops expressed through others before any pipeline runs; GEMM operands made row-major
-    # (the micro-kernel streams rows: training's x^T g and g W^T products come transposed)
-    lowering = ["decompose_rnn", "row_major_gemm"]
+    # ops without a kernel expressed through others before any pipeline runs; GEMM operands
+    # made row-major (the micro-kernel streams rows: training's x^T g and g W^T come transposed)
+    lowering = [Decompose(when=lacks_kernel), "decompose_rnn", "row_major_gemm"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()

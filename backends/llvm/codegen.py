@@ -75,6 +75,21 @@ def kernel_rule(node: Node) -> KernelRule | None:
     return rule
 
 
+def lacks_kernel(node: Node) -> bool:
+    """Whether no kernel runs ``node`` (the backend's ``decompose`` lowering expresses it through others)."""
+    if node.op.name == "BatchNormalization":
+        return bool(node.attrs["training_mode"]) or len(node.outputs) > 1
+    if node.op.name == "LayerNormalization":  # the kernel reads scale and bias whole per row
+        trailing = node.inputs[0].type.shape[node.attrs["axis"] % node.inputs[0].type.rank :]
+        return any(_broadcast_within(v.type.shape, trailing) for v in node.inputs[1:] if v is not None)
+    return kernel_rule(node) is None
+
+
+def _broadcast_within(shape, trailing) -> bool:
+    padded = (1,) * (len(trailing) - len(shape)) + tuple(shape)
+    return any(t != 1 and p != t for p, t in zip(padded, trailing))
+
+
 def unsupported_ops(graph: Graph) -> list[str]:
     """Ops of ``graph`` (fused bodies included) that have no LLVM kernel yet."""
     missing: set[str] = set()

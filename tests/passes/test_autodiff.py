@@ -130,24 +130,7 @@ def test_gradient_matches_central_differences(case):
         np.testing.assert_allclose(got, numeric, atol=ATOL, rtol=RTOL, err_msg=f"{case}: d loss / d {value.name}")
 
 
-LLVM_GAPS = {  # gradient graphs using ops without an LLVM kernel yet (training decomposes BN first)
-    "batch_norm_training": "training-mode BatchNormalization",
-    "layer_norm": "LayerNormalization with a broadcast scale",
-    "group_norm": "GroupNormalization",
-    "instance_norm": "InstanceNormalization",
-    "nll_sum": "NegativeLogLikelihoodLoss",
-    "softmax_cross_entropy": "SoftmaxCrossEntropyLoss",
-    "softmax_cross_entropy_weighted": "SoftmaxCrossEntropyLoss",
-}
-
-
-def _case_param(case):
-    if case in LLVM_GAPS:
-        return pytest.param(case, marks=pytest.mark.xfail(raises=KilnError, strict=True, reason=f"no LLVM kernel yet: {LLVM_GAPS[case]}"))
-    return case
-
-
-@pytest.mark.parametrize("case", [_case_param(c) for c in sorted(CASES)])
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_gradient_graph_on_llvm_matches_eager(case):
     """The same gradient graphs (checked above against central differences) compiled by llvm
     at -O2, in float64: equal to the eager evaluation to rounding."""

@@ -1,0 +1,238 @@
+"""decompose: ops expressed through simpler ones, as ONNX function bodies do.
+
+A backend without a kernel for an op lists ``Decompose(when=...)`` among its lowering passes:
+each node ``when`` picks is replaced, in its place, by the nodes of its op's rule. Rules are
+written with forward ops every backend runs (reductions, elementwise ops, MatMul, Gather), so a
+decomposed graph also differentiates through the ordinary VJP rules. The registered pass
+``decompose`` applies every rule.
+
+Rules: the losses (NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss), the normalizations
+(training-mode BatchNormalization, Instance/Group/Layer/MeanVariance normalization),
+ReduceLogSum/ReduceLogSumExp, LpPool, Dropout (the seeded training mask becomes a constant, as
+the reference draws the same mask every run) and Attention (``decompose_attention.py``).
+
+Preconditions: none. Postconditions: no node ``when`` picks remains, except where a rule cannot
+express that node (it says so by returning None before adding anything); outputs keep their names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.autodiff import GradBuilder
+from kiln.passes.base import Pass, register_pass
+from kiln.passes.rewrite import replace_node
+
+Rule = Callable[[GradBuilder, Node], "Sequence[Value | None] | None"]
+RULES: dict[str, Rule] = {}
+
+
+def decomposition(*ops: str) -> Callable[[Rule], Rule]:
+    """Register the rule for ``ops``: ``rule(builder, node)`` adds nodes through ``builder`` and
+    returns one value per output of ``node`` (None for an output it does not make), or None,
+    before adding anything, when it cannot express ``node``."""
+
+    def wrap(rule: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = rule
+        return rule
+
+    return wrap
+
+
+class Decompose(Pass):
+    """Replace each node ``when(node)`` picks (every node with a rule by default) by its rule's nodes."""
+
+    name = "decompose"
+
+    def __init__(self, when: Callable[[Node], bool] = lambda node: True):
+        self.when = when
+
+    def run(self, graph: Graph) -> Graph:
+        _load_rules()
+        for node in [n for n in graph.nodes if n.op.name in RULES and self.when(n)]:
+            decompose_node(graph, node)
+        return graph
+
+
+def decompose_node(graph: Graph, node: Node) -> list[Value | None] | None:
+    """Replace ``node`` by its rule's nodes; returns the values that stand for its outputs
+    (None when the rule cannot express it: the node stays)."""
+    _load_rules()
+    start = len(graph.nodes)
+    outputs = RULES[node.op.name](GradBuilder(graph, node.name or node.op.name), node)
+    if outputs is None:
+        return None
+    outputs = list(outputs) + [None] * (len(node.outputs) - len(outputs))
+    replace_node(graph, node, outputs, start)
+    return outputs
+
+
+def _load_rules() -> None:
+    from kiln.passes import decompose_attention  # noqa: F401
+
+
+def padded_inputs(node: Node, count: int) -> list[Value | None]:
+    return list(node.inputs) + [None] * (count - len(node.inputs))
+
+
+# -- losses -----------------------------------------------------------------------------------
+def negative_log_likelihood(b: GradBuilder, attrs, log_prob: Value, target: Value, weight: Value | None) -> Value:
+    """ONNX NegativeLogLikelihoodLoss: -log_prob[n, target[n, ...], ...] weighted per class,
+    with ``ignore_index`` entries weighing zero; ``mean`` divides by the total weight."""
+    x_type = log_prob.type
+    valid = None
+    safe = target
+    if attrs["ignore_index"] is not None:
+        keep = b.op("Not", b.op("Equal", target, b.const(attrs["ignore_index"], target)))
+        safe = b.op("Where", keep, target, b.const(0, target))
+        valid = b.op("Cast", keep, to=x_type.dtype.short)
+    index_shape = [x_type.shape[0], 1, *x_type.shape[2:]]
+    picked = b.reshape(b.op("GatherElements", log_prob, b.reshape(safe, index_shape), axis=1), target.type.shape)
+    w = valid
+    if weight is not None:
+        w = b.op("Gather", weight, safe, axis=0)
+        w = w if valid is None else b.op("Mul", w, valid)
+    loss = b.op("Neg", picked if w is None else b.op("Mul", picked, w))
+    reduction = attrs["reduction"]
+    if reduction == "none":
+        return loss
+    if reduction == "sum" or w is None:
+        return b.op("ReduceSum" if reduction == "sum" else "ReduceMean", loss, axes=None, keepdims=0)
+    return b.op("Div", b.op("ReduceSum", loss, axes=None, keepdims=0), b.op("ReduceSum", w, axes=None, keepdims=0))
+
+
+@decomposition("NegativeLogLikelihoodLoss")
+def _nll(b: GradBuilder, node: Node):
+    log_prob, target, weight = padded_inputs(node, 3)
+    return [negative_log_likelihood(b, node.attrs, log_prob, target, weight)]
+
+
+@decomposition("SoftmaxCrossEntropyLoss")
+def _softmax_cross_entropy(b: GradBuilder, node: Node):
+    scores, labels, weight = padded_inputs(node, 3)
+    log_prob = b.op("LogSoftmax", scores, axis=1)
+    return [negative_log_likelihood(b, node.attrs, log_prob, labels, weight), log_prob]
+
+
+# -- normalizations ---------------------------------------------------------------------------
+def _per_channel(b: GradBuilder, v: Value, x: Value) -> Value:
+    return b.reshape(v, [1, x.type.shape[1]] + [1] * (x.type.rank - 2))
+
+
+@decomposition("BatchNormalization")
+def batchnorm(b: GradBuilder, node: Node):
+    """Training mode: normalized by the batch's statistics, and the running statistics moved
+    toward them by ``momentum``. Inference mode is left to the backend's kernel."""
+    if not node.attrs["training_mode"]:
+        return None
+    x, scale, bias, mean, var = node.inputs
+    mu, centered, batch_var, inv_std = b.moments(x, [0, *range(2, x.type.rank)], node.attrs["epsilon"])
+    y = b.op("Add", b.op("Mul", b.op("Mul", centered, inv_std), _per_channel(b, scale, x)), _per_channel(b, bias, x))
+    if len(node.outputs) == 1:
+        return [y]
+    m = node.attrs["momentum"]
+    new_mean = b.op("Add", b.scale(mean, m), b.scale(b.reshape(mu, mean.type.shape), 1 - m))
+    new_var = b.op("Add", b.scale(var, m), b.scale(b.reshape(batch_var, var.type.shape), 1 - m))
+    return [y, new_mean, new_var]
+
+
+@decomposition("InstanceNormalization")
+def _instance_norm(b: GradBuilder, node: Node):
+    x, scale, bias = node.inputs
+    _, centered, _, inv_std = b.moments(x, list(range(2, x.type.rank)), node.attrs["epsilon"])
+    return [b.op("Add", b.op("Mul", b.op("Mul", centered, inv_std), _per_channel(b, scale, x)), _per_channel(b, bias, x))]
+
+
+@decomposition("GroupNormalization")
+def _group_norm(b: GradBuilder, node: Node):
+    x, scale, bias = node.inputs
+    n, groups = x.type.shape[0], node.attrs["num_groups"]
+    grouped = b.reshape(x, [n, groups, x.type.numel // (n * groups)])
+    _, centered, _, inv_std = b.moments(grouped, [2], node.attrs["epsilon"])
+    y = b.reshape(b.op("Mul", centered, inv_std), x.type.shape)
+    return [b.op("Add", b.op("Mul", y, _per_channel(b, scale, x)), _per_channel(b, bias, x))]
+
+
+@decomposition("LayerNormalization")
+def _layer_norm(b: GradBuilder, node: Node):
+    x, scale, bias = padded_inputs(node, 3)
+    rank = x.type.rank
+    mean, centered, _, inv_std = b.moments(x, list(range(node.attrs["axis"] % rank, rank)), node.attrs["epsilon"])
+    y = b.op("Mul", b.op("Mul", centered, inv_std), scale)
+    y = y if bias is None else b.op("Add", y, bias)
+    stats = [v if v.type.dtype == out.type.dtype else b.op("Cast", v, to=out.type.dtype.short) for v, out in zip((mean, inv_std), node.outputs[1:])]
+    return [y, *stats]
+
+
+@decomposition("MeanVarianceNormalization")
+def _mean_variance_norm(b: GradBuilder, node: Node):
+    (x,) = node.inputs
+    _, centered, _, inv_std = b.moments(x, node.attrs["axes"], 1e-9)
+    return [b.op("Mul", centered, inv_std)]
+
+
+# -- reductions and pooling -------------------------------------------------------------------
+@decomposition("ReduceLogSum")
+def _reduce_log_sum(b: GradBuilder, node: Node):
+    (x,) = node.inputs
+    return [b.op("Log", b.op("ReduceSum", x, axes=node.attrs["axes"], keepdims=node.attrs["keepdims"]))]
+
+
+@decomposition("ReduceLogSumExp")
+def _reduce_log_sum_exp(b: GradBuilder, node: Node):
+    """log(sum(exp(x - m))) + m with m the maximum (0 where it is infinite), as the reference."""
+    (x,) = node.inputs
+    axes = node.attrs["axes"]
+    top = b.op("ReduceMax", x, axes=axes, keepdims=1)
+    shift = b.op("Where", b.op("IsInf", top), b.const(0.0, top), top)
+    total = b.op("ReduceSum", b.op("Exp", b.op("Sub", x, shift)), axes=axes, keepdims=1)
+    return [b.reshape(b.op("Add", b.op("Log", total), shift), node.outputs[0].type.shape)]
+
+
+@decomposition("LpPool")
+def _lp_pool(b: GradBuilder, node: Node):
+    """(sum of |x|^p over each window)^(1/p): a convolution of |x|^p by ones per channel, with
+    the end padding that ceil_mode's partial windows need."""
+    (x,) = node.inputs
+    a = node.attrs
+    kernel = list(a["kernel_shape"])
+    nd = len(kernel)
+    strides = a["strides"] or [1] * nd
+    dilations = a["dilations"] or [1] * nd
+    pads = list(a["pads"] or [0] * (2 * nd))
+    n, c, *spatial = x.type.shape
+    out = node.outputs[0].type.shape[2:]
+    for i in range(nd):
+        reach = (out[i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1
+        pads[nd + i] = max(pads[nd + i], reach - spatial[i] - pads[i])
+    p = float(a["p"])
+    powered = b.op("Abs", x) if p == 1 else b.op("Pow", b.op("Abs", x), b.const(p, x))
+    ones = b.graph.add_param(b.graph.fresh_name(f"{b.where}.window"), np.ones([1, 1, *kernel], dtype=x.type.dtype.numpy))
+    summed = b.op("Conv", b.reshape(powered, [n * c, 1, *spatial]), ones, strides=strides, pads=pads, dilations=dilations)
+    summed = b.reshape(summed, node.outputs[0].type.shape)
+    return [summed if p == 1 else b.op("Pow", summed, b.const(1.0 / p, x))]
+
+
+# -- Dropout ----------------------------------------------------------------------------------
+@decomposition("Dropout")
+def _dropout(b: GradBuilder, node: Node):
+    """Identity outside training (or at ratio 0); in training, ``x * keep / (1 - ratio)`` with the
+    mask numpy's MT19937 draws from ``seed``: the reference's mask, fixed at compile time."""
+    (x,) = node.inputs[:1]
+    a = node.attrs
+    wants_mask = len(node.outputs) > 1
+    if not a["training_mode"] or a["ratio"] == 0:
+        mask = b.graph.add_node("ConstantOfShape", [], {"shape": list(x.type.shape), "value": 1.0, "dtype": "bool"}, name=f"{b.where}/mask").outputs[0] if wants_mask else None
+        return [x, mask]
+    keep = np.random.RandomState(a["seed"]).uniform(0.0, 1.0, x.type.shape) >= a["ratio"]
+    scaled = (keep / (1.0 - a["ratio"])).astype(x.type.dtype.numpy)
+    y = b.op("Mul", x, b.graph.add_param(b.graph.fresh_name(f"{b.where}.scale"), scaled))
+    mask = b.graph.add_param(b.graph.fresh_name(f"{b.where}.mask"), keep) if wants_mask else None
+    return [y, mask]
+
+
+register_pass(Decompose())
