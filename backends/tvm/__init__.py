@@ -20,7 +20,8 @@ import numpy as np
 
 from kiln.backends.cache import cache_key, load_entry, store_entry
 from kiln.errors import ArtifactError, KilnError
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Node
+from kiln.passes.decompose import Decompose
 
 DEFAULT_ARCH = "sm_90"
 
@@ -120,6 +121,12 @@ class TVMExecutable:
         return {"tvm.so": self.library, "tvm.json": json.dumps(meta).encode()}
 
 
+def _has_lowering(node: Node) -> bool:
+    from kiln.backends.tvm.lower import has_lowering  # imports TVM
+
+    return has_lowering(node)
+
+
 def compile_library(graph: Graph, target: TVMTarget) -> bytes:
     """The exported shared library of ``graph`` built for ``target``."""
     tvm = _tvm()
@@ -178,7 +185,8 @@ class TVMBackend:
 
     default_pipeline = "O2"
     preferred_layout = "nchw"
-    lowering = ["decompose_rnn"]  # recurrent ops become GEMMs and gate math, as on llvm
+    # ops without a lowering expressed through others; recurrent ops become GEMMs and gate math, as on llvm
+    lowering = [Decompose(when=lambda node: not _has_lowering(node)), "decompose_rnn"]
 
     def __init__(self, kind: str, arch: str | None = None):
         self.kind = kind
