@@ -8,7 +8,7 @@ decomposed graph also differentiates through the ordinary VJP rules. The registe
 
 Rules: the losses (NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss), the normalizations
 (training-mode BatchNormalization, Instance/Group/Layer/MeanVariance normalization),
-ReduceLogSum/ReduceLogSumExp, LpPool, Dropout (the seeded training mask becomes a constant, as
+ReduceLogSum/ReduceLogSumExp, LpPool, Quantize/DequantizeLinear, Dropout (the seeded training mask becomes a constant, as
 the reference draws the same mask every run) and Attention (``decompose_attention.py``).
 
 Preconditions: none. Postconditions: no node ``when`` picks remains, except where a rule cannot
@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.autodiff import GradBuilder
 from kiln.passes.base import Pass, register_pass
@@ -215,6 +216,54 @@ def _lp_pool(b: GradBuilder, node: Node):
     summed = b.op("Conv", b.reshape(powered, [n * c, 1, *spatial]), ones, strides=strides, pads=pads, dilations=dilations)
     summed = b.reshape(summed, node.outputs[0].type.shape)
     return [summed if p == 1 else b.op("Pow", summed, b.const(1.0 / p, x))]
+
+
+# -- linear quantization ---------------------------------------------------------------------
+def _quant_param(b: GradBuilder, param: Value, x: Value, attrs) -> Value:
+    """A scale or zero point laid out to broadcast against ``x``: a scalar, per ``axis``, or
+    each of its blocks repeated ``block_size`` times along ``axis`` (cut to ``x``'s length)."""
+    if param.type.numel == 1 and param.type.rank <= 1:
+        return b.reshape(param, [])
+    axis = attrs["axis"] % x.type.rank
+    if not attrs["block_size"]:
+        return b.reshape(param, [param.type.numel if i == axis else 1 for i in range(x.type.rank)])
+    shape, size = list(param.type.shape), attrs["block_size"]
+    split = shape[: axis + 1] + [1] + shape[axis + 1 :]
+    spread = b.op("Expand", b.reshape(param, split), shape=shape[: axis + 1] + [size] + shape[axis + 1 :])
+    whole = b.reshape(spread, shape[:axis] + [shape[axis] * size] + shape[axis + 1 :])
+    if whole.type.shape[axis] == x.type.shape[axis]:
+        return whole
+    return b.op("Slice", whole, starts=[0], ends=[x.type.shape[axis]], axes=[axis])
+
+
+def _as(b: GradBuilder, v: Value, dtype) -> Value:
+    return v if v.type.dtype == dtype else b.op("Cast", v, to=dtype.short)
+
+
+@decomposition("QuantizeLinear")
+def _quantize(b: GradBuilder, node: Node):
+    """round(x / scale) (half to even, divided in x's precision) + zero point, saturated."""
+    x, scale, zero_point = padded_inputs(node, 3)
+    out = node.outputs[0].type.dtype
+    work = x.type.dtype if x.type.dtype.is_float else DType.float64
+    q = b.op("Round", b.op("Div", _as(b, x, work), _as(b, _quant_param(b, scale, x, node.attrs), work)))
+    q = _as(b, q, DType.float64)
+    if zero_point is not None:
+        q = b.op("Add", q, _as(b, _quant_param(b, zero_point, x, node.attrs), DType.float64))
+    info = np.iinfo(out.numpy)
+    saturated = b.op("Min", b.op("Max", q, b.const(float(info.min), q)), b.const(float(info.max), q))
+    return [b.op("Cast", saturated, to=out.short)]
+
+
+@decomposition("DequantizeLinear")
+def _dequantize(b: GradBuilder, node: Node):
+    """(x - zero point) * scale, in float64 as the reference, then rounded to the output type."""
+    x, scale, zero_point = padded_inputs(node, 3)
+    v = _as(b, x, DType.float64)
+    if zero_point is not None:
+        v = b.op("Sub", v, _as(b, _quant_param(b, zero_point, x, node.attrs), DType.float64))
+    v = b.op("Mul", v, _as(b, _quant_param(b, scale, x, node.attrs), DType.float64))
+    return [_as(b, v, node.outputs[0].type.dtype)]
 
 
 # -- Dropout ----------------------------------------------------------------------------------

@@ -176,3 +176,28 @@ def test_layer_norm_with_a_broadcast_scale():
     """The llvm kernel reads scale and bias whole per row; a broadcast one is decomposed."""
     g, feeds = one_op("LayerNormalization", {"x": floats(3, 4, 5), "scale": floats(4, 1), "bias": floats(5)}, {"axis": 1}, outputs=3)
     check_decomposed(g, feeds, rtol=1e-4, atol=1e-5)
+
+
+QUANT_CASES = {
+    "per-tensor-u8": dict(out=np.uint8, param_shape=()),
+    "per-axis-i8": dict(out=np.int8, param_shape=(4,), axis=1),
+    "blocked-i16": dict(out=np.int16, param_shape=(3, 2, 5), axis=1, block_size=3),
+    "no-zero-point": dict(out=None, param_shape=()),
+}
+
+
+@pytest.mark.parametrize("case", QUANT_CASES.values(), ids=QUANT_CASES.keys())
+def test_linear_quantization(case):
+    """Quantize then dequantize: ties round half to even, values past the range saturate."""
+    shape, out = (3, 4, 5), case["out"]
+    attrs = {k: case[k] for k in ("axis", "block_size") if k in case}
+    x = (RNG.normal(size=shape) * 300).astype(np.float32)
+    x.flat[:4] = [0.5, 1.5, 2.5, -0.5]  # exact ties at scale 1
+    scale = RNG.uniform(0.5, 3, case["param_shape"]).astype(np.float32)
+    scale.flat[0] = 1.0
+    zero = RNG.integers(0 if out == np.uint8 else -3, 5, case["param_shape"]).astype(out) if out is not None else None
+    g, feeds = one_op("QuantizeLinear", {"x": x, "scale": scale, "zero": zero}, attrs)
+    check_decomposed(g, feeds, rtol=0, atol=0)
+    q = evaluate(g, feeds)[0]
+    g, feeds = one_op("DequantizeLinear", {"q": q, "scale": scale, "zero": zero}, attrs)
+    check_decomposed(g, feeds, rtol=0, atol=0)
