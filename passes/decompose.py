@@ -23,6 +23,7 @@ import numpy as np
 
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.ops.norm import dropout_mask
 from kiln.passes.autodiff import GradBuilder
 from kiln.passes.base import Pass, register_pass
 from kiln.passes.rewrite import replace_node
@@ -53,7 +54,7 @@ class Decompose(Pass):
         self.when = when
 
     def run(self, graph: Graph) -> Graph:
-        _load_rules()
+        load_rules()
         for node in [n for n in graph.nodes if n.op.name in RULES and self.when(n)]:
             decompose_node(graph, node)
         return graph
@@ -62,7 +63,7 @@ class Decompose(Pass):
 def decompose_node(graph: Graph, node: Node) -> list[Value | None] | None:
     """Replace ``node`` by its rule's nodes; returns the values that stand for its outputs
     (None when the rule cannot express it: the node stays)."""
-    _load_rules()
+    load_rules()
     start = len(graph.nodes)
     outputs = RULES[node.op.name](GradBuilder(graph, node.name or node.op.name), node)
     if outputs is None:
@@ -72,7 +73,7 @@ def decompose_node(graph: Graph, node: Node) -> list[Value | None] | None:
     return outputs
 
 
-def _load_rules() -> None:
+def load_rules() -> None:
     from kiln.passes import decompose_attention  # noqa: F401
 
 
@@ -277,11 +278,16 @@ def _dropout(b: GradBuilder, node: Node):
     if not a["training_mode"] or a["ratio"] == 0:
         mask = b.graph.add_node("ConstantOfShape", [], {"shape": list(x.type.shape), "value": 1.0, "dtype": "bool"}, name=f"{b.where}/mask").outputs[0] if wants_mask else None
         return [x, mask]
-    keep = np.random.RandomState(a["seed"]).uniform(0.0, 1.0, x.type.shape) >= a["ratio"]
-    scaled = (keep / (1.0 - a["ratio"])).astype(x.type.dtype.numpy)
-    y = b.op("Mul", x, b.graph.add_param(b.graph.fresh_name(f"{b.where}.scale"), scaled))
+    keep = dropout_mask(a, x.type.shape)
+    y = b.op("Mul", x, dropout_scale(b, a, x))
     mask = b.graph.add_param(b.graph.fresh_name(f"{b.where}.mask"), keep) if wants_mask else None
     return [y, mask]
+
+
+def dropout_scale(b: GradBuilder, attrs, x: Value) -> Value:
+    """keep / (1 - ratio) per element of ``x`` (a constant): what training-mode Dropout multiplies by."""
+    scaled = (dropout_mask(attrs, x.type.shape) / (1.0 - attrs["ratio"])).astype(x.type.dtype.numpy)
+    return b.graph.add_param(b.graph.fresh_name(f"{b.where}.scale"), scaled)
 
 
 register_pass(Decompose())

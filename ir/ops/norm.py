@@ -228,11 +228,16 @@ def _dropout_infer(attrs, types):
     return [x, x.with_dtype(DType.bool)]
 
 
+def dropout_mask(a, shape) -> np.ndarray:
+    """The elements training-mode Dropout keeps: numpy's MT19937 stream seeded by ``seed``, the
+    same mask ONNX's reference draws (the decomposition and the gradient rule use it too)."""
+    return np.random.RandomState(a["seed"]).uniform(0.0, 1.0, shape) >= a["ratio"]
+
+
 def _dropout(a, x):
     if not a["training_mode"] or a["ratio"] == 0:
         return x.copy(), np.ones(x.shape, dtype=bool)
-    # numpy's MT19937 stream seeded by `seed`: the same mask ONNX's reference draws
-    keep = np.random.RandomState(a["seed"]).uniform(0.0, 1.0, x.shape) >= a["ratio"]
+    keep = dropout_mask(a, x.shape)
     scale = 1.0 / (1.0 - a["ratio"])
     return (x * keep * scale).astype(x.dtype), keep
 

@@ -6,6 +6,8 @@ for every ``w`` in ``wrt`` and returns them: gradients are graph nodes, built by
 The forward values the rules read are the forward graph's own (saved activations are shared,
 nothing is recomputed unless a rule chooses to). Where a value fans out its gradients are
 summed; only nodes on a path from ``wrt`` to the loss get a gradient (the rest are pruned).
+A node on that path whose op has no rule but a decomposition (``passes/decompose.py``) is
+replaced by it first, in the forward graph.
 
 A rule is ``vjp(b: GradBuilder, node, grads) -> [gradient per input]``: ``grads`` holds one
 cotangent per node output (None where nothing flows back), and the rule returns one value per
@@ -65,6 +67,11 @@ class GradBuilder:
     def zeros_like(self, v: Value) -> Value:
         return zeros_like(self.graph, v, self.where)
 
+    def zeros(self, shape: Sequence[int], like: Value) -> Value:
+        """Zeros of ``shape`` in ``like``'s dtype."""
+        attrs = {"shape": list(shape), "value": 0.0, "dtype": like.type.dtype.short}
+        return self.graph.add_node("ConstantOfShape", [], attrs, name=f"{self.where}/zeros").outputs[0]
+
     def moments(self, x: Value, axes: Sequence[int], eps: float) -> tuple[Value, Value, Value, Value]:
         """Over ``axes`` of ``x`` (kept as size-1 dims): the mean, ``x`` centered, the
         (population) variance and 1 / sqrt(variance + eps): what every normalization computes."""
@@ -94,6 +101,7 @@ def add_gradients(graph: Graph, loss: Value, wrt: Sequence[Value]) -> list[Value
     _load_rules()
     if loss.type.numel != 1 or not loss.type.dtype.name.startswith("float"):
         raise KilnError(f"autodiff: the loss {loss.name!r} must be a floating-point scalar, got {loss.type}")
+    _decompose_underivable(graph, _depends_on(graph, wrt))
     depends = _depends_on(graph, wrt)
     forward = list(graph.nodes)
     grads: dict[Value, Value] = {loss: graph.add_node("ConstantOfShape", [], {"shape": list(loss.type.shape), "value": 1.0, "dtype": loss.type.dtype.short}, name="grad/seed").outputs[0]}
@@ -115,6 +123,18 @@ def add_gradients(graph: Graph, loss: Value, wrt: Sequence[Value]) -> list[Value
     return [grads[w] if w in grads else zeros_like(graph, w) for w in wrt]
 
 
+def _decompose_underivable(graph: Graph, depends: set[Value]) -> None:
+    """Replace the nodes on a path from ``wrt`` whose op has no gradient rule but a
+    decomposition (Attention, LpPool, ReduceLogSumExp, ...) by that decomposition, in place:
+    its ops' rules then give the gradient."""
+    from kiln.passes.decompose import RULES, decompose_node, load_rules
+
+    load_rules()
+    for node in [n for n in graph.nodes if n.op.vjp is None and n.op.name in RULES]:
+        if any(v is not None and v in depends for v in node.inputs):
+            decompose_node(graph, node)
+
+
 def _depends_on(graph: Graph, wrt: Sequence[Value]) -> set[Value]:
     """Values computed from any of ``wrt`` (the only ones that need a gradient)."""
     depends = set(wrt)
@@ -130,4 +150,6 @@ def has_vjp(op_name: str) -> bool:
 
 
 def _load_rules() -> None:
-    from kiln.passes.autodiff import rules_elementwise, rules_nn, rules_tensor  # noqa: F401
+    from kiln.passes.autodiff import rules_derived, rules_elementwise, rules_nn, rules_tensor  # noqa: F401
+
+    rules_derived.install()  # after the hand-written rules, which it leaves alone

@@ -29,9 +29,9 @@ def _each(b, node, grads):
 @vjp("Identity", "Dropout")
 def _identity(b, node, grads):
     if node.op.name == "Dropout" and node.attrs["training_mode"] and node.attrs["ratio"]:
-        from kiln.errors import KilnError
+        from kiln.passes.decompose import dropout_scale
 
-        raise KilnError(f"autodiff: training-mode Dropout {node.name!r}: its mask gradient is not built yet")
+        return [b.op("Mul", grads[0], dropout_scale(b, node.attrs, node.inputs[0]))]
     return [grads[0]]
 
 

@@ -48,53 +48,76 @@ def _split(b, node, grads):
 
 @vjp("Slice")
 def _slice(b, node, grads):
+    """Unit-step axes: zeros padded around the cotangent. Strided axes: each row added back at
+    the row it was taken from."""
     x = node.inputs[0]
     shape = x.type.shape
+    taken = [range(dim)[s] for dim, s in zip(shape, _slices(node.attrs, shape))]
+    if any(len(r) == 0 for r in taken):
+        return [b.zeros_like(x)]
+    g = grads[0]
     before, after = [], []
-    for dim, s in zip(shape, _slices(node.attrs, shape)):
-        r = range(dim)[s]
-        if r.step != 1:
-            raise KilnError(f"autodiff: Slice {node.name!r} with step {r.step}: only unit steps have a gradient rule yet")
-        before.append(r.start if len(r) else 0)
-        after.append(dim - (r.start + len(r)) if len(r) else dim)
-    return [b.op("Pad", grads[0], pads=before + after, mode="constant")]
+    for axis, (dim, r) in enumerate(zip(shape, taken)):
+        if r.step == 1:
+            before.append(r.start)
+            after.append(dim - (r.start + len(r)))
+        else:
+            g = _scatter_add(b, g, b.graph.add_param(b.graph.fresh_name(f"{b.where}.rows"), np.array(r, dtype=np.int64)), axis, dim)
+            before.append(0)
+            after.append(0)
+    return [b.op("Pad", g, pads=before + after, mode="constant") if any(before + after) else g]
 
 
 @vjp("Pad")
 def _pad(b, node, grads):
-    if node.attrs["mode"] != "constant":
-        raise KilnError(f"autodiff: Pad {node.name!r} mode {node.attrs['mode']!r}: only constant padding has a gradient rule yet")
+    """Constant padding: the cotangent's middle. Reflect, edge and wrap: each padded row came
+    from one row of the input, so the rows are added back where they came from, axis by axis."""
     x = node.inputs[0]
     rank = x.type.rank
     pads = node.attrs["pads"]
-    starts = [pads[i] for i in range(rank)]
-    ends = [pads[i] + x.type.shape[i] for i in range(rank)]
+    mode = node.attrs["mode"]
+    if mode == "constant":
+        starts = [pads[i] for i in range(rank)]
+        ends = [pads[i] + x.type.shape[i] for i in range(rank)]
+        if any(p < 0 for p in pads):
+            raise KilnError(f"autodiff: Pad {node.name!r} with negative pads has no gradient rule yet")
+        return [b.op("Slice", grads[0], starts=starts, ends=ends, axes=list(range(rank))), None]
     if any(p < 0 for p in pads):
-        raise KilnError(f"autodiff: Pad {node.name!r} with negative pads has no gradient rule yet")
-    return [b.op("Slice", grads[0], starts=starts, ends=ends, axes=list(range(rank))), None]
+        raise KilnError(f"autodiff: {mode} Pad {node.name!r} with negative pads has no gradient rule yet")
+    g = grads[0]
+    for axis, dim in enumerate(x.type.shape):
+        if pads[axis] or pads[axis + rank]:
+            source = np.pad(np.arange(dim, dtype=np.int64), (pads[axis], pads[axis + rank]), mode=mode)
+            g = _scatter_add(b, g, b.graph.add_param(b.graph.fresh_name(f"{b.where}.rows"), source), axis, dim)
+    return [g, None]
 
 
 @vjp("Gather")
 def _gather(b, node, grads):
-    """Scatter-add the rows back: ScatterND on the gathered axis moved to the front."""
     x, idx = node.inputs
     axis = node.attrs["axis"] % x.type.rank
-    g = grads[0]
+    return [_scatter_add(b, grads[0], idx, axis, x.type.shape[axis]), None]
+
+
+def _scatter_add(b, g, idx, axis: int, dim: int):
+    """The rows of ``g`` (laid out as ``idx``'s dims at ``axis``) added into zeros that have
+    ``dim`` rows on ``axis``, each at the row ``idx`` names (negative: from the end): the
+    gradient of a Gather. ScatterND on the gathered axis moved to the front."""
     k = idx.type.rank
+    rest = [d for i, d in enumerate(g.type.shape) if not axis <= i < axis + k]
+    shape = [*rest[:axis], dim, *rest[axis:]]
+    zeros = b.zeros(shape, g)
+    perm_x = None
     if axis:  # move the gathered axis (and the index dims in g) to the front
-        perm_x = [axis, *[i for i in range(x.type.rank) if i != axis]]
-        perm_g = [*range(axis, axis + k), *range(axis), *range(axis + k, g.type.rank)]
-        g = b.op("Transpose", g, perm=perm_g)
-        zeros = b.op("Transpose", b.zeros_like(x), perm=perm_x)
-    else:
-        perm_x, zeros = None, b.zeros_like(x)
-    dim = x.type.shape[axis]
+        perm_x = [axis, *[i for i in range(len(shape)) if i != axis]]
+        g = b.op("Transpose", g, perm=[*range(axis, axis + k), *range(axis), *range(axis + k, g.type.rank)])
+        zeros = b.op("Transpose", zeros, perm=perm_x)
     wrapped = b.op("Where", b.op("Less", idx, b.const(0, idx)), b.op("Add", idx, b.const(dim, idx)), idx)
     index = b.reshape(b.op("Cast", wrapped, to="i64"), [*idx.type.shape, 1])
     scattered = b.op("ScatterND", zeros, index, g, reduction="add")
     if perm_x is not None:
         scattered = b.op("Transpose", scattered, perm=[perm_x.index(i) for i in range(len(perm_x))])
-    return [scattered, None]
+    return scattered
 
 
 def _reduced_axes(node):
