@@ -21,7 +21,9 @@ from kiln.ir.graph import Graph, Value
 from kiln.ir.types import TensorType
 from kiln.ir.verify import verify
 from kiln.passes.autodiff import GradBuilder, add_gradients
+from kiln.passes.counter_random import uniform
 from kiln.passes.decompose import decompose_node
+from kiln.passes.rewrite import replace_node
 from kiln.passes.decompose_rnn import RECURRENT, decompose_rnn
 
 LOSSES = ("ce", "nll", "mse", "l1", "bce")
@@ -78,6 +80,20 @@ def decompose_batchnorm_training(graph: Graph) -> dict[Value, Value]:
     return updates
 
 
+def draw_dropout_per_step(graph: Graph, step: Value) -> None:
+    """Training-mode Dropout as ``x * keep / (1 - ratio)`` with ``keep`` drawn afresh each step
+    from the node's seed and ``step`` (counter-based, so runs stay reproducible): the gradient
+    then reads the same mask, a forward value like any other."""
+    for node in [n for n in graph.nodes if n.op.name == "Dropout" and n.attrs["training_mode"] and n.attrs["ratio"] > 0]:
+        start = len(graph.nodes)
+        b = GradBuilder(graph, node.name or "Dropout")
+        x, ratio = node.inputs[0], node.attrs["ratio"]
+        draw = uniform(b, x.type.shape, node.attrs["seed"], step)
+        keep = b.op("GreaterOrEqual", draw, b.const(ratio, draw))
+        y = b.op("Mul", x, b.op("Mul", b.op("Cast", keep, to=x.type.dtype.short), b.const(1.0 / (1.0 - ratio), x)))
+        replace_node(graph, node, [y, keep], start)
+
+
 def training_step(graph: Graph, loss: str, optimizer, output: str | None = None, clip_norm: float | None = None) -> TrainingStep:
     """The training step of ``graph`` (a copy is changed; ``graph`` is left alone)."""
     graph = graph.copy()
@@ -97,6 +113,8 @@ def training_step(graph: Graph, loss: str, optimizer, output: str | None = None,
     values = {v.name: v for v in graph.values()}
     out = values[name]
     trainable = [values[n] for n in trainable_names]
+    step_in = graph.add_input(STEP, TensorType((), trainable[0].type.dtype if trainable else out.type.dtype))
+    draw_dropout_per_step(graph, step_in)
     target = graph.add_input(TARGET, target_type(loss, out.type))
     loss_value = attach_loss(graph, out, loss, target)
     graph.rename(loss_value, graph.fresh_name("loss"))
@@ -105,7 +123,6 @@ def training_step(graph: Graph, loss: str, optimizer, output: str | None = None,
     b = GradBuilder(graph, "optimizer")
     if clip_norm is not None:
         grads = _clip_by_global_norm(b, grads, clip_norm)
-    step_in = graph.add_input(STEP, TensorType((), trainable[0].type.dtype if trainable else loss_value.type.dtype))
     step = b.op("Add", step_in, b.const(1.0, step_in))
     state: dict[str, np.ndarray] = {}
     outputs, next_names = [loss_value], {}

@@ -213,3 +213,18 @@ def test_every_zoo_model_trains(name):
     trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=3e-3))
     losses = [trainer.step(x, y) for _ in range(6)]
     assert losses[-1] < losses[0], losses
+
+
+def test_dropout_draws_a_new_mask_each_step():
+    """Training-mode Dropout's mask comes from the seed and the step count: steps differ, a
+    rerun repeats them, and llvm keeps the same elements as eager."""
+    x, y = _batch((16, 784), 10, 3)
+
+    def losses(target: str) -> list[float]:
+        trainer = kiln.train.Trainer(zoo.build("mlp", hidden=(64,), dropout=0.5), loss="ce", optimizer=SGD(lr=0.0), target=target)
+        return [trainer.step(x, y) for _ in range(3)]
+
+    eager = losses("eager")
+    assert len(set(eager)) == 3, f"with lr 0 only the mask can change the loss: {eager}"
+    assert losses("eager") == eager
+    np.testing.assert_allclose(losses("llvm"), eager, rtol=1e-5)
