@@ -82,18 +82,20 @@ def optimize(
     dump_ir: str | os.PathLike | None = None,
     lowering: Sequence["str | Pass"] = (),
     layout: str = "nchw",
+    recompute: bool = False,
 ) -> Graph:
     """Import ``model`` and run ``lowering``, ``pipeline`` (``O0``/``O1``/``O2``) then ``passes``.
 
     ``layout`` (``nchw``/``nhwc``/``auto``) converts convolutions and pools to that data layout
     (-O2); ``auto`` chooses channels-last where the convolution work is in wide layers.
+    ``recompute`` rebuilds cheap values read again much later instead of keeping them (-O2).
     A Graph given as ``model`` is copied first, never edited. ``dump_ir`` writes the IR before
     and after each pass into that folder. The pass records are on ``graph.pass_records``.
     """
     graph = to_graph(model, shapes, constants)
     if isinstance(model, Graph):
         graph = graph.copy()
-    manager = PassManager([*lowering, *pipeline_passes(pipeline, layout), *passes], Path(dump_ir) if dump_ir is not None else None)
+    manager = PassManager([*lowering, *pipeline_passes(pipeline, layout, recompute), *passes], Path(dump_ir) if dump_ir is not None else None)
     graph = manager.run(graph)
     graph.pass_records = manager.records
     return graph
@@ -109,19 +111,22 @@ def compile(
     dump_ir: str | os.PathLike | None = None,
     layout: str = "auto",
     arch: str | None = None,
+    recompute: bool = False,
 ) -> Module:
     """Compile ``model`` for ``target`` and return a runnable Module.
 
     ``shapes`` binds symbolic input dims (``{"x": (1, 3, 224, 224)}``); ``constants`` fixes
     inputs to values, which then become parameters. ``pipeline`` defaults to the backend's
     (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it. ``arch`` is
-    the GPU generation of ``tvm-cuda`` (``sm_90``...).
+    the GPU generation of ``tvm-cuda`` (``sm_90``...). ``recompute`` trades arithmetic for
+    memory: cheap values read again much later (a training step's activations, read by their
+    gradients) are rebuilt where they are read again (-O2's ``rematerialize``).
     """
     backend = get_backend(target, arch)
     chosen_pipeline = pipeline or backend.default_pipeline
     if layout == "auto":  # the backend's preference, where the pipeline converts layouts at all
         layout = backend.preferred_layout if chosen_pipeline.lstrip("-").upper() == "O2" else "nchw"
-    graph = optimize(model, chosen_pipeline, passes, shapes, constants, dump_ir, backend.lowering, layout)
+    graph = optimize(model, chosen_pipeline, passes, shapes, constants, dump_ir, backend.lowering, layout, recompute)
     module = Module(graph, target, backend.build(graph))
     module.pass_records = graph.pass_records
     return module

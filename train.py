@@ -48,6 +48,7 @@ class Trainer:
         clip_norm: float | None = None,
         input_name: str | None = None,
         arch: str | None = None,
+        recompute: bool = False,
     ):
         if loss not in LOSSES:
             raise KilnError(f"unknown loss {loss!r}; kiln has {', '.join(LOSSES)}")
@@ -59,6 +60,7 @@ class Trainer:
         self.clip_norm = clip_norm
         self.input_name = input_name
         self.arch = arch  # the GPU generation for tvm-cuda
+        self.recompute = recompute  # rebuild cheap activations where the gradient reads them (less memory)
         self.values: dict[str, np.ndarray] = {}  # parameters, buffers and optimizer state, by name
         self.trainable: list[str] = []
         self._steps: dict[tuple, tuple[TrainingStep, Any]] = {}
@@ -113,7 +115,8 @@ class Trainer:
             for name, array in {**step.params, **step.buffers, **step.state}.items():
                 self.values.setdefault(name, np.array(array, copy=True))
             self.trainable = list(step.params)
-            module = kiln.compile(step.graph, target=self.target, layout="nchw", arch=self.arch)
+            # eager runs the graph as built (-O0, no memory plan): nothing to recompute there
+            module = kiln.compile(step.graph, target=self.target, layout="nchw", arch=self.arch, recompute=self.recompute and self.target != "eager")
             self._steps[key] = (step, module)
         return self._steps[key]
 

@@ -18,8 +18,11 @@ PIPELINES: dict[str, list[str]] = {
 }
 
 
-def pipeline(name: str, layout: str = "nchw") -> list[str]:
+def pipeline(name: str, layout: str = "nchw", recompute: bool = False) -> list[str]:
     """The pass names of pipeline ``name`` (``O0``, ``O1``, ``O2``; a leading ``-`` is accepted).
+
+    ``recompute=True`` adds ``rematerialize`` to -O2 just before fusion: cheap values read
+    again much later (a training step's activations) are rebuilt there, not kept.
 
     ``layout="nhwc"`` adds the layout passes to -O2, after BatchNorm folding (which needs the
     NCHW conv) and before the second canonicalize (which cancels the transposes they leave);
@@ -34,6 +37,10 @@ def pipeline(name: str, layout: str = "nchw") -> list[str]:
         raise KilnError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}") from None
     if layout not in LAYOUT_PASSES:
         raise KilnError(f"unknown layout {layout!r}; known: {', '.join(LAYOUT_PASSES)}")
+    if recompute:
+        if key != "O2":
+            raise KilnError(f"recompute is part of -O2 (it runs before fusion); -{key} keeps every value where it is")
+        passes.insert(passes.index("fuse"), "rematerialize")
     if LAYOUT_PASSES[layout]:
         if key != "O2":
             raise KilnError(f"layout {layout!r} is part of -O2; -{key} keeps the model's layout")
