@@ -65,7 +65,8 @@ class Module:
         """Run on ``{input name: array}``; returns ``{output name: array}`` (fresh arrays)."""
         arrays = self._check(inputs or {})
         results = self.executable.run(arrays)
-        return {v.name: np.array(r, copy=True) for v, r in zip(self.graph.outputs, results)}
+        fresh = getattr(self.executable, "fresh_outputs", False)  # already copies nobody else holds
+        return {v.name: r if fresh else np.array(r, copy=True) for v, r in zip(self.graph.outputs, results)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this module as one .kiln artifact (atomic)."""

@@ -143,6 +143,8 @@ class LLVMExecutable:
         self._table[n_in + len(self._params)] = self._arena.ctypes.data
         self._lock = threading.Lock()
 
+    fresh_outputs = True  # run() copies each output out of the arena
+
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         arrays = [np.require(a, requirements="C") for a in inputs]
         with self._lock:

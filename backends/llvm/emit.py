@@ -69,6 +69,11 @@ class View:
             strides.append(0 if d == 1 and want != 1 else s)
         return View(self.ptr, self.dtype, tuple(shape), tuple(strides), self.offset)
 
+    def rows(self, start: int, stop: int, ptr: ir.Value | None = None) -> "View":
+        """Indices [start, stop) of the first dim (on ``ptr`` when given: the same buffer as
+        another function sees it)."""
+        return View(ptr if ptr is not None else self.ptr, self.dtype, (stop - start, *self.shape[1:]), self.strides, self.offset + start * self.strides[0])
+
     def permuted(self, perm: Sequence[int]) -> "View":
         return View(self.ptr, self.dtype, tuple(self.shape[p] for p in perm), tuple(self.strides[p] for p in perm), self.offset)
 

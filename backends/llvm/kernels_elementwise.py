@@ -3,15 +3,21 @@ loop nest, fused groups of other kinds as a sub-program, and inference BatchNorm
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, kernel, program_bytes
 from kiln.backends.llvm.emit import LLVMScalarOps, View, loop_nest
+from kiln.backends.llvm.parallel import Emitting, parallel_rows
+from kiln.config import num_threads
 from kiln.errors import KilnError
 from kiln.ir.opdef import OpKind
 from kiln.passes.plan_memory import plan_memory
+
+
+PARALLEL_ELEMENTS = 1 << 15  # a loop over fewer elements runs faster on one core than handed out
 
 
 def coalesce(shape: Sequence[int], views: Sequence[View]) -> tuple[list[int], list[View]]:
@@ -57,7 +63,24 @@ def emit_pointwise_outputs(
     shape, coalesced = coalesce(shape0, [*outs, *present])
     out_views, in_views = coalesced[: len(outs)], iter(coalesced[len(outs) :])
     views = [next(in_views) if v is not None else None for v in inputs]
-    E = LLVMScalarOps(b, module)
+    threads = min(num_threads(), math.prod(shape) // PARALLEL_ELEMENTS)
+    if threads < 2:
+        _pointwise_loop(Emitting(b, module), shape, out_views, views, body)
+        return
+    present_views = [*out_views, *(v for v in views if v is not None)]
+
+    def block(emitting, ptrs, lo, hi, _):
+        moved = iter(v.rows(lo, hi, ptr) for v, ptr in zip(present_views, ptrs))
+        part = [next(moved) for _ in out_views], [next(moved) if v is not None else None for v in views]
+        _pointwise_loop(emitting, [hi - lo, *shape[1:]], *part, body)
+
+    align = max(1, 64 // outs[0].dtype.itemsize) if len(shape) == 1 else 1  # blocks on cache lines
+    parallel_rows(Emitting(b, module), shape[0], threads, [v.ptr for v in present_views], block, align)
+
+
+def _pointwise_loop(emitting, shape, out_views: Sequence[View], views: Sequence[View | None], body) -> None:
+    b = emitting.b
+    E = LLVMScalarOps(b, emitting.module)
     with loop_nest(b, shape) as index:
         loaded = [E.typed(v.load(b, index), v.dtype) if v is not None else None for v in views]
         for view, value in zip(out_views, body(E, loaded)):

@@ -4,12 +4,12 @@ Conv as im2col into scratch plus the same GEMM, pooling, reductions and softmax.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
 from kiln.backends.llvm.emit import PTR, LLVMScalarOps, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
 from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
@@ -66,59 +66,12 @@ def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float) -> None:
         _gemm_loops(ctx, a, bm, c, alpha)
 
 
-@dataclass
-class _Emitting:
-    """The part of a KernelContext the GEMM emitters use: a builder and the module."""
-
-    b: ir.IRBuilder
-    module: ir.Module
-
-
-def _rows(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> View:
-    return View(ptr if ptr is not None else view.ptr, view.dtype, (stop - start, *view.shape[1:]), view.strides, view.offset + start * view.strides[0])
-
-
-def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, align: int = 1) -> None:
-    """Rows [0, rows) split over ``threads``: ``emit(emitting, pointers, lo, hi, block)`` writes
-    the code for block number ``block`` (0 is this thread's; a block's scratch may be its own).
-    Blocks 1.. are worker functions emitted here, handed with their argument blocks
-    (``pointers``) to the process's worker pool (``pool.py``: no thread start, no Python
-    per task); this thread runs the first block, then waits for the rest. Block starts are
-    multiples of ``align``."""
-    from kiln.backends.llvm.pool import SUBMIT, WAIT
-
-    b, module = ctx.b, ctx.module
-    bounds = [min(rows, (rows * t // threads + align - 1) // align * align) for t in range(threads)] + [rows]
-    blocks = [(bounds[t], bounds[t + 1]) for t in range(1, threads) if bounds[t] < bounds[t + 1]]
-    i32 = ir.IntType(32)
-    submit = module.globals.get(SUBMIT) or ir.Function(module, ir.FunctionType(i32, [PTR, PTR, ir.IntType(64)]), SUBMIT)
-    wait = module.globals.get(WAIT) or ir.Function(module, ir.FunctionType(ir.VoidType(), []), WAIT)
-    fns, args = _entry_array(b, PTR, max(1, len(blocks))), _entry_array(b, PTR, max(1, len(blocks)))
-    for index, (lo, hi) in enumerate(blocks):
-        worker = ir.Function(module, ir.FunctionType(PTR, [PTR]), module.get_unique_name("rows"))
-        worker.linkage = "internal"
-        wb = ir.IRBuilder(worker.append_basic_block("entry"))
-        passed = [wb.load(wb.gep(worker.args[0], [const_i64(i)], source_etype=PTR), typ=PTR) for i in range(len(pointers))]
-        emit(_Emitting(wb, module), passed, lo, hi, index + 1)
-        wb.ret(ir.Constant(PTR, None))
-        block_args = _entry_array(b, PTR, len(pointers))
-        for i, ptr in enumerate(pointers):
-            b.store(ptr, b.gep(block_args, [const_i64(i)], source_etype=PTR))
-        b.store(worker, b.gep(fns, [const_i64(index)], source_etype=PTR))
-        b.store(block_args, b.gep(args, [const_i64(index)], source_etype=PTR))
-    dispatched = b.call(submit, [fns, args, const_i64(len(blocks))]) if blocks else None
-    emit(ctx, pointers, bounds[0], bounds[1], 0)
-    if dispatched is not None:
-        with b.if_then(b.icmp_unsigned("!=", dispatched, ir.Constant(i32, 0))):
-            b.call(wait, [])
-
-
 def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
     """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
 
     def block(emitting, ptrs, lo, hi, _):
         b_view = View(ptrs[1], bm.dtype, bm.shape, bm.strides, bm.offset)
-        _serial_gemm(emitting, _rows(a, lo, hi, ptrs[0]), b_view, _rows(c, lo, hi, ptrs[2]), alpha)
+        _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), b_view, c.rows(lo, hi, ptrs[2]), alpha)
 
     parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=MR)
 
@@ -132,14 +85,6 @@ def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: in
         _serial_gemm(emitting, a_view, _columns(bm, lo, hi, ptrs[1]), _columns(c, lo, hi, ptrs[2]), alpha)
 
     parallel_rows(ctx, bm.shape[1], threads, [a.ptr, bm.ptr, c.ptr], block, align=nr)
-
-
-def _entry_array(b: ir.IRBuilder, ty: ir.Type, count: int) -> ir.Value:
-    here = b.block
-    b.position_at_start(b.function.entry_basic_block)
-    slot = b.alloca(ty, size=const_i64(count))
-    b.position_at_end(here)
-    return slot
 
 
 def _columns(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> View:

@@ -367,3 +367,35 @@ def test_gemm_with_long_k_and_leftover_columns_matches_eager(dtype):
     (want,) = kiln.compile(graph).run(feed).values()
     (got,) = kiln.compile(graph, target="llvm").run(feed).values()
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2 if dtype == "float16" else 1e-5, atol=1e-2 if dtype == "float16" else 1e-5)
+
+
+@pytest.mark.parametrize("shape, other", [((300001,), (300001,)), ((3, 70001), (70001,)), ((5, 40000), (5, 1))], ids=["1d-odd", "row-broadcast", "column-broadcast"])
+def test_large_elementwise_loops_split_over_threads(shape, other):
+    """A fused elementwise group of >= PARALLEL_ELEMENTS elements splits its outer rows over
+    the pool: every block's inputs (broadcast ones included) and both outputs line up with
+    what one thread computes and with eager."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_elementwise import PARALLEL_ELEMENTS
+
+    assert np.prod(shape) >= 2 * PARALLEL_ELEMENTS
+    t, u = (f"f32[{','.join(map(str, dims))}]" for dims in (shape, other))
+    graph = parse_graph(
+        f"""graph g(%x: {t}, %y: {u}) {{
+          %s: {t} = Add(%x, %y)
+          %e: {t} = Exp(%s)
+          %h: {t} = Tanh(%e)
+          return %e, %h
+        }}"""
+    )
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32), "y": rng.standard_normal(other).astype(np.float32)}
+    want = kiln.compile(graph).run(feeds)
+    results = {}
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off"):
+            module = kiln.compile(graph, target="llvm")
+            assert [n.op.name for n in module.graph.nodes] == ["Fused"]
+            results[threads] = module.run(feeds)
+    for name in want:
+        np.testing.assert_array_equal(results[2][name], results[1][name])
+        np.testing.assert_allclose(results[2][name], want[name], rtol=1e-5)
