@@ -48,8 +48,8 @@ def row_major_gemm(graph: Graph) -> Graph:
         if node.op.name != "Gemm":
             continue
         for slot, flag in ((0, "transA"), (1, "transB")):
-            if not node.attrs[flag]:
-                continue
+            if not node.attrs[flag] or slot == 0 and node.inputs[0] not in graph.params:
+                continue  # a transposed A computed at run time is read in place
             value = node.inputs[slot]
             if value in graph.params:
                 flipped = _transposed(graph, value, made)

@@ -599,6 +599,10 @@ def reduce(ctx: KernelContext) -> None:
     kept = [a for a in range(rank) if a not in axes]
     init, combine, finish = REDUCTIONS[node.op.name]
     count = math.prod(x.shape[a] for a in axes)
+    inner = math.prod(x.shape[max(axes) + 1 :]) if axes else 1
+    if axes and axes == list(range(axes[0], axes[-1] + 1)) and inner > 1 and x.strides == tuple(contiguous_strides(x.shape)):
+        _reduce_into_rows(ctx, math.prod(x.shape[: axes[0]]), count, inner)
+        return
     out = View(y.ptr, y.dtype, tuple(x.shape[a] for a in kept), tuple(contiguous_strides([x.shape[a] for a in kept])))
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
@@ -615,6 +619,28 @@ def reduce(ctx: KernelContext) -> None:
             acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
             b.store(combine(E, acc, E.typed(x.load(b, full), x.dtype)), acc_ptr)
         out.store(b, index, finish(E, E.typed(b.load(acc_ptr, typ=ty), x.dtype), count))
+
+
+def _reduce_into_rows(ctx: KernelContext, outer: int, length: int, inner: int) -> None:
+    """x viewed as (outer, length, inner), reduced over its middle axis with the output's row
+    of ``inner`` accumulators updated by each input row in turn: the innermost loop runs along
+    contiguous memory and vectorizes, and each output element still combines its inputs in
+    order (the same result as one accumulator walking the column)."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    init, combine, finish = REDUCTIONS[ctx.node.op.name]
+    xv = View(x.ptr, x.dtype, (outer, length, inner), (length * inner, inner, 1), x.offset)
+    yv = View(y.ptr, y.dtype, (outer, inner), (inner, 1), y.offset)
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    with for_range(b, outer, name="o") as o:
+        with for_range(b, inner, name="i") as i:
+            yv.store(b, [o, i], ir.Constant(_t(y), init))
+        with for_range(b, length, name="r") as r:
+            with for_range(b, inner, name="i") as i:
+                acc = E.typed(yv.load(b, [o, i]), y.dtype)
+                yv.store(b, [o, i], combine(E, acc, E.typed(xv.load(b, [o, r, i]), x.dtype)))
+        with for_range(b, inner, name="i") as i:  # the mean's division, L2's root (others: a copy)
+            yv.store(b, [o, i], finish(E, E.typed(yv.load(b, [o, i]), y.dtype), length))
 
 
 @kernel("Softmax", "LogSoftmax")

@@ -399,3 +399,20 @@ def test_large_elementwise_loops_split_over_threads(shape, other):
     for name in want:
         np.testing.assert_array_equal(results[2][name], results[1][name])
         np.testing.assert_allclose(results[2][name], want[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("op, axes", [("ReduceMean", [0, 1]), ("ReduceL2", [1]), ("ReduceMax", [0])])
+def test_reductions_over_leading_axes_accumulate_along_rows(op, axes):
+    """Reduced axes followed by kept ones: whole output rows are updated per input row (the
+    vectorized form), combining each element's inputs in the same order as one accumulator."""
+    shape = (37, 65, 19)
+    kept = [d for i, d in enumerate(shape) if i not in axes]
+    graph = parse_graph(
+        f"""graph g(%x: f32[{','.join(map(str, shape))}]) {{
+          %y: f32[{','.join(map(str, kept))}] = {op}(%x) {{axes={axes}, keepdims=0}}
+          return %y
+        }}"""
+    )
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    got = kiln.compile(graph, target="llvm").run({"x": x})["y"]
+    np.testing.assert_allclose(got, kiln.compile(graph).run({"x": x})["y"], rtol=2e-6, atol=1e-6)
