@@ -1,6 +1,7 @@
 """pretranspose_weights: constant GEMM weights stored the way the kernels read them;
-row_major_gemm: the same for operands computed at run time (a transpose node, O(K N), before
-an O(M K N) product).
+row_major_gemm: the same for B computed at run time (a transpose node, O(K N), before an
+O(M K N) product); a transposed A computed at run time stays (the kernel reads A^T in place,
+MR contiguous elements per k).
 
 ``Gemm(a, B, c) {transB=1}`` with a constant ``B`` (PyTorch's Linear layout, (N, K)) becomes
 ``Gemm(a, B.T, c) {transB=0}`` with ``B.T`` computed now: the backends' GEMM streams rows of B,
@@ -41,7 +42,8 @@ def pretranspose_weights(graph: Graph) -> Graph:
 
 @graph_pass("row_major_gemm")
 def row_major_gemm(graph: Graph) -> Graph:
-    """Gemm operands with transA/transB=1 transposed by a node first (constants: at compile time)."""
+    """Gemm B operands with transB=1 transposed by a node first, and constants with either flag
+    at compile time."""
     made: dict[Value, Value] = {}
     for index in range(len(graph.nodes) - 1, -1, -1):
         node = graph.nodes[index]

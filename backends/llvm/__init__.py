@@ -208,7 +208,8 @@ class LLVMBackend:
     default_pipeline = "O2"
     preferred_layout = "auto"  # NHWC where convs are wide: resnet18 1.7x faster, LeNet-5 stays NCHW
     # ops without a kernel expressed through others before any pipeline runs; GEMM operands
-    # made row-major (the micro-kernel streams rows: training's x^T g and g W^T come transposed)
+    # B made row-major (the micro-kernel streams rows of B: training's g W^T comes transposed;
+    # a transposed A, as in x^T g, it reads in place)
     lowering = [Decompose(when=lacks_kernel), "decompose_rnn", "row_major_gemm"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
