@@ -361,7 +361,24 @@ def _nhwc_conv_scratch(node) -> int:
     if _nhwc_direct(node):
         return 0
     x, w, nd, *_, out = _nhwc_geometry(node)
-    return math.prod(out) * math.prod(w.shape[:-1]) * x.dtype.itemsize
+    kk = math.prod(w.shape[:-1])
+    chunk = _chunk_rows(math.prod(out), kk, w.shape[-1], x.dtype.itemsize)
+    if chunk:
+        return num_threads() * chunk * kk * x.dtype.itemsize
+    return math.prod(out) * kk * x.dtype.itemsize
+
+
+CHUNK_BYTES = 1 << 18  # an im2col chunk small enough to stay in L2 while its GEMM reads it
+
+
+def _chunk_rows(p: int, kk: int, m: int, itemsize: int) -> int | None:
+    """Rows per im2col chunk when a conv's column matrix is large and its weights small (the
+    stem, the first stages): each thread copies a chunk and multiplies it while it is still in
+    cache, instead of writing the whole matrix to memory and reading it back. None otherwise."""
+    if p * kk * itemsize < 4 * CHUNK_BYTES or kk * m * itemsize > CHUNK_BYTES:
+        return None
+    rows = CHUNK_BYTES // (kk * itemsize) // MR * MR
+    return rows if rows >= 4 * MR else None
 
 
 def _nhwc_conv(ctx: KernelContext) -> None:
@@ -387,6 +404,10 @@ def _nhwc_conv(ctx: KernelContext) -> None:
     image = math.prod(in_sp) * c
     geometry = (in_sp, out_sp, kernel_shape, strides, dilations, pads, c)
     threads = min(num_threads(), p)
+    chunk = _chunk_rows(p, kk, m, x.dtype.itemsize)
+    if chunk:
+        _nhwc_conv_chunked(ctx, chunk, w_view, bias, geometry, p, kk, m, image)
+        return
     with for_range(b, n, name="img") as img:
         x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=_t(xv))
 
@@ -405,23 +426,99 @@ def _nhwc_conv(ctx: KernelContext) -> None:
 PARALLEL_COPY = 1 << 16  # im2col elements below which one thread copies
 
 
+def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View | None, geometry, p: int, kk: int, m: int, image: int) -> None:
+    """Each image's output positions split over the pool; each thread takes its rows ``chunk``
+    at a time: im2col into its own scratch, then a one-thread GEMM into the output rows."""
+    xv, y = ctx.inputs[0], ctx.outputs[0]
+    ty = _t(xv)
+
+    def rows(emitting, ptrs, lo, hi, index):
+        b = emitting.b
+        x_img, scratch, y_img, w_ptr = ptrs[:4]  # pointers as this block's function sees them
+        weights = View(w_ptr, w_view.dtype, w_view.shape, w_view.strides)
+        bias_ptr = ptrs[4] if bias is not None else None
+        mine = b.gep(scratch, [const_i64(index * chunk * kk)], source_etype=ty)
+
+        def one(start: ir.Value, count: int) -> None:
+            # the chunk's rows as rows [start, start + count) of a matrix that starts before it
+            cols = View(b.gep(mine, [b.neg(b.mul(start, const_i64(kk)))], source_etype=ty), xv.dtype, (p, kk), (kk, 1))
+            _nhwc_im2col(b, x_img, cols, start, b.add(start, const_i64(count)), *geometry)
+            a = View(mine, xv.dtype, (count, kk), (kk, 1))
+            out = View(b.gep(y_img, [b.mul(start, const_i64(m))], source_etype=ty), y.dtype, (count, m), (m, 1))
+            _serial_gemm(emitting, a, weights, out, 1.0)
+            if bias is not None:
+                from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+
+                emit_pointwise(b, emitting.module, out, [out, View(bias_ptr, bias.dtype, (count, m), (0, 1))], lambda E, xs: E.add(xs[0], xs[1]))
+
+        full, rest = divmod(hi - lo, chunk)
+        with for_range(b, full, name="chunk") as k:
+            one(b.add(const_i64(lo), b.mul(k, const_i64(chunk))), chunk)
+        if rest:
+            one(const_i64(hi - rest), rest)
+
+    b = ctx.b
+    threads = min(num_threads(), max(1, p // chunk))
+    with for_range(b, xv.shape[0], name="img") as img:
+        x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=ty)
+        y_img = b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=ty)
+        extra = [bias.ptr] if bias is not None else []
+        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *extra], rows, align=MR)
+
+
 def _nhwc_im2col(b, x_img, cols: View, lo: int, hi: int, in_sp, out_sp, kernel_shape, strides, dilations, pads, c) -> None:
     """cols[pos, (tap, ch)] = x[pos * s - pad + tap * d, ch] (0 outside) for positions [lo, hi)."""
     nd = len(in_sp)
-    zero = ir.Constant(_t(cols), 0.0)
-    ty = _t(cols)
     with for_range(b, hi, start=lo, name="pos") as row:
         pos, rest = [], row
         for axis in reversed(range(nd)):  # the flat position as coordinates
             pos.insert(0, b.urem(rest, const_i64(out_sp[axis])))
             rest = b.udiv(rest, const_i64(out_sp[axis]))
-        with loop_nest(b, kernel_shape, name="tap") as ks:
-            flat, inside = _tap_offset(b, const_i64(0), pos, ks, in_sp, c, strides, dilations, pads)
-            tap = _row_major(b, ks, kernel_shape)
-            col0 = b.mul(tap, const_i64(c))
-            with for_range(b, c, name="ch") as ch:
-                value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
-                cols.store(b, [row, b.add(col0, ch)], b.select(inside, value, zero))
+        if nd == 2 and dilations[1] == 1:
+            _nhwc_im2col_runs(b, x_img, cols, row, pos, in_sp, kernel_shape, strides, dilations, pads, c)
+        else:
+            _nhwc_im2col_taps(b, x_img, cols, row, pos, in_sp, kernel_shape, strides, dilations, pads, c)
+
+
+def _nhwc_im2col_runs(b, x_img, cols: View, row, pos, in_sp, kernel_shape, strides, dilations, pads, c) -> None:
+    """A 2-D window with unit width dilation: each kernel row reads kw * C contiguous input
+    elements, copied as one run where the window lies inside the image (the borders take the
+    tap-by-tap path)."""
+    ty = _t(cols)
+    kh, kw = kernel_shape
+    height, width = in_sp
+    x0 = b.sub(b.mul(pos[1], const_i64(strides[1])), const_i64(pads[1]))
+    x_inside = b.and_(b.icmp_signed(">=", x0, const_i64(0)), b.icmp_signed("<=", b.add(x0, const_i64(kw)), const_i64(width)))
+    with for_range(b, kh, name="ky") as ky:
+        y = _tap_coord(b, pos[0], ky, strides[0], dilations[0], pads[0])
+        inside = b.and_(x_inside, b.and_(b.icmp_signed(">=", y, const_i64(0)), b.icmp_signed("<", y, const_i64(height))))
+        col0 = b.mul(ky, const_i64(kw * c))
+        with b.if_else(inside) as (whole, edge):
+            with whole:
+                start = b.mul(b.add(b.mul(y, const_i64(width)), x0), const_i64(c))
+                with for_range(b, kw * c, name="run") as j:
+                    value = b.load(b.gep(x_img, [b.add(start, j)], source_etype=ty), typ=ty)
+                    cols.store(b, [row, b.add(col0, j)], value)
+            with edge:
+                zero = ir.Constant(ty, 0.0)
+                with for_range(b, kw, name="kx") as kx:
+                    flat, ok = _tap_offset(b, const_i64(0), pos, [ky, kx], in_sp, c, strides, dilations, pads)
+                    tap0 = b.add(col0, b.mul(kx, const_i64(c)))
+                    with for_range(b, c, name="ch") as ch:
+                        value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
+                        cols.store(b, [row, b.add(tap0, ch)], b.select(ok, value, zero))
+
+
+def _nhwc_im2col_taps(b, x_img, cols: View, row, pos, in_sp, kernel_shape, strides, dilations, pads, c) -> None:
+    """cols[row, (tap, ch)] tap by tap, each tap's C channels copied (0 outside the image)."""
+    ty = _t(cols)
+    zero = ir.Constant(ty, 0.0)
+    with loop_nest(b, kernel_shape, name="tap") as ks:
+        flat, inside = _tap_offset(b, const_i64(0), pos, ks, in_sp, c, strides, dilations, pads)
+        col0 = b.mul(_row_major(b, ks, kernel_shape), const_i64(c))
+        with for_range(b, c, name="ch") as ch:
+            value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
+            cols.store(b, [row, b.add(col0, ch)], b.select(inside, value, zero))
 
 
 def _tap_coord(b, pos: ir.Value, k: ir.Value, stride: int, dilation: int, pad: int) -> ir.Value:

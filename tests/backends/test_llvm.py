@@ -416,3 +416,40 @@ def test_reductions_over_leading_axes_accumulate_along_rows(op, axes):
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     got = kiln.compile(graph, target="llvm").run({"x": x})["y"]
     np.testing.assert_allclose(got, kiln.compile(graph).run({"x": x})["y"], rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs, channels", [
+    ({"pads": [3, 3, 3, 3], "strides": [2, 2]}, 3),  # a ResNet stem: 3-channel runs, stride 2
+    ({"pads": [1, 1, 1, 1]}, 16),
+    ({"pads": [0, 2, 1, 0], "dilations": [2, 1]}, 8),
+])
+def test_nhwc_conv_in_cache_sized_chunks_matches_eager(attrs, channels):
+    """A large im2col matrix with small weights: each thread copies and multiplies a chunk of
+    output rows at a time in its own scratch (borders, dilation and a leftover chunk included)."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import _chunk_rows, _nhwc_geometry
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(4)
+    k = 7 if channels == 3 else 3
+    graph = Graph("conv")
+    x = graph.add_input("x", TensorType((2, channels, 90, 90), DType.float32))
+    w = graph.add_param("w", rng.standard_normal((24, channels, k, k)).astype(np.float32))
+    bias = graph.add_param("b", rng.standard_normal(24).astype(np.float32))
+    graph.outputs = [graph.add_node("Conv", [x, w, bias], dict(attrs)).outputs[0]]
+    feed = {"x": rng.standard_normal((2, channels, 90, 90)).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    results = []
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            module = kiln.compile(graph, target="llvm", layout="nhwc")
+            conv = next(n for n in module.graph.nodes if n.op.name == "Conv")
+            assert conv.attrs["layout"] == "NHWC"
+            _, wt, _, *_, out = _nhwc_geometry(conv)
+            assert _chunk_rows(int(np.prod(out)), int(np.prod(wt.shape[:-1])), wt.shape[-1], 4)
+            (got,) = module.run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        results.append(got)
+    np.testing.assert_array_equal(results[0], results[1])
