@@ -375,7 +375,7 @@ def _chunk_rows(p: int, kk: int, m: int, itemsize: int) -> int | None:
     """Rows per im2col chunk when a conv's column matrix is large and its weights small (the
     stem, the first stages): each thread copies a chunk and multiplies it while it is still in
     cache, instead of writing the whole matrix to memory and reading it back. None otherwise."""
-    if p * kk * itemsize < 4 * CHUNK_BYTES or kk * m * itemsize > CHUNK_BYTES:
+    if p * kk * itemsize < 4 * CHUNK_BYTES or kk * m * itemsize > 2 * CHUNK_BYTES:
         return None
     rows = CHUNK_BYTES // (kk * itemsize) // MR * MR
     return rows if rows >= 4 * MR else None
