@@ -137,8 +137,28 @@ def fold_transpose_chains(graph: Graph) -> Graph:
     return eliminate_dead_code(graph)
 
 
+@graph_pass("fold_fills")
+def fold_fills(graph: Graph) -> Graph:
+    """A Reshape, Transpose, Expand or Cast of a ConstantOfShape is a ConstantOfShape of the
+    result's shape and dtype: no run-time pass over a tensor of one repeated value (fills too
+    large to fold into parameters stay fills)."""
+    for node in graph.nodes:
+        x = node.inputs[0] if node.inputs else None
+        if node.op.name not in ("Reshape", "Transpose", "Expand", "Cast") or x is None or x.producer is None:
+            continue
+        fill = x.producer
+        if fill.op.name != "ConstantOfShape":
+            continue
+        out = node.outputs[0].type
+        value = np.asarray(fill.attrs["value"], dtype=x.type.dtype.numpy).astype(out.dtype.numpy).item()
+        node.op, node.inputs = get_op("ConstantOfShape"), []
+        node.attrs = {"shape": list(out.shape), "value": value, "dtype": out.dtype.short}
+    return eliminate_dead_code(graph)
+
+
 CANONICALIZE = [
     "fold_constants",
+    "fold_fills",
     "remove_noops",
     "fold_reshape_chains",
     "fold_transpose_chains",

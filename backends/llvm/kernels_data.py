@@ -10,7 +10,7 @@ import numpy as np
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
 from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, entry_alloca, for_range, llvm_type, loop_nest
-from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+from kiln.backends.llvm.kernels_elementwise import coalesce, emit_pointwise
 from kiln.errors import KilnError
 from kiln.ir.dtypes import DType
 from kiln.ir.ops.resize import axis_taps, resized_axes
@@ -30,9 +30,37 @@ def reshape(ctx: KernelContext) -> None:
     copy(ctx, out, _dense_as(ctx.inputs[0], out.shape))
 
 
+TILE = 32  # a transpose tile: 32 rows of the source and 32 of the output stay in L1
+
+
 @kernel("Transpose")
 def transpose(ctx: KernelContext) -> None:
-    copy(ctx, ctx.outputs[0], ctx.inputs[0].permuted(ctx.node.attrs["perm"]))
+    """A copy from the permuted view. When the output's contiguous axis is not the source's,
+    the two axes are walked in TILE x TILE tiles, so both sides read and write whole cache
+    lines (a plain loop would miss the cache on every element of one side)."""
+    out, src = ctx.outputs[0], ctx.inputs[0].permuted(ctx.node.attrs["perm"])
+    shape, (o, x) = coalesce(out.shape, [out, src])
+    inner = [a for a in range(len(shape) - 1) if x.strides[a] == 1]
+    if len(shape) < 2 or x.strides[-1] == 1 or not inner or shape[inner[0]] < TILE or shape[-1] < TILE:
+        copy(ctx, out, src)
+        return
+    a, last = inner[0], len(shape) - 1
+    b = ctx.b
+    outer = [d for i, d in enumerate(shape) if i not in (a, last)]
+    with loop_nest(b, outer, name="o") as rest:
+        with for_range(b, -(-shape[a] // TILE), name="ta") as ta, for_range(b, -(-shape[last] // TILE), name="tl") as tl:
+            a0, l0 = b.mul(ta, const_i64(TILE)), b.mul(tl, const_i64(TILE))
+            a1 = _smaller(b, b.add(a0, const_i64(TILE)), shape[a])
+            l1 = _smaller(b, b.add(l0, const_i64(TILE)), shape[last])
+            with for_range(b, a1, start=a0, name="ia") as ia, for_range(b, l1, start=l0, name="il") as il:
+                index = list(rest)
+                index.insert(a, ia)
+                index.append(il)
+                o.store(b, index, x.load(b, index))
+
+
+def _smaller(b, value: ir.Value, limit: int) -> ir.Value:
+    return b.select(b.icmp_signed("<", value, const_i64(limit)), value, const_i64(limit))
 
 
 @kernel("Expand")

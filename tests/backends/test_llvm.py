@@ -453,3 +453,13 @@ def test_nhwc_conv_in_cache_sized_chunks_matches_eager(attrs, channels):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         results.append(got)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("shape, perm", [((70, 45), [1, 0]), ((3, 40, 50), [0, 2, 1]), ((2, 33, 5, 64), [0, 3, 1, 2]), ((64, 3, 33), [2, 1, 0])])
+def test_transposes_in_tiles_match_numpy(shape, perm):
+    """Axes that swap contiguity are copied in tiles (edges of partial tiles included)."""
+    dims = ",".join(map(str, shape))
+    out = ",".join(str(shape[p]) for p in perm)
+    graph = parse_graph(f"graph g(%x: f32[{dims}]) {{\n  %y: f32[{out}] = Transpose(%x) {{perm={perm}}}\n  return %y\n}}")
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(kiln.compile(graph, target="llvm").run({"x": x})["y"], x.transpose(perm))

@@ -127,3 +127,28 @@ def test_reshape_and_transpose_chains_fold(rewrites):
           return %b, %d, %f
         }""",
     )
+
+
+def test_reshaped_transposed_and_cast_fills_stay_fills(rewrites):
+    """A fill too large to fold keeps being a fill through layout changes (a light model's
+    2048x1000 classifier weight, transposed for the GEMM, is no run-time transpose)."""
+    rewrites(
+        ["fold_fills"],
+        """
+        graph g(%x: f32[4,6]) {
+          %w: f32[6,4] = ConstantOfShape() {dtype="f32", shape=[6, 4], value=0.5}
+          %t: f32[4,6] = Transpose(%w) {perm=[1, 0]}
+          %r: f32[2,12] = Reshape(%t) {shape=[2, 12]}
+          %c: i32[2,12] = Cast(%r) {to="i32"}
+          %y: f32[4,6] = Add(%x, %t)
+          return %y, %r, %c
+        }""",
+        """
+        graph g(%x: f32[4,6]) {
+          %t: f32[4,6] = ConstantOfShape() {dtype="f32", shape=[4, 6], value=0.5}
+          %r: f32[2,12] = ConstantOfShape() {dtype="f32", shape=[2, 12], value=0.5}
+          %c: i32[2,12] = ConstantOfShape() {dtype="i32", shape=[2, 12], value=0}
+          %y: f32[4,6] = Add(%x, %t)
+          return %y, %r, %c
+        }""",
+    )
