@@ -41,7 +41,7 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     nr = 2 * vector_width(c.dtype)
     if m * n * k < PARALLEL_MACS or num_threads() == 1:
         _serial_gemm(ctx, a, bm, c, alpha)
-    elif m >= 4 * MR * num_threads() or n < 2 * nr:
+    elif m >= 4 * MR * num_threads() and m >= n or n < 2 * nr * num_threads():
         _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // MR)))
     else:  # few rows (an RNN step, a small batch): split the columns, whole micro-tiles each
         _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr)
