@@ -43,7 +43,8 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
         _serial_gemm(ctx, a, bm, c, alpha)
     elif m >= 4 * MR * num_threads() and m >= n or n < 2 * nr * num_threads():
         _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // MR)))
-    else:  # few rows (an RNN step, a small batch): split the columns, whole micro-tiles each
+    else:  # fewer rows than columns (an RNN step, a small batch): split the columns, so each
+        # thread streams half of B; whole micro-tiles each
         _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr)
     if init is not None:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
