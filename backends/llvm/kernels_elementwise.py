@@ -55,15 +55,17 @@ def emit_pointwise_outputs(
     outs: Sequence[View],
     inputs: Sequence[View | None],
     body: Callable[[LLVMScalarOps, list], list],
+    parallel: bool = True,
 ) -> None:
     """``outs[k][i] = body(E, [inp[i] ...])[k]``: one loop nest writing several outputs of one
-    shape (an elementwise group that fans out)."""
+    shape (an elementwise group that fans out); split over the pool when large, unless
+    ``parallel`` is False (code already running as one block of a split kernel)."""
     shape0 = outs[0].shape
     present = [v.broadcast_to(shape0) for v in inputs if v is not None]
     shape, coalesced = coalesce(shape0, [*outs, *present])
     out_views, in_views = coalesced[: len(outs)], iter(coalesced[len(outs) :])
     views = [next(in_views) if v is not None else None for v in inputs]
-    threads = min(num_threads(), math.prod(shape) // PARALLEL_ELEMENTS)
+    threads = min(num_threads(), math.prod(shape) // PARALLEL_ELEMENTS) if parallel else 1
     if threads < 2:
         _pointwise_loop(Emitting(b, module), shape, out_views, views, body)
         return
@@ -116,6 +118,10 @@ def fused(ctx: KernelContext) -> None:
     body = ctx.node.attrs["body"]
     if _is_pointwise(body):
         _fused_pointwise(ctx, body)
+        return
+    from kiln.backends.llvm.kernels_nn import fused_conv
+
+    if fused_conv(ctx, body):  # a conv and its pointwise tail: the tail applied per chunk of rows
         return
     # a group around a heavy op or a reduction: its body runs as a sub-program whose
     # intermediates live in scratch; its inputs and outputs are the Fused node's own buffers

@@ -4,6 +4,8 @@ Conv as im2col into scratch plus the same GEMM, pooling, reductions and softmax.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import llvmlite.ir as ir
 
@@ -12,6 +14,7 @@ from kiln.backends.llvm.emit import PTR, LLVMScalarOps, View, const_i64, contigu
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
+from kiln.ir.opdef import OpKind
 from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
 
 FAST = ("contract",)  # allow a*b+c as one FMA
@@ -382,9 +385,10 @@ def _chunk_rows(p: int, kk: int, m: int, itemsize: int) -> int | None:
     return rows if rows >= 4 * MR else None
 
 
-def _nhwc_conv(ctx: KernelContext) -> None:
+def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
     """y[img, P, M] = cols[P, K] @ w[K, M] (+ bias), K = (*kernel, C): the GEMM's wide side is
-    the output channels, and im2col copies whole channel rows."""
+    the output channels, and im2col copies whole channel rows. An ``epilogue`` (only where the
+    chunked path runs: ``fused_conv`` checks) is applied to each chunk of output rows."""
     node = ctx.node
     if node.attrs["group"] != 1:
         raise KilnError(f"node {node.name!r}: grouped NHWC Conv has no LLVM kernel yet")
@@ -407,7 +411,7 @@ def _nhwc_conv(ctx: KernelContext) -> None:
     threads = min(num_threads(), p)
     chunk = _chunk_rows(p, kk, m, x.dtype.itemsize)
     if chunk:
-        _nhwc_conv_chunked(ctx, chunk, w_view, bias, geometry, p, kk, m, image)
+        _nhwc_conv_chunked(ctx, chunk, w_view, bias, geometry, p, kk, m, image, epilogue)
         return
     with for_range(b, n, name="img") as img:
         x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=_t(xv))
@@ -427,17 +431,77 @@ def _nhwc_conv(ctx: KernelContext) -> None:
 PARALLEL_COPY = 1 << 16  # im2col elements below which one thread copies
 
 
-def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View | None, geometry, p: int, kk: int, m: int, image: int) -> None:
+@dataclass
+class Epilogue:
+    """Pointwise work on a conv's output rows while they are in cache: ``apply(E, value,
+    operands)`` gives the element's final value from the conv's (bias included) and the
+    operands', each operand a view over the output's (images * positions, channels) rows."""
+
+    operands: list[View]
+    apply: Callable
+
+
+def fused_conv(ctx: KernelContext, body) -> bool:
+    """A Fused group of an NHWC Conv and the pointwise ops after it (Relu, a residual Add...)
+    as one kernel: the chain runs on each chunk of conv output rows while it is in cache,
+    instead of as passes over the whole output. Returns False (nothing emitted) where the
+    conv does not take the chunked path or an operand is not laid out by rows."""
+    conv, *chain = body.nodes
+    if conv.op.name != "Conv" or conv.attrs.get("layout") != "NHWC" or conv.attrs["group"] != 1 or _nhwc_direct(conv) or not chain:
+        return False
+    shape = conv.outputs[0].type.shape
+    pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
+    if not pointwise or len(body.outputs) != 1 or body.outputs[0] is not chain[-1].outputs[0]:
+        return False
+    x, w, nd, *_, out_sp = _nhwc_geometry(conv)
+    if not _chunk_rows(math.prod(out_sp), math.prod(w.shape[:-1]), w.shape[-1], x.dtype.itemsize):
+        return False
+    outer = {v: view for v, view in zip(body.inputs, ctx.inputs)}
+    operands = list(dict.fromkeys(v for n in chain for v in n.inputs if v is not None and v in outer))
+    rows = [_by_rows(outer[v].broadcast_to(shape)) for v in operands]
+    if any(r is None for r in rows):
+        return False
+
+    def apply(E, value, xs):
+        env = {id(conv.outputs[0]): value, **{id(v): x for v, x in zip(operands, xs)}}
+        for node in chain:
+            args = [env[id(v)] if v is not None else None for v in node.inputs]
+            env[id(node.outputs[0])] = E.typed(node.op.compute(E, node.attrs, *args), node.outputs[0].type.dtype)
+        return env[id(chain[-1].outputs[0])]
+
+    conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
+    _nhwc_conv(conv_ctx, Epilogue(rows, apply))
+    return True
+
+
+def _by_rows(view: View) -> View | None:
+    """An NHWC-shaped view as (images * positions, channels) rows, where its images and
+    positions step evenly (a dense tensor; a per-channel one steps by 0)."""
+    *outer, channels = view.shape
+    steps = view.strides[:-1]
+    if any(steps[i] != steps[i + 1] * outer[i + 1] for i in range(len(outer) - 1)):
+        return None
+    return View(view.ptr, view.dtype, (math.prod(outer), channels), (steps[-1], view.strides[-1]), view.offset)
+
+
+def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View | None, geometry, p: int, kk: int, m: int, image: int, epilogue: Epilogue | None = None) -> None:
     """Each image's output positions split over the pool; each thread takes its rows ``chunk``
-    at a time: im2col into its own scratch, then a one-thread GEMM into the output rows."""
+    at a time: im2col into its own scratch, a one-thread GEMM into the output rows, then the
+    bias and the epilogue in one pass over those rows."""
     xv, y = ctx.inputs[0], ctx.outputs[0]
     ty = _t(xv)
+    # the per-row operands after the GEMM: the bias (the same row for every position), then the epilogue's
+    operands = ([View(bias.ptr, bias.dtype, (p, m), (0, 1), bias.offset)] if bias is not None else []) + (epilogue.operands if epilogue else [])
+
+    def finish(E, xs):
+        value = E.add(xs[0], xs[1]) if bias is not None else xs[0]
+        return epilogue.apply(E, value, xs[2:] if bias is not None else xs[1:]) if epilogue else value
 
     def rows(emitting, ptrs, lo, hi, index):
         b = emitting.b
         x_img, scratch, y_img, w_ptr = ptrs[:4]  # pointers as this block's function sees them
         weights = View(w_ptr, w_view.dtype, w_view.shape, w_view.strides)
-        bias_ptr = ptrs[4] if bias is not None else None
+        operand_ptrs = ptrs[4:]
         mine = b.gep(scratch, [const_i64(index * chunk * kk)], source_etype=ty)
 
         def one(start: ir.Value, count: int) -> None:
@@ -447,10 +511,11 @@ def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View 
             a = View(mine, xv.dtype, (count, kk), (kk, 1))
             out = View(b.gep(y_img, [b.mul(start, const_i64(m))], source_etype=ty), y.dtype, (count, m), (m, 1))
             _serial_gemm(emitting, a, weights, out, 1.0)
-            if bias is not None:
-                from kiln.backends.llvm.kernels_elementwise import emit_pointwise
+            if operands:
+                from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
 
-                emit_pointwise(b, emitting.module, out, [out, View(bias_ptr, bias.dtype, (count, m), (0, 1))], lambda E, xs: E.add(xs[0], xs[1]))
+                here = [View(b.gep(ptr, [b.mul(start, const_i64(v.strides[0]))], source_etype=llvm_type(v.dtype)), v.dtype, (count, m), v.strides) for v, ptr in zip(operands, operand_ptrs)]
+                emit_pointwise_outputs(b, emitting.module, [out], [out, *here], lambda E, xs: [finish(E, xs)], parallel=False)
 
         full, rest = divmod(hi - lo, chunk)
         with for_range(b, full, name="chunk") as k:
@@ -463,8 +528,9 @@ def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View 
     with for_range(b, xv.shape[0], name="img") as img:
         x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=ty)
         y_img = b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=ty)
-        extra = [bias.ptr] if bias is not None else []
-        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *extra], rows, align=MR)
+        # each operand's rows of this image, offsets folded in (the views above start at 0)
+        starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(p * v.strides[0])))], source_etype=llvm_type(v.dtype)) for v in operands]
+        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *starts], rows, align=MR)
 
 
 def _nhwc_im2col(b, x_img, cols: View, lo: int, hi: int, in_sp, out_sp, kernel_shape, strides, dilations, pads, c) -> None:

@@ -463,3 +463,35 @@ def test_transposes_in_tiles_match_numpy(shape, perm):
     graph = parse_graph(f"graph g(%x: f32[{dims}]) {{\n  %y: f32[{out}] = Transpose(%x) {{perm={perm}}}\n  return %y\n}}")
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(kiln.compile(graph, target="llvm").run({"x": x})["y"], x.transpose(perm))
+
+
+def test_a_conv_and_its_pointwise_tail_run_as_one_chunked_kernel():
+    """Conv + per-channel scale + residual Add + Relu in one Fused group: the tail is applied
+    to each chunk of conv rows (fused_conv), with the same result as eager."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import fused_conv  # noqa: F401 - the path under test
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(6)
+    graph = Graph("block")
+    x = graph.add_input("x", TensorType((2, 16, 60, 60), DType.float32))
+    w0 = graph.add_param("w0", rng.standard_normal((24, 16, 3, 3)).astype(np.float32))
+    skip = graph.add_node("Conv", [x, w0], {"pads": [1, 1, 1, 1]}).outputs[0]  # channels-last inside the graph
+    w = graph.add_param("w", rng.standard_normal((24, 16, 3, 3)).astype(np.float32))
+    bias = graph.add_param("b", rng.standard_normal(24).astype(np.float32))
+    scale = graph.add_param("s", rng.uniform(0.5, 2, (1, 24, 1, 1)).astype(np.float32))
+    y = graph.add_node("Conv", [x, w, bias], {"pads": [1, 1, 1, 1]}).outputs[0]
+    y = graph.add_node("Mul", [y, scale]).outputs[0]
+    y = graph.add_node("Add", [y, skip]).outputs[0]
+    graph.outputs = [graph.add_node("Relu", [y]).outputs[0]]
+    feed = {"x": rng.standard_normal((2, 16, 60, 60)).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            module = kiln.compile(graph, target="llvm", layout="nhwc")
+            groups = [[b.op.name for b in n.attrs["body"].nodes] for n in module.graph.nodes if n.op.name == "Fused"]
+            assert ["Conv", "Mul", "Add", "Relu"] in groups
+            (got,) = module.run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
