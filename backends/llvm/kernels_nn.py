@@ -14,6 +14,7 @@ from kiln.backends.llvm.emit import PTR, LLVMScalarOps, View, const_i64, contigu
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
+from kiln.ir.dtypes import DType
 from kiln.ir.opdef import OpKind
 from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
 
@@ -21,7 +22,10 @@ FAST = ("contract",)  # allow a*b+c as one FMA
 
 
 KC = 256  # K block of the GEMM micro-kernel (B panel: KC x two vectors)
-MR = 6  # rows of C per micro-tile; with 2 vectors of columns: 12 accumulators in registers
+def micro_rows() -> int:
+    """Rows of C per micro-tile, with 2 vectors of columns: 12 where AVX-512 has 32 vector
+    registers (24 accumulators; 1024^3 on one core: 0.59 -> 0.7 of numpy), else 6 (12 of 16)."""
+    return 12 if vector_width(DType.float32) == 16 else 6
 
 
 def vector_width(dtype) -> int:
@@ -39,13 +43,14 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     Column blocks of two SIMD vectors go through the register-blocked micro-kernel when bm's
     and c's rows are contiguous; the remaining columns (and strided cases) use plain i-k-j loops.
     """
+    mr = micro_rows()
     m, k = a.shape
     n = bm.shape[1]
     nr = 2 * vector_width(c.dtype)
     if m * n * k < PARALLEL_MACS or num_threads() == 1:
         _serial_gemm(ctx, a, bm, c, alpha)
-    elif m >= 4 * MR * num_threads() and m >= n or n < 2 * nr * num_threads():
-        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // MR)))
+    elif m >= 4 * mr * num_threads() and m >= n or n < 2 * nr * num_threads():
+        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // mr)))
     else:  # fewer rows than columns (an RNN step, a small batch): split the columns, so each
         # thread streams half of B; whole micro-tiles each
         _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr)
@@ -72,12 +77,13 @@ def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float) -> None:
 
 def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
     """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
+    mr = micro_rows()
 
     def block(emitting, ptrs, lo, hi, _):
         b_view = View(ptrs[1], bm.dtype, bm.shape, bm.strides, bm.offset)
         _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), b_view, c.rows(lo, hi, ptrs[2]), alpha)
 
-    parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=MR)
+    parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=mr)
 
 
 def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: int, nr: int) -> None:
@@ -115,10 +121,11 @@ def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) ->
 
 
 def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alpha: float) -> None:
-    """C in MR x (2 x width) tiles: per k, two vector loads of bm's row, one broadcast of a per
+    """C in MR x (2 x width) tiles (MR: ``micro_rows()``): per k, two vector loads of bm's row, one broadcast of a per
     row, and 2 x MR fused multiply-adds into accumulators that stay in registers. The last
     columns (fewer than two vectors: a classifier's 10 outputs, LeNet's 6 channels) use the same
     tile with masked loads and stores."""
+    mr = micro_rows()
     b = ctx.b
     m, k = a.shape
     n = bm.shape[1]
@@ -130,7 +137,7 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
     masked_load = ctx.module.declare_intrinsic(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(vec, [PTR, ir.IntType(32), mask_ty, vec]))
     masked_store = ctx.module.declare_intrinsic(f"llvm.masked.store.v{width}f{bits}.p0", (), ir.FunctionType(ir.VoidType(), [vec, PTR, ir.IntType(32), mask_ty]))
     zero = ir.Constant(vec, [0.0] * width)
-    rows_full = (m // MR) * MR
+    rows_full = (m // mr) * mr
 
     def load(address, mask):
         if mask is None:
@@ -182,10 +189,10 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
 
     def column_block(j0: ir.Value, masks: list, *k_block) -> None:
         if rows_full:
-            with for_range(b, m // MR, name="mb") as ib:
-                tile(b.mul(ib, const_i64(MR)), MR, j0, masks, *k_block)
-        if m % MR:
-            tile(const_i64(rows_full), m % MR, j0, masks, *k_block)
+            with for_range(b, m // mr, name="mb") as ib:
+                tile(b.mul(ib, const_i64(mr)), mr, j0, masks, *k_block)
+        if m % mr:
+            tile(const_i64(rows_full), m % mr, j0, masks, *k_block)
 
     nr = 2 * width
     rest = n % nr
@@ -379,10 +386,11 @@ def _chunk_rows(p: int, kk: int, m: int, itemsize: int) -> int | None:
     """Rows per im2col chunk when a conv's column matrix is large and its weights small (the
     stem, the first stages): each thread copies a chunk and multiplies it while it is still in
     cache, instead of writing the whole matrix to memory and reading it back. None otherwise."""
+    mr = micro_rows()
     if p * kk * itemsize < 4 * CHUNK_BYTES or kk * m * itemsize > 2 * CHUNK_BYTES:
         return None
-    rows = CHUNK_BYTES // (kk * itemsize) // MR * MR
-    return rows if rows >= 4 * MR else None
+    rows = CHUNK_BYTES // (kk * itemsize) // mr * mr
+    return rows if rows >= 4 * mr else None
 
 
 def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
@@ -488,6 +496,7 @@ def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View 
     """Each image's output positions split over the pool; each thread takes its rows ``chunk``
     at a time: im2col into its own scratch, a one-thread GEMM into the output rows, then the
     bias and the epilogue in one pass over those rows."""
+    mr = micro_rows()
     xv, y = ctx.inputs[0], ctx.outputs[0]
     ty = _t(xv)
     # the per-row operands after the GEMM: the bias (the same row for every position), then the epilogue's
@@ -530,7 +539,7 @@ def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View 
         y_img = b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=ty)
         # each operand's rows of this image, offsets folded in (the views above start at 0)
         starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(p * v.strides[0])))], source_etype=llvm_type(v.dtype)) for v in operands]
-        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *starts], rows, align=MR)
+        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *starts], rows, align=mr)
 
 
 def _nhwc_im2col(b, x_img, cols: View, lo: int, hi: int, in_sp, out_sp, kernel_shape, strides, dilations, pads, c) -> None:
