@@ -22,10 +22,14 @@ FAST = ("contract",)  # allow a*b+c as one FMA
 
 
 KC = 256  # K block of the GEMM micro-kernel (B panel: KC x two vectors)
+MR = 6  # rows of C per micro-tile by default (2 vectors of columns: 12 accumulators); convolutions run best with it
+
+
 def micro_rows() -> int:
-    """Rows of C per micro-tile, with 2 vectors of columns: 12 where AVX-512 has 32 vector
-    registers (24 accumulators; 1024^3 on one core: 0.59 -> 0.7 of numpy), else 6 (12 of 16)."""
-    return 12 if vector_width(DType.float32) == 16 else 6
+    """Rows per micro-tile for the Gemm and MatMul ops: 12 where AVX-512 has 32 vector
+    registers (24 accumulators; 1024^3 on one core: 0.59 -> 0.7 of numpy), else MR. (The
+    convolutions' GEMMs measured slower with 12: ResNet-18 16.6 -> 18.5 ms.)"""
+    return 12 if vector_width(DType.float32) == 16 else MR
 
 
 def vector_width(dtype) -> int:
@@ -37,23 +41,22 @@ def vector_width(dtype) -> int:
     return lanes * 4 // dtype.itemsize
 
 
-def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0) -> None:
+def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0, mr: int = MR) -> None:
     """``c[M,N] = alpha * a[M,K] @ bm[K,N] (+ beta * init)``; views may be strided.
 
     Column blocks of two SIMD vectors go through the register-blocked micro-kernel when bm's
     and c's rows are contiguous; the remaining columns (and strided cases) use plain i-k-j loops.
     """
-    mr = micro_rows()
     m, k = a.shape
     n = bm.shape[1]
     nr = 2 * vector_width(c.dtype)
     if m * n * k < PARALLEL_MACS or num_threads() == 1:
-        _serial_gemm(ctx, a, bm, c, alpha)
+        _serial_gemm(ctx, a, bm, c, alpha, mr)
     elif m >= 4 * mr * num_threads() and m >= n or n < 2 * nr * num_threads():
-        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // mr)))
+        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // mr)), mr)
     else:  # fewer rows than columns (an RNN step, a small batch): split the columns, so each
         # thread streams half of B; whole micro-tiles each
-        _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr)
+        _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr, mr)
     if init is not None:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
@@ -67,32 +70,31 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
 PARALLEL_MACS = 1 << 18  # below this a GEMM runs on one thread (handing a block to the pool costs ~1 us)
 
 
-def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float) -> None:
+def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float, mr: int = MR) -> None:
     width = vector_width(c.dtype)
     if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float:
-        _micro_tiles(ctx, a, bm, c, width, alpha)
+        _micro_tiles(ctx, a, bm, c, width, alpha, mr)
     else:
         _gemm_loops(ctx, a, bm, c, alpha)
 
 
-def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int) -> None:
+def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int, mr: int) -> None:
     """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
-    mr = micro_rows()
 
     def block(emitting, ptrs, lo, hi, _):
         b_view = View(ptrs[1], bm.dtype, bm.shape, bm.strides, bm.offset)
-        _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), b_view, c.rows(lo, hi, ptrs[2]), alpha)
+        _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), b_view, c.rows(lo, hi, ptrs[2]), alpha, mr)
 
     parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=mr)
 
 
-def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: int, nr: int) -> None:
+def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: int, nr: int, mr: int) -> None:
     """Columns of C split over ``threads`` (blocks of whole micro-tile widths): each thread
     reads all of A, which is small, and only its part of B."""
 
     def block(emitting, ptrs, lo, hi, _):
         a_view = View(ptrs[0], a.dtype, a.shape, a.strides, a.offset)
-        _serial_gemm(emitting, a_view, _columns(bm, lo, hi, ptrs[1]), _columns(c, lo, hi, ptrs[2]), alpha)
+        _serial_gemm(emitting, a_view, _columns(bm, lo, hi, ptrs[1]), _columns(c, lo, hi, ptrs[2]), alpha, mr)
 
     parallel_rows(ctx, bm.shape[1], threads, [a.ptr, bm.ptr, c.ptr], block, align=nr)
 
@@ -120,12 +122,11 @@ def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) ->
                 c.store(b, [i, j], b.fadd(c.load(b, [i, j]), prod, flags=FAST))
 
 
-def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alpha: float) -> None:
-    """C in MR x (2 x width) tiles (MR: ``micro_rows()``): per k, two vector loads of bm's row, one broadcast of a per
-    row, and 2 x MR fused multiply-adds into accumulators that stay in registers. The last
+def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alpha: float, mr: int) -> None:
+    """C in mr x (2 x width) tiles: per k, two vector loads of bm's row, one broadcast of a per
+    row, and 2 x mr fused multiply-adds into accumulators that stay in registers. The last
     columns (fewer than two vectors: a classifier's 10 outputs, LeNet's 6 channels) use the same
     tile with masked loads and stores."""
-    mr = micro_rows()
     b = ctx.b
     m, k = a.shape
     n = bm.shape[1]
@@ -242,7 +243,7 @@ def gemm(ctx: KernelContext) -> None:
     b_view = View(bm.ptr, bm.dtype, (ka, n), (1, ka) if attrs["transB"] else (n, 1))
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     init = bias.broadcast_to((m, n)) if bias is not None else None
-    emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"])
+    emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"], micro_rows())
 
 
 @kernel("MatMul")
@@ -264,7 +265,7 @@ def matmul(ctx: KernelContext) -> None:
             start = v.address(b, [*index, const_i64(0), const_i64(0)])
             return View(start, v.dtype, (rows, cols), v.strides[-2:])
 
-        emit_gemm(ctx, matrix(ab, m, k), matrix(bb, k, n), matrix(cv, m, n))
+        emit_gemm(ctx, matrix(ab, m, k), matrix(bb, k, n), matrix(cv, m, n), mr=micro_rows())
 
 
 # -- convolution: im2col columns in scratch, then GEMM ----------------------------------------------
@@ -386,11 +387,10 @@ def _chunk_rows(p: int, kk: int, m: int, itemsize: int) -> int | None:
     """Rows per im2col chunk when a conv's column matrix is large and its weights small (the
     stem, the first stages): each thread copies a chunk and multiplies it while it is still in
     cache, instead of writing the whole matrix to memory and reading it back. None otherwise."""
-    mr = micro_rows()
     if p * kk * itemsize < 4 * CHUNK_BYTES or kk * m * itemsize > 2 * CHUNK_BYTES:
         return None
-    rows = CHUNK_BYTES // (kk * itemsize) // mr * mr
-    return rows if rows >= 4 * mr else None
+    rows = CHUNK_BYTES // (kk * itemsize) // MR * MR
+    return rows if rows >= 4 * MR else None
 
 
 def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
@@ -496,7 +496,6 @@ def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View 
     """Each image's output positions split over the pool; each thread takes its rows ``chunk``
     at a time: im2col into its own scratch, a one-thread GEMM into the output rows, then the
     bias and the epilogue in one pass over those rows."""
-    mr = micro_rows()
     xv, y = ctx.inputs[0], ctx.outputs[0]
     ty = _t(xv)
     # the per-row operands after the GEMM: the bias (the same row for every position), then the epilogue's
@@ -539,7 +538,7 @@ def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View 
         y_img = b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=ty)
         # each operand's rows of this image, offsets folded in (the views above start at 0)
         starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(p * v.strides[0])))], source_etype=llvm_type(v.dtype)) for v in operands]
-        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *starts], rows, align=mr)
+        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *starts], rows, align=MR)
 
 
 def _nhwc_im2col(b, x_img, cols: View, lo: int, hi: int, in_sp, out_sp, kernel_shape, strides, dilations, pads, c) -> None:
