@@ -14,6 +14,7 @@ import numpy as np
 
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Node, Value
+from kiln.ir.ops.attention import window_allows
 from kiln.passes.autodiff import GradBuilder
 from kiln.passes.decompose import padded_inputs, decomposition
 
@@ -58,15 +59,7 @@ def _mask_bias(b: GradBuilder, mask: Value, q: Value, kv_len: int) -> Value:
 def _limits(a, sq: int, skv: int, offset) -> np.ndarray | None:
     """Which (query, key) pairs causal and window limits allow, with query i at position
     i + offset; None when nothing is limited."""
-    i = np.arange(sq).reshape(sq, 1) + offset
-    j = np.arange(skv).reshape(1, skv)
-    allowed = np.ones((sq, skv), dtype=bool)
-    if a["is_causal"]:
-        allowed &= j <= i
-    if a["left_window_size"] >= 0:
-        allowed &= i - j <= a["left_window_size"]
-    if a["right_window_size"] >= 0:
-        allowed &= j - i <= a["right_window_size"]
+    allowed = window_allows(a, np.arange(sq).reshape(sq, 1) + offset, np.arange(skv).reshape(1, skv))
     return None if allowed.all() else allowed
 
 

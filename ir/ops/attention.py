@@ -73,6 +73,19 @@ def _masked(allowed: np.ndarray, dtype) -> np.ndarray:
     return np.where(allowed, dtype.type(0), dtype.type(-np.inf))
 
 
+def window_allows(a, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Which (query position ``i``, key position ``j``) pairs the causal and sliding-window
+    limits allow, broadcast over both."""
+    allowed = np.ones(np.broadcast_shapes(i.shape, j.shape), dtype=bool)
+    if a["is_causal"]:
+        allowed &= j <= i
+    if a["left_window_size"] >= 0:
+        allowed &= i - j <= a["left_window_size"]
+    if a["right_window_size"] >= 0:
+        allowed &= j - i <= a["right_window_size"]
+    return allowed
+
+
 def _eager(a, q, k, v, mask=None, past_key=None, past_value=None, nonpad=None):
     three_d = q.ndim == 3
     if three_d:
@@ -102,15 +115,7 @@ def _eager(a, q, k, v, mask=None, past_key=None, past_value=None, nonpad=None):
         offset = np.asarray(0)
     per_batch = offset.ndim > 0
     i = np.arange(sq).reshape(sq, 1) + (offset.reshape(-1, 1, 1) if per_batch else int(offset))
-    j = np.arange(skv).reshape(1, skv)
-    allowed = np.ones(np.broadcast_shapes(i.shape, j.shape), dtype=bool)
-    if a["is_causal"]:
-        allowed &= j <= i
-    if a["left_window_size"] >= 0:
-        allowed &= i - j <= a["left_window_size"]
-    if a["right_window_size"] >= 0:
-        allowed &= j - i <= a["right_window_size"]
-    limits = _masked(allowed, dtype)
+    limits = _masked(window_allows(a, i, np.arange(skv).reshape(1, skv)), dtype)
     bias = bias + (limits.reshape(limits.shape[0], 1, sq, skv) if per_batch else limits)
     if nonpad is not None:
         valid = np.arange(skv) < nonpad.reshape(-1, 1)
