@@ -279,14 +279,16 @@ def _dropout(b: GradBuilder, node: Node):
         mask = b.graph.add_node("ConstantOfShape", [], {"shape": list(x.type.shape), "value": 1.0, "dtype": "bool"}, name=f"{b.where}/mask").outputs[0] if wants_mask else None
         return [x, mask]
     keep = dropout_mask(a, x.type.shape)
-    y = b.op("Mul", x, dropout_scale(b, a, x))
+    y = b.op("Mul", x, dropout_scale(b, a, x, keep))
     mask = b.graph.add_param(b.graph.fresh_name(f"{b.where}.mask"), keep) if wants_mask else None
     return [y, mask]
 
 
-def dropout_scale(b: GradBuilder, attrs, x: Value) -> Value:
-    """keep / (1 - ratio) per element of ``x`` (a constant): what training-mode Dropout multiplies by."""
-    scaled = (dropout_mask(attrs, x.type.shape) / (1.0 - attrs["ratio"])).astype(x.type.dtype.numpy)
+def dropout_scale(b: GradBuilder, attrs, x: Value, keep: np.ndarray | None = None) -> Value:
+    """keep / (1 - ratio) per element of ``x`` (a constant): what training-mode Dropout
+    multiplies by (``keep`` drawn here unless the caller has it)."""
+    keep = dropout_mask(attrs, x.type.shape) if keep is None else keep
+    scaled = (keep / (1.0 - attrs["ratio"])).astype(x.type.dtype.numpy)
     return b.graph.add_param(b.graph.fresh_name(f"{b.where}.scale"), scaled)
 
 

@@ -59,9 +59,5 @@ def replace_node(graph: Graph, node: Node, outputs: Sequence[Value | None], adde
         if not substitute(graph, old, new):
             carrier = graph.add_node("Identity", [new], name=f"{node.name}/Identity", index=after).outputs[0]
             after += 1
-            graph.replace_uses(old, carrier)
-            name = old.name
-            graph.forget_name(name)
-            graph.rename(carrier, name)
-            old.name = f"{name}.replaced"
+            substitute(graph, old, carrier)  # an intermediate: it takes the output's name
     graph.remove_nodes([node])

@@ -23,8 +23,8 @@ from kiln.ir.verify import verify
 from kiln.passes.autodiff import GradBuilder, add_gradients
 from kiln.passes.counter_random import uniform
 from kiln.passes.decompose import decompose_node
-from kiln.passes.rewrite import replace_node
 from kiln.passes.decompose_rnn import RECURRENT, decompose_rnn
+from kiln.passes.rewrite import replace_node
 
 LOSSES = ("ce", "nll", "mse", "l1", "bce")
 TARGET = "target"

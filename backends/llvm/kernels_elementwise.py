@@ -133,6 +133,15 @@ def fused(ctx: KernelContext) -> None:
     ctx.codegen.emit_program(body, plan, ctx.b, lambda v: outer[id(v)], ctx.scratch)
 
 
+def compute_nodes(E: LLVMScalarOps, nodes, env: dict) -> dict:
+    """Each elementwise node's compute rule on scalars, in order: ``env`` maps id(value) to its
+    scalar (the inputs on entry; every node output added)."""
+    for node in nodes:
+        args = [env[id(v)] if v is not None else None for v in node.inputs]
+        env[id(node.outputs[0])] = E.typed(node.op.compute(E, node.attrs, *args), node.outputs[0].type.dtype)
+    return env
+
+
 def _fused_pointwise(ctx: KernelContext, body) -> None:
     """One loop nest: each body node's compute rule evaluated at the output index; every
     output of the group stored from it."""
@@ -140,10 +149,7 @@ def _fused_pointwise(ctx: KernelContext, body) -> None:
     inputs = [v.broadcast_to(shape) if v is not None else None for v in ctx.inputs]
 
     def evaluate(E: LLVMScalarOps, loaded: list) -> list:
-        env = {id(v): x for v, x in zip(body.inputs, loaded)}
-        for node in body.nodes:
-            args = [env[id(v)] if v is not None else None for v in node.inputs]
-            env[id(node.outputs[0])] = E.typed(node.op.compute(E, node.attrs, *args), node.outputs[0].type.dtype)
+        env = compute_nodes(E, body.nodes, {id(v): x for v, x in zip(body.inputs, loaded)})
         return [env[id(v)] for v in body.outputs]
 
     emit_pointwise_outputs(ctx.b, ctx.module, ctx.outputs, inputs, evaluate)

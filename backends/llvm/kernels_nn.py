@@ -471,10 +471,9 @@ def fused_conv(ctx: KernelContext, body) -> bool:
         return False
 
     def apply(E, value, xs):
-        env = {id(conv.outputs[0]): value, **{id(v): x for v, x in zip(operands, xs)}}
-        for node in chain:
-            args = [env[id(v)] if v is not None else None for v in node.inputs]
-            env[id(node.outputs[0])] = E.typed(node.op.compute(E, node.attrs, *args), node.outputs[0].type.dtype)
+        from kiln.backends.llvm.kernels_elementwise import compute_nodes
+
+        env = compute_nodes(E, chain, {id(conv.outputs[0]): value, **{id(v): x for v, x in zip(operands, xs)}})
         return env[id(chain[-1].outputs[0])]
 
     conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
@@ -575,25 +574,25 @@ def _nhwc_im2col_runs(b, x_img, cols: View, row, pos, in_sp, kernel_shape, strid
                     value = b.load(b.gep(x_img, [b.add(start, j)], source_etype=ty), typ=ty)
                     cols.store(b, [row, b.add(col0, j)], value)
             with edge:
-                zero = ir.Constant(ty, 0.0)
                 with for_range(b, kw, name="kx") as kx:
-                    flat, ok = _tap_offset(b, const_i64(0), pos, [ky, kx], in_sp, c, strides, dilations, pads)
                     tap0 = b.add(col0, b.mul(kx, const_i64(c)))
-                    with for_range(b, c, name="ch") as ch:
-                        value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
-                        cols.store(b, [row, b.add(tap0, ch)], b.select(ok, value, zero))
+                    _copy_tap(b, x_img, cols, row, tap0, pos, [ky, kx], in_sp, strides, dilations, pads, c)
 
 
 def _nhwc_im2col_taps(b, x_img, cols: View, row, pos, in_sp, kernel_shape, strides, dilations, pads, c) -> None:
-    """cols[row, (tap, ch)] tap by tap, each tap's C channels copied (0 outside the image)."""
-    ty = _t(cols)
-    zero = ir.Constant(ty, 0.0)
+    """cols[row, (tap, ch)] tap by tap."""
     with loop_nest(b, kernel_shape, name="tap") as ks:
-        flat, inside = _tap_offset(b, const_i64(0), pos, ks, in_sp, c, strides, dilations, pads)
         col0 = b.mul(_row_major(b, ks, kernel_shape), const_i64(c))
-        with for_range(b, c, name="ch") as ch:
-            value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
-            cols.store(b, [row, b.add(col0, ch)], b.select(inside, value, zero))
+        _copy_tap(b, x_img, cols, row, col0, pos, ks, in_sp, strides, dilations, pads, c)
+
+
+def _copy_tap(b, x_img, cols: View, row, col0, pos, ks, in_sp, strides, dilations, pads, c) -> None:
+    """cols[row, col0 + ch] = the C channels tap ``ks`` of window ``pos`` reads (0 outside the image)."""
+    ty = _t(cols)
+    flat, inside = _tap_offset(b, const_i64(0), pos, ks, in_sp, c, strides, dilations, pads)
+    with for_range(b, c, name="ch") as ch:
+        value = b.load(b.gep(x_img, [b.add(flat, ch)], source_etype=ty), typ=ty)
+        cols.store(b, [row, b.add(col0, ch)], b.select(inside, value, ir.Constant(ty, 0.0)))
 
 
 def _tap_coord(b, pos: ir.Value, k: ir.Value, stride: int, dilation: int, pad: int) -> ir.Value:
