@@ -177,19 +177,6 @@ def tile(ctx: KernelContext) -> None:
     copy(ctx, View(out.ptr, out.dtype, tuple(shape), tuple(out_strides)), View(x.ptr, x.dtype, tuple(shape), tuple(in_strides)))
 
 
-@kernel("Gather")
-def gather(ctx: KernelContext) -> None:
-    data, idx = ctx.inputs
-    out = ctx.outputs[0]
-    axis = ctx.node.attrs["axis"] % len(data.shape)
-    b = ctx.b
-    dim = data.shape[axis]
-    with loop_nest(b, out.shape) as index:
-        before, picked, after = index[:axis], index[axis : axis + len(idx.shape)], index[axis + len(idx.shape) :]
-        i = _wrap_index(b, idx.load(b, picked), dim)
-        out.store(b, index, data.load(b, [*before, i, *after]))
-
-
 def _global_table(ctx: KernelContext, values: np.ndarray, element: ir.Type, name: str) -> ir.GlobalVariable:
     """A read-only table in the module (index and weight tables computed at compile time)."""
     flat = values.reshape(-1)
@@ -267,27 +254,6 @@ def resize(ctx: KernelContext) -> None:
         emit_pointwise(b, ctx.module, y, [current], lambda E, xs: E.cast(xs[0], y.dtype))
 
 
-def _wrap_index(b: ir.IRBuilder, i: ir.Value, dim: int) -> ir.Value:
-    """A possibly negative index into a dim of ``dim``, wrapped and clamped into range (an
-    out-of-range index reads a valid element rather than memory the kernel does not own)."""
-    i = b.sext(i, I64) if i.type != I64 else i
-    i = b.select(b.icmp_signed("<", i, const_i64(0)), b.add(i, const_i64(dim)), i)
-    i = b.select(b.icmp_signed("<", i, const_i64(0)), const_i64(0), i)
-    return b.select(b.icmp_signed(">=", i, const_i64(dim)), const_i64(dim - 1), i)
-
-
-@kernel("GatherElements")
-def gather_elements(ctx: KernelContext) -> None:
-    data, idx = ctx.inputs
-    out = ctx.outputs[0]
-    axis = ctx.node.attrs["axis"] % len(data.shape)
-    b = ctx.b
-    with loop_nest(b, out.shape) as index:
-        source = list(index)
-        source[axis] = _wrap_index(b, idx.load(b, index), data.shape[axis])
-        out.store(b, index, data.load(b, source))
-
-
 @kernel("Trilu")
 def trilu(ctx: KernelContext) -> None:
     """Keep the upper (j - i >= k) or lower (j - i <= k) triangle of the last two dims."""
@@ -327,47 +293,3 @@ def cumulative(ctx: KernelContext) -> None:
             updated = E.mul(current, value) if product else E.add(current, value)
             out.store(b, where, current if node.attrs["exclusive"] else updated)
             b.store(updated, acc)
-
-
-@kernel("OneHot")
-def one_hot(ctx: KernelContext) -> None:
-    """out[..., j, ...] = values[1] where the index (wrapped) is j along ``axis``, else values[0]."""
-    idx, values = ctx.inputs
-    out = ctx.outputs[0]
-    axis = ctx.node.attrs["axis"] % len(out.shape)
-    depth = int(ctx.node.attrs["depth"])
-    b = ctx.b
-    E = LLVMScalarOps(b, ctx.module)
-    off = E.typed(values.load(b, [const_i64(0)]), values.dtype)
-    on = E.typed(values.load(b, [const_i64(1)]), values.dtype)
-    with loop_nest(b, out.shape) as index:
-        raw = E.typed(idx.load(b, [*index[:axis], *index[axis + 1 :]]), idx.dtype)
-        i = E.cast(raw, DType.int64) if idx.dtype is not DType.int64 else raw
-        i = b.select(b.icmp_signed("<", i, const_i64(0)), b.add(i, const_i64(depth)), i)
-        out.store(b, index, b.select(b.icmp_signed("==", i, index[axis]), on, off))
-
-
-@kernel("ScatterND")
-def scatter_nd(ctx: KernelContext) -> None:
-    """A copy of data, then each update row in order: written (``none``, the last duplicate
-    wins as in the reference) or combined (add, mul, max, min) into the row the index names."""
-    data, idx, upd = ctx.inputs
-    out = ctx.outputs[0]
-    reduction = ctx.node.attrs["reduction"]
-    copy(ctx, out, data)
-    b = ctx.b
-    E = LLVMScalarOps(b, ctx.module)
-    k = idx.shape[-1]
-    lead = idx.shape[:-1]
-    rest = data.shape[k:]
-    combine = {"add": E.add, "mul": E.mul, "max": E.max, "min": E.min}.get(reduction)
-    if reduction != "none" and combine is None:
-        raise KilnError(f"node {ctx.node.name!r}: ScatterND reduction {reduction!r} has no LLVM kernel yet")
-    with loop_nest(b, lead, name="u") as row:
-        target = [_wrap_index(b, idx.load(b, [*row, const_i64(j)]), data.shape[j]) for j in range(k)]
-        with loop_nest(b, rest, name="e") as element:
-            value = E.typed(upd.load(b, [*row, *element]), upd.dtype)
-            where = [*target, *element]
-            if combine is not None:
-                value = combine(E.typed(out.load(b, where), out.dtype), value)
-            out.store(b, where, value)
