@@ -155,13 +155,14 @@ class LLVMScalarOps:
     def _is_float(self, v):
         return self.dtype(v).is_float
 
-    def const(self, value, like):
-        dtype = self.dtype(like)
+    def constant(self, value, dtype: DType) -> ir.Value:
+        """A constant of ``dtype`` (``const`` takes the dtype of a value instead)."""
         if dtype is DType.bool:
             return self.typed(ir.Constant(I1, int(bool(value))), dtype)
-        if dtype.is_float:
-            return self.typed(ir.Constant(llvm_type(dtype), float(value)), dtype)
-        return self.typed(ir.Constant(llvm_type(dtype), int(value)), dtype)
+        return self.typed(ir.Constant(llvm_type(dtype), float(value) if dtype.is_float else int(value)), dtype)
+
+    def const(self, value, like):
+        return self.constant(value, self.dtype(like))
 
     def _arith(self, a, b, float_op, int_op):
         out = getattr(self.b, float_op if self._is_float(a) else int_op)(a, b)
@@ -320,6 +321,8 @@ class LLVMScalarOps:
 
     def call(self, fn: str, *args):
         dtype = self.dtype(args[0])
+        if fn == "pow" and not dtype.is_float:  # integer powers: in float64, truncated back, as the reference
+            return self.cast(self.call(fn, *[self.cast(a, DType.float64) for a in args]), dtype)
         if not dtype.is_float:
             raise KilnError(f"{fn} needs float operands, got {dtype.short}")
         ty = args[0].type

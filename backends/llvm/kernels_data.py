@@ -24,6 +24,18 @@ def _dense_as(view: View, shape) -> View:
     return View.dense(view.ptr, view.dtype, shape)
 
 
+@kernel("BitCast")
+def bitcast(ctx: KernelContext) -> None:
+    """The input's bytes as the output type: copied as unsigned integers of the same width, so
+    every bit pattern (NaN payloads, bools) survives."""
+    out = ctx.outputs[0]
+    raw = _UNSIGNED[out.dtype.itemsize]
+    copy(ctx, View.dense(out.ptr, raw, out.shape), View.dense(ctx.inputs[0].ptr, raw, out.shape))
+
+
+_UNSIGNED = {1: DType.uint8, 2: DType.uint16, 4: DType.uint32, 8: DType.uint64}
+
+
 @kernel("Reshape", "Identity")
 def reshape(ctx: KernelContext) -> None:
     out = ctx.outputs[0]
@@ -108,13 +120,7 @@ def split(ctx: KernelContext) -> None:
 
 
 def _fill(ctx: KernelContext, out: View, value) -> None:
-    emit_pointwise(ctx.b, ctx.module, out, [], lambda E, xs: _constant(E, value, out.dtype))
-
-
-def _constant(E: LLVMScalarOps, value, dtype: DType) -> ir.Value:
-    if dtype is DType.bool:
-        return E.typed(ir.Constant(ir.IntType(1), int(bool(value))), dtype)
-    return E.typed(ir.Constant(llvm_type(dtype), float(value) if dtype.is_float else int(value)), dtype)
+    emit_pointwise(ctx.b, ctx.module, out, [], lambda E, xs: E.constant(value, out.dtype))
 
 
 @kernel("ConstantOfShape")
@@ -265,7 +271,7 @@ def trilu(ctx: KernelContext) -> None:
         diagonal = b.sub(index[-1], index[-2])
         keep = b.icmp_signed(">=" if upper else "<=", diagonal, const_i64(k))
         value = E.typed(x.load(b, index), x.dtype)
-        out.store(b, index, E.select(E.typed(keep, DType.bool), value, _constant(E, 0, x.dtype)))
+        out.store(b, index, E.select(E.typed(keep, DType.bool), value, E.constant(0, x.dtype)))
 
 
 @kernel("CumSum", "CumProd")
@@ -284,7 +290,7 @@ def cumulative(ctx: KernelContext) -> None:
     acc = entry_alloca(b, ty)
     outer = [d for k, d in enumerate(x.shape) if k != axis]
     with loop_nest(b, outer, name="line") as index:
-        b.store(_constant(E, 1 if product else 0, out.dtype), acc)
+        b.store(E.constant(1 if product else 0, out.dtype), acc)
         with for_range(b, size, name="step") as step:
             at = b.sub(const_i64(size - 1), step) if node.attrs["reverse"] else step
             where = [*index[:axis], at, *index[axis:]]

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import llvmlite.ir as ir
+import numpy as np
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
-from kiln.backends.llvm.emit import PTR, LLVMScalarOps, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.emit import I64, PTR, LLVMScalarOps, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -681,13 +682,16 @@ def _clamp(b, value: ir.Value, lo: int, hi: int) -> ir.Value:
 
 # -- pooling ------------------------------------------------------------------------------------------
 def _pool(ctx: KernelContext, mode: str) -> None:
+    """Each output is its window's max or mean; MaxPool's optional Indices output records where
+    the first max sits, as a flat index into the channels-first input (``storage_order`` 1:
+    the spatial dims column-major)."""
     from kiln.ir.ops.nn import _pool_geometry
 
     node = ctx.node
-    if len(node.outputs) > 1:
-        raise KilnError(f"node {node.name!r}: MaxPool's Indices output has no LLVM kernel yet")
-    _require_float(ctx)
+    if mode == "avg":
+        _require_float(ctx)
     x, y = ctx.inputs[0], ctx.outputs[0]
+    argmax = ctx.outputs[1] if len(ctx.outputs) > 1 else None
     xt = node.inputs[0].type
     nhwc = node.attrs["layout"] == "NHWC"
     if nhwc:  # the geometry of the channels-first twin; index (n, *spatial, c) below
@@ -700,10 +704,13 @@ def _pool(ctx: KernelContext, mode: str) -> None:
     E = LLVMScalarOps(b, ctx.module)
     ty = _t(x)
     include_pad = mode == "avg" and node.attrs.get("count_include_pad", 0)
-    acc_ptr, count_ptr = entry_alloca(b, ty), entry_alloca(b, ty)
+    acc_ptr, count_ptr, arg_ptr = entry_alloca(b, ty), entry_alloca(b, ty), entry_alloca(b, I64)
+    column_major = node.attrs.get("storage_order", 0)
+    place = [math.prod(in_sp[:i]) if column_major else math.prod(in_sp[i + 1 :]) for i in range(nd)]
     with loop_nest(b, y.shape, name="o") as index:
-        b.store(ir.Constant(ty, float("-inf") if mode == "max" else 0.0), acc_ptr)
-        b.store(ir.Constant(ty, 0.0), count_ptr)
+        b.store(_initial(E, "ReduceMax", x.dtype) if mode == "max" else E.constant(0, x.dtype), acc_ptr)
+        b.store(E.constant(0, x.dtype), count_ptr)
+        b.store(const_i64(0), arg_ptr)
         with loop_nest(b, kernel_shape, name="k") as ks:
             inside = ir.Constant(ir.IntType(1), 1)
             counted = ir.Constant(ir.IntType(1), 1)
@@ -719,16 +726,28 @@ def _pool(ctx: KernelContext, mode: str) -> None:
             value = E.typed(x.load(b, where), x.dtype)
             acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
             if mode == "max":
-                new = b.select(inside, E.max(acc, value), acc)
+                b.store(b.select(inside, E.max(acc, value), acc), acc_ptr)
+                if argmax is not None:  # the first strict improvement (a NaN counts as one, once)
+                    better = E.gt(value, acc)
+                    if x.dtype.is_float:
+                        better = E.logical_or(better, E.logical_and(E.isnan(value), E.logical_not(E.isnan(acc))))
+                    spatial = const_i64(0)
+                    for axis in range(nd):
+                        spatial = b.add(spatial, b.mul(coords[axis], const_i64(place[axis])))
+                    with b.if_then(b.and_(inside, better)):
+                        b.store(spatial, arg_ptr)
             else:
-                new = b.select(inside, b.fadd(acc, value), acc)
-            b.store(new, acc_ptr)
-            hit = counted if include_pad else inside
-            b.store(b.select(hit, b.fadd(b.load(count_ptr, typ=ty), ir.Constant(ty, 1.0)), b.load(count_ptr, typ=ty)), count_ptr)
+                b.store(b.select(inside, b.fadd(acc, value), acc), acc_ptr)
+                hit = counted if include_pad else inside
+                b.store(b.select(hit, b.fadd(b.load(count_ptr, typ=ty), ir.Constant(ty, 1.0)), b.load(count_ptr, typ=ty)), count_ptr)
         result = b.load(acc_ptr, typ=ty)
         if mode == "avg":
             result = b.fdiv(result, b.load(count_ptr, typ=ty))
         y.store(b, index, result)
+        if argmax is not None:
+            n, c = (index[0], index[-1]) if nhwc else (index[0], index[1])
+            image = b.add(b.mul(n, const_i64(xt.shape[1])), c)
+            argmax.store(b, index, b.add(b.mul(image, const_i64(math.prod(in_sp))), b.load(arg_ptr, typ=I64)))
 
 
 @kernel("MaxPool")
@@ -757,22 +776,37 @@ REDUCTIONS = {
 }
 
 
+FLOAT_ONLY = {"ReduceMean", "ReduceL2", "GlobalAveragePool"}
+
+
+def _initial(E: LLVMScalarOps, op: str, dtype: DType) -> ir.Value:
+    """The reduction's starting value in ``dtype``: an integer max starts at the type's lowest."""
+    init = REDUCTIONS[op][0]
+    if math.isinf(init) and not dtype.is_float:
+        info = np.iinfo(dtype.numpy)
+        init = info.min if init < 0 else info.max
+    return E.constant(init, dtype)
+
+
 @kernel(*REDUCTIONS)
 def reduce(ctx: KernelContext) -> None:
-    _require_float(ctx)
     node = ctx.node
+    if node.op.name in FLOAT_ONLY:
+        _require_float(ctx)
     x, y = ctx.inputs[0], ctx.outputs[0]
+    if x.dtype is DType.bool:  # bytes of 0/1: max is any, min is all
+        x, y = (View(v.ptr, DType.uint8, v.shape, v.strides, v.offset) for v in (x, y))
     rank = len(x.shape)
     if node.op.name.startswith("Global"):
         axes = list(range(2, rank))
     else:
         axes = list(range(rank)) if node.attrs["axes"] is None else [a % rank for a in node.attrs["axes"]]
     kept = [a for a in range(rank) if a not in axes]
-    init, combine, finish = REDUCTIONS[node.op.name]
+    _, combine, finish = REDUCTIONS[node.op.name]
     count = math.prod(x.shape[a] for a in axes)
     inner = math.prod(x.shape[max(axes) + 1 :]) if axes else 1
     if axes and axes == list(range(axes[0], axes[-1] + 1)) and inner > 1 and x.strides == tuple(contiguous_strides(x.shape)):
-        _reduce_into_rows(ctx, math.prod(x.shape[: axes[0]]), count, inner)
+        _reduce_into_rows(ctx, x, y, math.prod(x.shape[: axes[0]]), count, inner)
         return
     out = View(y.ptr, y.dtype, tuple(x.shape[a] for a in kept), tuple(contiguous_strides([x.shape[a] for a in kept])))
     b = ctx.b
@@ -780,7 +814,7 @@ def reduce(ctx: KernelContext) -> None:
     ty = _t(x)
     acc_ptr = entry_alloca(b, ty)
     with loop_nest(b, out.shape, name="o") as index:
-        b.store(ir.Constant(ty, init), acc_ptr)
+        b.store(_initial(E, node.op.name, x.dtype), acc_ptr)
         with loop_nest(b, [x.shape[a] for a in axes], name="r") as red:
             full = [None] * rank
             for a, i in zip(kept, index):
@@ -792,20 +826,19 @@ def reduce(ctx: KernelContext) -> None:
         out.store(b, index, finish(E, E.typed(b.load(acc_ptr, typ=ty), x.dtype), count))
 
 
-def _reduce_into_rows(ctx: KernelContext, outer: int, length: int, inner: int) -> None:
+def _reduce_into_rows(ctx: KernelContext, x: View, y: View, outer: int, length: int, inner: int) -> None:
     """x viewed as (outer, length, inner), reduced over its middle axis with the output's row
     of ``inner`` accumulators updated by each input row in turn: the innermost loop runs along
     contiguous memory and vectorizes, and each output element still combines its inputs in
     order (the same result as one accumulator walking the column)."""
-    x, y = ctx.inputs[0], ctx.outputs[0]
-    init, combine, finish = REDUCTIONS[ctx.node.op.name]
+    _, combine, finish = REDUCTIONS[ctx.node.op.name]
     xv = View(x.ptr, x.dtype, (outer, length, inner), (length * inner, inner, 1), x.offset)
     yv = View(y.ptr, y.dtype, (outer, inner), (inner, 1), y.offset)
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
     with for_range(b, outer, name="o") as o:
         with for_range(b, inner, name="i") as i:
-            yv.store(b, [o, i], ir.Constant(_t(y), init))
+            yv.store(b, [o, i], _initial(E, ctx.node.op.name, y.dtype))
         with for_range(b, length, name="r") as r:
             with for_range(b, inner, name="i") as i:
                 acc = E.typed(yv.load(b, [o, i]), y.dtype)

@@ -1,6 +1,6 @@
-"""Index-driven llvm kernels (top-k, scatters, gathers, sequence reversal) against eager, on
-the cases the conformance suite leaves out: NaN, ties, whole-line sorts, unsigned keys,
-out-of-range indices, several threads' worth of lines."""
+"""llvm kernels against eager on the cases the conformance suite leaves out: top-k with NaN,
+ties and unsigned keys; scatters with repeated and negative indices; MaxPool's indices in
+both layouts and integer types; integer reductions."""
 
 from __future__ import annotations
 
@@ -76,3 +76,33 @@ def test_reverse_sequence_reverses_each_rows_prefix(batch_axis, time_axis, shape
 }}"""
     want, got = _both(text, {"x": x, "l": lens})
     np.testing.assert_array_equal(got["y"], want["y"])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("storage_order", [0, 1])
+@pytest.mark.parametrize("dtype", ["f32", "u8", "i8"])
+def test_max_pool_indices_point_at_the_first_max_in_channels_first_order(layout, storage_order, dtype):
+    """Ties (small integers) must pick the first max; NHWC graphs still report NCHW indices."""
+    rng = np.random.default_rng(5)
+    numpy_dtype = {"f32": np.float32, "u8": np.uint8, "i8": np.int8}[dtype]
+    x = rng.integers(0, 4, (2, 16, 9, 7)).astype(numpy_dtype)
+    text = f"""graph g(%x: {dtype}[2,16,9,7]) {{
+  %y: {dtype}[2,16,5,4], %i: i64[2,16,5,4] = MaxPool(%x) {{kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], storage_order={storage_order}}}
+  return %y, %i
+}}"""
+    graph = parse_graph(text)
+    want = kiln.compile(graph).run({"x": x})
+    got = kiln.compile(graph, target="llvm", layout=layout).run({"x": x})
+    np.testing.assert_array_equal(got["y"], want["y"])
+    np.testing.assert_array_equal(got["i"], want["i"])
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd"])
+@pytest.mark.parametrize("dtype", ["i32", "u8", "i64"])
+def test_integer_reductions_start_from_the_types_limits(op, dtype):
+    numpy_dtype = {"i32": np.int32, "u8": np.uint8, "i64": np.int64}[dtype]
+    x = np.random.default_rng(6).integers(0, 5, (3, 4, 6)).astype(numpy_dtype)
+    for axes, out in (([1], "3,1,6"), ([2], "3,4,1")):  # the row-accumulator path and the plain one
+        text = f"graph g(%x: {dtype}[3,4,6]) {{\n  %y: {dtype}[{out}] = {op}(%x) {{axes={axes}}}\n  return %y\n}}"
+        want, got = _both(text, {"x": x})
+        np.testing.assert_array_equal(got["y"], want["y"])
