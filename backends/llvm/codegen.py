@@ -64,7 +64,7 @@ def kernel(*ops: str, scratch: ScratchRule | None = None) -> Callable[[KernelEmi
 
 
 def _load_kernels() -> None:
-    from kiln.backends.llvm import kernels_data, kernels_elementwise, kernels_index, kernels_nn  # noqa: F401
+    from kiln.backends.llvm import kernels_data, kernels_elementwise, kernels_image, kernels_index, kernels_linalg, kernels_nn  # noqa: F401
 
 
 def kernel_rule(node: Node) -> KernelRule | None:

@@ -119,13 +119,13 @@ def split(ctx: KernelContext) -> None:
         start += size
 
 
-def _fill(ctx: KernelContext, out: View, value) -> None:
+def fill(ctx: KernelContext, out: View, value) -> None:
     emit_pointwise(ctx.b, ctx.module, out, [], lambda E, xs: E.constant(value, out.dtype))
 
 
 @kernel("ConstantOfShape")
 def constant_of_shape(ctx: KernelContext) -> None:
-    _fill(ctx, ctx.outputs[0], ctx.node.attrs["value"])
+    fill(ctx, ctx.outputs[0], ctx.node.attrs["value"])
 
 
 def _nonnegative_mod(b: ir.IRBuilder, i: ir.Value, period: int) -> ir.Value:
@@ -159,7 +159,7 @@ def pad(ctx: KernelContext) -> None:
         value_view = View(ctx.inputs[1].ptr, x.dtype, (), ())
         emit_pointwise(ctx.b, ctx.module, out, [value_view], lambda E, xs: xs[0])
     else:
-        _fill(ctx, out, 0)
+        fill(ctx, out, 0)
     # the kept part of x (negative pads crop) goes to its place in out
     src, dst = x, out
     for axis in range(rank):
@@ -212,8 +212,6 @@ def resize(ctx: KernelContext) -> None:
     node = ctx.node
     attrs = node.attrs
     x, y = ctx.inputs[0], ctx.outputs[0]
-    if attrs["coordinate_transformation_mode"] == "tf_crop_and_resize":
-        raise KilnError(f"node {node.name!r}: Resize with tf_crop_and_resize has no LLVM kernel yet")
     nearest = attrs["mode"] == "nearest"
     if not nearest and not x.dtype.is_float:
         raise KilnError(f"node {node.name!r}: {attrs['mode']} Resize of {x.dtype.short} has no LLVM kernel yet")
@@ -258,6 +256,26 @@ def resize(ctx: KernelContext) -> None:
         current = target
     if current is not y:
         emit_pointwise(b, ctx.module, y, [current], lambda E, xs: E.cast(xs[0], y.dtype))
+    if attrs["coordinate_transformation_mode"] == "tf_crop_and_resize":
+        _extrapolate(ctx, axes)
+
+
+def _extrapolate(ctx: KernelContext, axes: list[int]) -> None:
+    """tf_crop_and_resize: every output whose source coordinate on some axis falls outside the
+    input becomes ``extrapolation_value`` (per-axis tables of those rows, made at compile time)."""
+    attrs = ctx.node.attrs
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    tables = {axis: _global_table(ctx, axis_taps(attrs, axis, x.shape[axis], attrs["sizes"][axis])[2], ir.IntType(8), "resize_outside") for axis in axes}
+    fill = E.constant(attrs["extrapolation_value"], y.dtype)
+    with loop_nest(b, y.shape, name="x") as index:
+        outside = ir.Constant(ir.IntType(1), 0)
+        for axis, table in tables.items():
+            flag = b.load(b.gep(table, [const_i64(0), index[axis]], source_etype=table.value_type), typ=ir.IntType(8))
+            outside = b.or_(outside, b.icmp_unsigned("!=", flag, ir.Constant(ir.IntType(8), 0)))
+        with b.if_then(outside):
+            y.store(b, index, fill)
 
 
 @kernel("Trilu")

@@ -106,3 +106,79 @@ def test_integer_reductions_start_from_the_types_limits(op, dtype):
         text = f"graph g(%x: {dtype}[3,4,6]) {{\n  %y: {dtype}[{out}] = {op}(%x) {{axes={axes}}}\n  return %y\n}}"
         want, got = _both(text, {"x": x})
         np.testing.assert_array_equal(got["y"], want["y"])
+
+
+@pytest.mark.parametrize(
+    "equation, shapes",
+    [
+        ("...ij,...jk->...ik", [(2, 1, 3, 4), (5, 4, 2)]),  # broadcast batch dims
+        ("ii->i", [(4, 4)]),
+        ("bii,bj->bij", [(3, 4, 4), (3, 2)]),
+        ("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)]),
+        ("i,i->", [(7,), (7,)]),
+    ],
+)
+def test_einsum_sums_over_the_labels_left_out(equation, shapes):
+    rng = np.random.default_rng(7)
+    feeds = {f"x{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
+    out = np.einsum(equation, *feeds.values()).shape
+    args = ", ".join(f"%x{i}: f32[{','.join(map(str, s))}]" for i, s in enumerate(shapes))
+    text = f"""graph g({args}) {{
+  %y: f32[{','.join(map(str, out))}] = Einsum({', '.join(f'%x{i}' for i in range(len(shapes)))}) {{equation="{equation}"}}
+  return %y
+}}"""
+    want, got = _both(text, feeds)
+    np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_det_pivots_and_gives_zero_for_singular_matrices():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 5, 5))
+    x[1, :, 2] = 0  # a zero column: singular
+    x[2, 0, 0] = 0  # a zero first pivot: a row swap is needed
+    x[3, 4] = x[3, 1] * 2  # dependent rows
+    text = "graph g(%x: f64[4,5,5]) {\n  %y: f64[4] = Det(%x)\n  return %y\n}"
+    want, got = _both(text, {"x": x})
+    np.testing.assert_allclose(got["y"], want["y"], rtol=1e-9, atol=1e-9)
+    assert got["y"][1] == 0
+
+
+def test_col2im_adds_overlapping_blocks():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 2 * 3 * 2, 20)).astype(np.float32)  # C=2, block 3x2, 5x4 blocks
+    text = """graph g(%x: f32[2,12,20]) {
+  %y: f32[2,2,6,5] = Col2Im(%x) {image_shape=[6, 5], block_shape=[3, 2], strides=[1, 1], dilations=[1, 2], pads=[0, 1, 1, 0]}
+  return %y
+}"""
+    want, got = _both(text, {"x": x})
+    np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_max_unpool_pads_a_larger_output_and_drops_bad_indices():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((1, 2, 2, 2)).astype(np.float32)
+    idx = np.array([[[[0, 3], [10, 15]], [[16, 21], [26, 99]]]], dtype=np.int64)  # 99: outside
+    text = """graph g(%x: f32[1,2,2,2], %i: i64[1,2,2,2]) {
+  %y: f32[1,2,5,6] = MaxUnpool(%x, %i) {output_shape=[1, 2, 5, 6], unpooled_shape=[4, 4]}
+  return %y
+}"""
+    want, got = _both(text, {"x": x, "i": np.minimum(idx, 31)})
+    np.testing.assert_array_equal(got["y"], want["y"])
+    graph = parse_graph(text)
+    dropped = kiln.compile(graph, target="llvm").run({"x": x, "i": idx})["y"]
+    assert np.count_nonzero(dropped) == 7
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align", [0, 1])
+def test_grid_sample_reads_inside_and_far_outside_the_image(mode, padding, align):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    grid = rng.uniform(-2.5, 2.5, (2, 6, 7, 2)).astype(np.float32)  # well past the borders
+    text = f"""graph g(%x: f32[2,3,5,4], %g: f32[2,6,7,2]) {{
+  %y: f32[2,3,6,7] = GridSample(%x, %g) {{mode="{mode}", padding_mode="{padding}", align_corners={align}}}
+  return %y
+}}"""
+    want, got = _both(text, {"x": x, "g": grid})
+    np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-5)
