@@ -5,28 +5,26 @@ time step is one GEMM over (seq * batch) rows; each step then adds one GEMM with
 weights (the projection of step t as its C operand) and the gate arithmetic, which the fusion
 pass groups into one kernel per step.
 
-Preconditions: none (nodes it cannot express are left alone: custom activations, clip,
-input_forget, sequence lengths). Postconditions: no LSTM/GRU/RNN node of the
-supported kind remains; outputs keep their names, so graph outputs are unchanged.
+Sequence lengths (a run-time input) mask each step: a row past its length keeps its state and
+outputs zeros. The reverse direction then runs forward over each row's prefix reversed
+(ReverseSequence), as the reference walks it.
+
+Every attribute is expressed: the activations ONNX lists (with their alpha/beta), clip on
+the gates' pre-activations, LSTM's input_forget and peepholes.
+
+Preconditions: none. Postconditions: no LSTM/GRU/RNN node remains; outputs keep their names, so graph outputs are unchanged.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.ops.rnn import DEFAULT_ACTIVATIONS, DEFAULT_ALPHA, DEFAULT_BETA
 from kiln.passes.base import graph_pass
 
 RECURRENT = {"LSTM": 4, "GRU": 3, "RNN": 1}
-
-
-def expressible(node: Node) -> bool:
-    a = node.attrs
-    ins = node.inputs + [None] * (8 - len(node.inputs))
-    plain = a["activations"] is None and a["clip"] is None and ins[4] is None
-    if node.op.name == "LSTM":
-        plain = plain and not a["input_forget"]
-    return plain
 
 
 class _Unroller:
@@ -37,6 +35,7 @@ class _Unroller:
         self.taken = taken  # the names of the graph being rebuilt: new values must not take them
         self.count = 0
         self.peep: list[Value] | None = None  # LSTM peephole weights of the direction being unrolled
+        self.direction_index = 0  # which direction's activations apply
 
     def fresh(self, hint: str) -> str:
         name = self.g.fresh_name(hint)
@@ -75,7 +74,7 @@ class _Unroller:
         node, op = self.node, self.node.op.name
         a = node.attrs
         ins = node.inputs + [None] * (8 - len(node.inputs))
-        x, w, r, b, _, h0, c0 = ins[:7]
+        x, w, r, b, lens, h0, c0 = ins[:7]
         if a["layout"]:
             x = self.one("Transpose", [x], {"perm": [1, 0, 2]})
             h0 = self.one("Transpose", [h0], {"perm": [1, 0, 2]}) if h0 is not None else None
@@ -97,20 +96,33 @@ class _Unroller:
                 wb = rb = zero
             if op != "GRU":
                 wb, rb = self.one("Add", [wb, rb]), None  # both biases go into the input projection
-            proj = self.one("Gemm", [x2, wd, wb], {"transB": 1})
+            reverse = a["direction"] == "reverse" or d == 1
+            flip = reverse and lens is not None  # each row's prefix reversed, then walked forwards
+            xd = self.reshape(self.one("ReverseSequence", [x, lens], {"batch_axis": 1, "time_axis": 0}), [seq * batch, width]) if flip else x2
+            proj = self.one("Gemm", [xd, wd, wb], {"transB": 1})
             steps = self.emit("Split", [proj], {"axis": 0, "split": [batch] * seq}) if seq > 1 else [proj]
             h = self.initial(h0, d, batch, hidden, dtype)
             c = self.initial(c0, d, batch, hidden, dtype) if op == "LSTM" else None
             self.peep = None
+            self.direction_index = d
             if op == "LSTM" and ins[7] is not None:  # peepholes: i, o, f weights on the cell state
                 pd = self.reshape(self.slice_rows(ins[7], 0, d, d + 1), [3 * hidden])
                 self.peep = [self.slice_rows(pd, 0, k * hidden, (k + 1) * hidden) for k in range(3)]
-            reverse = a["direction"] == "reverse" or d == 1
             outs: list[Value | None] = [None] * seq
-            for t in (reversed(range(seq)) if reverse else range(seq)):
-                h, c = self.step(op, steps[t], h, c, rd, rb, hidden)
-                outs[t] = self.reshape(h, [1, 1, batch, hidden])
-            ys.append(self.one("Concat", outs, {"axis": 0}) if seq > 1 else outs[0])
+            for t in (reversed(range(seq)) if reverse and not flip else range(seq)):
+                h_new, c_new = self.step(op, steps[t], h, c, rd, rb, hidden)
+                if lens is None:
+                    h, c, out = h_new, c_new, h_new
+                else:  # rows past their length keep their state and output zeros
+                    active = self.reshape(self.one("Less", [self.add_param(f"t{t}", np.array(t, lens.type.dtype.numpy)), lens]), [batch, 1])
+                    h = self.one("Where", [active, h_new, h])
+                    c = self.one("Where", [active, c_new, c]) if c is not None else None
+                    out = self.one("Where", [active, h_new, self.add_param("zero_out", np.zeros((1, 1), dtype))])
+                outs[t] = self.reshape(out, [1, 1, batch, hidden])
+            y_d = self.one("Concat", outs, {"axis": 0}) if seq > 1 else outs[0]
+            if flip:  # back to each row's own time order
+                y_d = self.reshape(self.one("ReverseSequence", [self.reshape(y_d, [seq, batch, hidden]), lens], {"batch_axis": 1, "time_axis": 0}), [seq, 1, batch, hidden])
+            ys.append(y_d)
             hs.append(self.reshape(h, [1, batch, hidden]))
             if c is not None:
                 cs.append(self.reshape(c, [1, batch, hidden]))
@@ -128,21 +140,47 @@ class _Unroller:
             return self.add_param("zero_state", np.zeros((batch, hidden), dtype))
         return self.reshape(self.slice_rows(state, 0, d, d + 1), [batch, hidden])
 
+    def const(self, value: float) -> Value:
+        return self.add_param("c", np.array(value, self.node.inputs[0].type.dtype.numpy))
+
+    def activate(self, slot: int, x: Value, clip: bool = True) -> Value:
+        """Activation ``slot`` of the current direction (ONNX's list, or the op's defaults) on
+        ``x``, clipped first to [-clip, clip] when the node asks and ``clip`` is set."""
+        a = self.node.attrs
+        if clip and a["clip"] is not None:
+            x = self.one("Clip", [x, self.const(-a["clip"]), self.const(a["clip"])])
+        defaults = DEFAULT_ACTIVATIONS[self.node.op.name]
+        k = self.direction_index * len(defaults) + slot
+        name = (a["activations"] or defaults * 2)[k]
+        alphas, betas = list(a["activation_alpha"] or []), list(a["activation_beta"] or [])
+        key = next((n for n in (*DEFAULT_ALPHA, "Relu", "Tanh", "Sigmoid", "Softsign", "Softplus") if n.lower() == name.lower()), None)
+        if key is None:
+            raise KilnError(f"node {self.where!r}: unknown recurrent activation {name!r}")
+        alpha = alphas[k] if k < len(alphas) else DEFAULT_ALPHA.get(key, 0.0)
+        beta = betas[k] if k < len(betas) else DEFAULT_BETA.get(key, 0.0)
+        if key == "Affine":
+            return self.one("Add", [self.one("Mul", [x, self.const(alpha)]), self.const(beta)])
+        if key == "ScaledTanh":
+            return self.one("Mul", [self.one("Tanh", [self.one("Mul", [x, self.const(beta)])]), self.const(alpha)])
+        attrs = {"alpha": alpha, "beta": beta} if key == "HardSigmoid" else {"alpha": alpha} if key in DEFAULT_ALPHA else {}
+        return self.one(key, [x], attrs)
+
     def step(self, op: str, gx: Value, h: Value, c: Value | None, rd: Value, rb: Value | None, hidden: int):
         """One time step: the new hidden (and cell) state."""
         if op == "RNN":
-            return self.one("Tanh", [self.one("Gemm", [h, rd, gx], {"transB": 1})]), None
+            return self.activate(0, self.one("Gemm", [h, rd, gx], {"transB": 1})), None
         if op == "LSTM":
             pre = self.one("Gemm", [h, rd, gx], {"transB": 1})
             gi, go, gf, gc = self.emit("Split", [pre], {"axis": 1, "split": [hidden] * 4})
             if self.peep is not None:
                 gi = self.one("Add", [gi, self.one("Mul", [self.peep[0], c])])
                 gf = self.one("Add", [gf, self.one("Mul", [self.peep[2], c])])
-            i, f = self.one("Sigmoid", [gi]), self.one("Sigmoid", [gf])
-            c_new = self.one("Add", [self.one("Mul", [f, c]), self.one("Mul", [i, self.one("Tanh", [gc])])])
+            i = self.activate(0, gi)
+            f = self.one("Sub", [self.const(1.0), i]) if self.node.attrs["input_forget"] else self.activate(0, gf)
+            c_new = self.one("Add", [self.one("Mul", [f, c]), self.one("Mul", [i, self.activate(1, gc)])])
             if self.peep is not None:
                 go = self.one("Add", [go, self.one("Mul", [self.peep[1], c_new])])
-            return self.one("Mul", [self.one("Sigmoid", [go]), self.one("Tanh", [c_new])]), c_new
+            return self.one("Mul", [self.activate(0, go), self.activate(2, c_new, clip=False)]), c_new
         # GRU: z, r, candidate
         xz, xr, xn = self.emit("Split", [gx], {"axis": 1, "split": [hidden] * 3})
         if self.node.attrs["linear_before_reset"]:
@@ -152,13 +190,13 @@ class _Unroller:
             r_zr, r_n = self.slice_rows(rd, 0, 0, 2 * hidden), self.slice_rows(rd, 0, 2 * hidden, 3 * hidden)
             b_zr, b_n = self.slice_rows(rb, 0, 0, 2 * hidden), self.slice_rows(rb, 0, 2 * hidden, 3 * hidden)
             hz, hr = self.emit("Split", [self.one("Gemm", [h, r_zr, b_zr], {"transB": 1})], {"axis": 1, "split": [hidden] * 2})
-        z = self.one("Sigmoid", [self.one("Add", [xz, hz])])
-        rgate = self.one("Sigmoid", [self.one("Add", [xr, hr])])
+        z = self.activate(0, self.one("Add", [xz, hz]))
+        rgate = self.activate(0, self.one("Add", [xr, hr]))
         if self.node.attrs["linear_before_reset"]:
             cand = self.one("Add", [xn, self.one("Mul", [rgate, hn])])
         else:
             cand = self.one("Add", [xn, self.one("Gemm", [self.one("Mul", [rgate, h]), r_n, b_n], {"transB": 1})])
-        n = self.one("Tanh", [cand])
+        n = self.activate(1, cand)
         # (1 - z) * n + z * h  ==  n + z * (h - n)
         return self.one("Add", [n, self.one("Mul", [z, self.one("Sub", [h, n])])]), None
 
@@ -166,7 +204,7 @@ class _Unroller:
 @graph_pass("decompose_rnn")
 def decompose_rnn(graph: Graph) -> Graph:
     """LSTM/GRU/RNN unrolled over time into GEMMs and gate arithmetic (for kernels without RNNs)."""
-    if not any(n.op.name in RECURRENT and expressible(n) for n in graph.nodes):
+    if not any(n.op.name in RECURRENT for n in graph.nodes):
         return graph
     out = Graph(graph.name)
     taken = {v.name for v in graph.values()}
@@ -177,7 +215,7 @@ def decompose_rnn(graph: Graph) -> Graph:
         new[v] = out.add_param(v.name, array)
     for node in graph.nodes:
         inputs = [new[v] if v is not None else None for v in node.inputs]
-        if node.op.name in RECURRENT and expressible(node):
+        if node.op.name in RECURRENT:
             results = _Unroller(out, _rebound(node, inputs), taken).run()
         else:
             results = out.add_node(node.op, inputs, node.attrs, name=node.name, output_names=[v.name for v in node.outputs]).outputs
