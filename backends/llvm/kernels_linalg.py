@@ -6,24 +6,7 @@ from __future__ import annotations
 from kiln.backends.llvm.codegen import KernelContext, kernel
 from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.ir.dtypes import DType
-
-
-def _expand_ellipsis(term: str, rank: int, width: int) -> list[str]:
-    """The labels of each of ``rank`` dims; ``...`` becomes the last of ``width`` shared
-    broadcast labels (numbered so they cannot clash with letters)."""
-    if "..." not in term:
-        return list(term)
-    pre, post = term.split("...")
-    n = rank - len(pre) - len(post)
-    return [*pre, *[str(i) for i in range(width - n, width)], *post]
-
-
-def einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]]:
-    """Per operand, the label of each dim; and the output's labels."""
-    lhs, rhs = equation.replace(" ", "").split("->")
-    terms = lhs.split(",")
-    width = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
-    return [_expand_ellipsis(t, r, width) for t, r in zip(terms, ranks)], _expand_ellipsis(rhs, width + len(rhs.replace("...", "")), width)
+from kiln.ir.ops.linalg import einsum_labels
 
 
 @kernel("Einsum")

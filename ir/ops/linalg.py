@@ -105,6 +105,24 @@ def einsum_shape(equation: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...
     return tuple(sizes[c] for c in pre) + middle + tuple(sizes[c] for c in post)
 
 
+def _expand_ellipsis(term: str, rank: int, width: int) -> list[str]:
+    """The labels of each of ``rank`` dims; ``...`` becomes the last of ``width`` shared
+    broadcast labels (numbered so they cannot clash with letters)."""
+    if "..." not in term:
+        return list(term)
+    pre, post = term.split("...")
+    n = rank - len(pre) - len(post)
+    return [*pre, *[str(i) for i in range(width - n, width)], *post]
+
+
+def einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]]:
+    """Per operand, the label of each dim; and the output's labels."""
+    lhs, rhs = equation.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    width = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    return [_expand_ellipsis(t, r, width) for t, r in zip(terms, ranks)], _expand_ellipsis(rhs, width + len(rhs.replace("...", "")), width)
+
+
 def _einsum_infer(attrs, types):
     check_dtype(present(types, 0, "Inputs"), NUMERIC)
     same_dtype(types)

@@ -150,6 +150,6 @@ def has_vjp(op_name: str) -> bool:
 
 
 def _load_rules() -> None:
-    from kiln.passes.autodiff import rules_derived, rules_elementwise, rules_nn, rules_tensor  # noqa: F401
+    from kiln.passes.autodiff import rules_derived, rules_elementwise, rules_index, rules_nn, rules_tensor  # noqa: F401
 
     rules_derived.install()  # after the hand-written rules, which it leaves alone

@@ -88,6 +88,19 @@ CASES = {
     "attention_causal_gqa": ("%y: f64[1,4,3,2] = Attention(%q, %k, %v) {is_causal=1}", {}, "%q: f64[1,4,3,2], %k: f64[1,2,5,2], %v: f64[1,2,5,2]"),
     "lp_pool": ("%y: f64[1,2,2,2] = LpPool(%x) {kernel_shape=[2, 2], strides=[2, 2], p=2}", {}, "%x: f64[1,2,4,5]"),
     "reduce_log_sum_exp": ("%y: f64[3] = ReduceLogSumExp(%a) {axes=[1], keepdims=0}", {}, "%a: f64[3,4]"),
+    "top_k": ("%v: f64[3,2], %i: i64[3,2] = TopK(%a) {k=2, axis=1, largest=1, sorted=1}", {}, "%a: f64[3,5]"),
+    "cumsum": ("%y: f64[3,4] = CumSum(%a) {axis=1, exclusive=0, reverse=0}", {}, "%a: f64[3,4]"),
+    "cumsum_exclusive_reverse": ("%y: f64[3,4] = CumSum(%a) {axis=0, exclusive=1, reverse=1}", {}, "%a: f64[3,4]"),
+    "gather_elements": ("%y: f64[3,2] = GatherElements(%a, %i) {axis=1}", {"i": np.array([[0, 2], [1, 1], [-1, 0]])}, "%a: f64[3,4], %i: i64[3,2]"),
+    "scatter_elements": ("%y: f64[3,4] = ScatterElements(%a, %i, %u) {axis=1, reduction=\"none\"}", {"i": np.array([[0, 2], [3, 1], [-1, 0]])}, "%a: f64[3,4], %i: i64[3,2], %u: f64[3,2]"),
+    "scatter_elements_add": ("%y: f64[3,4] = ScatterElements(%a, %i, %u) {axis=0, reduction=\"add\"}", {"i": np.array([[0, 2, 2, 1], [0, 0, 1, 1]])}, "%a: f64[3,4], %i: i64[2,4], %u: f64[2,4]"),
+    "gather_nd": ("%y: f64[2,3] = GatherND(%a, %i) {batch_dims=0}", {"i": np.array([[0, 1], [3, 0]])}, "%a: f64[4,2,3], %i: i64[2,2]"),
+    "scatter_nd": ("%y: f64[4,3] = ScatterND(%a, %i, %u) {reduction=\"none\"}", {"i": np.array([[1], [3]])}, "%a: f64[4,3], %i: i64[2,1], %u: f64[2,3]"),
+    "reverse_sequence": ("%y: f64[4,3,2] = ReverseSequence(%a, %l) {batch_axis=1, time_axis=0}", {"l": np.array([4, 1, 2])}, "%a: f64[4,3,2], %l: i64[3]"),
+    "einsum_batch_matmul": ("%y: f64[2,3,5] = Einsum(%a, %b) {equation=\"bij,bjk->bik\"}", {}, "%a: f64[2,3,4], %b: f64[2,4,5]"),
+    "einsum_ellipsis": ("%y: f64[2,3] = Einsum(%a, %b) {equation=\"...ij,j->...i\"}", {}, "%a: f64[2,3,4], %b: f64[4]"),
+    "einsum_broadcast_label": ("%y: f64[3,2] = Einsum(%a, %b) {equation=\"ij,ik->jk\"}", {}, "%a: f64[1,3], %b: f64[4,2]"),
+    "einsum_single_operand": ("%y: f64[4] = Einsum(%a) {equation=\"ij->j\"}", {}, "%a: f64[3,4]"),
     "nll_sum": ("%l: f64[3,4] = LogSoftmax(%x) {axis=1}\n%y: f64[] = NegativeLogLikelihoodLoss(%l, %t) {ignore_index=null, reduction=\"sum\"}", {"t": np.array([3, 0, 2])}, "%x: f64[3,4], %t: i64[3]"),
 }
 
@@ -103,6 +116,8 @@ def _with_loss(graph: Graph, cotangents: list[np.ndarray]):
     """``graph`` with one scalar output: the sum of each output times its cotangent."""
     total = None
     for value, cot in zip(graph.outputs, cotangents):
+        if not value.type.dtype.is_float:  # TopK's indices: nothing to differentiate
+            continue
         c = graph.add_param(graph.fresh_name("cot"), cot)
         dotted = graph.add_node("Mul", [value, c]).outputs[0]
         term = graph.add_node("ReduceSum", [dotted], {"axes": None, "keepdims": 0}).outputs[0]
