@@ -219,6 +219,16 @@ def _lp_pool(b: GradBuilder, node: Node):
     return [summed if p == 1 else b.op("Pow", summed, b.const(1.0 / p, x))]
 
 
+@decomposition("GlobalLpPool")
+def _global_lp_pool(b: GradBuilder, node: Node):
+    """(sum of |x|^p over all spatial positions)^(1/p), per image and channel."""
+    (x,) = node.inputs
+    p = float(node.attrs["p"])
+    powered = b.op("Abs", x) if p == 1 else b.op("Pow", b.op("Abs", x), b.const(p, x))
+    summed = b.op("ReduceSum", powered, axes=list(range(2, x.type.rank)), keepdims=1)
+    return [summed if p == 1 else b.op("Pow", summed, b.const(1.0 / p, x))]
+
+
 # -- linear quantization ---------------------------------------------------------------------
 def _quant_param(b: GradBuilder, param: Value, x: Value, attrs) -> Value:
     """A scale or zero point laid out to broadcast against ``x``: a scalar, per ``axis``, or

@@ -21,7 +21,7 @@ import numpy as np
 from kiln import config
 from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
-from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, generate, lacks_kernel
+from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, generate, lacks_kernel, pack_panels
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
@@ -32,7 +32,7 @@ ALIGN = 64
 
 def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
     """Object code for ``graph`` and the layout the runtime needs (arena size, output offsets)."""
-    module, plan, arena_bytes = generate(graph)
+    module, plan, arena_bytes, panels = generate(graph)
     machine = target_machine(cpu)
     module.triple = cpu.triple
     module.data_layout = str(machine.target_data)
@@ -48,6 +48,7 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
         "checked_nodes": [f"{n.name or n.op.name!r} ({n.op.name})" for n in graph.nodes] if config.flags().check_bounds else None,
         "profiled_nodes": [[n.name or n.op.name, _op_label(n)] for n in graph.nodes] if config.flags().profile else None,
         "outputs": [_output_location(graph, plan, v) for v in graph.outputs],
+        "panels": [{"param": list(graph.params).index(v), **spec.to_json()} for v, spec in panels],
         "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
     }
     return machine.emit_object(parsed), layout
@@ -136,11 +137,14 @@ class LLVMExecutable:
         self._raw = raw
         graph.params.update({v: _aligned(a) for v, a in graph.params.items()})  # one copy, shared
         self._params = list(graph.params.values())
+        # constant GEMM operands packed into panels here, once (the layout says which and how)
+        self._panels = [_aligned(pack_panels(self._params[p["param"]], PanelSpec(p["k"], p["n"], p["nr"], p["transpose"]))) for p in layout.get("panels", [])]
         n_in = len(graph.inputs)
-        self._table = (ctypes.c_void_p * (n_in + len(self._params) + 1))()
-        for i, array in enumerate(self._params):
+        constants = self._params + self._panels
+        self._table = (ctypes.c_void_p * (n_in + len(constants) + 1))()
+        for i, array in enumerate(constants):
             self._table[n_in + i] = array.ctypes.data
-        self._table[n_in + len(self._params)] = self._arena.ctypes.data
+        self._table[n_in + len(constants)] = self._arena.ctypes.data
         self._lock = threading.Lock()
 
     fresh_outputs = True  # run() copies each output out of the arena

@@ -1,7 +1,8 @@
 """LLVM code generation: one function per node (or fused group) and ``kiln_main``, which runs
 the whole graph over one arena: a run from Python is one native call.
 
-``kiln_main(ptr table)`` reads ``table = [inputs..., parameters..., arena]``. Every node output
+``kiln_main(ptr table)`` reads ``table = [inputs..., parameters..., packed parameters...,
+arena]``: constant GEMM operands some kernel takes in panels come packed too. Every node output
 lives in the arena at the offset the memory plan gives; scratch space (im2col columns, fused
 bodies' intermediates) follows the planned region.
 """
@@ -12,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import llvmlite.ir as ir
+import numpy as np
 
 from kiln import config
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.text import print_graph
 from kiln.passes.plan_memory import MemoryPlan, check_plan, plan_memory
-from kiln.backends.llvm.emit import PTR, View, const_i64
+from kiln.backends.llvm.emit import PTR, Panels, View, const_i64
 
 ENTRY = "kiln_main"
 
@@ -41,23 +43,42 @@ KernelEmitter = Callable[[KernelContext], None]
 ScratchRule = Callable[[Node], int]
 
 
+@dataclass(frozen=True)
+class PanelSpec:
+    """How a kernel takes a constant GEMM operand packed (``emit.Panels``): the (k, n) matrix
+    it multiplies by, read from the parameter as is or, with ``transpose``, as its (n, k)
+    transpose; ``nr`` columns to a panel."""
+
+    k: int
+    n: int
+    nr: int
+    transpose: bool = False
+
+    def to_json(self) -> dict:
+        return {"k": self.k, "n": self.n, "nr": self.nr, "transpose": self.transpose}
+
+
+PanelRule = Callable[[Node, int], "PanelSpec | None"]
+
+
 @dataclass
 class KernelRule:
     emit: KernelEmitter
     scratch: ScratchRule | None = None
+    panels: PanelRule | None = None  # which inputs the kernel takes packed, when they are constants
 
 
 KERNELS: dict[str, KernelRule] = {}
 
 
-def kernel(*ops: str, scratch: ScratchRule | None = None) -> Callable[[KernelEmitter], KernelEmitter]:
+def kernel(*ops: str, scratch: ScratchRule | None = None, panels: PanelRule | None = None) -> Callable[[KernelEmitter], KernelEmitter]:
     """Register the decorated function as the LLVM kernel of ``ops``."""
 
     def wrap(fn: KernelEmitter) -> KernelEmitter:
         for op in ops:
             if op in KERNELS:
                 raise ValueError(f"two LLVM kernels for {op}")
-            KERNELS[op] = KernelRule(fn, scratch)
+            KERNELS[op] = KernelRule(fn, scratch, panels)
         return fn
 
     return wrap
@@ -101,6 +122,30 @@ def unsupported_ops(graph: Graph) -> list[str]:
     return sorted(missing)
 
 
+def panel_spec(node: Node, i: int) -> PanelSpec | None:
+    """How ``node``'s kernel takes input ``i`` packed, or None. A Fused group takes an input
+    packed when every body node that reads it does, the same way."""
+    if node.op.name == "Fused":
+        body = node.attrs["body"]
+        value = body.inputs[i]
+        uses = [(n, k) for n in body.nodes for k, v in enumerate(n.inputs) if v is value]
+        specs = {panel_spec(n, k) for n, k in uses}
+        if len(specs) != 1 or value in body.outputs:
+            return None
+        return specs.pop()
+    rule = kernel_rule(node)
+    return rule.panels(node, i) if rule is not None and rule.panels is not None else None
+
+
+def pack_panels(array: np.ndarray, spec: PanelSpec) -> np.ndarray:
+    """``array`` as ``spec``'s (k, n) matrix in panels: (ceil(n / nr), k, nr), zero-padded."""
+    matrix = array.reshape(spec.n, spec.k).T if spec.transpose else array.reshape(spec.k, spec.n)
+    count = -(-spec.n // spec.nr)
+    padded = np.zeros((spec.k, count * spec.nr), dtype=array.dtype)
+    padded[:, : spec.n] = matrix
+    return np.ascontiguousarray(padded.reshape(spec.k, count, spec.nr).transpose(1, 0, 2))
+
+
 def scratch_bytes(node: Node) -> int:
     rule = kernel_rule(node)
     return rule.scratch(node) if rule is not None and rule.scratch is not None else 0
@@ -112,15 +157,16 @@ class Codegen:
     _count: int = 0
     _emitted: dict[str, ir.Function] = field(default_factory=dict)
 
-    def kernel_function(self, node: Node) -> ir.Function:
+    def kernel_function(self, node: Node, packed: frozenset[int] = frozenset()) -> ir.Function:
         """``node``'s kernel, ``void kernel_N(ptr in..., ptr out..., ptr scratch)``: emitted once
-        per distinct signature (op, attributes, types), so repeated blocks share their code."""
-        key = kernel_signature(node)
+        per distinct signature (op, attributes, types, which inputs come packed), so repeated
+        blocks share their code."""
+        key = kernel_signature(node) + repr(sorted(packed))
         if key not in self._emitted:
-            self._emitted[key] = self._emit_kernel(node)
+            self._emitted[key] = self._emit_kernel(node, packed)
         return self._emitted[key]
 
-    def _emit_kernel(self, node: Node) -> ir.Function:
+    def _emit_kernel(self, node: Node, packed: frozenset[int]) -> ir.Function:
         rule = kernel_rule(node)
         if rule is None:
             raise KilnError(f"node {node.name or node.op.name!r}: no LLVM kernel for {node.op.name} yet")
@@ -131,15 +177,27 @@ class Codegen:
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         args = list(fn.args)
         ins = [View.dense(args[i], v.type.dtype, v.type.shape) if v is not None else None for i, v in enumerate(node.inputs)]
+        for i in packed:  # a constant GEMM operand in panels (its view has the matrix's shape)
+            spec = panel_spec(node, i)
+            ins[i] = Panels(args[i], node.inputs[i].type.dtype, (spec.k, spec.n), (spec.nr, 1), 0, spec.nr)
         outs = [View.dense(args[len(ins) + i], v.type.dtype, v.type.shape) for i, v in enumerate(node.outputs)]
         rule.emit(KernelContext(b, self.module, node, ins, outs, args[-1], self))
         b.ret_void()
         return fn
 
     def emit_program(
-        self, graph: Graph, plan: MemoryPlan, b: ir.IRBuilder, pointer: Callable[[Value], ir.Value], scratch: ir.Value, guards: bool = False, profile: bool = False
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        b: ir.IRBuilder,
+        pointer: Callable[[Value], ir.Value],
+        scratch: ir.Value,
+        guards: bool = False,
+        profile: bool = False,
+        packed: Callable[[Node, int], ir.Value | None] = lambda node, i: None,
     ) -> None:
-        """Call each node's kernel in order; ``pointer(v)`` addresses values outside the plan.
+        """Call each node's kernel in order; ``pointer(v)`` addresses values outside the plan,
+        and ``packed(node, i)`` input i in panels where the program holds it so.
 
         With ``profile`` the cycle counter is read around every call and the difference added to
         ``kiln_profile[index]`` (the runtime turns the counts into seconds).
@@ -159,8 +217,9 @@ class Codegen:
         inner_scratch = b.gep(arena_base, [const_i64(plan.arena_bytes)], source_etype=ir.IntType(8))
         ticks = profile_global(self.module, len(graph.nodes)) if profile else None
         for index, node in enumerate(graph.nodes):
-            fn = self.kernel_function(node)
-            args = [address(v) if v is not None else ir.Constant(PTR, None) for v in node.inputs]
+            panels = {i: ptr for i in range(len(node.inputs)) if (ptr := packed(node, i)) is not None}
+            fn = self.kernel_function(node, frozenset(panels))
+            args = [panels.get(i) or (address(v) if v is not None else ir.Constant(PTR, None)) for i, v in enumerate(node.inputs)]
             args += [address(v) for v in node.outputs]
             args.append(inner_scratch)
             if ticks is not None:
@@ -246,8 +305,21 @@ def program_bytes(graph: Graph, plan: MemoryPlan, guard: int = 0) -> int:
     return plan.arena_bytes + max((scratch_bytes(n) for n in graph.nodes), default=0) + guard
 
 
-def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int]:
-    """The LLVM module for ``graph``, its memory plan and the total arena bytes."""
+def constant_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:
+    """The parameters some kernel takes packed, each with its packing (in table order)."""
+    wanted: dict[tuple[int, PanelSpec], tuple[Value, PanelSpec]] = {}
+    for node in graph.nodes:
+        for i, v in enumerate(node.inputs):
+            if v is not None and v in graph.params and (spec := panel_spec(node, i)) is not None:
+                wanted.setdefault((id(v), spec), (v, spec))
+    return list(wanted.values())
+
+
+def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value, PanelSpec]]]:
+    """The LLVM module for ``graph``, its memory plan, the total arena bytes and the packed
+    parameters ``kiln_main``'s table holds after the parameters.
+
+    ``kiln_main(ptr table)`` reads ``table = [inputs..., parameters..., packed..., arena]``."""
     missing = unsupported_ops(graph)
     if missing:
         raise KilnError(f"the llvm target has no kernels yet for: {', '.join(missing)}")
@@ -268,10 +340,18 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int]:
             loaded[id(v)] = b.load(b.gep(table, [const_i64(slots[id(v)])], source_etype=PTR), typ=PTR)
         return loaded[id(v)]
 
-    arena = b.load(b.gep(table, [const_i64(len(slots))], source_etype=PTR), typ=PTR)
+    panels = constant_panels(graph)
+    panel_slots = {(id(v), spec): len(slots) + k for k, (v, spec) in enumerate(panels)}
+
+    def packed(node: Node, i: int) -> ir.Value | None:
+        v = node.inputs[i]
+        slot = panel_slots.get((id(v), panel_spec(node, i))) if v is not None and v in graph.params else None
+        return b.load(b.gep(table, [const_i64(slot)], source_etype=PTR), typ=PTR) if slot is not None else None
+
+    arena = b.load(b.gep(table, [const_i64(len(slots) + len(panels))], source_etype=PTR), typ=PTR)
     if guards:
         b.store(const_i64(0), bounds_error_global(cg.module))
-    cg.emit_program(graph, plan, b, pointer, arena, guards, config.flags().profile)
+    cg.emit_program(graph, plan, b, pointer, arena, guards, config.flags().profile, packed)
     b.ret_void()
-    return cg.module, plan, program_bytes(graph, plan, GUARD_BYTES if guards else 0)
+    return cg.module, plan, program_bytes(graph, plan, GUARD_BYTES if guards else 0), panels
 

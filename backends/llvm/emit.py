@@ -4,6 +4,7 @@ typed views of buffers, ``for_range`` loop nests, and ScalarOps over LLVM values
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -74,6 +75,14 @@ class View:
         another function sees it)."""
         return View(ptr if ptr is not None else self.ptr, self.dtype, (stop - start, *self.shape[1:]), self.strides, self.offset + start * self.strides[0])
 
+    def columns(self, start: int, stop: int, ptr: ir.Value | None = None) -> "View":
+        """Columns [start, stop) of a matrix (on ``ptr`` when given)."""
+        return View(ptr if ptr is not None else self.ptr, self.dtype, (self.shape[0], stop - start), self.strides, self.offset + start * self.strides[1])
+
+    def on(self, ptr: ir.Value) -> "View":
+        """The same window on ``ptr`` (the buffer as another function sees it)."""
+        return dataclasses.replace(self, ptr=ptr)
+
     def permuted(self, perm: Sequence[int]) -> "View":
         return View(self.ptr, self.dtype, tuple(self.shape[p] for p in perm), tuple(self.strides[p] for p in perm), self.offset)
 
@@ -92,6 +101,26 @@ class View:
         if self.dtype is DType.bool:
             value = b.zext(value, I8)
         b.store(value, self.address(b, index))
+
+
+@dataclass
+class Panels(View):
+    """A (K, N) matrix stored as panels of ``nr`` columns, each K rows of ``nr`` contiguous
+    elements (the last panel padded): a GEMM's B operand packed so the micro-kernel streams
+    contiguous memory. ``offset`` counts elements, as View's; column starts must be panel starts."""
+
+    nr: int = 32
+
+    def address(self, b: ir.IRBuilder, index: Sequence[ir.Value]) -> ir.Value:
+        k, j = index
+        panel_size = self.shape[0] * self.nr
+        panel = b.udiv(j, const_i64(self.nr))
+        flat = b.add(const_i64(self.offset), b.add(b.mul(panel, const_i64(panel_size)), b.add(b.mul(k, const_i64(self.nr)), b.urem(j, const_i64(self.nr)))))
+        return b.gep(self.ptr, [flat], source_etype=llvm_type(self.dtype))
+
+    def columns(self, start: int, stop: int, ptr: ir.Value | None = None) -> "Panels":
+        assert start % self.nr == 0, "panel columns start at a panel"
+        return Panels(ptr if ptr is not None else self.ptr, self.dtype, (self.shape[0], stop - start), self.strides, self.offset + start // self.nr * self.shape[0] * self.nr, self.nr)
 
 
 @contextlib.contextmanager

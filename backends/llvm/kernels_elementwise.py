@@ -8,8 +8,8 @@ from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
-from kiln.backends.llvm.codegen import KernelContext, kernel, program_bytes
-from kiln.backends.llvm.emit import LLVMScalarOps, View, loop_nest
+from kiln.backends.llvm.codegen import KernelContext, kernel, panel_spec, program_bytes
+from kiln.backends.llvm.emit import LLVMScalarOps, Panels, View, loop_nest
 from kiln.backends.llvm.parallel import Emitting, parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -130,7 +130,13 @@ def fused(ctx: KernelContext) -> None:
     outer.update({id(v): view.ptr for v, view in zip(body.outputs, ctx.outputs)})
     for buf in plan.buffers:
         buf.values = [v for v in buf.values if id(v) not in outer]
-    ctx.codegen.emit_program(body, plan, ctx.b, lambda v: outer[id(v)], ctx.scratch)
+    panels = {id(v) for v, view in zip(body.inputs, ctx.inputs) if isinstance(view, Panels)}
+
+    def packed(node, i):  # the group's packed inputs reach the body nodes that take them so
+        v = node.inputs[i]
+        return outer[id(v)] if v is not None and id(v) in panels and panel_spec(node, i) is not None else None
+
+    ctx.codegen.emit_program(body, plan, ctx.b, lambda v: outer[id(v)], ctx.scratch, packed=packed)
 
 
 def compute_nodes(E: LLVMScalarOps, nodes, env: dict) -> dict:

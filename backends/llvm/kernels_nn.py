@@ -10,8 +10,8 @@ from typing import Callable
 import llvmlite.ir as ir
 import numpy as np
 
-from kiln.backends.llvm.codegen import KernelContext, kernel
-from kiln.backends.llvm.emit import I64, PTR, LLVMScalarOps, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
+from kiln.backends.llvm.emit import I64, PTR, LLVMScalarOps, Panels, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -83,7 +83,7 @@ def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int, 
     """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
 
     def block(emitting, ptrs, lo, hi, _):
-        b_view = View(ptrs[1], bm.dtype, bm.shape, bm.strides, bm.offset)
+        b_view = bm.on(ptrs[1])
         _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), b_view, c.rows(lo, hi, ptrs[2]), alpha, mr)
 
     parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=mr)
@@ -95,13 +95,9 @@ def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: in
 
     def block(emitting, ptrs, lo, hi, _):
         a_view = View(ptrs[0], a.dtype, a.shape, a.strides, a.offset)
-        _serial_gemm(emitting, a_view, _columns(bm, lo, hi, ptrs[1]), _columns(c, lo, hi, ptrs[2]), alpha, mr)
+        _serial_gemm(emitting, a_view, bm.columns(lo, hi, ptrs[1]), c.columns(lo, hi, ptrs[2]), alpha, mr)
 
     parallel_rows(ctx, bm.shape[1], threads, [a.ptr, bm.ptr, c.ptr], block, align=nr)
-
-
-def _columns(view: View, start: int, stop: int, ptr: ir.Value | None = None) -> View:
-    return View(ptr if ptr is not None else view.ptr, view.dtype, (view.shape[0], stop - start), view.strides, view.offset + start * view.strides[1])
 
 
 def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) -> None:
@@ -220,7 +216,7 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
     else:
         panel(const_i64(0), const_i64(k), None)
     if rest and not masked_rest:  # plain loops over the whole K, once
-        _gemm_loops(ctx, a, _columns(bm, n - rest, n), _columns(c, n - rest, n), alpha)
+        _gemm_loops(ctx, a, bm.columns(n - rest, n), c.columns(n - rest, n), alpha)
 
 
 def _t(view: View) -> ir.Type:
@@ -232,7 +228,28 @@ def _require_float(ctx: KernelContext) -> None:
         raise KilnError(f"node {ctx.node.name!r}: {ctx.node.op.name} on {ctx.outputs[0].dtype.short} has no LLVM kernel yet")
 
 
-@kernel("Gemm")
+def _panel(k: int, n: int, dtype: DType, transpose: bool = False) -> PanelSpec | None:
+    """Packing for a float GEMM's constant B (nr: the micro-kernel's two vectors)."""
+    if dtype not in (DType.float32, DType.float64):
+        return None
+    return PanelSpec(k, n, 2 * vector_width(dtype), transpose)
+
+
+def _gemm_panels(node, i: int) -> PanelSpec | None:
+    if i != 1:
+        return None
+    bm = node.inputs[1].type
+    trans = bool(node.attrs["transB"])
+    k, n = (bm.shape[1], bm.shape[0]) if trans else bm.shape
+    return _panel(k, n, node.outputs[0].type.dtype, trans)
+
+
+def _matmul_panels(node, i: int) -> PanelSpec | None:
+    bm = node.inputs[1].type
+    return _panel(*bm.shape, bm.dtype) if i == 1 and bm.rank == 2 else None
+
+
+@kernel("Gemm", panels=_gemm_panels)
 def gemm(ctx: KernelContext) -> None:
     _require_float(ctx)
     attrs = ctx.node.attrs
@@ -241,13 +258,13 @@ def gemm(ctx: KernelContext) -> None:
     m, n = c.shape
     ka = a.shape[0] if attrs["transA"] else a.shape[1]
     a_view = View(a.ptr, a.dtype, (m, ka), (1, m) if attrs["transA"] else (ka, 1))
-    b_view = View(bm.ptr, bm.dtype, (ka, n), (1, ka) if attrs["transB"] else (n, 1))
+    b_view = bm if isinstance(bm, Panels) else View(bm.ptr, bm.dtype, (ka, n), (1, ka) if attrs["transB"] else (n, 1))
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     init = bias.broadcast_to((m, n)) if bias is not None else None
     emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"], micro_rows())
 
 
-@kernel("MatMul")
+@kernel("MatMul", panels=_matmul_panels)
 def matmul(ctx: KernelContext) -> None:
     _require_float(ctx)
     a, bm = ctx.inputs
@@ -266,7 +283,8 @@ def matmul(ctx: KernelContext) -> None:
             start = v.address(b, [*index, const_i64(0), const_i64(0)])
             return View(start, v.dtype, (rows, cols), v.strides[-2:])
 
-        emit_gemm(ctx, matrix(ab, m, k), matrix(bb, k, n), matrix(cv, m, n), mr=micro_rows())
+        b_matrix = bm if isinstance(bm, Panels) else matrix(bb, k, n)  # packed: one 2-D B for every batch
+        emit_gemm(ctx, matrix(ab, m, k), b_matrix, matrix(cv, m, n), mr=micro_rows())
 
 
 # -- convolution: im2col columns in scratch, then GEMM ----------------------------------------------
@@ -302,7 +320,15 @@ def _conv_scratch(node) -> int:
     return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize * _image_threads(node)
 
 
-@kernel("Conv", scratch=_conv_scratch)
+def _conv_panels(node, i: int) -> PanelSpec | None:
+    """An NHWC conv multiplies by its weights (*kernel, C, M) as a (kernel * C, M) matrix."""
+    w = node.inputs[1].type
+    if i != 1 or node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1:
+        return None
+    return _panel(math.prod(w.shape[:-1]), w.shape[-1], w.dtype)
+
+
+@kernel("Conv", scratch=_conv_scratch, panels=_conv_panels)
 def conv(ctx: KernelContext) -> None:
     _require_float(ctx)
     node = ctx.node
@@ -408,7 +434,7 @@ def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
     in_sp, kernel_shape = x.shape[1:-1], w.shape[:nd]
     kk, p = math.prod(kernel_shape) * c, math.prod(out_sp)
     b = ctx.b
-    w_view = View(wv.ptr, wv.dtype, (kk, m), (m, 1))
+    w_view = wv if isinstance(wv, Panels) else View(wv.ptr, wv.dtype, (kk, m), (m, 1))
     if _nhwc_direct(node):
         rows = n * p  # every image at once: (N*P, C) @ (C, M)
         init = View(bias.ptr, bias.dtype, (rows, m), (0, 1)) if bias is not None else None
@@ -508,7 +534,7 @@ def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View 
     def rows(emitting, ptrs, lo, hi, index):
         b = emitting.b
         x_img, scratch, y_img, w_ptr = ptrs[:4]  # pointers as this block's function sees them
-        weights = View(w_ptr, w_view.dtype, w_view.shape, w_view.strides)
+        weights = w_view.on(w_ptr)
         operand_ptrs = ptrs[4:]
         mine = b.gep(scratch, [const_i64(index * chunk * kk)], source_etype=ty)
 

@@ -65,16 +65,28 @@ def test_code_for_missing_cpu_features_is_refused():
 
 
 def test_ops_without_kernels_are_listed_before_any_codegen():
+    """A user's op with a numpy reference only (no kernel, no decomposition) is named."""
+    from kiln.ir.opdef import OpDef, OpKind, all_ops, register
+
+    for name in ("UserScale", "UserShift"):
+        if name not in all_ops():
+            register(OpDef(name, OpKind.OPAQUE, lambda attrs, types: [types[0]], lambda attrs, x: x * 2))
     graph = parse_graph(
         """
         graph g(%x: f32[3,2,2]) {
-          %a: f32[3] = Det(%x)
-          %b: f32[3] = Einsum(%a) {equation="i->i"}
+          %a: f32[3,2,2] = UserShift(%x)
+          %b: f32[3,2,2] = UserScale(%a)
           return %b
         }"""
     )
-    with pytest.raises(KilnError, match="no kernels yet for: Det, Einsum"):
+    with pytest.raises(KilnError, match="no kernels yet for: UserScale, UserShift"):
         kiln.compile(graph, target="llvm")
+
+
+def test_global_lp_pool_runs_through_its_decomposition():
+    graph = parse_graph("graph g(%x: f32[2,3,4,5]) {\n  %y: f32[2,3,1,1] = GlobalLpPool(%x) {p=3}\n  return %y\n}")
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(kiln.compile(graph, target="llvm").run({"x": x})["y"], kiln.compile(graph).run({"x": x})["y"], rtol=1e-5)
 
 
 def test_the_compile_cache_hits_and_rebuilds_tampered_entries(tmp_path, monkeypatch):
@@ -495,3 +507,49 @@ def test_a_conv_and_its_pointwise_tail_run_as_one_chunked_kernel():
             assert ["Conv", "Mul", "Add", "Relu"] in groups
             (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "op, x_shape, w_shape, attrs, bias",
+    [
+        ("Gemm", (300, 64), (10, 64), {"transB": 1}, True),  # transposed B, one padded panel, rows over threads
+        ("Gemm", (8, 64), (64, 520), {}, False),  # fewer rows than columns: columns over threads
+        ("MatMul", (3, 40, 24), (24, 72), {}, False),  # batched, one constant matrix
+    ],
+)
+def test_constant_gemm_operands_are_packed_into_panels(op, x_shape, w_shape, attrs, bias, threads):
+    """A constant B is packed once, at load, into panels of two vectors' width; the packed
+    kernels give eager's results, and the layout records which parameter went how."""
+    from kiln import config
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(12)
+    graph = Graph("g")
+    x = graph.add_input("x", TensorType(x_shape, DType.float32))
+    inputs = [x, graph.add_param("w", rng.standard_normal(w_shape).astype(np.float32))]
+    k, n = (w_shape[1], w_shape[0]) if attrs.get("transB") else w_shape
+    if bias:
+        inputs.append(graph.add_param("c", rng.standard_normal(n).astype(np.float32)))
+    graph.outputs = [graph.add_node(op, inputs, attrs).outputs[0]]
+    feed = {"x": rng.standard_normal(x_shape).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+        module = kiln.compile(graph, target="llvm")
+        (got,) = module.run(feed).values()
+    (panel,) = module.executable.layout["panels"]
+    assert (panel["k"], panel["n"]) == (k, n)  # a transposed constant B is made row-major first
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_panels_hold_each_column_block_contiguously():
+    from kiln.backends.llvm.codegen import PanelSpec, pack_panels
+
+    w = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
+    panels = pack_panels(w, PanelSpec(5, 7, 4))
+    assert panels.shape == (2, 5, 4)
+    np.testing.assert_array_equal(panels[1, :, :3], w[:, 4:])
+    assert not panels[1, :, 3].any()  # the last panel's padding
+    np.testing.assert_array_equal(pack_panels(w.T.copy(), PanelSpec(5, 7, 4, transpose=True)), panels)
