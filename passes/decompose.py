@@ -17,6 +17,7 @@ express that node (it says so by returning None before adding anything); outputs
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -227,6 +228,53 @@ def _global_lp_pool(b: GradBuilder, node: Node):
     powered = b.op("Abs", x) if p == 1 else b.op("Pow", b.op("Abs", x), b.const(p, x))
     summed = b.op("ReduceSum", powered, axes=list(range(2, x.type.rank)), keepdims=1)
     return [summed if p == 1 else b.op("Pow", summed, b.const(1.0 / p, x))]
+
+
+@decomposition("Einsum")
+def _einsum_contraction(b: GradBuilder, node: Node):
+    """A one- or two-operand Einsum without diagonals as ReduceSum, Transpose, Reshape and one
+    (batched) MatMul: labels only one operand has and the output lacks are summed first; then
+    A is laid out (batch, m, k) and B (batch, k, n), with shared output labels as MatMul's
+    batch dims (which may broadcast). None where a contracted or kept label's sizes differ."""
+    from kiln.ir.ops.linalg import einsum_labels
+
+    operands = list(node.inputs)
+    labels, out = einsum_labels(node.attrs["equation"], [v.type.rank for v in operands])
+    if len(operands) > 2 or any(len(set(d)) != len(d) for d in [*labels, out]):
+        return None
+    terms = []
+    for i, (dims, v) in enumerate(zip(labels, operands)):
+        others = set(out).union(*[set(d) for k, d in enumerate(labels) if k != i])
+        alone = [axis for axis, label in enumerate(dims) if label not in others]
+        if alone:
+            v = b.op("ReduceSum", v, axes=alone, keepdims=0)
+            dims = [label for label in dims if label in others]
+        terms.append((dims, v))
+    if len(terms) == 1:
+        (dims, v), = terms
+        return [_permuted(b, v, [dims.index(label) for label in out])]
+    (da, a), (db, bm) = terms
+    size = lambda dims, v, label: v.type.shape[dims.index(label)]  # noqa: E731
+    batch = [label for label in out if label in da and label in db]
+    contracted = [label for label in da if label in db and label not in out]
+    rows = [label for label in out if label in da and label not in db]
+    cols = [label for label in out if label in db and label not in da]
+    if any(size(da, a, label) != size(db, bm, label) for label in contracted):
+        return None
+    k = math.prod(size(da, a, label) for label in contracted)
+    m = math.prod(size(da, a, label) for label in rows)
+    n = math.prod(size(db, bm, label) for label in cols)
+    a = b.reshape(_permuted(b, a, [da.index(label) for label in [*batch, *rows, *contracted]]), [*(size(da, a, label) for label in batch), m, k])
+    bm = b.reshape(_permuted(b, bm, [db.index(label) for label in [*batch, *contracted, *cols]]), [*(size(db, bm, label) for label in batch), k, n])
+    product = b.op("MatMul", a, bm)
+    batch_shape = list(product.type.shape[: len(batch)])
+    product = b.reshape(product, [*batch_shape, *(size(da, terms[0][1], label) for label in rows), *(size(db, terms[1][1], label) for label in cols)])
+    order = [*batch, *rows, *cols]
+    return [_permuted(b, product, [order.index(label) for label in out])]
+
+
+def _permuted(b: GradBuilder, v: Value, perm: list[int]) -> Value:
+    return v if perm == list(range(len(perm))) else b.op("Transpose", v, perm=perm)
 
 
 # -- linear quantization ---------------------------------------------------------------------

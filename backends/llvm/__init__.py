@@ -21,7 +21,7 @@ import numpy as np
 from kiln import config
 from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
-from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, generate, lacks_kernel, pack_panels
+from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, generate, pack_panels
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
@@ -214,7 +214,7 @@ class LLVMBackend:
     # ops without a kernel expressed through others before any pipeline runs; GEMM operands
     # B made row-major (the micro-kernel streams rows of B: training's g W^T comes transposed;
     # a transposed A, as in x^T g, it reads in place)
-    lowering = [Decompose(when=lacks_kernel), "decompose_rnn", "row_major_gemm"]
+    lowering = [Decompose(when=decomposes), "decompose_rnn", "row_major_gemm"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()

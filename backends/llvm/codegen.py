@@ -96,6 +96,13 @@ def kernel_rule(node: Node) -> KernelRule | None:
     return rule
 
 
+def decomposes(node: Node) -> bool:
+    """Whether the backend's ``decompose`` lowering expresses ``node`` through other ops: it
+    has no kernel, or its decomposition runs faster (a contraction Einsum becomes one MatMul,
+    the micro-kernel instead of a loop nest; a rule that cannot express the node leaves it)."""
+    return node.op.name == "Einsum" or lacks_kernel(node)
+
+
 def lacks_kernel(node: Node) -> bool:
     """Whether no kernel runs ``node`` (the backend's ``decompose`` lowering expresses it through others)."""
     if node.op.name == "BatchNormalization":

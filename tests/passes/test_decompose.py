@@ -201,3 +201,30 @@ def test_linear_quantization(case):
     q = evaluate(g, feeds)[0]
     g, feeds = one_op("DequantizeLinear", {"q": q, "scale": scale, "zero": zero}, attrs)
     check_decomposed(g, feeds, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "equation, shapes",
+    [
+        ("bhqd,bhkd->bhqk", [(2, 3, 5, 4), (2, 3, 6, 4)]),  # attention scores
+        ("bhqk,bhkd->bhqd", [(2, 3, 5, 6), (2, 3, 6, 4)]),
+        ("ij,jk->ki", [(3, 4), (4, 5)]),
+        ("...ij,jk->...ik", [(2, 1, 3, 4), (4, 5)]),
+        ("bij,bjk->bik", [(1, 3, 4), (6, 4, 2)]),  # a broadcast batch label
+        ("ijk,jl->li", [(3, 4, 2), (4, 5)]),  # k only in A: summed first
+        ("i,j->ij", [(3,), (4,)]),  # an outer product: nothing contracted
+        ("ij->ji", [(3, 4)]),
+        ("ijk->", [(2, 3, 4)]),
+    ],
+)
+def test_einsum_contractions_become_one_matmul(equation, shapes):
+    arrays = {f"x{i}": floats(*s) for i, s in enumerate(shapes)}
+    g, feeds = one_op("Einsum", arrays, {"equation": equation})
+    check_decomposed(g, feeds, rtol=1e-4, atol=1e-5)
+    assert get_pass("decompose")(g.copy()).op_histogram().get("MatMul", 0) == (len(shapes) == 2)
+
+
+def test_an_einsum_diagonal_keeps_its_kernel():
+    g, feeds = one_op("Einsum", {"x": floats(3, 3)}, {"equation": "ii->i"})
+    assert get_pass("decompose")(g.copy()).op_histogram() == {"Einsum": 1}
+    np.testing.assert_allclose(kiln.compile(g, target="llvm").run({"x": feeds[0]})[g.outputs[0].name], np.diag(feeds[0]))
