@@ -33,6 +33,15 @@ def micro_rows() -> int:
     return 12 if vector_width(DType.float32) == 16 else MR
 
 
+def conv_rows_per_tile(m: int) -> int:
+    """Micro-tile rows for a conv GEMM of ``m`` rows: MR, or on AVX-512 (32 registers) the
+    height in 6..8 that leaves the fewest rows to a partial tile (ResNet's 7x7 stage: 49 rows
+    as 7 tiles of 7, not 8 of 6 and a tile of 1)."""
+    if vector_width(DType.float32) != 16:
+        return MR
+    return min((-m % mr, mr != MR, mr) for mr in (6, 7, 8))[2]
+
+
 def vector_width(dtype) -> int:
     """Elements per SIMD register on the host (AVX-512: 16 floats, AVX2: 8, else 4)."""
     from kiln.backends.llvm.target import host_cpu
@@ -460,7 +469,7 @@ def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
             block(ctx, [x_img, ctx.scratch], 0, p, 0)
         y_img = View(b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=_t(y)), y.dtype, (p, m), (m, 1))
         init = View(bias.ptr, bias.dtype, (p, m), (0, 1)) if bias is not None else None
-        emit_gemm(ctx, cols, w_view, y_img, 1.0, init)
+        emit_gemm(ctx, cols, w_view, y_img, 1.0, init, mr=conv_rows_per_tile(p))
 
 
 PARALLEL_COPY = 1 << 16  # im2col elements below which one thread copies
