@@ -56,18 +56,21 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
 
     Column blocks of two SIMD vectors go through the register-blocked micro-kernel when bm's
     and c's rows are contiguous; the remaining columns (and strided cases) use plain i-k-j loops.
+    With alpha 1, ``beta * init`` (a bias row, an RNN step's input projection) is where the
+    accumulators start, so C is written once; otherwise it is added in a second pass.
     """
     m, k = a.shape
     n = bm.shape[1]
     nr = 2 * vector_width(c.dtype)
+    start = Start(init, beta) if init is not None and alpha == 1.0 and init.dtype == c.dtype and init.strides[-1] in (0, 1) else None
     if m * n * k < PARALLEL_MACS or num_threads() == 1:
-        _serial_gemm(ctx, a, bm, c, alpha, mr)
+        _serial_gemm(ctx, a, bm, c, alpha, mr, start)
     elif m >= 4 * mr * num_threads() and m >= n or n < 2 * nr * num_threads():
-        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // mr)), mr)
+        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // mr)), mr, start)
     else:  # fewer rows than columns (an RNN step, a small batch): split the columns, so each
         # thread streams half of B; whole micro-tiles each
-        _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr, mr)
-    if init is not None:
+        _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr, mr, start)
+    if init is not None and start is None:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
         def add_init(E, xs):
@@ -77,39 +80,51 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
         emit_pointwise(ctx.b, ctx.module, c, [c, init], add_init)
 
 
+@dataclass
+class Start:
+    """What a GEMM's accumulators start from: ``beta * view`` (rows contiguous or one
+    broadcast value per row)."""
+
+    view: View
+    beta: float
+
+    def part(self, view: View) -> "Start":
+        return Start(view, self.beta)
+
+
 PARALLEL_MACS = 1 << 18  # below this a GEMM runs on one thread (handing a block to the pool costs ~1 us)
 
 
-def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float, mr: int = MR) -> None:
+def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float, mr: int = MR, start: Start | None = None) -> None:
     width = vector_width(c.dtype)
     if bm.strides[1] == 1 and c.strides[1] == 1 and c.dtype.is_float:
-        _micro_tiles(ctx, a, bm, c, width, alpha, mr)
+        _micro_tiles(ctx, a, bm, c, width, alpha, mr, start)
     else:
-        _gemm_loops(ctx, a, bm, c, alpha)
+        _gemm_loops(ctx, a, bm, c, alpha, start)
 
 
-def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int, mr: int) -> None:
+def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int, mr: int, start: Start | None = None) -> None:
     """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
 
     def block(emitting, ptrs, lo, hi, _):
-        b_view = bm.on(ptrs[1])
-        _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), b_view, c.rows(lo, hi, ptrs[2]), alpha, mr)
+        part = start.part(start.view.rows(lo, hi, ptrs[3])) if start is not None else None
+        _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), bm.on(ptrs[1]), c.rows(lo, hi, ptrs[2]), alpha, mr, part)
 
-    parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr], block, align=mr)
+    parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr, start.view.ptr if start else c.ptr], block, align=mr)
 
 
-def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: int, nr: int, mr: int) -> None:
+def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: int, nr: int, mr: int, start: Start | None = None) -> None:
     """Columns of C split over ``threads`` (blocks of whole micro-tile widths): each thread
     reads all of A, which is small, and only its part of B."""
 
     def block(emitting, ptrs, lo, hi, _):
-        a_view = View(ptrs[0], a.dtype, a.shape, a.strides, a.offset)
-        _serial_gemm(emitting, a_view, bm.columns(lo, hi, ptrs[1]), c.columns(lo, hi, ptrs[2]), alpha, mr)
+        part = start.part(start.view.columns(lo, hi, ptrs[3])) if start is not None else None
+        _serial_gemm(emitting, a.on(ptrs[0]), bm.columns(lo, hi, ptrs[1]), c.columns(lo, hi, ptrs[2]), alpha, mr, part)
 
-    parallel_rows(ctx, bm.shape[1], threads, [a.ptr, bm.ptr, c.ptr], block, align=nr)
+    parallel_rows(ctx, bm.shape[1], threads, [a.ptr, bm.ptr, c.ptr, start.view.ptr if start else c.ptr], block, align=nr)
 
 
-def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) -> None:
+def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float, start: Start | None = None) -> None:
     """The plain i-k-j loops (the inner one vectorizes when c's and bm's rows are contiguous)."""
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
@@ -118,7 +133,11 @@ def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) ->
     zero = E.typed(ir.Constant(_t(c), 0.0), c.dtype)
     with for_range(b, m, name="m") as i:
         with for_range(b, n, name="n0") as j:
-            c.store(b, [i, j], zero)
+            if start is None:
+                c.store(b, [i, j], zero)
+            else:
+                value = E.typed(start.view.load(b, [i, j]), c.dtype)
+                c.store(b, [i, j], value if start.beta == 1.0 else E.mul(value, E.const(start.beta, value)))
         with for_range(b, k, name="k") as kk:
             av = E.typed(a.load(b, [i, kk]), a.dtype)
             if alpha != 1.0:
@@ -128,7 +147,7 @@ def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float) ->
                 c.store(b, [i, j], b.fadd(c.load(b, [i, j]), prod, flags=FAST))
 
 
-def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alpha: float, mr: int) -> None:
+def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alpha: float, mr: int, start: Start | None = None) -> None:
     """C in mr x (2 x width) tiles: per k, two vector loads of bm's row, one broadcast of a per
     row, and 2 x mr fused multiply-adds into accumulators that stay in registers. The last
     columns (fewer than two vectors: a classifier's 10 outputs, LeNet's 6 channels) use the same
@@ -157,16 +176,25 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
         else:
             b.call(masked_store, [value, address, ir.Constant(ir.IntType(32), 4), mask])
 
+    def initial(i: ir.Value, j: ir.Value, mask) -> ir.Value:
+        view = start.view
+        if view.strides[-1] == 1:
+            value = load(view.address(b, [i, j]), mask)
+        else:  # one value per row, broadcast along it
+            one = b.load(view.address(b, [i, j]), typ=scalar)
+            value = b.shuffle_vector(b.insert_element(ir.Constant(vec, ir.Undefined), one, ir.Constant(ir.IntType(32), 0)), ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+        return value if start.beta == 1.0 else b.fmul(value, ir.Constant(vec, [float(start.beta)] * width))
+
     def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list, k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
         """Rows i0.. (``rows`` of them) by one vector per entry of ``masks`` (None: all lanes),
         over the K block [k0, k1): the first block (``first`` None: the only one) starts from
         zero, later ones from the partial sums in C."""
         accs = [[entry_alloca(b, vec) for _ in masks] for _ in range(rows)]
 
-        def start_from_zero():
-            for row in accs:
-                for slot in row:
-                    b.store(zero, slot)
+        def start_from_zero():  # or from beta * the start view
+            for r, row in enumerate(accs):
+                for h, slot in enumerate(row):
+                    b.store(zero if start is None else initial(b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width)), masks[h]), slot)
 
         if first is None:
             start_from_zero()
@@ -225,7 +253,7 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
     else:
         panel(const_i64(0), const_i64(k), None)
     if rest and not masked_rest:  # plain loops over the whole K, once
-        _gemm_loops(ctx, a, bm.columns(n - rest, n), c.columns(n - rest, n), alpha)
+        _gemm_loops(ctx, a, bm.columns(n - rest, n), c.columns(n - rest, n), alpha, start.part(start.view.columns(n - rest, n)) if start else None)
 
 
 def _t(view: View) -> ir.Type:
