@@ -3,6 +3,9 @@
 The schedule is the graph's node order. A value is live from the node that defines it to the
 last node that reads it (graph outputs: to the end). Elementwise ops write in place over an
 input that dies at that node and has their output's shape, so the two share one buffer.
+Outputs that are the same bytes as a part of their input (a Reshape, a Split into contiguous
+chunks) are views: they live in the input's buffer at their byte offset, the buffer lives as
+long as any of them, and the node needs no kernel (``MemoryPlan.is_view``).
 Buffers are placed largest first, each at the best-fitting gap among the buffers it is live
 with (greedy by size, best fit). ``check_plan`` proves that no two buffers that are live at
 the same time overlap.
@@ -41,12 +44,16 @@ class MemoryPlan:
     arena_bytes: int = 0
     naive_bytes: int = 0
     lower_bound_bytes: int = 0
+    views: dict[int, int] = field(default_factory=dict)  # id(view value) -> its byte offset in its buffer
 
     def offset(self, value: Value) -> int:
         for buf in self.buffers:
             if any(v is value for v in buf.values):
-                return buf.offset
+                return buf.offset + self.views.get(id(value), 0)
         raise KeyError(value.name)
+
+    def is_view(self, value: Value) -> bool:
+        return id(value) in self.views
 
     def summary(self) -> dict[str, int]:
         return {
@@ -82,14 +89,25 @@ def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0) -> MemoryPl
     outputs = {id(v) for v in graph.outputs}
     group: dict[int, Buffer] = {}
     buffers: list[Buffer] = []
+    views: dict[int, int] = {}
     for i, node in enumerate(graph.nodes):
-        for out in node.outputs:
+        source = node.inputs[0] if node.inputs else None
+        parts = view_offsets(node) if in_place and source is not None and id(source) in group else None
+        for k, out in enumerate(node.outputs):
+            if parts is not None and id(out) not in outputs:  # a view: no bytes of its own
+                buf = group[id(source)]
+                buf.values.append(out)
+                buf.end = max(buf.end, last[id(out)])
+                views[id(out)] = views.get(id(source), 0) + parts[k]
+                group[id(out)] = buf
+                continue
             donor = None
             if in_place and node.op.kind is OpKind.ELEMENTWISE:
                 for v in node.inputs:
                     if (
                         v is not None
                         and id(v) in group
+                        and id(v) not in views  # a view's bytes belong to its whole buffer
                         and id(v) not in outputs
                         and last[id(v)] == i
                         and v.type.shape == out.type.shape
@@ -108,11 +126,33 @@ def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0) -> MemoryPl
                 buffers.append(buf)
                 group[id(out)] = buf
     _place(buffers)
-    plan = MemoryPlan(buffers)
+    plan = MemoryPlan(buffers, views=views)
     plan.arena_bytes = max((b.offset + _aligned(b.size) for b in buffers), default=0)
     plan.naive_bytes = sum(v.type.nbytes for node in graph.nodes for v in node.outputs)
     plan.lower_bound_bytes = _largest_live_set(buffers, len(graph.nodes))
     return plan
+
+
+SAME_BYTES = {"Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def view_offsets(node) -> list[int] | None:
+    """Where each output of ``node`` lies in its input's bytes, when every output is a plain
+    part of them: a Reshape and its kin (offset 0), or a Split whose axis has only size-1 dims
+    before it (contiguous chunks). None otherwise."""
+    if node.op.name in SAME_BYTES:
+        return [0]
+    if node.op.name != "Split" or node.inputs[0] is None:
+        return None
+    shape = node.inputs[0].type.shape
+    axis = node.attrs["axis"] % len(shape)
+    if any(d != 1 for d in shape[:axis]):
+        return None
+    offsets, at = [], 0
+    for out in node.outputs:
+        offsets.append(at)
+        at += out.type.nbytes
+    return offsets
 
 
 def _place(buffers: list[Buffer]) -> None:

@@ -213,7 +213,7 @@ class Codegen:
         buffer) the bytes after each output and after the node's scratch are filled with a
         pattern before the call and checked after it; the first node that changed them is
         recorded in ``kiln_bounds_error`` (its index + 1) for the runtime to report."""
-        offsets = {id(v): buf.offset for buf in plan.buffers for v in buf.values}
+        offsets = {id(v): buf.offset + plan.views.get(id(v), 0) for buf in plan.buffers for v in buf.values}
         arena_base = scratch  # the caller's scratch is where this program's planned region starts
 
         def address(v: Value) -> ir.Value:
@@ -224,6 +224,8 @@ class Codegen:
         inner_scratch = b.gep(arena_base, [const_i64(plan.arena_bytes)], source_etype=ir.IntType(8))
         ticks = profile_global(self.module, len(graph.nodes)) if profile else None
         for index, node in enumerate(graph.nodes):
+            if all(plan.is_view(v) for v in node.outputs):  # its outputs are its input's bytes
+                continue
             panels = {i: ptr for i in range(len(node.inputs)) if (ptr := packed(node, i)) is not None}
             fn = self.kernel_function(node, frozenset(panels))
             args = [panels.get(i) or (address(v) if v is not None else ir.Constant(PTR, None)) for i, v in enumerate(node.inputs)]
