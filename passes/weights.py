@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.ir.graph import Graph, Value
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.autodiff import GradBuilder
 from kiln.passes.base import graph_pass
+from kiln.passes.rewrite import replace_node
 
 
 def _transposed(graph: Graph, value: Value, made: dict[Value, Value]) -> Value:
@@ -43,11 +45,16 @@ def pretranspose_weights(graph: Graph) -> Graph:
 @graph_pass("row_major_gemm")
 def row_major_gemm(graph: Graph) -> Graph:
     """Gemm B operands with transB=1 transposed by a node first, and constants with either flag
-    at compile time."""
+    at compile time. Where the run-time B is the big operand (a training step's x W^T with a
+    batch smaller than W), the product is taken the other way round instead, C = (W x^T)^T,
+    which transposes x and C: fewer elements than W."""
     made: dict[Value, Value] = {}
     for index in range(len(graph.nodes) - 1, -1, -1):
         node = graph.nodes[index]
         if node.op.name != "Gemm":
+            continue
+        if _swap_is_cheaper(graph, node):
+            _swap_operands(graph, node)
             continue
         for slot, flag in ((0, "transA"), (1, "transB")):
             if not node.attrs[flag] or slot == 0 and node.inputs[0] not in graph.params:
@@ -62,3 +69,27 @@ def row_major_gemm(graph: Graph) -> Graph:
             node.attrs[flag] = 0
     graph.remove_unread_params()
     return graph
+
+
+def _swap_is_cheaper(graph: Graph, node: Node) -> bool:
+    """x (m, k) and C (m, n) hold fewer elements than the run-time B (n, k) of x B^T."""
+    a, bm = node.inputs[0], node.inputs[1]
+    if not node.attrs["transB"] or node.attrs["transA"] or bm in graph.params or a in graph.params:
+        return False
+    (m, k), n = a.type.shape, bm.type.shape[0]
+    return m * k + m * n < n * k
+
+
+def _swap_operands(graph: Graph, node: Node) -> None:
+    """``Gemm(x, W, c) {transB=1}`` as ``Transpose(Gemm(W, x^T, c^T))``: W is read as A, rows
+    as they are, and only x and the result are transposed."""
+    x, w = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    b = GradBuilder(graph, node.name or "Gemm")
+    start = len(graph.nodes)
+    inputs = [w, b.op("Transpose", x, perm=[1, 0])]
+    if c is not None:  # C broadcasts against (m, n): its transpose against (n, m)
+        shape = (1,) * (2 - c.type.rank) + tuple(c.type.shape)
+        inputs.append(b.op("Transpose", b.reshape(c, shape), perm=[1, 0]) if shape[0] != 1 else b.reshape(c, shape[::-1]))
+    product = b.op("Gemm", *inputs, alpha=node.attrs["alpha"], beta=node.attrs["beta"], transA=0, transB=0)
+    replace_node(graph, node, [b.op("Transpose", product, perm=[1, 0])], start)

@@ -10,7 +10,9 @@ import numpy as np
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
 from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, entry_alloca, for_range, llvm_type, loop_nest
-from kiln.backends.llvm.kernels_elementwise import coalesce, emit_pointwise
+from kiln.backends.llvm.kernels_elementwise import PARALLEL_ELEMENTS, coalesce, emit_pointwise
+from kiln.backends.llvm.parallel import parallel_rows
+from kiln.config import num_threads
 from kiln.errors import KilnError
 from kiln.ir.dtypes import DType
 from kiln.ir.ops.resize import axis_taps, resized_axes
@@ -49,7 +51,8 @@ TILE = 32  # a transpose tile: 32 rows of the source and 32 of the output stay i
 def transpose(ctx: KernelContext) -> None:
     """A copy from the permuted view. When the output's contiguous axis is not the source's,
     the two axes are walked in TILE x TILE tiles, so both sides read and write whole cache
-    lines (a plain loop would miss the cache on every element of one side)."""
+    lines (a plain loop would miss the cache on every element of one side). Large transposes
+    split the source-contiguous axis's tiles over the worker pool."""
     out, src = ctx.outputs[0], ctx.inputs[0].permuted(ctx.node.attrs["perm"])
     shape, (o, x) = coalesce(out.shape, [out, src])
     inner = [a for a in range(len(shape) - 1) if x.strides[a] == 1]
@@ -57,18 +60,28 @@ def transpose(ctx: KernelContext) -> None:
         copy(ctx, out, src)
         return
     a, last = inner[0], len(shape) - 1
-    b = ctx.b
     outer = [d for i, d in enumerate(shape) if i not in (a, last)]
-    with loop_nest(b, outer, name="o") as rest:
-        with for_range(b, -(-shape[a] // TILE), name="ta") as ta, for_range(b, -(-shape[last] // TILE), name="tl") as tl:
-            a0, l0 = b.mul(ta, const_i64(TILE)), b.mul(tl, const_i64(TILE))
-            a1 = _smaller(b, b.add(a0, const_i64(TILE)), shape[a])
-            l1 = _smaller(b, b.add(l0, const_i64(TILE)), shape[last])
-            with for_range(b, a1, start=a0, name="ia") as ia, for_range(b, l1, start=l0, name="il") as il:
-                index = list(rest)
-                index.insert(a, ia)
-                index.append(il)
-                o.store(b, index, x.load(b, index))
+
+    def tiles(emitting, ptrs, lo, hi, _):
+        """The tiles of rows [lo, hi) of axis ``a`` (lo a multiple of TILE)."""
+        b = emitting.b
+        ov, xv = o.on(ptrs[0]), x.on(ptrs[1])
+        with loop_nest(b, outer, name="o") as rest:
+            with for_range(b, -(-hi // TILE), start=lo // TILE, name="ta") as ta, for_range(b, -(-shape[last] // TILE), name="tl") as tl:
+                a0, l0 = b.mul(ta, const_i64(TILE)), b.mul(tl, const_i64(TILE))
+                a1 = _smaller(b, b.add(a0, const_i64(TILE)), hi)
+                l1 = _smaller(b, b.add(l0, const_i64(TILE)), shape[last])
+                with for_range(b, a1, start=a0, name="ia") as ia, for_range(b, l1, start=l0, name="il") as il:
+                    index = list(rest)
+                    index.insert(a, ia)
+                    index.append(il)
+                    ov.store(b, index, xv.load(b, index))
+
+    threads = min(num_threads(), shape[a] // TILE)
+    if threads > 1 and math.prod(shape) >= PARALLEL_ELEMENTS:
+        parallel_rows(ctx, shape[a], threads, [o.ptr, x.ptr], tiles, align=TILE)
+    else:
+        tiles(ctx, [o.ptr, x.ptr], 0, shape[a], 0)
 
 
 def _smaller(b, value: ir.Value, limit: int) -> ir.Value:

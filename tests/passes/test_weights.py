@@ -1,6 +1,9 @@
-"""pretranspose_weights: constant Gemm weights read with transB become row-major copies."""
+"""pretranspose_weights and row_major_gemm: Gemm operands laid out the way the kernels read them."""
 
 from __future__ import annotations
+
+import numpy as np
+import pytest
 
 
 def test_transposed_constant_weight_is_flipped_at_compile_time(rewrites):
@@ -55,3 +58,32 @@ def test_a_weight_read_by_many_gemms_is_transposed_once(rewrites):
               return %y
             }""",
         )
+
+
+@pytest.mark.parametrize("bias", [None, (32,), (1, 32), (4, 32), (4, 1), (1,)])
+def test_a_batch_times_a_computed_wide_weight_is_taken_the_other_way_round(bias):
+    """x W^T with W computed at run time (a training step) and bigger than x and C: row_major_gemm
+    computes (W x^T)^T, transposing x and C instead of W, with C's bias transposed to match."""
+    import kiln
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+    from kiln.passes import get_pass
+
+    graph = Graph("g")
+    x = graph.add_input("x", TensorType((4, 40), DType.float32))
+    w = graph.add_input("w", TensorType((32, 40), DType.float32))
+    inputs = [x, w]
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((4, 40)).astype(np.float32), "w": rng.standard_normal((32, 40)).astype(np.float32)}
+    if bias is not None:
+        inputs.append(graph.add_input("c", TensorType(bias, DType.float32)))
+        feeds["c"] = rng.standard_normal(bias).astype(np.float32)
+    graph.outputs = [graph.add_node("Gemm", inputs, {"alpha": 0.5, "beta": 2.0, "transB": 1}, name="dense").outputs[0]]
+    swapped = get_pass("row_major_gemm")(graph.copy())
+    gemm = next(n for n in swapped.nodes if n.op.name == "Gemm")
+    assert gemm.inputs[0].name == "w" and not gemm.attrs["transB"]
+    assert swapped.outputs[0].name == graph.outputs[0].name
+    (want,) = kiln.compile(graph).run(feeds).values()
+    (got,) = kiln.compile(graph, target="llvm").run(feeds).values()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
