@@ -44,40 +44,46 @@ def pretranspose_weights(graph: Graph) -> Graph:
 
 @graph_pass("row_major_gemm")
 def row_major_gemm(graph: Graph) -> Graph:
-    """Gemm B operands with transB=1 transposed by a node first, and constants with either flag
-    at compile time. Where the run-time B is the big operand (a training step's x W^T with a
-    batch smaller than W), the product is taken the other way round instead, C = (W x^T)^T,
-    which transposes x and C: fewer elements than W."""
+    """Gemm operands made row-major: constants with either flag transposed at compile time; a
+    B computed at run time and read with transB=1 either transposed by one node that all its
+    Gemms share (an unrolled RNN reads its recurrent weights at every step), or, where that
+    costs more, each product taken the other way round, C = (W x^T)^T, transposing x and C
+    (a training step's x W^T with a batch smaller than W)."""
     made: dict[Value, Value] = {}
-    for index in range(len(graph.nodes) - 1, -1, -1):
-        node = graph.nodes[index]
-        if node.op.name != "Gemm":
+    for node in graph.nodes:
+        if node.op.name == "Gemm":
+            for slot, flag in ((0, "transA"), (1, "transB")):
+                if node.attrs[flag] and node.inputs[slot] in graph.params:
+                    node.inputs[slot] = _transposed(graph, node.inputs[slot], made)
+                    node.attrs[flag] = 0
+    readers: dict[Value, list[Node]] = {}
+    for node in graph.nodes:
+        if node.op.name == "Gemm" and node.attrs["transB"]:
+            readers.setdefault(node.inputs[1], []).append(node)
+    for value, gemms in readers.items():
+        n, k = value.type.shape
+        swap_cost = sum(_swap_elements(graph, g) for g in gemms)
+        if swap_cost < n * k:
+            for gemm in gemms:
+                _swap_operands(graph, gemm)
             continue
-        if _swap_is_cheaper(graph, node):
-            _swap_operands(graph, node)
-            continue
-        for slot, flag in ((0, "transA"), (1, "transB")):
-            if not node.attrs[flag] or slot == 0 and node.inputs[0] not in graph.params:
-                continue  # a transposed A computed at run time is read in place
-            value = node.inputs[slot]
-            if value in graph.params:
-                flipped = _transposed(graph, value, made)
-            else:
-                flipped = graph.add_node("Transpose", [value], {"perm": [1, 0]}, name=f"{node.name or 'Gemm'}/{flag}", index=index).outputs[0]
-                index += 1
-            node.inputs[slot] = flipped
-            node.attrs[flag] = 0
+        first = min(graph.nodes.index(g) for g in gemms)
+        flipped = graph.add_node("Transpose", [value], {"perm": [1, 0]}, name=f"{gemms[0].name or 'Gemm'}/transB", index=first).outputs[0]
+        for gemm in gemms:
+            gemm.inputs[1] = flipped
+            gemm.attrs["transB"] = 0
     graph.remove_unread_params()
     return graph
 
 
-def _swap_is_cheaper(graph: Graph, node: Node) -> bool:
-    """x (m, k) and C (m, n) hold fewer elements than the run-time B (n, k) of x B^T."""
-    a, bm = node.inputs[0], node.inputs[1]
-    if not node.attrs["transB"] or node.attrs["transA"] or bm in graph.params or a in graph.params:
-        return False
-    (m, k), n = a.type.shape, bm.type.shape[0]
-    return m * k + m * n < n * k
+def _swap_elements(graph: Graph, node: Node) -> float:
+    """What computing ``node`` (x B^T) as (B x^T)^T transposes: x and C (inf where it cannot:
+    a transposed x, or a constant one, which a transpose at compile time serves better)."""
+    a = node.inputs[0]
+    if node.attrs["transA"] or a in graph.params:
+        return float("inf")
+    (m, k), n = a.type.shape, node.inputs[1].type.shape[0]
+    return m * k + m * n
 
 
 def _swap_operands(graph: Graph, node: Node) -> None:
