@@ -26,11 +26,15 @@ KC = 256  # K block of the GEMM micro-kernel (B panel: KC x two vectors)
 MR = 6  # rows of C per micro-tile by default (2 vectors of columns: 12 accumulators); convolutions run best with it
 
 
-def micro_rows() -> int:
-    """Rows per micro-tile for the Gemm and MatMul ops: 12 where AVX-512 has 32 vector
-    registers (24 accumulators; 1024^3 on one core: 0.59 -> 0.7 of numpy), else MR. (The
-    convolutions' GEMMs measured slower with 12: ResNet-18 16.6 -> 18.5 ms.)"""
-    return 12 if vector_width(DType.float32) == 16 else MR
+def micro_rows(m: int) -> int:
+    """Rows per micro-tile for the Gemm and MatMul ops' ``m`` rows: up to 12 where AVX-512 has
+    32 vector registers (24 accumulators; 1024^3 on one core: 0.59 -> 0.7 of numpy), else MR.
+    A short C (an RNN step's 16 rows) gets the height in 6..12 that needs the fewest tiles and
+    makes the last one fullest: 2 x 8, not 12 + 4. (The convolutions' GEMMs measured slower
+    with 12: ResNet-18 16.6 -> 18.5 ms.)"""
+    if vector_width(DType.float32) != 16:
+        return MR
+    return min(range(6, 13), key=lambda mr: (-(-m // mr), -(m - (-(-m // mr) - 1) * mr), -mr))
 
 
 def conv_rows_per_tile(m: int) -> int:
@@ -298,7 +302,7 @@ def gemm(ctx: KernelContext) -> None:
     b_view = bm if isinstance(bm, Panels) else View(bm.ptr, bm.dtype, (ka, n), (1, ka) if attrs["transB"] else (n, 1))
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     init = bias.broadcast_to((m, n)) if bias is not None else None
-    emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"], micro_rows())
+    emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"], micro_rows(m))
 
 
 @kernel("MatMul", panels=_matmul_panels)
@@ -321,7 +325,7 @@ def matmul(ctx: KernelContext) -> None:
             return View(start, v.dtype, (rows, cols), v.strides[-2:])
 
         b_matrix = bm if isinstance(bm, Panels) else matrix(bb, k, n)  # packed: one 2-D B for every batch
-        emit_gemm(ctx, matrix(ab, m, k), b_matrix, matrix(cv, m, n), mr=micro_rows())
+        emit_gemm(ctx, matrix(ab, m, k), b_matrix, matrix(cv, m, n), mr=micro_rows(m))
 
 
 # -- convolution: im2col columns in scratch, then GEMM ----------------------------------------------
