@@ -17,9 +17,11 @@ from kiln.optim import SGD, Adam, AdamW, AdaGrad, RMSProp
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="no CUDA device visible")]
 
 
-def _batch(shape, classes, seed=0):
+def _batch(shape, classes, seed=0, per_pixel=False):
+    """Inputs and class indices: one per sample, or one per pixel (segmentation)."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal(shape).astype(np.float32), rng.integers(0, classes, shape[0])
+    labels = (shape[0], *shape[2:]) if per_pixel else shape[0]
+    return rng.standard_normal(shape).astype(np.float32), rng.integers(0, classes, labels)
 
 
 MODELS = {
@@ -27,6 +29,7 @@ MODELS = {
     "lenet5": ({}, (8, 1, 32, 32), 10),
     "resnet_small": ({"width": 4, "layers": (1, 1, 1, 1), "num_classes": 5}, (8, 3, 64, 64), 5),
     "lstm_classifier": ({"input_size": 4, "hidden_size": 16, "num_layers": 1, "num_classes": 4}, (8, 6, 4), 4),
+    "unet": ({"in_channels": 1, "num_classes": 3, "width": 4, "depth": 2}, (4, 1, 16, 16), 3),
 }
 
 
@@ -37,7 +40,7 @@ def test_five_compiled_steps_give_eager_parameters(name):
     amplified step after step until the two runs part.)"""
     kwargs, shape, classes = MODELS[name]
     builder = "resnet18" if name.startswith("resnet") else name
-    x, y = _batch(shape, classes)
+    x, y = _batch(shape, classes, per_pixel=name == "unet")
     results = {}
     for target in ("eager", "llvm"):
         trainer = kiln.train.Trainer(zoo.build(builder, **kwargs), loss="ce", optimizer=SGD(lr=0.02, momentum=0.9), target=target)
@@ -228,3 +231,20 @@ def test_dropout_draws_a_new_mask_each_step():
     assert len(set(eager)) == 3, f"with lr 0 only the mask can change the loss: {eager}"
     assert losses("eager") == eager
     np.testing.assert_allclose(losses("llvm"), eager, rtol=1e-5)
+
+
+def test_class_indices_fit_logits_with_unit_spatial_dims():
+    """A classifier ending in a global pool gives (N, C, 1, 1) logits (SqueezeNet): one class
+    index per sample is accepted for them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.5, (3, 2, 1, 1)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["y"])], "pooled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 1, 1])], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x, y = _batch((6, 2, 4, 4), 3)
+    trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=0.1), target="eager")
+    losses = [trainer.step(x, y) for _ in range(5)]
+    assert losses[-1] < losses[0]
