@@ -312,6 +312,8 @@ def _print_profile(row, top: int) -> None:
 @click.option("--momentum", type=float, default=0.0, show_default=True, help="sgd only")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--clip-norm", type=float, help="clip the gradients' global norm to this")
+@click.option("--l1", type=click.FloatRange(0), default=0.0, show_default=True, help="add l1 * sum|w| over the parameters to the loss")
+@click.option("--l2", type=click.FloatRange(0), default=0.0, show_default=True, help="add l2 * sum w^2 over the parameters to the loss")
 @click.option("--recompute", is_flag=True, help="rebuild cheap activations where their gradients read them: less memory, a little more arithmetic")
 @click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -320,7 +322,7 @@ def _print_profile(row, top: int) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="write the trained model as ONNX here")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write the loss/accuracy curves as a PNG (needs matplotlib)")
 def train(model: str, data_path: str, loss: str, optimizer_name: str, lr: float, momentum: float, weight_decay: float,
-          clip_norm: float | None, recompute: bool, epochs: int, batch_size: int, seed: int, target: str, output: str | None, plot: str | None) -> None:  # fmt: skip
+          clip_norm: float | None, l1: float, l2: float, recompute: bool, epochs: int, batch_size: int, seed: int, target: str, output: str | None, plot: str | None) -> None:  # fmt: skip
     """Train MODEL (an .onnx file or a zoo name) on DATA.npz and export the trained model."""
     from kiln import optim
     from kiln.models.zoo import ZOO, build
@@ -332,7 +334,7 @@ def train(model: str, data_path: str, loss: str, optimizer_name: str, lr: float,
         options["momentum"] = momentum
     optimizer = optim.OPTIMIZERS[optimizer_name](**options)
     net = build(model) if model in ZOO else model
-    trainer = Trainer(net, loss=loss, optimizer=optimizer, target=target, clip_norm=clip_norm, recompute=recompute)
+    trainer = Trainer(net, loss=loss, optimizer=optimizer, target=target, clip_norm=clip_norm, l1=l1, l2=l2, recompute=recompute)
     validation = (data["x_val"], data["y_val"]) if "x_val" in data else None
     history = trainer.fit((data["x"], data["y"]), epochs=epochs, batch_size=min(batch_size, len(data["x"])), validation=validation, seed=seed)
     table = Table(*history[0].keys(), title=f"training {model} ({loss}, {optimizer_name}, target {target})")

@@ -46,6 +46,8 @@ class Trainer:
         target: str = "eager",
         output: str | None = None,
         clip_norm: float | None = None,
+        l1: float = 0.0,
+        l2: float = 0.0,
         input_name: str | None = None,
         arch: str | None = None,
         recompute: bool = False,
@@ -58,6 +60,7 @@ class Trainer:
         self.target = target
         self.output = output
         self.clip_norm = clip_norm
+        self.l1, self.l2 = l1, l2  # penalties on the trainable parameters, added to the loss
         self.input_name = input_name
         self.arch = arch  # the GPU generation for tvm-cuda
         self.recompute = recompute  # rebuild cheap activations where the gradient reads them (less memory)
@@ -111,7 +114,7 @@ class Trainer:
         if key not in self._steps:
             import kiln
 
-            step = training_step(self._graph(x, True), self.loss, self.optimizer, self.output, self.clip_norm)
+            step = training_step(self._graph(x, True), self.loss, self.optimizer, self.output, self.clip_norm, self.l1, self.l2)
             for name, array in {**step.params, **step.buffers, **step.state}.items():
                 self.values.setdefault(name, np.array(array, copy=True))
             self.trainable = list(step.params)

@@ -94,8 +94,11 @@ def draw_dropout_per_step(graph: Graph, step: Value) -> None:
         replace_node(graph, node, [y, keep], start)
 
 
-def training_step(graph: Graph, loss: str, optimizer, output: str | None = None, clip_norm: float | None = None) -> TrainingStep:
-    """The training step of ``graph`` (a copy is changed; ``graph`` is left alone)."""
+def training_step(graph: Graph, loss: str, optimizer, output: str | None = None, clip_norm: float | None = None, l1: float = 0.0, l2: float = 0.0) -> TrainingStep:
+    """The training step of ``graph`` (a copy is changed; ``graph`` is left alone). ``l1`` and
+    ``l2`` add ``l1 * sum|w| + l2 * sum w^2`` over the trainable parameters to the loss (the
+    loss the step reports includes them); an optimizer's ``weight_decay`` is the other way to
+    ask for L2."""
     graph = graph.copy()
     model_params = [v.name for v in graph.params]  # constants the passes below add are not trained
     name = _pick_output(graph, output).name
@@ -116,7 +119,7 @@ def training_step(graph: Graph, loss: str, optimizer, output: str | None = None,
     step_in = graph.add_input(STEP, TensorType((), trainable[0].type.dtype if trainable else out.type.dtype))
     draw_dropout_per_step(graph, step_in)
     target = graph.add_input(TARGET, target_type(loss, out.type))
-    loss_value = attach_loss(graph, out, loss, target)
+    loss_value = _regularized(GradBuilder(graph, "regularization"), attach_loss(graph, out, loss, target), trainable, l1, l2)
     graph.rename(loss_value, graph.fresh_name("loss"))
     grads = add_gradients(graph, loss_value, trainable)
 
@@ -152,6 +155,19 @@ def training_step(graph: Graph, loss: str, optimizer, output: str | None = None,
     graph.remove_unread_params()
     verify(graph)
     return TrainingStep(graph, params, buffers, state, next_names, [*data_inputs, TARGET])
+
+
+def _regularized(b: GradBuilder, loss: Value, weights: list[Value], l1: float, l2: float) -> Value:
+    """``loss + l1 * sum|w| + l2 * sum w^2`` over ``weights`` (each term only when asked for)."""
+    for strength, penalty in ((l1, "Abs"), (l2, "Square")):
+        if not strength:
+            continue
+        if strength < 0:
+            raise KilnError(f"regularization strengths must be >= 0, got {strength}")
+        for w in weights:
+            term = b.op("ReduceSum", b.op("Abs", w) if penalty == "Abs" else b.op("Mul", w, w), axes=None, keepdims=0)
+            loss = b.op("Add", loss, b.op("Mul", term, b.const(strength, term)))
+    return loss
 
 
 def _pick_output(graph: Graph, output: str | None) -> Value:

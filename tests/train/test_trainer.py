@@ -248,3 +248,22 @@ def test_class_indices_fit_logits_with_unit_spatial_dims():
     trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=0.1), target="eager")
     losses = [trainer.step(x, y) for _ in range(5)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("target", ["eager", "llvm"])
+def test_l1_and_l2_penalties_join_the_loss_and_its_gradient(target):
+    """The first step's loss grows by l1 * sum|w| + l2 * sum w^2 of the initial weights, and
+    SGD moves each weight further by lr * (l1 * sign(w) + 2 * l2 * w)."""
+    x, y = _batch((8, 784), 10, 4)
+    l1, l2, lr = 1e-3, 5e-3, 0.1
+    plain = kiln.train.Trainer(zoo.build("mlp", hidden=(16,)), loss="ce", optimizer=SGD(lr=lr), target=target)
+    penalized = kiln.train.Trainer(zoo.build("mlp", hidden=(16,)), loss="ce", optimizer=SGD(lr=lr), target=target, l1=l1, l2=l2)
+    plain.predict(x)  # loads the initial weights into plain.values
+    initial = {k: v.copy() for k, v in plain.values.items()}
+    base, total = plain.step(x, y), penalized.step(x, y)
+    weights = [initial[name] for name in plain.trainable]
+    penalty = sum(l1 * np.abs(w).sum() + l2 * (w.astype(np.float64) ** 2).sum() for w in weights)
+    assert total == pytest.approx(base + penalty, rel=1e-5)
+    for name in plain.trainable:
+        w = initial[name]
+        np.testing.assert_allclose(penalized.values[name], plain.values[name] - lr * (l1 * np.sign(w) + 2 * l2 * w), rtol=1e-4, atol=1e-6)
