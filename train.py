@@ -129,7 +129,7 @@ class Trainer:
         if self.loss in ("ce", "nll"):  # class indices -> one-hot along axis 1
             classes = t.shape[1]
             index = np.asarray(y).astype(np.int64)
-            if index.ndim == 1 and all(d == 1 for d in t.shape[2:]):  # (N, C, 1, 1) logits: one class per sample
+            if t.rank > 2 and index.shape == (t.shape[0],) and all(d == 1 for d in t.shape[2:]):  # (N, C, 1, 1) logits: one class per sample
                 index = index.reshape((t.shape[0], *t.shape[2:]))
             if index.shape != (t.shape[0], *t.shape[2:]):
                 raise KilnError(f"targets of shape {list(index.shape)}: the model's output {t} needs class indices of shape {[t.shape[0], *t.shape[2:]]}")

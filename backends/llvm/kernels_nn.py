@@ -358,6 +358,8 @@ def _conv_scratch(node) -> int:
     if _direct(node):
         return 0
     x, w, nd, *_, out = _conv_geometry(node)
+    if _dot_shaped(node):  # reads its windows in place
+        return 0
     return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize * _image_threads(node)
 
 
@@ -388,6 +390,10 @@ def conv(ctx: KernelContext) -> None:
     spatial_in = math.prod(x.shape[2:])
     direct = _direct(node)
     cols_bytes = kk * p * x.dtype.itemsize
+
+    if _dot_shaped(node):  # a weight gradient: few outputs, each a long sum
+        _dot_conv(ctx, node)
+        return
 
     def images(emitting, ptrs, lo, hi, block):
         """Images [lo, hi): im2col into this block's scratch, then one GEMM per group."""
@@ -420,6 +426,132 @@ def conv(ctx: KernelContext) -> None:
         parallel_rows(ctx, n, threads, pointers, images)
     else:
         images(ctx, pointers, 0, n, 0)
+
+
+# -- dot-product convolution: few outputs, long sums (a weight gradient) ------------------------------
+DOT_TILE = 4  # rows of W and of cols^T a dot tile multiplies (16 vector accumulators)
+
+
+def _dot_shaped(node) -> bool:
+    """An NCHW conv whose per-image GEMM has fewer output positions than a micro-tile is wide
+    and a long reduction (LeNet-5's weight gradients: 6 x 25 outputs over 64*28*28 products):
+    the micro-kernel would run its tiles nearly empty, so each output is a vector dot product
+    of a filter with its window instead, read in place. Unpadded, ungrouped, unit dilation
+    along the last axis, window rows at least half a vector long, float32/64."""
+    x, w, nd, strides, dilations, pads, out_sp = _conv_geometry(node)
+    kk = w.shape[1] * math.prod(w.shape[2:])
+    return (
+        node.attrs["group"] == 1
+        and not any(pads)
+        and dilations[-1] == 1
+        and x.dtype in (DType.float32, DType.float64)
+        and w.shape[-1] >= vector_width(x.dtype) // 2  # a window row fills half a vector at least
+        and math.prod(out_sp) < 2 * vector_width(x.dtype)
+        and kk >= 64 * vector_width(x.dtype)
+    )
+
+
+def _dot_conv(ctx: KernelContext, node) -> None:
+    """y[img, o, j] = w[o, :] . window(img, j): tiles of DOT_TILE filters by DOT_TILE output
+    positions, each dot product kept as a vector of partial sums. A window's rows along the
+    last kernel axis are contiguous runs of the input (the filter's too), read in vectors (the
+    run's tail masked); threads take a share of the output positions."""
+    x, w, nd, strides, dilations, pads, out_sp = _conv_geometry(node)
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    kernel_shape = w.shape[2:]
+    p = math.prod(out_sp)
+    in_sp = x.shape[2:]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    threads = min(num_threads(), p)
+    width = vector_width(x.dtype)
+    run = kernel_shape[-1]
+    segments = [(start, min(width, run - start)) for start in range(0, run, width)]
+
+    def positions(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        module = emitting.module
+        scalar = _t(ctx.outputs[0])
+        vec = ir.VectorType(scalar, width)
+        bits = x.dtype.itemsize * 8
+        mask_ty = ir.VectorType(ir.IntType(1), width)
+        fma = module.declare_intrinsic(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(vec, [vec, vec, vec]))
+        masked_load = module.declare_intrinsic(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(vec, [PTR, ir.IntType(32), mask_ty, vec]))
+        reduce_add = module.declare_intrinsic(f"llvm.vector.reduce.fadd.v{width}f{bits}", (), ir.FunctionType(scalar, [scalar, vec]))
+        zero = ir.Constant(vec, [0.0] * width)
+        xv, wv, y = ctx.inputs[0].on(ptrs[0]), ctx.inputs[1].on(ptrs[1]), ctx.outputs[0].on(ptrs[2])
+
+        def load(address, count):
+            if count == width:
+                return b.load(address, typ=vec, align=4)
+            mask = ir.Constant(mask_ty, [1] * count + [0] * (width - count))
+            return b.call(masked_load, [address, ir.Constant(ir.IntType(32), 4), mask, zero])
+
+        def window_start(img, j):
+            """Where position j's window starts in image img (its first tap's element)."""
+            flat, rest = b.mul(img, const_i64(c * math.prod(in_sp))), j
+            for axis in range(nd):
+                step = math.prod(out_sp[axis + 1 :])
+                coord = b.sdiv(rest, const_i64(step))
+                rest = b.srem(rest, const_i64(step))
+                flat = b.add(flat, b.mul(coord, const_i64(strides[axis] * math.prod(in_sp[axis + 1 :]))))
+            return flat
+
+        def tile(img, o0, rows: int, j0, cols: int) -> None:
+            accs = [[entry_alloca(b, vec) for _ in range(cols)] for _ in range(rows)]
+            for row in accs:
+                for slot in row:
+                    b.store(zero, slot)
+            starts = [window_start(img, b.add(j0, const_i64(q))) for q in range(cols)]
+            with loop_nest(b, (c, *kernel_shape[:-1]), name="tap") as (ch, *ks):
+                x_off = b.mul(ch, const_i64(math.prod(in_sp)))
+                for axis in range(nd - 1):
+                    x_off = b.add(x_off, b.mul(ks[axis], const_i64(dilations[axis] * math.prod(in_sp[axis + 1 :]))))
+                w_row = b.mul(_row_major(b, [ch, *ks], [0, *kernel_shape[:-1]]), const_i64(run))
+                for start, count in segments:
+                    av = [load(b.gep(wv.ptr, [b.add(b.add(b.mul(b.add(o0, const_i64(r)), const_i64(c * math.prod(kernel_shape))), w_row), const_i64(start))], source_etype=scalar), count) for r in range(rows)]
+                    bv = [load(b.gep(xv.ptr, [b.add(b.add(starts[q], x_off), const_i64(start))], source_etype=scalar), count) for q in range(cols)]
+                    for r in range(rows):
+                        for q in range(cols):
+                            b.store(b.call(fma, [av[r], bv[q], b.load(accs[r][q], typ=vec)]), accs[r][q])
+            for r in range(rows):
+                for q in range(cols):
+                    total = b.call(reduce_add, [ir.Constant(scalar, 0.0), b.load(accs[r][q], typ=vec)], fastmath=("reassoc",))  # a tree of the lanes
+                    if bias is not None:
+                        total = b.fadd(total, bias.on(ptrs[3]).load(b, [b.add(o0, const_i64(r))]))
+                    y.store(b, [img, b.add(o0, const_i64(r)), *_unflatten(b, b.add(j0, const_i64(q)), out_sp)], total)
+
+        def rows_for(img, j0, cols: int) -> None:
+            if m // DOT_TILE:
+                with for_range(b, m // DOT_TILE, name="di") as ib:
+                    tile(img, b.mul(ib, const_i64(DOT_TILE)), DOT_TILE, j0, cols)
+            if m % DOT_TILE:
+                tile(img, const_i64(m - m % DOT_TILE), m % DOT_TILE, j0, cols)
+
+        count = hi - lo
+        with for_range(b, n, name="img") as img:
+            if count // DOT_TILE:
+                with for_range(b, count // DOT_TILE, name="dj") as jb:
+                    rows_for(img, b.add(const_i64(lo), b.mul(jb, const_i64(DOT_TILE))), DOT_TILE)
+            if count % DOT_TILE:
+                rows_for(img, const_i64(hi - count % DOT_TILE), count % DOT_TILE)
+
+    pointers = [ctx.inputs[0].ptr, ctx.inputs[1].ptr, ctx.outputs[0].ptr] + ([bias.ptr] if bias is not None else [])
+    w_shape = ctx.inputs[1].shape
+    if threads > 1 and m * p * math.prod(w_shape[1:]) * n >= PARALLEL_MACS:
+        parallel_rows(ctx, p, threads, pointers, positions)
+    else:
+        positions(ctx, pointers, 0, p, 0)
+
+
+def _unflatten(b, flat: ir.Value, shape) -> list[ir.Value]:
+    """The row-major coordinates of ``flat`` in ``shape``."""
+    coords = []
+    for axis in range(len(shape)):
+        step = math.prod(shape[axis + 1 :])
+        coords.append(b.sdiv(flat, const_i64(step)))
+        flat = b.srem(flat, const_i64(step))
+    return coords
 
 
 # -- channels-last convolution: contiguous im2col rows, then one GEMM per image ------------------------

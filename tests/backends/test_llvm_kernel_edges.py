@@ -182,3 +182,28 @@ def test_grid_sample_reads_inside_and_far_outside_the_image(mode, padding, align
 }}"""
     want, got = _both(text, {"x": x, "g": grid})
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # LeNet-5's first weight gradient: 6 x 25 outputs, each over 64 * 28 * 28 products
+        "graph g(%x: f32[1,64,32,32], %w: f32[6,64,28,28]) {\n %y: f32[1,6,5,5] = Conv(%x, %w) {}\n return %y\n}",
+        # strides, a dilated leading axis, a bias, window rows of 10 (a masked tail)
+        "graph g(%x: f32[2,40,19,18], %w: f32[5,40,9,10], %b: f32[5]) {\n %y: f32[2,5,1,3] = Conv(%x, %w, %b) {strides=[3, 4], dilations=[2, 1]}\n return %y\n}",
+        "graph g(%x: f64[3,70,12], %w: f64[7,70,9]) {\n %y: f64[3,7,4] = Conv(%x, %w) {}\n return %y\n}",
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_convs_with_few_outputs_and_long_sums_run_as_dot_products(text, threads):
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import _dot_shaped
+
+    graph = parse_graph(text)
+    assert _dot_shaped(graph.nodes[0])
+    rng = np.random.default_rng(13)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)["y"]
+    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
