@@ -112,6 +112,7 @@ def compile(
     layout: str = "auto",
     arch: str | None = None,
     recompute: bool = False,
+    donate: Mapping[str, str] | None = None,
 ) -> Module:
     """Compile ``model`` for ``target`` and return a runnable Module.
 
@@ -120,13 +121,23 @@ def compile(
     (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it. ``arch`` is
     the GPU generation of ``tvm-cuda`` (``sm_90``...). ``recompute`` trades arithmetic for
     memory: cheap values read again much later (a training step's activations, read by their
-    gradients) are rebuilt where they are read again (-O2's ``rematerialize``).
+    gradients) are rebuilt where they are read again (-O2's ``rematerialize``). ``donate``
+    maps output names to input names whose arrays the outputs may be written over (a training
+    step's next parameters over the current ones): where the llvm target finds that safe, the
+    output is computed in place and ``run`` returns the input's array, now holding it; other
+    targets return the output as usual.
     """
     backend = get_backend(target, arch)
     chosen_pipeline = pipeline or backend.default_pipeline
     if layout == "auto":  # the backend's preference, where the pipeline converts layouts at all
         layout = backend.preferred_layout if chosen_pipeline.lstrip("-").upper() == "O2" else "nchw"
     graph = optimize(model, chosen_pipeline, passes, shapes, constants, dump_ir, backend.lowering, layout, recompute)
+    if donate:
+        known_in, known_out = {v.name for v in graph.inputs}, {v.name for v in graph.outputs}
+        bad = sorted(f"{o} -> {i}" for o, i in donate.items() if o not in known_out or i not in known_in)
+        if bad:
+            raise KilnError(f"donate: no such output -> input pair(s): {', '.join(bad)}")
+        graph.donations = dict(donate)
     module = Module(graph, target, backend.build(graph))
     module.pass_records = graph.pass_records
     return module

@@ -119,7 +119,9 @@ class Trainer:
                 self.values.setdefault(name, np.array(array, copy=True))
             self.trainable = list(step.params)
             # eager runs the graph as built (-O0, no memory plan): nothing to recompute there
-            module = kiln.compile(step.graph, target=self.target, layout="nchw", arch=self.arch, recompute=self.recompute and self.target != "eager")
+            # each step's new parameters and state are written over the current ones (llvm)
+            donate = {next_name: name for name, next_name in step.next_names.items()}
+            module = kiln.compile(step.graph, target=self.target, layout="nchw", arch=self.arch, recompute=self.recompute and self.target != "eager", donate=donate)
             self._steps[key] = (step, module)
         return self._steps[key]
 

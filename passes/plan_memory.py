@@ -45,6 +45,7 @@ class MemoryPlan:
     naive_bytes: int = 0
     lower_bound_bytes: int = 0
     views: dict[int, int] = field(default_factory=dict)  # id(view value) -> its byte offset in its buffer
+    external: set[int] = field(default_factory=set)  # ids of outputs stored outside the arena
 
     def offset(self, value: Value) -> int:
         for buf in self.buffers:
@@ -80,8 +81,9 @@ def _liveness(graph: Graph) -> tuple[dict[int, int], dict[int, int]]:
     return define, last
 
 
-def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0) -> MemoryPlan:
-    """Assign arena offsets to every node output of ``graph`` (see the module docstring).
+def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0, external: frozenset[int] = frozenset()) -> MemoryPlan:
+    """Assign arena offsets to every node output of ``graph`` (see the module docstring), but
+    those in ``external`` (ids of outputs stored outside the arena: donated inputs' arrays).
 
     ``guard`` bytes are reserved after every buffer (the bounds-checked build fills and checks
     them around each kernel)."""
@@ -94,6 +96,8 @@ def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0) -> MemoryPl
         source = node.inputs[0] if node.inputs else None
         parts = view_offsets(node) if in_place and source is not None and id(source) in group else None
         for k, out in enumerate(node.outputs):
+            if id(out) in external:
+                continue
             if parts is not None and id(out) not in outputs:  # a view: no bytes of its own
                 buf = group[id(source)]
                 buf.values.append(out)
@@ -126,7 +130,7 @@ def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0) -> MemoryPl
                 buffers.append(buf)
                 group[id(out)] = buf
     _place(buffers)
-    plan = MemoryPlan(buffers, views=views)
+    plan = MemoryPlan(buffers, views=views, external=set(external))
     plan.arena_bytes = max((b.offset + _aligned(b.size) for b in buffers), default=0)
     plan.naive_bytes = sum(v.type.nbytes for node in graph.nodes for v in node.outputs)
     plan.lower_bound_bytes = _largest_live_set(buffers, len(graph.nodes))
@@ -181,7 +185,7 @@ def _largest_live_set(buffers: list[Buffer], steps: int) -> int:
 def check_plan(graph: Graph, plan: MemoryPlan) -> None:
     """Raise GraphError if two buffers live at the same time overlap, or a value has no slot."""
     planned = {id(v) for b in plan.buffers for v in b.values}
-    missing = [v.name for n in graph.nodes for v in n.outputs if id(v) not in planned]
+    missing = [v.name for n in graph.nodes for v in n.outputs if id(v) not in planned and id(v) not in plan.external]
     if missing:
         raise GraphError(f"memory plan: values without a slot: {missing[:5]}")
     ordered = sorted(plan.buffers, key=lambda b: b.start)

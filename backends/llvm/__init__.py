@@ -21,7 +21,7 @@ import numpy as np
 from kiln import config
 from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
-from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, generate, pack_panels
+from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, donated_outputs, generate, pack_panels
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
@@ -33,6 +33,7 @@ ALIGN = 64
 def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
     """Object code for ``graph`` and the layout the runtime needs (arena size, output offsets)."""
     module, plan, arena_bytes, panels = generate(graph)
+    donated = donated_outputs(graph)
     machine = target_machine(cpu)
     module.triple = cpu.triple
     module.data_layout = str(machine.target_data)
@@ -47,7 +48,7 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
         "arena_bytes": arena_bytes,
         "checked_nodes": [f"{n.name or n.op.name!r} ({n.op.name})" for n in graph.nodes] if config.flags().check_bounds else None,
         "profiled_nodes": [[n.name or n.op.name, _op_label(n)] for n in graph.nodes] if config.flags().profile else None,
-        "outputs": [_output_location(graph, plan, v) for v in graph.outputs],
+        "outputs": [{"kind": "donated", "index": donated[id(v)]} if id(v) in donated else _output_location(graph, plan, v) for v in graph.outputs],
         "panels": [{"param": list(graph.params).index(v), **spec.to_json()} for v, spec in panels],
         "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
     }
@@ -162,7 +163,7 @@ class LLVMExecutable:
             if self._bounds_error is not None and self._bounds_error.value:
                 node = self._checked[self._bounds_error.value - 1]
                 raise KilnError(f"node {node} wrote past the end of its output or scratch buffer (KILN_CHECK_BOUNDS): a kernel bug")
-            return [self._read(where, v) for where, v in zip(self.layout["outputs"], self.graph.outputs)]
+            return [arrays[where["index"]] if where["kind"] == "donated" else self._read(where, v) for where, v in zip(self.layout["outputs"], self.graph.outputs)]
 
     def profile(self) -> list[NodeTime]:
         """Time per node over the runs so far, in node order (a build with ``KILN_PROFILE=1``).
@@ -201,7 +202,8 @@ class LLVMExecutable:
 
 def llvm_cache_key(graph: Graph, cpu: CPU) -> str:
     """The cache key of ``graph`` built for ``cpu``: its features, llvmlite and the options."""
-    options = (f"threads={config.num_threads()}", f"check_bounds={config.flags().check_bounds}", f"profile={config.flags().profile}")
+    donations = sorted((getattr(graph, "donations", None) or {}).items())
+    options = (f"threads={config.num_threads()}", f"check_bounds={config.flags().check_bounds}", f"profile={config.flags().profile}", f"donate={donations}")
     return cache_key(graph, cpu.triple, cpu.name, cpu.features, llvmlite.__version__, *options)
 
 

@@ -324,6 +324,41 @@ def constant_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:
     return list(wanted.values())
 
 
+def donated_outputs(graph: Graph) -> dict[int, int]:
+    """id(output) -> the index of the graph input whose array it is written over, for each
+    ``graph.donations`` pair (output name -> input name; ``kiln.compile(donate=...)``) where
+    that is safe: the same type, no node reads the input after the output's producer, and a
+    producer that reads the input itself does so elementwise (each element read before it is
+    written). Bounds-checked builds donate nothing (their guards would land past the array)."""
+    wanted = getattr(graph, "donations", None) or {}
+    if not wanted or config.flags().check_bounds:
+        return {}
+    from kiln.backends.llvm.kernels_elementwise import is_pointwise
+
+    inputs = {v.name: (k, v) for k, v in enumerate(graph.inputs)}
+    outputs = {v.name: v for v in graph.outputs}
+    producer = {id(v): (i, n) for i, n in enumerate(graph.nodes) for v in n.outputs}
+    last_read: dict[int, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            if v is not None:
+                last_read[id(v)] = i
+    donated: dict[int, int] = {}
+    for out_name, in_name in wanted.items():
+        out, (slot, source) = outputs.get(out_name), inputs.get(in_name, (None, None))
+        if out is None or source is None or id(out) not in producer or out.type != source.type:
+            continue
+        if source in graph.outputs or graph.outputs.count(out) > 1 or slot in donated.values():
+            continue
+        index, node = producer[id(out)]
+        if last_read.get(id(source), -1) > index:
+            continue  # read after it would be overwritten
+        if any(v is source for v in node.inputs) and not is_pointwise(node):
+            continue
+        donated[id(out)] = slot
+    return donated
+
+
 def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value, PanelSpec]]]:
     """The LLVM module for ``graph``, its memory plan, the total arena bytes and the packed
     parameters ``kiln_main``'s table holds after the parameters.
@@ -333,13 +368,16 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
     if missing:
         raise KilnError(f"the llvm target has no kernels yet for: {', '.join(missing)}")
     guards = config.flags().check_bounds
-    plan = plan_memory(graph, guard=GUARD_BYTES if guards else 0)
+    donated = donated_outputs(graph)
+    plan = plan_memory(graph, guard=GUARD_BYTES if guards else 0, external=frozenset(donated))
     check_plan(graph, plan)
     cg = Codegen()
     entry = ir.Function(cg.module, ir.FunctionType(ir.VoidType(), [PTR]), ENTRY)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
     table = entry.args[0]
+    constants = len(graph.inputs) + len(graph.params)
     slots = {id(v): i for i, v in enumerate([*graph.inputs, *graph.params])}
+    slots.update(donated)  # a donated output is written over its input's array
     loaded: dict[int, ir.Value] = {}
 
     def pointer(v: Value) -> ir.Value:
@@ -350,14 +388,14 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
         return loaded[id(v)]
 
     panels = constant_panels(graph)
-    panel_slots = {(id(v), spec): len(slots) + k for k, (v, spec) in enumerate(panels)}
+    panel_slots = {(id(v), spec): constants + k for k, (v, spec) in enumerate(panels)}
 
     def packed(node: Node, i: int) -> ir.Value | None:
         v = node.inputs[i]
         slot = panel_slots.get((id(v), panel_spec(node, i))) if v is not None and v in graph.params else None
         return b.load(b.gep(table, [const_i64(slot)], source_etype=PTR), typ=PTR) if slot is not None else None
 
-    arena = b.load(b.gep(table, [const_i64(len(slots) + len(panels))], source_etype=PTR), typ=PTR)
+    arena = b.load(b.gep(table, [const_i64(constants + len(panels))], source_etype=PTR), typ=PTR)
     if guards:
         b.store(const_i64(0), bounds_error_global(cg.module))
     cg.emit_program(graph, plan, b, pointer, arena, guards, config.flags().profile, packed)

@@ -102,6 +102,14 @@ def _fused_scratch(node) -> int:
     return program_bytes(body, plan_memory(body))
 
 
+def is_pointwise(node) -> bool:
+    """Whether ``node``'s kernel reads and writes each element at one index in one loop (an
+    elementwise op with a compute rule, or a pointwise Fused group)."""
+    if node.op.name == "Fused":
+        return _is_pointwise(node.attrs["body"])
+    return node.op.kind is OpKind.ELEMENTWISE and node.op.compute is not None
+
+
 def _is_pointwise(body) -> bool:
     """One loop nest can compute the group: elementwise ops only, every output of one shape."""
     shapes = {v.type.shape for v in body.outputs}

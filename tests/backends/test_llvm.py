@@ -553,3 +553,31 @@ def test_panels_hold_each_column_block_contiguously():
     np.testing.assert_array_equal(panels[1, :, :3], w[:, 4:])
     assert not panels[1, :, 3].any()  # the last panel's padding
     np.testing.assert_array_equal(pack_panels(w.T.copy(), PanelSpec(5, 7, 4, transpose=True)), panels)
+
+
+def test_donated_outputs_are_computed_over_their_inputs_where_that_is_safe():
+    """donate={output: input}: an elementwise update is written over its input's array and
+    run() returns that array; an output whose input is read after it is produced is not
+    donated (the later reader needs the old value); unknown names are refused."""
+    graph = parse_graph(
+        """
+        graph g(%p: f32[64,32], %m: f32[64,32], %g: f32[64,32]) {
+          %m2: f32[64,32] = Add(%m, %g)
+          %p2: f32[64,32] = Sub(%p, %m2)
+          %late: f32[64,32] = Mul(%m, %p2)
+          return %p2, %m2, %late
+        }"""
+    )
+    rng = np.random.default_rng(14)
+    feeds = {n: rng.standard_normal((64, 32)).astype(np.float32) for n in ("p", "m", "g")}
+    want = kiln.compile(graph).run({k: v.copy() for k, v in feeds.items()})
+    module = kiln.compile(graph, target="llvm", pipeline="O0", donate={"p2": "p", "m2": "m"})  # unfused: three kernels
+    kinds = [o["kind"] for o in module.executable.layout["outputs"]]
+    assert kinds == ["donated", "arena", "arena"]  # m is read by %late after %m2: not donated
+    arrays = {k: v.copy() for k, v in feeds.items()}
+    got = module.run(arrays)
+    assert got["p2"] is arrays["p"]
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
+    with pytest.raises(KilnError, match="donate: no such output -> input pair"):
+        kiln.compile(graph, target="llvm", donate={"p2": "nope"})
