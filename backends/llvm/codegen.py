@@ -20,7 +20,7 @@ from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.text import print_graph
 from kiln.passes.plan_memory import MemoryPlan, check_plan, plan_memory
-from kiln.backends.llvm.emit import PTR, Panels, View, const_i64
+from kiln.backends.llvm.emit import PTR, Panels, View, const_i64, pack_into_panels
 
 ENTRY = "kiln_main"
 
@@ -314,6 +314,26 @@ def program_bytes(graph: Graph, plan: MemoryPlan, guard: int = 0) -> int:
     return plan.arena_bytes + max((scratch_bytes(n) for n in graph.nodes), default=0) + guard
 
 
+def runtime_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:
+    """Matrices computed (or fed) at run time that several nodes read packed the same way (an
+    unrolled LSTM's recurrent weights in a training step: 64 GEMMs each): packed once, at the
+    first reader, into their own arena region."""
+    readers: dict[tuple[int, PanelSpec], tuple[Value, int]] = {}
+    for node in graph.nodes:
+        for i, v in enumerate(node.inputs):
+            if v is None or v in graph.params or v.type.rank != 2 or (spec := panel_spec(node, i)) is None:
+                continue
+            if spec.transpose or (spec.k, spec.n) != tuple(v.type.shape):
+                continue
+            count = readers.get((id(v), spec), (v, 0))[1]
+            readers[(id(v), spec)] = (v, count + 1)
+    return [(v, spec) for (_, spec), (v, count) in readers.items() if count >= 2]
+
+
+def _panel_bytes(v: Value, spec: PanelSpec) -> int:
+    return -(-spec.n // spec.nr) * spec.nr * spec.k * v.type.dtype.itemsize
+
+
 def constant_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:
     """The parameters some kernel takes packed, each with its packing (in table order)."""
     wanted: dict[tuple[int, PanelSpec], tuple[Value, PanelSpec]] = {}
@@ -390,15 +410,37 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
     panels = constant_panels(graph)
     panel_slots = {(id(v), spec): constants + k for k, (v, spec) in enumerate(panels)}
 
+    arena = b.load(b.gep(table, [const_i64(constants + len(panels))], source_etype=PTR), typ=PTR)
+    planned = program_bytes(graph, plan, GUARD_BYTES if guards else 0)
+    regions: dict[tuple[int, PanelSpec], int] = {}  # run-time panels: arena offsets past the program
+    end = planned
+    for v, spec in runtime_panels(graph):
+        regions[(id(v), spec)] = end
+        end += _panel_bytes(v, spec)
+    filled: dict[tuple[int, PanelSpec], ir.Value] = {}
+    offsets = {id(v): buf.offset + plan.views.get(id(v), 0) for buf in plan.buffers for v in buf.values}
+
     def packed(node: Node, i: int) -> ir.Value | None:
         v = node.inputs[i]
-        slot = panel_slots.get((id(v), panel_spec(node, i))) if v is not None and v in graph.params else None
-        return b.load(b.gep(table, [const_i64(slot)], source_etype=PTR), typ=PTR) if slot is not None else None
+        if v is None:
+            return None
+        spec = panel_spec(node, i)
+        if v in graph.params:
+            slot = panel_slots.get((id(v), spec))
+            return b.load(b.gep(table, [const_i64(slot)], source_etype=PTR), typ=PTR) if slot is not None else None
+        key = (id(v), spec)
+        if key not in regions:
+            return None
+        if key not in filled:  # the first reader: pack it now
+            target = b.gep(arena, [const_i64(regions[key])], source_etype=ir.IntType(8))
+            source = b.gep(arena, [const_i64(offsets[id(v)])], source_etype=ir.IntType(8)) if id(v) in offsets else pointer(v)
+            pack_into_panels(b, View.dense(source, v.type.dtype, v.type.shape), Panels(target, v.type.dtype, (spec.k, spec.n), (spec.nr, 1), 0, spec.nr))
+            filled[key] = target
+        return filled[key]
 
-    arena = b.load(b.gep(table, [const_i64(constants + len(panels))], source_etype=PTR), typ=PTR)
     if guards:
         b.store(const_i64(0), bounds_error_global(cg.module))
     cg.emit_program(graph, plan, b, pointer, arena, guards, config.flags().profile, packed)
     b.ret_void()
-    return cg.module, plan, program_bytes(graph, plan, GUARD_BYTES if guards else 0), panels
+    return cg.module, plan, end, panels
 

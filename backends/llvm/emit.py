@@ -123,6 +123,25 @@ class Panels(View):
         return Panels(ptr if ptr is not None else self.ptr, self.dtype, (self.shape[0], stop - start), self.strides, self.offset + start // self.nr * self.shape[0] * self.nr, self.nr)
 
 
+def pack_into_panels(b: ir.IRBuilder, src: View, dst: Panels) -> None:
+    """``dst`` filled from the (k, n) matrix ``src`` (rows contiguous): each panel's rows copied
+    as runs of nr elements; the last panel's columns past n are zeros."""
+    k, n = src.shape
+    nr = dst.nr
+    full = n // nr
+    if full:
+        with for_range(b, full, name="pb") as jb, for_range(b, k, name="pk") as kk, for_range(b, nr, name="pj") as jj:
+            j = b.add(b.mul(jb, const_i64(nr)), jj)
+            dst.store(b, [kk, j], src.load(b, [kk, j]))
+    if n % nr:
+        zero = ir.Constant(llvm_type(dst.dtype), 0.0)
+        with for_range(b, k, name="tk") as kk, for_range(b, nr, name="tj") as jj:
+            j = b.add(const_i64(full * nr), jj)
+            inside = b.icmp_signed("<", j, const_i64(n))
+            value = src.load(b, [kk, b.select(inside, j, const_i64(n - 1))])  # never reads past the row
+            dst.store(b, [kk, j], b.select(inside, value, zero))
+
+
 @contextlib.contextmanager
 def for_range(b: ir.IRBuilder, stop: int | ir.Value, start: int | ir.Value = 0, name: str = "i") -> Iterator[ir.Value]:
     """``for i in range(start, stop)``: the body is emitted inside the ``with`` block."""

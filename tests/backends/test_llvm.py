@@ -224,7 +224,7 @@ def test_bounds_checked_build_names_the_kernel_that_overflows(monkeypatch):
         """The real kernel, then one more float written just past the output's end."""
 
         def __init__(self, rule):
-            self.rule, self.scratch = rule, rule.scratch
+            self.rule, self.scratch, self.panels = rule, rule.scratch, rule.panels
 
         def emit(self, ctx):
             self.rule.emit(ctx)
@@ -581,3 +581,28 @@ def test_donated_outputs_are_computed_over_their_inputs_where_that_is_safe():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
     with pytest.raises(KilnError, match="donate: no such output -> input pair"):
         kiln.compile(graph, target="llvm", donate={"p2": "nope"})
+
+
+@pytest.mark.parametrize("n", [64, 40])  # whole panels; a padded last panel
+def test_a_run_time_matrix_read_by_several_gemms_is_packed_once(n):
+    """A matrix fed at run time (a training step's recurrent weights) that several Gemms read as
+    B is packed into panels at its first reader, in its own arena region; results as eager."""
+    from kiln.backends.llvm.codegen import runtime_panels
+
+    graph = parse_graph(
+        f"""
+        graph g(%w: f32[48,{n}], %x0: f32[16,48], %x1: f32[16,48], %x2: f32[16,48]) {{
+          %y0: f32[16,{n}] = Gemm(%x0, %w) {{}}
+          %y1: f32[16,{n}] = Gemm(%x1, %w) {{}}
+          %s: f32[16,{n}] = Add(%y0, %y1)
+          %y2: f32[16,{n}] = Gemm(%x2, %w) {{}}
+          %t: f32[16,{n}] = Mul(%s, %y2)
+          return %t
+        }}"""
+    )
+    rng = np.random.default_rng(15)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)["t"]
+    module = kiln.compile(graph, target="llvm")
+    assert [v.name for v, _ in runtime_panels(module.graph)] == ["w"]
+    np.testing.assert_allclose(module.run(feeds)["t"], want, rtol=1e-4, atol=1e-4)
