@@ -12,9 +12,10 @@ PIPELINES: dict[str, list[str]] = {
     # clean-ups that keep every op: folding, no-op removal, chain folding, CSE, DCE
     "O1": [*CANONICALIZE],
     # everything for inference: canonicalize, fold BatchNorm into conv/gemm, canonicalize again
-    # (it folds the weights decompose_rnn slices), store GEMM weights row-major, then fuse into
-    # groups (each one kernel for the compiled backends)
-    "O2": [*CANONICALIZE, *FOLD_BATCHNORM, *CANONICALIZE, "pretranspose_weights", "fuse"],
+    # (it folds the weights decompose_rnn slices), merge sums of Gemm products (gradients
+    # through time) into one Gemm, store GEMM weights row-major, then fuse into groups (each
+    # one kernel for the compiled backends)
+    "O2": [*CANONICALIZE, *FOLD_BATCHNORM, *CANONICALIZE, "merge_gemm_sums", "pretranspose_weights", "fuse"],
 }
 
 

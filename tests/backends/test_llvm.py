@@ -594,7 +594,7 @@ def test_a_run_time_matrix_read_by_several_gemms_is_packed_once(n):
         graph g(%w: f32[48,{n}], %x0: f32[16,48], %x1: f32[16,48], %x2: f32[16,48]) {{
           %y0: f32[16,{n}] = Gemm(%x0, %w) {{}}
           %y1: f32[16,{n}] = Gemm(%x1, %w) {{}}
-          %s: f32[16,{n}] = Add(%y0, %y1)
+          %s: f32[16,{n}] = Sub(%y0, %y1)
           %y2: f32[16,{n}] = Gemm(%x2, %w) {{}}
           %t: f32[16,{n}] = Mul(%s, %y2)
           return %t
