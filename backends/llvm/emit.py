@@ -184,10 +184,13 @@ def loop_nest(b: ir.IRBuilder, shape: Sequence[int], name: str = "i") -> Iterato
 class LLVMScalarOps:
     """``kiln.ir.scalar.ScalarOps`` emitting LLVM IR at the builder's position."""
 
-    def __init__(self, b: ir.IRBuilder, module: ir.Module, dtypes: dict[int, DType] | None = None):
+    def __init__(self, b: ir.IRBuilder, module: ir.Module, dtypes: dict[int, DType] | None = None, reassociate: bool = False):
         self.b = b
         self.module = module
         self.dtypes: dict[int, DType] = dtypes if dtypes is not None else {}
+        # float adds and multiplies may be regrouped (a reduction's accumulator: LLVM then keeps
+        # vector partial sums; the result moves by rounding, as numpy's pairwise sums do)
+        self.float_flags = ("reassoc", "nsz") if reassociate else ()
 
     # values carry their kiln dtype in a side table: LLVM's i32 is both int32 and uint32
     def typed(self, value: ir.Value, dtype: DType) -> ir.Value:
@@ -213,7 +216,10 @@ class LLVMScalarOps:
         return self.constant(value, self.dtype(like))
 
     def _arith(self, a, b, float_op, int_op):
-        out = getattr(self.b, float_op if self._is_float(a) else int_op)(a, b)
+        if self._is_float(a):
+            out = getattr(self.b, float_op)(a, b, flags=self.float_flags) if self.float_flags and float_op in ("fadd", "fmul") else getattr(self.b, float_op)(a, b)
+        else:
+            out = getattr(self.b, int_op)(a, b)
         return self.typed(out, self.dtype(a))
 
     def add(self, a, b):

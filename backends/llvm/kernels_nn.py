@@ -1009,7 +1009,7 @@ def reduce(ctx: KernelContext) -> None:
         return
     out = View(y.ptr, y.dtype, tuple(x.shape[a] for a in kept), tuple(contiguous_strides([x.shape[a] for a in kept])))
     b = ctx.b
-    E = LLVMScalarOps(b, ctx.module)
+    E = LLVMScalarOps(b, ctx.module, reassociate=True)  # the accumulator's adds vectorize
     ty = _t(x)
     acc_ptr = entry_alloca(b, ty)
     with loop_nest(b, out.shape, name="o") as index:
@@ -1068,7 +1068,7 @@ def softmax(ctx: KernelContext) -> None:
         top = E.typed(b.load(top_ptr, typ=ty), x.dtype)
         with for_range(b, length, name="a") as a:
             e = E.call("exp", E.sub(E.typed(xv.load(b, [o, a, i]), x.dtype), top))
-            b.store(b.fadd(b.load(sum_ptr, typ=ty), e), sum_ptr)
+            b.store(b.fadd(b.load(sum_ptr, typ=ty), e, flags=("reassoc", "nsz")), sum_ptr)  # vector partial sums
             if not log:
                 yv.store(b, [o, a, i], e)
         total = E.typed(b.load(sum_ptr, typ=ty), x.dtype)
