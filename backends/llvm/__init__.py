@@ -151,7 +151,9 @@ class LLVMExecutable:
     fresh_outputs = True  # run() copies each output out of the arena
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        arrays = [np.require(a, requirements="C") for a in inputs]
+        written = {where["index"] for where in self.layout["outputs"] if where["kind"] == "donated"}
+        # a donated input is written over: it must be writeable (a read-only one is copied first)
+        arrays = [np.require(a, requirements=["C", "W"] if i in written else "C") for i, a in enumerate(inputs)]
         with self._lock:
             for i, array in enumerate(arrays):
                 self._table[i] = array.ctypes.data
