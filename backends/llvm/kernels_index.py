@@ -152,7 +152,7 @@ def reverse_sequence(ctx: KernelContext) -> None:
         out.store(b, index, x.load(b, source))
 
 
-def _ranks_before(E: LLVMScalarOps, largest: bool) -> Callable[[ir.Value, ir.Value], ir.Value]:
+def _sorts_before(E: LLVMScalarOps, largest: bool) -> Callable[[ir.Value, ir.Value], ir.Value]:
     """``before(a, b)``: whether value a sorts strictly ahead of b; NaN sorts last both ways,
     as numpy's argsort puts it."""
 
@@ -181,7 +181,7 @@ def top_k(ctx: KernelContext) -> None:
         return
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
-    before = _ranks_before(E, bool(node.attrs["largest"]))
+    before = _sorts_before(E, bool(node.attrs["largest"]))
     filled = entry_alloca(b, I64)
     outer = [d for i, d in enumerate(x.shape) if i != axis]
 

@@ -489,11 +489,8 @@ def _dot_conv(ctx: KernelContext, node) -> None:
 
         def window_start(img, j):
             """Where position j's window starts in image img (its first tap's element)."""
-            flat, rest = b.mul(img, const_i64(c * math.prod(in_sp))), j
-            for axis in range(nd):
-                step = math.prod(out_sp[axis + 1 :])
-                coord = b.sdiv(rest, const_i64(step))
-                rest = b.srem(rest, const_i64(step))
+            flat = b.mul(img, const_i64(c * math.prod(in_sp)))
+            for axis, coord in enumerate(_unflatten(b, j, out_sp)):
                 flat = b.add(flat, b.mul(coord, const_i64(strides[axis] * math.prod(in_sp[axis + 1 :]))))
             return flat
 
