@@ -21,6 +21,7 @@ import numpy as np
 
 import kiln
 from kiln.models import zoo
+from kiln.models.datasets import bright_quadrants, converter_style_cnn, cross_entropy, shapes_segmentation, spike_sequences
 from kiln.optim import Adam
 
 
@@ -39,36 +40,15 @@ def lenet_digits(target: str) -> tuple[str, float, float]:
 
 def lstm_spikes(target: str) -> tuple[str, float, float]:
     rng = np.random.default_rng(0)
-
-    def data(n):
-        x = (0.3 * rng.standard_normal((n, 12, 4))).astype(np.float32)
-        y = rng.integers(0, 4, n)
-        x[np.arange(n), rng.integers(0, 12, n), y] += 2.0
-        return x, y
-
     model = zoo.build("lstm_classifier", input_size=4, hidden_size=32, num_layers=1, num_classes=4)
     trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=1e-2), target=target)
-    history = trainer.fit(data(4096), epochs=10, batch_size=64, validation=data(1024), progress=False)
+    history = trainer.fit(spike_sequences(rng, 4096), epochs=10, batch_size=64, validation=spike_sequences(rng, 1024), progress=False)
     return "held-out accuracy", history[-1]["val_accuracy"], 0.95
 
 
 def unet_shapes(target: str) -> tuple[str, float, float]:
     rng = np.random.default_rng(0)
-
-    def shapes(n, size=32):
-        x = np.zeros((n, 1, size, size), np.float32)
-        y = np.zeros((n, size, size), np.int64)
-        yy, xx = np.mgrid[:size, :size]
-        for i in range(n):
-            for cls in (1, 2):
-                r = rng.integers(4, 8)
-                cy, cx = rng.integers(r, size - r, 2)
-                inside = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r) if cls == 1 else (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-                y[i][inside] = cls
-        x[:, 0] = (y > 0) + 0.5 * (y == 2) + 0.3 * rng.standard_normal((n, size, size))
-        return x, y
-
-    (x, y), (xv, yv) = shapes(512), shapes(128)
+    (x, y), (xv, yv) = shapes_segmentation(rng, 512), shapes_segmentation(rng, 128)
     trainer = kiln.train.Trainer(zoo.build("unet", in_channels=1, num_classes=3, width=8), loss="ce", optimizer=Adam(lr=3e-3), target=target)
     trainer.fit((x, y), epochs=12, batch_size=16, progress=False)
     predicted = trainer.predict(xv).argmax(axis=1)
@@ -79,40 +59,23 @@ def unet_shapes(target: str) -> tuple[str, float, float]:
 def onnx_helper_cnn(target: str) -> tuple[str, float, float]:
     """``kiln train`` on a CNN made with onnx.helper alone; the metric is the trained model's
     cross-entropy under onnxruntime as a fraction of the initial one (the bar: it falls)."""
+    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper, save
 
     rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in [
-        ("conv.w", rng.normal(0, 0.4, (4, 1, 3, 3))), ("conv.b", np.zeros(4)), ("bn.scale", np.ones(4)), ("bn.bias", np.zeros(4)),
-        ("bn.mean", np.zeros(4)), ("bn.var", np.ones(4)), ("fc.w", rng.normal(0, 0.2, (3, 64))), ("fc.b", np.zeros(3))]]  # fmt: skip
-    nodes = [
-        helper.make_node("Conv", ["image", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["n"]),
-        helper.make_node("Relu", ["n"], ["r"]),
-        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Flatten", ["p"], ["f"], axis=1),
-        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(nodes, "handwritten", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], inits)  # fmt: skip
-    y = rng.integers(0, 3, 512)
-    x = (0.5 * rng.standard_normal((512, 1, 8, 8))).astype(np.float32)
-    for i, cls in enumerate(y):
-        x[i, 0, (cls // 2) * 4 : (cls // 2) * 4 + 4, (cls % 2) * 4 : (cls % 2) * 4 + 4] += 1.0
+    model_proto = converter_style_cnn(rng)
+    x, y = bright_quadrants(rng, 512, noise=0.5)
     with tempfile.TemporaryDirectory() as folder:
         model, data, trained = Path(folder, "cnn.onnx"), Path(folder, "data.npz"), Path(folder, "trained.onnx")
-        save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx.helper"), str(model))
+        onnx.save(model_proto, str(model))
         np.savez(data, x=x, y=y)
         subprocess.run([sys.executable, "-m", "kiln", "train", str(model), "--data", str(data), "--lr", "0.01", "--epochs", "5",
                         "--batch-size", "32", "--target", target, "-o", str(trained)], check=True, capture_output=True)  # fmt: skip
 
-        def cross_entropy(path):
-            logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0].astype(np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y]))
+        def loss(path):
+            return cross_entropy(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0], y)
 
-        return "loss after / before", cross_entropy(trained) / cross_entropy(model), 1.0
+        return "loss after / before", loss(trained) / loss(model), 1.0
 
 
 RUNS = {"LeNet-5, digits": lenet_digits, "LSTM, spike task": lstm_spikes, "U-Net, shapes": unet_shapes, "onnx.helper CNN via kiln train": onnx_helper_cnn}

@@ -135,57 +135,26 @@ def test_train_an_onnx_model_from_npz_and_export_it(tmp_path, capsys):
     assert not np.allclose(before, after) and accuracy(after) >= accuracy(before)
 
 
-def _handwritten_onnx_cnn(path, rng) -> None:
-    """A small CNN written with onnx.helper the way a converter emits one (PyTorch's layout:
-    Conv, BatchNormalization, Relu, MaxPool, Flatten, Gemm with transB; opset 17), its weights
-    initializers: no kiln code involved in making it."""
-    from onnx import TensorProto, helper, numpy_helper, save
-
-    def init(name, array):
-        return numpy_helper.from_array(np.asarray(array, np.float32), name)
-
-    inits = [
-        init("conv.w", rng.normal(0, 0.4, (4, 1, 3, 3))), init("conv.b", np.zeros(4)),
-        init("bn.scale", np.ones(4)), init("bn.bias", np.zeros(4)), init("bn.mean", np.zeros(4)), init("bn.var", np.ones(4)),
-        init("fc.w", rng.normal(0, 0.2, (3, 64))), init("fc.b", np.zeros(3)),
-    ]  # fmt: skip
-    nodes = [
-        helper.make_node("Conv", ["image", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["n"]),
-        helper.make_node("Relu", ["n"], ["r"]),
-        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Flatten", ["p"], ["f"], axis=1),
-        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "handwritten", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], inits,
-    )  # fmt: skip
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx.helper"), str(path))
-
-
 def test_train_an_onnx_model_kiln_did_not_make(tmp_path):
     """kiln train on a model written with onnx.helper (which bright quadrant: 3 classes): the
     cross-entropy of the exported model, run by onnxruntime, falls well below the initial one."""
+    import onnx
     import onnxruntime as ort
 
+    from kiln.models.datasets import bright_quadrants, converter_style_cnn, cross_entropy
+
     rng = np.random.default_rng(1)
-    _handwritten_onnx_cnn(tmp_path / "cnn.onnx", rng)
-    y = rng.integers(0, 3, 96)
-    x = (0.3 * rng.standard_normal((96, 1, 8, 8))).astype(np.float32)
-    for i, cls in enumerate(y):
-        x[i, 0, (cls // 2) * 4 : (cls // 2) * 4 + 4, (cls % 2) * 4 : (cls % 2) * 4 + 4] += 1.0
+    onnx.save(converter_style_cnn(rng), str(tmp_path / "cnn.onnx"))
+    x, y = bright_quadrants(rng, 96, noise=0.3)
     np.savez(tmp_path / "data.npz", x=x, y=y)
     result = kiln_cmd("train", str(tmp_path / "cnn.onnx"), "--data", str(tmp_path / "data.npz"), "--loss", "ce", "--optimizer", "adam",
                       "--lr", "0.02", "--epochs", "6", "--batch-size", "16", "-o", str(tmp_path / "trained.onnx"))  # fmt: skip
     assert result.returncode == 0, result.stderr
 
-    def cross_entropy(model):
-        logits = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0].astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y]))
+    def loss(model):
+        return cross_entropy(ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0], y)
 
-    before, after = cross_entropy(tmp_path / "cnn.onnx"), cross_entropy(tmp_path / "trained.onnx")
+    before, after = loss(tmp_path / "cnn.onnx"), loss(tmp_path / "trained.onnx")
     assert after < 0.5 * before, (before, after)
 
 

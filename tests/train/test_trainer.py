@@ -11,6 +11,7 @@ import kiln
 from kiln.backends.tvm import cuda_available
 from kiln.errors import KilnError
 from kiln.models import zoo
+from kiln.models.datasets import shapes_segmentation, spike_sequences
 from kiln.optim import SGD, Adam, AdamW, AdaGrad, RMSProp
 
 
@@ -123,38 +124,16 @@ def test_lstm_classifier_learns_a_sequence_task():
     """Which of 4 channels holds the one spike in 12 noisy steps: >= 95% held-out accuracy
     (the LSTM unrolled into GEMMs and gate math, differentiated through time)."""
     rng = np.random.default_rng(0)
-
-    def data(n):
-        x = (0.3 * rng.standard_normal((n, 12, 4))).astype(np.float32)
-        y = rng.integers(0, 4, n)
-        x[np.arange(n), rng.integers(0, 12, n), y] += 2.0
-        return x, y
-
     trainer = kiln.train.Trainer(zoo.build("lstm_classifier", input_size=4, hidden_size=32, num_layers=1, num_classes=4), loss="ce", optimizer=Adam(lr=1e-2))
-    history = trainer.fit(data(1024), epochs=8, batch_size=64, validation=data(256), progress=False)
+    history = trainer.fit(spike_sequences(rng, 1024), epochs=8, batch_size=64, validation=spike_sequences(rng, 256), progress=False)
     assert history[-1]["val_accuracy"] >= 0.95, history
-
-
-def _shapes(rng, n, size=32):
-    """Noisy images of one square (class 1) and one slightly brighter disc (class 2)."""
-    x = np.zeros((n, 1, size, size), np.float32)
-    y = np.zeros((n, size, size), np.int64)
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        for cls in (1, 2):
-            r = rng.integers(4, 8)
-            cy, cx = rng.integers(r, size - r, 2)
-            inside = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r) if cls == 1 else (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            y[i][inside] = cls
-    x[:, 0] = (y > 0) + 0.5 * (y == 2) + 0.3 * rng.standard_normal((n, size, size))
-    return x, y
 
 
 def test_unet_learns_to_segment_shapes():
     """A small U-Net (transposed-conv upsampling, skip concatenations, training BatchNorm):
     mean IoU >= 0.9 on held-out images."""
     rng = np.random.default_rng(0)
-    (x, y), (xv, yv) = _shapes(rng, 256), _shapes(rng, 64)
+    (x, y), (xv, yv) = shapes_segmentation(rng, 256), shapes_segmentation(rng, 64)
     trainer = kiln.train.Trainer(zoo.build("unet", in_channels=1, num_classes=3, width=8), loss="ce", optimizer=Adam(lr=3e-3))
     trainer.fit((x, y), epochs=8, batch_size=16, progress=False)
     predicted = trainer.predict(xv).argmax(axis=1)
