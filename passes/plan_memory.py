@@ -53,6 +53,10 @@ class MemoryPlan:
                 return buf.offset + self.views.get(id(value), 0)
         raise KeyError(value.name)
 
+    def offsets(self) -> dict[int, int]:
+        """id(value) -> its byte offset in the arena, for every value the plan places."""
+        return {id(v): buf.offset + self.views.get(id(v), 0) for buf in self.buffers for v in buf.values}
+
     def is_view(self, value: Value) -> bool:
         return id(value) in self.views
 

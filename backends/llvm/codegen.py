@@ -213,7 +213,7 @@ class Codegen:
         buffer) the bytes after each output and after the node's scratch are filled with a
         pattern before the call and checked after it; the first node that changed them is
         recorded in ``kiln_bounds_error`` (its index + 1) for the runtime to report."""
-        offsets = {id(v): buf.offset + plan.views.get(id(v), 0) for buf in plan.buffers for v in buf.values}
+        offsets = plan.offsets()
         arena_base = scratch  # the caller's scratch is where this program's planned region starts
 
         def address(v: Value) -> ir.Value:
@@ -418,7 +418,7 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
         regions[(id(v), spec)] = end
         end += _panel_bytes(v, spec)
     filled: dict[tuple[int, PanelSpec], ir.Value] = {}
-    offsets = {id(v): buf.offset + plan.views.get(id(v), 0) for buf in plan.buffers for v in buf.values}
+    offsets = plan.offsets()
 
     def packed(node: Node, i: int) -> ir.Value | None:
         v = node.inputs[i]

@@ -216,11 +216,10 @@ class LLVMScalarOps:
         return self.constant(value, self.dtype(like))
 
     def _arith(self, a, b, float_op, int_op):
-        if self._is_float(a):
-            out = getattr(self.b, float_op)(a, b, flags=self.float_flags) if self.float_flags and float_op in ("fadd", "fmul") else getattr(self.b, float_op)(a, b)
-        else:
-            out = getattr(self.b, int_op)(a, b)
-        return self.typed(out, self.dtype(a))
+        if not self._is_float(a):
+            return self.typed(getattr(self.b, int_op)(a, b), self.dtype(a))
+        flags = self.float_flags if float_op in ("fadd", "fmul") else ()
+        return self.typed(getattr(self.b, float_op)(a, b, flags=flags), self.dtype(a))
 
     def add(self, a, b):
         return self._arith(a, b, "fadd", "add")
