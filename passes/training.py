@@ -159,14 +159,13 @@ def training_step(graph: Graph, loss: str, optimizer, output: str | None = None,
 
 def _regularized(b: GradBuilder, loss: Value, weights: list[Value], l1: float, l2: float) -> Value:
     """``loss + l1 * sum|w| + l2 * sum w^2`` over ``weights`` (each term only when asked for)."""
-    for strength, penalty in ((l1, "Abs"), (l2, "Square")):
+    for strength, penalty in ((l1, lambda w: b.op("Abs", w)), (l2, lambda w: b.op("Mul", w, w))):
         if not strength:
             continue
         if strength < 0:
             raise KilnError(f"regularization strengths must be >= 0, got {strength}")
         for w in weights:
-            term = b.op("ReduceSum", b.op("Abs", w) if penalty == "Abs" else b.op("Mul", w, w), axes=None, keepdims=0)
-            loss = b.op("Add", loss, b.op("Mul", term, b.const(strength, term)))
+            loss = b.op("Add", loss, b.scale(b.op("ReduceSum", penalty(w), axes=None, keepdims=0), strength))
     return loss
 
 
