@@ -63,6 +63,9 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     With alpha 1, ``beta * init`` (a bias row, an RNN step's input projection) is where the
     accumulators start, so C is written once; otherwise it is added in a second pass.
     """
+    if c.dtype is DType.float16:
+        _half_gemm(ctx, a, bm, c, alpha, init, beta)
+        return
     m, k = a.shape
     n = bm.shape[1]
     nr = 2 * vector_width(c.dtype)
@@ -151,6 +154,30 @@ def _gemm_loops(ctx: KernelContext, a: View, bm: View, c: View, alpha: float, st
                 c.store(b, [i, j], b.fadd(c.load(b, [i, j]), prod, flags=FAST))
 
 
+def _half_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float, init: View | None, beta: float) -> None:
+    """float16: each dot product summed in float32 and rounded once, then ``alpha *`` and
+    ``+ beta * init`` in float16, as numpy's float16 matmul and the reference's Gemm round
+    (a float16 accumulator loses a digit per few hundred terms)."""
+    b = ctx.b
+    E = LLVMScalarOps(b, ctx.module)
+    m, k = a.shape
+    n = bm.shape[1]
+    total = entry_alloca(b, ir.FloatType())
+    with for_range(b, m, name="m") as i, for_range(b, n, name="n") as j:
+        b.store(ir.Constant(ir.FloatType(), 0.0), total)
+        with for_range(b, k, name="k") as kk:
+            ak = E.cast(E.typed(a.load(b, [i, kk]), a.dtype), DType.float32)
+            bk = E.cast(E.typed(bm.load(b, [kk, j]), bm.dtype), DType.float32)
+            b.store(b.fadd(b.load(total, typ=ir.FloatType()), b.fmul(ak, bk)), total)
+        value = E.cast(E.typed(b.load(total, typ=ir.FloatType()), DType.float32), DType.float16)
+        if alpha != 1.0:
+            value = E.mul(value, E.const(alpha, value))
+        if init is not None:
+            extra = E.typed(init.load(b, [i, j]), init.dtype)
+            value = E.add(value, extra if beta == 1.0 else E.mul(extra, E.const(beta, extra)))
+        c.store(b, [i, j], value)
+
+
 def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alpha: float, mr: int, start: Start | None = None) -> None:
     """C in mr x (2 x width) tiles: per k, two vector loads of bm's row, one broadcast of a per
     row, and 2 x mr fused multiply-adds into accumulators that stay in registers. The last
@@ -235,14 +262,13 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
 
     nr = 2 * width
     rest = n % nr
-    masked_rest = rest and c.dtype.itemsize >= 4  # half: LLVM's masked half loads crashed
 
     def panel(k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
         """Every column block over the K block [k0, k1)."""
         if n // nr:
             with for_range(b, n // nr, name="nb") as jb:
                 column_block(b.mul(jb, const_i64(nr)), [None, None], k0, k1, first)
-        if masked_rest:
+        if rest:
             lanes = [min(width, rest - h * width) for h in range((rest + width - 1) // width)]
             masks = [None if count == width else ir.Constant(mask_ty, [1] * count + [0] * (width - count)) for count in lanes]
             column_block(const_i64(n - rest), masks, k0, k1, first)
@@ -256,8 +282,12 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
             panel(k0, k1, b.icmp_signed("==", kb, const_i64(0)))
     else:
         panel(const_i64(0), const_i64(k), None)
-    if rest and not masked_rest:  # plain loops over the whole K, once
-        _gemm_loops(ctx, a, bm.columns(n - rest, n), c.columns(n - rest, n), alpha, start.part(start.view.columns(n - rest, n)) if start else None)
+
+
+def sum_dtype(dtype: DType) -> DType:
+    """What a long float sum accumulates in: float32 for float16 (numpy sums float16 pairwise
+    in float and rounds once; a float16 accumulator loses a digit per few hundred terms)."""
+    return DType.float32 if dtype is DType.float16 else dtype
 
 
 def _t(view: View) -> ir.Type:
@@ -973,6 +1003,7 @@ REDUCTIONS = {
 
 
 FLOAT_ONLY = {"ReduceMean", "ReduceL2", "GlobalAveragePool"}
+SUMS = {"ReduceSum", "ReduceMean", "ReduceL1", "ReduceL2", "ReduceSumSquare", "GlobalAveragePool"}
 
 
 def _initial(E: LLVMScalarOps, op: str, dtype: DType) -> ir.Value:
@@ -1007,19 +1038,26 @@ def reduce(ctx: KernelContext) -> None:
     out = View(y.ptr, y.dtype, tuple(x.shape[a] for a in kept), tuple(contiguous_strides([x.shape[a] for a in kept])))
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module, reassociate=True)  # the accumulator's adds vectorize
-    ty = _t(x)
+    # a float16 sum accumulates each term, rounded to float16, in float32
+    wide = sum_dtype(x.dtype) if node.op.name in SUMS else x.dtype
+    ty = llvm_type(wide)
     acc_ptr = entry_alloca(b, ty)
     with loop_nest(b, out.shape, name="o") as index:
-        b.store(_initial(E, node.op.name, x.dtype), acc_ptr)
+        b.store(_initial(E, node.op.name, wide), acc_ptr)
         with loop_nest(b, [x.shape[a] for a in axes], name="r") as red:
             full = [None] * rank
             for a, i in zip(kept, index):
                 full[a] = i
             for a, i in zip(axes, red):
                 full[a] = i
-            acc = E.typed(b.load(acc_ptr, typ=ty), x.dtype)
-            b.store(combine(E, acc, E.typed(x.load(b, full), x.dtype)), acc_ptr)
-        out.store(b, index, finish(E, E.typed(b.load(acc_ptr, typ=ty), x.dtype), count))
+            acc = E.typed(b.load(acc_ptr, typ=ty), wide)
+            value = E.typed(x.load(b, full), x.dtype)
+            if wide != x.dtype:  # the term alone (0 + term), then added in the wide type
+                term = E.cast(combine(E, _initial(E, node.op.name, x.dtype), value), wide)
+                b.store(E.add(acc, term), acc_ptr)
+            else:
+                b.store(combine(E, acc, value), acc_ptr)
+        out.store(b, index, E.cast(finish(E, E.typed(b.load(acc_ptr, typ=ty), wide), count), y.dtype))
 
 
 def _reduce_into_rows(ctx: KernelContext, x: View, y: View, outer: int, length: int, inner: int) -> None:
@@ -1055,20 +1093,21 @@ def softmax(ctx: KernelContext) -> None:
     E = LLVMScalarOps(b, ctx.module)
     ty = _t(x)
     log = ctx.node.op.name == "LogSoftmax"
-    top_ptr, sum_ptr = entry_alloca(b, ty), entry_alloca(b, ty)
+    wide = sum_dtype(x.dtype)
+    top_ptr, sum_ptr = entry_alloca(b, ty), entry_alloca(b, llvm_type(wide))
     with loop_nest(b, (outer, inner), name="o") as (o, i):
         b.store(ir.Constant(ty, float("-inf")), top_ptr)
-        b.store(ir.Constant(ty, 0.0), sum_ptr)
+        b.store(ir.Constant(llvm_type(wide), 0.0), sum_ptr)
         with for_range(b, length, name="a") as a:
             v = E.typed(xv.load(b, [o, a, i]), x.dtype)
             b.store(E.max(E.typed(b.load(top_ptr, typ=ty), x.dtype), v), top_ptr)
         top = E.typed(b.load(top_ptr, typ=ty), x.dtype)
         with for_range(b, length, name="a") as a:
             e = E.call("exp", E.sub(E.typed(xv.load(b, [o, a, i]), x.dtype), top))
-            b.store(b.fadd(b.load(sum_ptr, typ=ty), e, flags=("reassoc", "nsz")), sum_ptr)  # vector partial sums
+            b.store(b.fadd(b.load(sum_ptr, typ=llvm_type(wide)), E.cast(e, wide), flags=("reassoc", "nsz")), sum_ptr)  # vector partial sums
             if not log:
                 yv.store(b, [o, a, i], e)
-        total = E.typed(b.load(sum_ptr, typ=ty), x.dtype)
+        total = E.cast(E.typed(b.load(sum_ptr, typ=llvm_type(wide)), wide), x.dtype)
         log_total = E.call("log", total)
         with for_range(b, length, name="a") as a:
             if log:

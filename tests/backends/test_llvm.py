@@ -363,7 +363,7 @@ def test_pools_on_a_batch_match_eager(op, attrs):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_gemm_with_long_k_and_leftover_columns_matches_eager(dtype):
     """K longer than one block (KC) and columns past the two-vector tiles: masked tiles for
-    float32, plain loops once over the whole K for half."""
+    float32; for half, dot products summed in float32 and rounded once, as eager (numpy) does."""
     from kiln.backends.llvm.kernels_nn import KC
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
@@ -378,7 +378,7 @@ def test_gemm_with_long_k_and_leftover_columns_matches_eager(dtype):
     feed = {"a": (rng.standard_normal((m, k)) / 8).astype(dtype)}
     (want,) = kiln.compile(graph).run(feed).values()
     (got,) = kiln.compile(graph, target="llvm").run(feed).values()
-    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2 if dtype == "float16" else 1e-5, atol=1e-2 if dtype == "float16" else 1e-5)
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3 if dtype == "float16" else 1e-5, atol=1e-3 if dtype == "float16" else 1e-5)
 
 
 @pytest.mark.parametrize("shape, other", [((300001,), (300001,)), ((3, 70001), (70001,)), ((5, 40000), (5, 1))], ids=["1d-odd", "row-broadcast", "column-broadcast"])

@@ -207,3 +207,26 @@ def test_convs_with_few_outputs_and_long_sums_run_as_dot_products(text, threads)
     with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
         got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_float16_sums_round_once_as_numpy_does():
+    """numpy sums float16 in float32 and rounds once (matmul's dot products, a row's sum);
+    a float16 accumulator would be off by tens of ulps over 600 terms."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8, 600)).astype(np.float16)
+    w = rng.standard_normal((600, 16)).astype(np.float16)
+    text = """graph g(%a: f16[8,600], %w: f16[600,16]) {
+  %m: f16[8,16] = MatMul(%a, %w)
+  %s: f16[8,600] = Softmax(%a) {axis=1}
+  %r: f16[8] = ReduceSum(%a) {axes=[1], keepdims=0}
+  %q: f16[8] = ReduceSumSquare(%a) {axes=[1], keepdims=0}
+  return %m, %s, %r, %q
+}"""
+    want, got = _both(text, {"a": a, "w": w})
+    e = np.exp(a - a.max(axis=1, keepdims=True))  # the ONNX reference's float16 steps
+    numpy_float16 = {"m": a @ w, "s": e / e.sum(axis=1, keepdims=True), "r": a.sum(axis=1), "q": np.square(a).sum(axis=1)}
+    for name, expected in numpy_float16.items():
+        assert got[name].dtype == np.float16
+        ulp = np.spacing(np.abs(expected)).astype(np.float32)
+        assert np.all(np.abs(got[name].astype(np.float32) - expected.astype(np.float32)) <= ulp), name
+        np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), rtol=1e-3, atol=1e-3)
