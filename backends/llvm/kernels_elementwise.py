@@ -127,9 +127,9 @@ def fused(ctx: KernelContext) -> None:
     if _is_pointwise(body):
         _fused_pointwise(ctx, body)
         return
-    from kiln.backends.llvm.kernels_nn import fused_conv
+    from kiln.backends.llvm.kernels_conv import fused_conv
 
-    if fused_conv(ctx, body):  # a conv and its pointwise tail: the tail applied per chunk of rows
+    if fused_conv(ctx, body):  # a conv and its pointwise tail: the tail applied per block of output
         return
     # a group around a heavy op or a reduction: its body runs as a sub-program whose
     # intermediates live in scratch; its inputs and outputs are the Fused node's own buffers

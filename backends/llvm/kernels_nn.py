@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import llvmlite.ir as ir
 import numpy as np
@@ -16,34 +15,24 @@ from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
 from kiln.ir.dtypes import DType
-from kiln.ir.opdef import OpKind
 from kiln.ir.ops.nn import _spatial_attrs, window_output_shape
 
 FAST = ("contract",)  # allow a*b+c as one FMA
 
 
 KC = 256  # K block of the GEMM micro-kernel (B panel: KC x two vectors)
-MR = 6  # rows of C per micro-tile by default (2 vectors of columns: 12 accumulators); convolutions run best with it
+MR = 6  # rows of C per micro-tile by default (2 vectors of columns: 12 accumulators)
 
 
 def micro_rows(m: int) -> int:
     """Rows per micro-tile for the Gemm and MatMul ops' ``m`` rows: up to 12 where AVX-512 has
     32 vector registers (24 accumulators; 1024^3 on one core: 0.59 -> 0.7 of numpy), else MR.
     A short C (an RNN step's 16 rows) gets the height in 6..12 that needs the fewest tiles and
-    makes the last one fullest: 2 x 8, not 12 + 4. (The convolutions' GEMMs measured slower
-    with 12: ResNet-18 16.6 -> 18.5 ms.)"""
+    makes the last one fullest: 2 x 8, not 12 + 4. The direct convolution tiles each output
+    row's positions the same way (ResNet's 56: 4 x 12 + 8; its 7: one tile of 7)."""
     if vector_width(DType.float32) != 16:
         return MR
     return min(range(6, 13), key=lambda mr: (-(-m // mr), -(m - (-(-m // mr) - 1) * mr), -mr))
-
-
-def conv_rows_per_tile(m: int) -> int:
-    """Micro-tile rows for a conv GEMM of ``m`` rows: MR, or on AVX-512 (32 registers) the
-    height in 6..8 that leaves the fewest rows to a partial tile (ResNet's 7x7 stage: 49 rows
-    as 7 tiles of 7, not 8 of 6 and a tile of 1)."""
-    if vector_width(DType.float32) != 16:
-        return MR
-    return min((-m % mr, mr != MR, mr) for mr in (6, 7, 8))[2]
 
 
 def vector_width(dtype) -> int:
@@ -597,36 +586,28 @@ def _nhwc_direct(node) -> bool:
 
 
 def _nhwc_conv_scratch(node) -> int:
+    from kiln.backends.llvm import kernels_conv
+
     if _nhwc_direct(node):
         return 0
+    if kernels_conv.applies(node):
+        return kernels_conv.scratch_bytes(node)
     x, w, nd, *_, out = _nhwc_geometry(node)
-    kk = math.prod(w.shape[:-1])
-    chunk = _chunk_rows(math.prod(out), kk, w.shape[-1], x.dtype.itemsize)
-    if chunk:
-        return num_threads() * chunk * kk * x.dtype.itemsize
-    return math.prod(out) * kk * x.dtype.itemsize
+    return math.prod(out) * math.prod(w.shape[:-1]) * x.dtype.itemsize
 
 
-CHUNK_BYTES = 1 << 18  # an im2col chunk small enough to stay in L2 while its GEMM reads it
+def _nhwc_conv(ctx: KernelContext) -> None:
+    """Float32/64: the direct convolution (``kernels_conv``). A 1x1 conv with unit strides and
+    no pads is one GEMM over every image's positions. Otherwise (float16) y[img, P, M] =
+    cols[P, K] @ w[K, M] (+ bias), K = (*kernel, C), im2col copying whole channel rows."""
+    from kiln.backends.llvm import kernels_conv
 
-
-def _chunk_rows(p: int, kk: int, m: int, itemsize: int) -> int | None:
-    """Rows per im2col chunk when a conv's column matrix is large and its weights small (the
-    stem, the first stages): each thread copies a chunk and multiplies it while it is still in
-    cache, instead of writing the whole matrix to memory and reading it back. None otherwise."""
-    if p * kk * itemsize < 4 * CHUNK_BYTES or kk * m * itemsize > 2 * CHUNK_BYTES:
-        return None
-    rows = CHUNK_BYTES // (kk * itemsize) // MR * MR
-    return rows if rows >= 4 * MR else None
-
-
-def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
-    """y[img, P, M] = cols[P, K] @ w[K, M] (+ bias), K = (*kernel, C): the GEMM's wide side is
-    the output channels, and im2col copies whole channel rows. An ``epilogue`` (only where the
-    chunked path runs: ``fused_conv`` checks) is applied to each chunk of output rows."""
     node = ctx.node
     if node.attrs["group"] != 1:
         raise KilnError(f"node {node.name!r}: grouped NHWC Conv has no LLVM kernel yet")
+    if kernels_conv.applies(node):
+        kernels_conv.emit(ctx)
+        return
     x, w, nd, strides, dilations, pads, out_sp = _nhwc_geometry(node)
     xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
@@ -644,10 +625,6 @@ def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
     image = math.prod(in_sp) * c
     geometry = (in_sp, out_sp, kernel_shape, strides, dilations, pads, c)
     threads = min(num_threads(), p)
-    chunk = _chunk_rows(p, kk, m, x.dtype.itemsize)
-    if chunk:
-        _nhwc_conv_chunked(ctx, chunk, w_view, bias, geometry, p, kk, m, image, epilogue)
-        return
     with for_range(b, n, name="img") as img:
         x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=_t(xv))
 
@@ -660,111 +637,10 @@ def _nhwc_conv(ctx: KernelContext, epilogue: "Epilogue | None" = None) -> None:
             block(ctx, [x_img, ctx.scratch], 0, p, 0)
         y_img = View(b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=_t(y)), y.dtype, (p, m), (m, 1))
         init = View(bias.ptr, bias.dtype, (p, m), (0, 1)) if bias is not None else None
-        emit_gemm(ctx, cols, w_view, y_img, 1.0, init, mr=conv_rows_per_tile(p))
+        emit_gemm(ctx, cols, w_view, y_img, 1.0, init)
 
 
 PARALLEL_COPY = 1 << 16  # im2col elements below which one thread copies
-
-
-@dataclass
-class Epilogue:
-    """Pointwise work on a conv's output rows while they are in cache: ``apply(E, value,
-    operands)`` gives the element's final value from the conv's (bias included) and the
-    operands', each operand a view over the output's (images * positions, channels) rows."""
-
-    operands: list[View]
-    apply: Callable
-
-
-def fused_conv(ctx: KernelContext, body) -> bool:
-    """A Fused group of an NHWC Conv and the pointwise ops after it (Relu, a residual Add...)
-    as one kernel: the chain runs on each chunk of conv output rows while it is in cache,
-    instead of as passes over the whole output. Returns False (nothing emitted) where the
-    conv does not take the chunked path or an operand is not laid out by rows."""
-    conv, *chain = body.nodes
-    if conv.op.name != "Conv" or conv.attrs.get("layout") != "NHWC" or conv.attrs["group"] != 1 or _nhwc_direct(conv) or not chain:
-        return False
-    shape = conv.outputs[0].type.shape
-    pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
-    if not pointwise or len(body.outputs) != 1 or body.outputs[0] is not chain[-1].outputs[0]:
-        return False
-    x, w, nd, *_, out_sp = _nhwc_geometry(conv)
-    if not _chunk_rows(math.prod(out_sp), math.prod(w.shape[:-1]), w.shape[-1], x.dtype.itemsize):
-        return False
-    outer = {v: view for v, view in zip(body.inputs, ctx.inputs)}
-    operands = list(dict.fromkeys(v for n in chain for v in n.inputs if v is not None and v in outer))
-    rows = [_by_rows(outer[v].broadcast_to(shape)) for v in operands]
-    if any(r is None for r in rows):
-        return False
-
-    def apply(E, value, xs):
-        from kiln.backends.llvm.kernels_elementwise import compute_nodes
-
-        env = compute_nodes(E, chain, {id(conv.outputs[0]): value, **{id(v): x for v, x in zip(operands, xs)}})
-        return env[id(chain[-1].outputs[0])]
-
-    conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
-    _nhwc_conv(conv_ctx, Epilogue(rows, apply))
-    return True
-
-
-def _by_rows(view: View) -> View | None:
-    """An NHWC-shaped view as (images * positions, channels) rows, where its images and
-    positions step evenly (a dense tensor; a per-channel one steps by 0)."""
-    *outer, channels = view.shape
-    steps = view.strides[:-1]
-    if any(steps[i] != steps[i + 1] * outer[i + 1] for i in range(len(outer) - 1)):
-        return None
-    return View(view.ptr, view.dtype, (math.prod(outer), channels), (steps[-1], view.strides[-1]), view.offset)
-
-
-def _nhwc_conv_chunked(ctx: KernelContext, chunk: int, w_view: View, bias: View | None, geometry, p: int, kk: int, m: int, image: int, epilogue: Epilogue | None = None) -> None:
-    """Each image's output positions split over the pool; each thread takes its rows ``chunk``
-    at a time: im2col into its own scratch, a one-thread GEMM into the output rows, then the
-    bias and the epilogue in one pass over those rows."""
-    xv, y = ctx.inputs[0], ctx.outputs[0]
-    ty = _t(xv)
-    # the per-row operands after the GEMM: the bias (the same row for every position), then the epilogue's
-    operands = ([View(bias.ptr, bias.dtype, (p, m), (0, 1), bias.offset)] if bias is not None else []) + (epilogue.operands if epilogue else [])
-
-    def finish(E, xs):
-        value = E.add(xs[0], xs[1]) if bias is not None else xs[0]
-        return epilogue.apply(E, value, xs[2:] if bias is not None else xs[1:]) if epilogue else value
-
-    def rows(emitting, ptrs, lo, hi, index):
-        b = emitting.b
-        x_img, scratch, y_img, w_ptr = ptrs[:4]  # pointers as this block's function sees them
-        weights = w_view.on(w_ptr)
-        operand_ptrs = ptrs[4:]
-        mine = b.gep(scratch, [const_i64(index * chunk * kk)], source_etype=ty)
-
-        def one(start: ir.Value, count: int) -> None:
-            # the chunk's rows as rows [start, start + count) of a matrix that starts before it
-            cols = View(b.gep(mine, [b.neg(b.mul(start, const_i64(kk)))], source_etype=ty), xv.dtype, (p, kk), (kk, 1))
-            _nhwc_im2col(b, x_img, cols, start, b.add(start, const_i64(count)), *geometry)
-            a = View(mine, xv.dtype, (count, kk), (kk, 1))
-            out = View(b.gep(y_img, [b.mul(start, const_i64(m))], source_etype=ty), y.dtype, (count, m), (m, 1))
-            _serial_gemm(emitting, a, weights, out, 1.0)
-            if operands:
-                from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
-
-                here = [View(b.gep(ptr, [b.mul(start, const_i64(v.strides[0]))], source_etype=llvm_type(v.dtype)), v.dtype, (count, m), v.strides) for v, ptr in zip(operands, operand_ptrs)]
-                emit_pointwise_outputs(b, emitting.module, [out], [out, *here], lambda E, xs: [finish(E, xs)], parallel=False)
-
-        full, rest = divmod(hi - lo, chunk)
-        with for_range(b, full, name="chunk") as k:
-            one(b.add(const_i64(lo), b.mul(k, const_i64(chunk))), chunk)
-        if rest:
-            one(const_i64(hi - rest), rest)
-
-    b = ctx.b
-    threads = min(num_threads(), max(1, p // chunk))
-    with for_range(b, xv.shape[0], name="img") as img:
-        x_img = b.gep(xv.ptr, [b.mul(img, const_i64(image))], source_etype=ty)
-        y_img = b.gep(y.ptr, [b.mul(img, const_i64(p * m))], source_etype=ty)
-        # each operand's rows of this image, offsets folded in (the views above start at 0)
-        starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(p * v.strides[0])))], source_etype=llvm_type(v.dtype)) for v in operands]
-        parallel_rows(ctx, p, threads, [x_img, ctx.scratch, y_img, w_view.ptr, *starts], rows, align=MR)
 
 
 def _nhwc_im2col(b, x_img, cols: View, lo: int, hi: int, in_sp, out_sp, kernel_shape, strides, dilations, pads, c) -> None:

@@ -430,37 +430,41 @@ def test_reductions_over_leading_axes_accumulate_along_rows(op, axes):
     np.testing.assert_allclose(got, kiln.compile(graph).run({"x": x})["y"], rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("attrs, channels", [
-    ({"pads": [3, 3, 3, 3], "strides": [2, 2]}, 3),  # a ResNet stem: 3-channel runs, stride 2
-    ({"pads": [1, 1, 1, 1]}, 16),
-    ({"pads": [0, 2, 1, 0], "dilations": [2, 1]}, 8),
-])
-def test_nhwc_conv_in_cache_sized_chunks_matches_eager(attrs, channels):
-    """A large im2col matrix with small weights: each thread copies and multiplies a chunk of
-    output rows at a time in its own scratch (borders, dilation and a leftover chunk included)."""
+@pytest.mark.parametrize("x_shape, w_shape, attrs", [
+    ((2, 3, 90, 90), (24, 3, 7, 7), {"pads": [3, 3, 3, 3], "strides": [2, 2]}),  # a ResNet stem: 21-element window rows
+    ((2, 16, 30, 30), (70, 16, 3, 3), {"pads": [1, 1, 1, 1]}),  # a partial last column block
+    ((1, 8, 20, 23), (40, 8, 3, 3), {"pads": [0, 2, 1, 0], "dilations": [2, 3]}),  # width dilation: tap by tap
+    ((1, 256, 9, 9), (128, 256, 3, 3), {"pads": [1, 1, 1, 1]}),  # 1.2 MB of weights: column blocks over threads
+    ((1, 32, 14, 14), (64, 32, 1, 1), {"strides": [2, 2]}),  # a strided 1x1 downsample
+    ((2, 16, 40), (32, 16, 5), {"pads": [2, 2], "strides": [2]}),  # 1-D
+    ((1, 8, 6, 7, 8), (32, 8, 3, 3, 3), {"pads": [1, 0, 1, 1, 2, 1]}),  # 3-D
+], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d"])
+@pytest.mark.parametrize("weights", ["constant", "input"])
+def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights):
+    """The direct convolution (no im2col): window rows read in place from a zero-padded copy of
+    each image, packed or run-time weights, both thread splits, bounds checked; one thread and
+    two give the same bits."""
     from kiln import config
-    from kiln.backends.llvm.kernels_nn import _chunk_rows, _nhwc_geometry
+    from kiln.backends.llvm import kernels_conv
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
     from kiln.ir.types import TensorType
 
     rng = np.random.default_rng(4)
-    k = 7 if channels == 3 else 3
     graph = Graph("conv")
-    x = graph.add_input("x", TensorType((2, channels, 90, 90), DType.float32))
-    w = graph.add_param("w", rng.standard_normal((24, channels, k, k)).astype(np.float32))
-    bias = graph.add_param("b", rng.standard_normal(24).astype(np.float32))
+    x = graph.add_input("x", TensorType(x_shape, DType.float32))
+    w_value = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
+    w = graph.add_param("w", w_value) if weights == "constant" else graph.add_input("w", TensorType(w_shape, DType.float32))
+    bias = graph.add_param("b", rng.standard_normal(w_shape[0]).astype(np.float32))
     graph.outputs = [graph.add_node("Conv", [x, w, bias], dict(attrs)).outputs[0]]
-    feed = {"x": rng.standard_normal((2, channels, 90, 90)).astype(np.float32)}
+    feed = {"x": rng.standard_normal(x_shape).astype(np.float32), **({"w": w_value} if weights == "input" else {})}
     (want,) = kiln.compile(graph).run(feed).values()
     results = []
     for threads in (1, 2):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
             module = kiln.compile(graph, target="llvm", layout="nhwc")
             conv = next(n for n in module.graph.nodes if n.op.name == "Conv")
-            assert conv.attrs["layout"] == "NHWC"
-            _, wt, _, *_, out = _nhwc_geometry(conv)
-            assert _chunk_rows(int(np.prod(out)), int(np.prod(wt.shape[:-1])), wt.shape[-1], 4)
+            assert conv.attrs["layout"] == "NHWC" and kernels_conv.applies(conv)
             (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         results.append(got)
@@ -477,11 +481,11 @@ def test_transposes_in_tiles_match_numpy(shape, perm):
     np.testing.assert_array_equal(kiln.compile(graph, target="llvm").run({"x": x})["y"], x.transpose(perm))
 
 
-def test_a_conv_and_its_pointwise_tail_run_as_one_chunked_kernel():
+def test_a_conv_and_its_pointwise_tail_run_as_one_kernel():
     """Conv + per-channel scale + residual Add + Relu in one Fused group: the tail is applied
-    to each chunk of conv rows (fused_conv), with the same result as eager."""
+    to each block of conv output (fused_conv), with the same result as eager."""
     from kiln import config
-    from kiln.backends.llvm.kernels_nn import fused_conv  # noqa: F401 - the path under test
+    from kiln.backends.llvm.kernels_conv import fused_conv  # noqa: F401 - the path under test
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
     from kiln.ir.types import TensorType

@@ -1,0 +1,424 @@
+"""Direct NHWC convolution: the GEMM micro-kernel reading its A operand straight from the
+input image, with no im2col matrix.
+
+In channels-last layout the K index of a 2-D conv, (tap row, tap column, channel), walks
+memory: the window of output position (oy, ox) under tap row ky starts at input pixel
+(oy * sh + ky * dh, ox * sw) and, with unit width dilation, its kw * C elements are
+contiguous. Consecutive output positions along a row start ``sw * C`` elements apart. So a
+micro-tile of ``mr`` positions along one output row by two vectors of output channels reads
+A as ``mr`` broadcasts at a fixed stride, and B (the packed weights) as the GEMM does; the
+accumulators stay in registers over all of K. Borders: the image is first copied into a
+zero-padded scratch image (one pass over the input, against im2col's kh * kw passes and a
+column matrix that leaves the caches).
+
+Work items are (column block, output row) pairs, column block major, split over the pool:
+each thread reads its own share of the weights (layer 4 of a ResNet: 9.4 MB of them) while
+the image stays in L2. The bias starts the accumulators; a fused pointwise tail (Relu, a
+residual Add) runs over each item's output block while it is in L1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import llvmlite.ir as ir
+
+from kiln.backends.llvm.codegen import KernelContext
+from kiln.backends.llvm.emit import PTR, Panels, View, const_i64, entry_alloca, for_range, llvm_type
+from kiln.backends.llvm.parallel import parallel_rows
+from kiln.config import num_threads
+from kiln.ir.dtypes import DType
+from kiln.ir.opdef import OpKind
+
+I32 = ir.IntType(32)
+SHARED_WEIGHTS = 1 << 20  # weights every thread may read whole (half of L2)
+PARALLEL_PAD = 1 << 15  # padded-image elements below which one thread copies
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """An NHWC conv's sizes (any number of spatial axes), the input as its zero-padded copy.
+    An output "row" is a position of every spatial axis but the last; a "tap" is a kernel
+    position of every axis but the last where width dilation is 1 (its window row is then
+    ``kw * C`` contiguous elements), else of every axis (``C`` elements)."""
+
+    c: int
+    m: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    out: tuple[int, ...]
+    size: tuple[int, ...]  # the input's spatial sizes
+    before: tuple[int, ...]  # pads before each spatial axis
+    padded: tuple[int, ...]
+
+    @property
+    def kk(self) -> int:
+        return math.prod(self.kernel) * self.c
+
+    @property
+    def ow(self) -> int:
+        return self.out[-1]
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.out[:-1])
+
+    @property
+    def run(self) -> int:
+        """K elements contiguous in the padded image under one tap."""
+        return self.kernel[-1] * self.c if self.dilations[-1] == 1 else self.c
+
+    @property
+    def tap_shape(self) -> tuple[int, ...]:
+        return self.kernel[:-1] if self.dilations[-1] == 1 else self.kernel
+
+    def pitch(self, axis: int) -> int:
+        """Elements between neighbours along spatial ``axis`` of the padded image."""
+        return math.prod(self.padded[axis + 1 :]) * self.c
+
+    @property
+    def has_pads(self) -> bool:
+        return self.padded != self.size
+
+
+@dataclass
+class Epilogue:
+    """Pointwise work on a block of conv output while it is in cache: ``apply(E, value,
+    operands)`` gives the element's final value from the conv's (bias included) and the
+    operands', each operand a view over the output's (images * positions, channels) rows."""
+
+    operands: list[View]
+    apply: Callable
+
+
+def fused_conv(ctx: KernelContext, body) -> bool:
+    """A Fused group of an NHWC Conv and the pointwise ops after it (Relu, a residual Add...)
+    as one kernel: the chain runs on each block of conv output while it is in cache, instead
+    of as passes over the whole output. Returns False (nothing emitted) where the conv is not
+    a direct one or an operand is not laid out by rows."""
+    conv, *chain = body.nodes
+    if conv.op.name != "Conv" or conv.attrs.get("layout") != "NHWC" or not applies(conv) or not chain:
+        return False
+    shape = conv.outputs[0].type.shape
+    pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
+    if not pointwise or len(body.outputs) != 1 or body.outputs[0] is not chain[-1].outputs[0]:
+        return False
+    outer = {v: view for v, view in zip(body.inputs, ctx.inputs)}
+    operands = list(dict.fromkeys(v for n in chain for v in n.inputs if v is not None and v in outer))
+    rows = [_by_rows(outer[v].broadcast_to(shape)) for v in operands]
+    if any(r is None for r in rows):
+        return False
+
+    def apply(E, value, xs):
+        from kiln.backends.llvm.kernels_elementwise import compute_nodes
+
+        env = compute_nodes(E, chain, {id(conv.outputs[0]): value, **{id(v): x for v, x in zip(operands, xs)}})
+        return env[id(chain[-1].outputs[0])]
+
+    conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
+    emit(conv_ctx, Epilogue(rows, apply))
+    return True
+
+
+def _by_rows(view: View) -> View | None:
+    """An NHWC-shaped view as (images * positions, channels) rows, where its images and
+    positions step evenly (a dense tensor; a per-channel one steps by 0)."""
+    *outer, channels = view.shape
+    steps = view.strides[:-1]
+    if any(steps[i] != steps[i + 1] * outer[i + 1] for i in range(len(outer) - 1)):
+        return None
+    return View(view.ptr, view.dtype, (math.prod(outer), channels), (steps[-1], view.strides[-1]), view.offset)
+
+
+def geometry(node) -> Geometry:
+    from kiln.backends.llvm.kernels_nn import _nhwc_geometry
+
+    x, w, nd, strides, dilations, pads, out = _nhwc_geometry(node)
+    size = tuple(x.shape[1:-1])
+    padded = tuple(n + pads[a] + pads[a + nd] for a, n in enumerate(size))
+    return Geometry(x.shape[-1], w.shape[-1], tuple(w.shape[:nd]), tuple(strides), tuple(dilations), tuple(out), size, tuple(pads[:nd]), padded)
+
+
+def _unravel(b: ir.IRBuilder, flat: ir.Value, shape) -> list[ir.Value]:
+    coords = []
+    for n in reversed(shape):
+        coords.insert(0, b.urem(flat, const_i64(n)))
+        flat = b.udiv(flat, const_i64(n))
+    return coords
+
+
+def _tap_offset(b: ir.IRBuilder, g: Geometry, tap: ir.Value) -> ir.Value:
+    """Where tap ``tap``'s window row starts, relative to the window's first element."""
+    offset = const_i64(0)
+    for axis, k in enumerate(_unravel(b, tap, g.tap_shape)):
+        offset = b.add(offset, b.mul(k, const_i64(g.dilations[axis] * g.pitch(axis))))
+    return offset
+
+
+def _row_start(b: ir.IRBuilder, g: Geometry, row: ir.Value) -> ir.Value:
+    """Where output row ``row``'s first window starts in the padded image."""
+    start = const_i64(0)
+    for axis, o in enumerate(_unravel(b, row, g.out[:-1])):
+        start = b.add(start, b.mul(o, const_i64(g.strides[axis] * g.pitch(axis))))
+    return start
+
+
+def applies(node) -> bool:
+    """An ungrouped float32/64 NHWC conv that is not a plain GEMM (1x1, stride 1, no pads)."""
+    from kiln.backends.llvm.kernels_nn import _nhwc_direct
+
+    x = node.inputs[0].type
+    return node.attrs["group"] == 1 and x.dtype in (DType.float32, DType.float64) and not _nhwc_direct(node)
+
+
+def scratch_bytes(node) -> int:
+    """The zero-padded copy of one image (none when the conv has no pads)."""
+    g = geometry(node)
+    return math.prod(g.padded) * g.c * node.inputs[0].type.dtype.itemsize if g.has_pads else 0
+
+
+def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
+    """y = conv(x, w) (+ bias), then ``epilogue`` on each output block."""
+    from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, micro_rows, vector_width
+
+    g = geometry(ctx.node)
+    xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    if not isinstance(wv, Panels):  # run-time weights (*kernel, C, M): the (kk, m) matrix
+        wv = View(wv.ptr, wv.dtype, (g.kk, g.m), (g.m, 1), wv.offset)
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    width = vector_width(xv.dtype)
+    nr = 2 * width
+    blocks = -(-g.m // nr)
+    mr = micro_rows(g.ow)
+    ty = llvm_type(xv.dtype)
+    b = ctx.b
+    image_in, image_out = math.prod(g.size) * g.c, math.prod(g.out) * g.m
+    operands = epilogue.operands if epilogue else []
+    # threads split the output rows where the weights are small (each reads all of them and
+    # half the image), else the column blocks (each reads its share of the weights)
+    by_rows = g.kk * g.m * xv.dtype.itemsize <= SHARED_WEIGHTS and g.rows >= 2 * num_threads()
+    items = g.rows if by_rows else blocks * g.rows
+    threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1
+    with for_range(b, xv.shape[0], name="img") as img:
+        x_img = b.gep(xv.ptr, [b.add(const_i64(xv.offset), b.mul(img, const_i64(image_in)))], source_etype=ty)
+        y_img = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(img, const_i64(image_out)))], source_etype=ty)
+        source = x_img
+        if g.has_pads:
+            _pad_image(ctx, x_img, ctx.scratch, g, ty)
+            source = ctx.scratch
+        starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(math.prod(g.out) * v.strides[0])))], source_etype=llvm_type(v.dtype)) for v in operands]
+        pointers = [source, wv.ptr, y_img, bias.ptr if bias is not None else y_img, *starts]
+
+        def work(emitting, ptrs, lo, hi, _):
+            tiles = _Tiles(emitting, g, xv.dtype, width, mr, ptrs[0], wv.on(ptrs[1]), ptrs[2], bias.on(ptrs[3]) if bias is not None else None)
+            here = [View(p, v.dtype, v.shape, v.strides) for v, p in zip(operands, ptrs[4:])]
+            eb = emitting.b
+            if by_rows:  # output rows [lo, hi), every column block
+                with for_range(eb, blocks, name="jb") as jb:
+                    tiles.segment(jb, lo, hi, epilogue, here)
+                return
+            # items [lo, hi) of (column block, output row), block major: a partial first
+            # block, whole blocks, a partial last one
+            (jb0, oy0), (jb1, oy1) = divmod(lo, g.rows), divmod(hi, g.rows)
+            if jb0 == jb1:
+                tiles.segment(const_i64(jb0), oy0, oy1, epilogue, here)
+                return
+            tiles.segment(const_i64(jb0), oy0, g.rows, epilogue, here)
+            if jb1 > jb0 + 1:
+                with for_range(eb, jb1, start=jb0 + 1, name="jb") as jb:
+                    tiles.segment(jb, 0, g.rows, epilogue, here)
+            if oy1:
+                tiles.segment(const_i64(jb1), 0, oy1, epilogue, here)
+
+        if threads > 1:
+            parallel_rows(ctx, items, threads, pointers, work)
+        else:
+            work(ctx, pointers, 0, items, 0)
+
+
+def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, g: Geometry, ty: ir.Type) -> None:
+    """dst = x's image inside a border of zeros, its rows (every axis but the last) split over the pool."""
+    row_len, width = g.padded[-1] * g.c, g.size[-1] * g.c
+    left = g.before[-1] * g.c
+    zero = ir.Constant(ty, 0.0)
+    rows_total = math.prod(g.padded[:-1])
+
+    def rows(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        src, out = ptrs
+        with for_range(b, hi, start=lo, name="prow") as r:
+            out_row = b.gep(out, [b.mul(r, const_i64(row_len))], source_etype=ty)
+            inside, source_row = ir.Constant(ir.IntType(1), 1), const_i64(0)
+            for axis, coord in enumerate(_unravel(b, r, g.padded[:-1])):
+                at = b.sub(coord, const_i64(g.before[axis]))
+                inside = b.and_(inside, b.and_(b.icmp_signed(">=", at, const_i64(0)), b.icmp_signed("<", at, const_i64(g.size[axis]))))
+                source_row = b.add(b.mul(source_row, const_i64(g.size[axis])), at)
+            with b.if_else(inside) as (image_row, border_row):
+                with image_row:
+                    src_row = b.gep(src, [b.mul(source_row, const_i64(width))], source_etype=ty)
+                    with for_range(b, left, name="pl") as j:
+                        b.store(zero, b.gep(out_row, [j], source_etype=ty))
+                    with for_range(b, width, name="pc") as j:
+                        b.store(b.load(b.gep(src_row, [j], source_etype=ty), typ=ty), b.gep(out_row, [b.add(j, const_i64(left))], source_etype=ty))
+                    with for_range(b, row_len, start=left + width, name="pr") as j:
+                        b.store(zero, b.gep(out_row, [j], source_etype=ty))
+                with border_row:
+                    with for_range(b, row_len, name="pz") as j:
+                        b.store(zero, b.gep(out_row, [j], source_etype=ty))
+
+    threads = min(num_threads(), rows_total) if rows_total * row_len >= PARALLEL_PAD else 1
+    if threads > 1:
+        parallel_rows(ctx, rows_total, threads, [x_img, dst], rows)
+    else:
+        rows(ctx, [x_img, dst], 0, rows_total, 0)
+
+
+class _Tiles:
+    """The micro-tiles of one block (a function of the pool's split) over a source image."""
+
+    def __init__(self, emitting, g: Geometry, dtype: DType, width: int, mr: int, source: ir.Value, weights: View, out: ir.Value, bias: View | None):
+        self.b, self.module, self.g = emitting.b, emitting.module, g
+        self.dtype, self.width, self.mr = dtype, width, mr
+        self.source, self.weights, self.out, self.bias = source, weights, out, bias
+        self.ty = llvm_type(dtype)
+        self.vec = ir.VectorType(self.ty, width)
+        self.mask_ty = ir.VectorType(ir.IntType(1), width)
+        bits = dtype.itemsize * 8
+        declare = self.module.declare_intrinsic
+        self.fma = declare(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(self.vec, [self.vec] * 3))
+        self.masked_load = declare(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(self.vec, [PTR, I32, self.mask_ty, self.vec]))
+        self.masked_store = declare(f"llvm.masked.store.v{width}f{bits}.p0", (), ir.FunctionType(ir.VoidType(), [self.vec, PTR, I32, self.mask_ty]))
+        self.zero = ir.Constant(self.vec, [0.0] * width)
+
+    def _load(self, address, mask):
+        if mask is None:
+            return self.b.load(address, typ=self.vec, align=4)
+        return self.b.call(self.masked_load, [address, ir.Constant(I32, 4), mask, self.zero])
+
+    def _store(self, value, address, mask):
+        if mask is None:
+            self.b.store(value, address, align=4)
+        else:
+            self.b.call(self.masked_store, [value, address, ir.Constant(I32, 4), mask])
+
+    def segment(self, jb: ir.Value, oy0: int, oy1: int, epilogue, operands: list[View]) -> None:
+        """Output rows [oy0, oy1) of column block ``jb`` (the last block may be partial)."""
+        b, g = self.b, self.g
+        nr = 2 * self.width
+        full, blocks = g.m // nr, -(-g.m // nr)
+        if full == blocks or full == 0:
+            self._rows(jb, oy0, oy1, min(nr, g.m), epilogue, operands)
+            return
+        with b.if_else(b.icmp_unsigned("<", jb, const_i64(full))) as (whole, last):
+            with whole:
+                self._rows(jb, oy0, oy1, nr, epilogue, operands)
+            with last:
+                self._rows(jb, oy0, oy1, g.m - full * nr, epilogue, operands)
+
+    def _rows(self, jb: ir.Value, oy0: int, oy1: int, cols: int, epilogue, operands: list[View]) -> None:
+        """Columns [jb * nr, jb * nr + cols) of output rows [oy0, oy1), K in pieces: each
+        piece's slice of the weights (at most KC rows of nr) stays in L1 while every tile of
+        the rows multiplies by it; the tiles keep their partial sums in the output between pieces."""
+        from kiln.backends.llvm.kernels_nn import KC
+
+        b, g, width = self.b, self.g, self.width
+        lanes = [min(width, cols - h * width) for h in range(-(-cols // width))]
+        masks = [None if n == width else ir.Constant(self.mask_ty, [1] * n + [0] * (width - n)) for n in lanes]
+        j0 = b.mul(jb, const_i64(2 * width))
+        if isinstance(self.weights, Panels):  # this block's panel: kk rows of nr contiguous (zero-padded)
+            panel = b.gep(self.weights.ptr, [b.add(const_i64(self.weights.offset), b.mul(jb, const_i64(g.kk * self.weights.nr)))], source_etype=self.ty)
+            b_row, b_masks = self.weights.nr, [None] * len(masks)
+        else:  # the (kk, m) matrix's rows from column j0
+            panel = b.gep(self.weights.ptr, [b.add(const_i64(self.weights.offset), j0)], source_etype=self.ty)
+            b_row, b_masks = self.weights.strides[0], masks
+        starts = None
+        if self.bias is not None:
+            first = b.gep(self.bias.ptr, [b.add(const_i64(self.bias.offset), j0)], source_etype=self.ty)
+            starts = [self._load(b.gep(first, [const_i64(h * width)], source_etype=self.ty), mask) for h, mask in enumerate(masks)]
+        # K as groups of whole taps (a window row each where width dilation is 1) whose weight
+        # rows fit KC, or one tap in pieces of at most KC
+        run, taps = g.run, math.prod(g.tap_shape)
+        per_group = max(1, min(taps, KC // run))
+        pieces = -(-run // KC)
+        piece = -(-run // pieces)
+        with for_range(b, -(-taps // per_group), name="group") as group:
+            tap0 = b.mul(group, const_i64(per_group))
+            tap1 = b.select(b.icmp_unsigned("<", b.add(tap0, const_i64(per_group)), const_i64(taps)), b.add(tap0, const_i64(per_group)), const_i64(taps))
+            for p in range(pieces):
+                begin = b.and_(b.icmp_unsigned("==", group, const_i64(0)), ir.Constant(ir.IntType(1), p == 0))
+                k_range = (tap0, tap1, p * piece, min(run, (p + 1) * piece))
+                with for_range(b, oy1, start=oy0, name="oy") as oy:
+                    in_row = _row_start(b, g, oy)
+                    out_row = b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)
+
+                    def tile(ox0: ir.Value, rows: int) -> None:
+                        first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
+                        self._tile(first, rows, panel, b_row, b_masks, k_range, begin, starts, b.add(out_row, b.mul(ox0, const_i64(g.m))), masks)
+
+                    full, rest = divmod(g.ow, self.mr)
+                    if full:
+                        with for_range(b, full, name="tile") as t:
+                            tile(b.mul(t, const_i64(self.mr)), self.mr)
+                    if rest:
+                        tile(const_i64(g.ow - rest), rest)
+        if epilogue is not None:
+            with for_range(b, oy1, start=oy0, name="eoy") as oy:
+                self._epilogue(oy, j0, cols, epilogue, operands)
+
+    def _tile(self, first: ir.Value, rows: int, panel: ir.Value, b_row: int, b_masks: list, k_range: tuple, begin: ir.Value, starts, out_at: ir.Value, masks: list) -> None:
+        """``rows`` output positions, windows from ``first`` (an element index into the source
+        image), by one vector per mask, over elements [k0, k1) of taps [tap0, tap1) (B's rows
+        from ``panel``): accumulators from the bias (``begin``: the first part of K) or the output."""
+        b, g, ty, width = self.b, self.g, self.ty, self.width
+        out = b.gep(self.out, [out_at], source_etype=ty)
+        accs = [[entry_alloca(b, self.vec) for _ in masks] for _ in range(rows)]
+        with b.if_else(begin) as (fresh, partial):
+            with fresh:
+                for row in accs:
+                    for h, slot in enumerate(row):
+                        b.store(starts[h] if starts is not None else self.zero, slot)
+            with partial:
+                for r, row in enumerate(accs):
+                    for h, slot in enumerate(row):
+                        b.store(self._load(b.gep(out, [const_i64(r * g.m + h * width)], source_etype=ty), masks[h]), slot)
+        step = g.strides[-1] * g.c  # between consecutive positions' windows
+        tap0, tap1, k0, k1 = k_range
+        with for_range(b, tap1, start=tap0, name="tap") as tap:
+            window = _tap_offset(b, g, tap)
+            with for_range(b, k1, start=k0, name="k") as j:
+                self._multiply(rows, step, b.add(first, window), b.add(b.mul(tap, const_i64(g.run)), j), j, panel, b_row, b_masks, accs)
+        for r in range(rows):
+            for h, mask in enumerate(masks):
+                self._store(b.load(accs[r][h], typ=self.vec), b.gep(out, [const_i64(r * g.m + h * width)], source_etype=ty), mask)
+
+    def _multiply(self, rows: int, step: int, window: ir.Value, kk: ir.Value, j: ir.Value, panel: ir.Value, b_row: int, b_masks: list, accs) -> None:
+        """One K step: B's row ``kk`` (one vector per mask) times A's element ``j`` of each of
+        ``rows`` windows from ``window``, ``step`` apart, into the accumulators."""
+        b, ty, width = self.b, self.ty, self.width
+        b_at = b.gep(panel, [b.mul(kk, const_i64(b_row))], source_etype=ty)
+        bvs = [self._load(b.gep(b_at, [const_i64(h * width)], source_etype=ty), mask) for h, mask in enumerate(b_masks)]
+        a_ptr = b.gep(self.source, [b.add(window, j)], source_etype=ty)
+        for r in range(rows):
+            av = b.load(b.gep(a_ptr, [const_i64(r * step)], source_etype=ty), typ=ty)
+            splat = b.insert_element(ir.Constant(self.vec, ir.Undefined), av, ir.Constant(I32, 0))
+            splat = b.shuffle_vector(splat, ir.Constant(self.vec, ir.Undefined), ir.Constant(ir.VectorType(I32, width), [0] * width))
+            for h in range(len(bvs)):
+                b.store(b.call(self.fma, [splat, bvs[h], b.load(accs[r][h], typ=self.vec)]), accs[r][h])
+
+    def _epilogue(self, oy: ir.Value, j0: ir.Value, cols: int, epilogue, operands: list[View]) -> None:
+        """The pointwise tail over this item's (ow, cols) output block, in place."""
+        from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
+
+        b, g = self.b, self.g
+        first_row = b.mul(oy, const_i64(g.ow))
+
+        def block(ptr: ir.Value, view: View) -> View:
+            at = b.add(const_i64(view.offset), b.add(b.mul(first_row, const_i64(view.strides[0])), b.mul(j0, const_i64(view.strides[1]))))
+            return View(b.gep(ptr, [at], source_etype=llvm_type(view.dtype)), view.dtype, (g.ow, cols), view.strides)
+
+        out = block(self.out, View(self.out, self.dtype, (math.prod(g.out), g.m), (g.m, 1)))
+        here = [block(v.ptr, v) for v in operands]
+        emit_pointwise_outputs(b, self.module, [out], [out, *here], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)
