@@ -218,20 +218,15 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
             eb = emitting.b
             if by_rows:  # output rows [lo, hi), every column block
                 with for_range(eb, blocks, name="jb") as jb:
-                    tiles.segment(jb, lo, hi, epilogue, here)
+                    tiles.segment(jb, const_i64(lo), const_i64(hi), epilogue, here)
                 return
-            # items [lo, hi) of (column block, output row), block major: a partial first
-            # block, whole blocks, a partial last one
-            (jb0, oy0), (jb1, oy1) = divmod(lo, g.rows), divmod(hi, g.rows)
-            if jb0 == jb1:
-                tiles.segment(const_i64(jb0), oy0, oy1, epilogue, here)
-                return
-            tiles.segment(const_i64(jb0), oy0, g.rows, epilogue, here)
-            if jb1 > jb0 + 1:
-                with for_range(eb, jb1, start=jb0 + 1, name="jb") as jb:
-                    tiles.segment(jb, 0, g.rows, epilogue, here)
-            if oy1:
-                tiles.segment(const_i64(jb1), 0, oy1, epilogue, here)
+            # items [lo, hi) of (column block, output row), block major: the first and last
+            # blocks may be partial
+            (jb0, oy0), (jb1, oy1) = divmod(lo, g.rows), divmod(hi - 1, g.rows)
+            with for_range(eb, jb1 + 1, start=jb0, name="jb") as jb:
+                first = eb.select(eb.icmp_unsigned("==", jb, const_i64(jb0)), const_i64(oy0), const_i64(0))
+                last = eb.select(eb.icmp_unsigned("==", jb, const_i64(jb1)), const_i64(oy1 + 1), const_i64(g.rows))
+                tiles.segment(jb, first, last, epilogue, here)
 
         if threads > 1:
             parallel_rows(ctx, items, threads, pointers, work)
@@ -304,7 +299,7 @@ class _Tiles:
         else:
             self.b.call(self.masked_store, [value, address, ir.Constant(I32, 4), mask])
 
-    def segment(self, jb: ir.Value, oy0: int, oy1: int, epilogue, operands: list[View]) -> None:
+    def segment(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value, epilogue, operands: list[View]) -> None:
         """Output rows [oy0, oy1) of column block ``jb`` (the last block may be partial)."""
         b, g = self.b, self.g
         nr = 2 * self.width
@@ -318,7 +313,7 @@ class _Tiles:
             with last:
                 self._rows(jb, oy0, oy1, g.m - full * nr, epilogue, operands)
 
-    def _rows(self, jb: ir.Value, oy0: int, oy1: int, cols: int, epilogue, operands: list[View]) -> None:
+    def _rows(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value, cols: int, epilogue, operands: list[View]) -> None:
         """Columns [jb * nr, jb * nr + cols) of output rows [oy0, oy1), K in pieces: each
         piece's slice of the weights (at most KC rows of nr) stays in L1 while every tile of
         the rows multiplies by it; the tiles keep their partial sums in the output between pieces."""
@@ -344,26 +339,28 @@ class _Tiles:
         per_group = max(1, min(taps, KC // run))
         pieces = -(-run // KC)
         piece = -(-run // pieces)
-        with for_range(b, -(-taps // per_group), name="group") as group:
+        with for_range(b, -(-taps // per_group) * pieces, name="part") as part:
+            group, p = b.udiv(part, const_i64(pieces)), b.urem(part, const_i64(pieces))
             tap0 = b.mul(group, const_i64(per_group))
             tap1 = b.select(b.icmp_unsigned("<", b.add(tap0, const_i64(per_group)), const_i64(taps)), b.add(tap0, const_i64(per_group)), const_i64(taps))
-            for p in range(pieces):
-                begin = b.and_(b.icmp_unsigned("==", group, const_i64(0)), ir.Constant(ir.IntType(1), p == 0))
-                k_range = (tap0, tap1, p * piece, min(run, (p + 1) * piece))
-                with for_range(b, oy1, start=oy0, name="oy") as oy:
-                    in_row = _row_start(b, g, oy)
-                    out_row = b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)
+            k0 = b.mul(p, const_i64(piece))
+            k1 = b.select(b.icmp_unsigned("<", b.add(k0, const_i64(piece)), const_i64(run)), b.add(k0, const_i64(piece)), const_i64(run))
+            begin = b.icmp_unsigned("==", part, const_i64(0))
+            k_range = (tap0, tap1, k0, k1)
+            with for_range(b, oy1, start=oy0, name="oy") as oy:
+                in_row = _row_start(b, g, oy)
+                out_row = b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)
 
-                    def tile(ox0: ir.Value, rows: int) -> None:
-                        first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
-                        self._tile(first, rows, panel, b_row, b_masks, k_range, begin, starts, b.add(out_row, b.mul(ox0, const_i64(g.m))), masks)
+                def tile(ox0: ir.Value, rows: int) -> None:
+                    first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
+                    self._tile(first, rows, panel, b_row, b_masks, k_range, begin, starts, b.add(out_row, b.mul(ox0, const_i64(g.m))), masks)
 
-                    full, rest = divmod(g.ow, self.mr)
-                    if full:
-                        with for_range(b, full, name="tile") as t:
-                            tile(b.mul(t, const_i64(self.mr)), self.mr)
-                    if rest:
-                        tile(const_i64(g.ow - rest), rest)
+                full, rest = divmod(g.ow, self.mr)
+                if full:
+                    with for_range(b, full, name="tile") as t:
+                        tile(b.mul(t, const_i64(self.mr)), self.mr)
+                if rest:
+                    tile(const_i64(g.ow - rest), rest)
         if epilogue is not None:
             with for_range(b, oy1, start=oy0, name="eoy") as oy:
                 self._epilogue(oy, j0, cols, epilogue, operands)
