@@ -97,10 +97,10 @@ class Epilogue:
 def fused_conv(ctx: KernelContext, body) -> bool:
     """A Fused group of an NHWC Conv and the pointwise ops after it (Relu, a residual Add...)
     as one kernel: the chain runs on each block of conv output while it is in cache, instead
-    of as passes over the whole output. Returns False (nothing emitted) where the conv is not
-    a direct one or an operand is not laid out by rows."""
+    of as passes over the whole output. Returns False (nothing emitted) where the conv cannot
+    (``_takes_tail``) or an operand is not laid out by rows."""
     conv, *chain = body.nodes
-    if conv.op.name != "Conv" or conv.attrs.get("layout") != "NHWC" or not applies(conv) or not chain:
+    if conv.op.name != "Conv" or conv.attrs.get("layout") != "NHWC" or not _takes_tail(conv) or not chain:
         return False
     shape = conv.outputs[0].type.shape
     pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
@@ -119,8 +119,82 @@ def fused_conv(ctx: KernelContext, body) -> bool:
         return env[id(chain[-1].outputs[0])]
 
     conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
-    emit(conv_ctx, Epilogue(rows, apply))
+    (emit if applies(conv) else emit_pointwise_conv)(conv_ctx, Epilogue(rows, apply))
     return True
+
+
+def _takes_tail(conv) -> bool:
+    """Whether a fused conv can apply its pointwise tail block by block: a direct conv, or a
+    float 1x1 conv with unit strides and no pads (a GEMM over the positions)."""
+    from kiln.backends.llvm.kernels_nn import _nhwc_direct
+
+    return applies(conv) or (conv.attrs["group"] == 1 and conv.inputs[0].type.dtype in (DType.float32, DType.float64) and _nhwc_direct(conv))
+
+
+CHUNK_BYTES = 1 << 16  # output rows a 1x1 conv's thread finishes (GEMM, then tail) while they are in L2
+
+
+def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
+    """A 1x1 conv (unit strides, no pads) and its tail: y[N*P, M] = x[N*P, C] @ w[C, M] (+ bias),
+    the positions split over the pool (each thread a chunk of rows at a time: the GEMM, then
+    the tail while the rows are in cache) or, for few positions and many channels, the
+    columns (the GEMM on the thread's columns, then the tail on them)."""
+    from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, Start, _serial_gemm, micro_rows, vector_width
+
+    xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    c, m = xv.shape[-1], y.shape[-1]
+    rows = math.prod(y.shape[:-1])
+    a = View(xv.ptr, xv.dtype, (rows, c), (c, 1), xv.offset)
+    w = wv if isinstance(wv, Panels) else View(wv.ptr, wv.dtype, (c, m), (m, 1), wv.offset)
+    out = View(y.ptr, y.dtype, (rows, m), (m, 1), y.offset)
+    start = View(bias.ptr, bias.dtype, (rows, m), (0, 1), bias.offset) if bias is not None else None
+    mr, nr = micro_rows(rows), 2 * vector_width(y.dtype)
+    threads = num_threads() if rows * c * m >= PARALLEL_MACS else 1
+    by_rows = threads == 1 or (rows >= 4 * mr * threads and rows >= m) or m < 2 * nr * threads
+    views = [a, w, out, *([start] if start is not None else []), *epilogue.operands]
+
+    def tail(emitting, target: View, operands: list[View]) -> None:
+        from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
+
+        emit_pointwise_outputs(emitting.b, emitting.module, [target], [target, *operands], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)
+
+    def part(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        a_, w_, out_, *rest = [v.on(p) for v, p in zip(views, ptrs)]
+        start_ = Start(rest.pop(0), 1.0) if start is not None else None
+        if not by_rows:  # columns [lo, hi) of every row
+            cut = [v.columns(lo, hi) for v in rest]
+            _serial_gemm(emitting, a_, w_.columns(lo, hi), out_.columns(lo, hi), 1.0, mr, start_.part(start_.view.columns(lo, hi)) if start_ else None)
+            tail(emitting, out_.columns(lo, hi), cut)
+            return
+        chunk = max(mr, CHUNK_BYTES // (m * y.dtype.itemsize) // mr * mr)
+
+        def rows_from(v: View, first: ir.Value, count: int) -> View:
+            at = b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(first, const_i64(v.strides[0])))], source_etype=llvm_type(v.dtype))
+            return View(at, v.dtype, (count, v.shape[1]), v.strides)
+
+        def one(first: ir.Value, count: int) -> None:
+            target = rows_from(out_, first, count)
+            init = Start(rows_from(start_.view, first, count), 1.0) if start_ else None
+            _serial_gemm(emitting, rows_from(a_, first, count), w_, target, 1.0, mr, init)
+            tail(emitting, target, [rows_from(v, first, count) for v in rest])
+
+        if hi - lo <= chunk:
+            one(const_i64(lo), hi - lo)
+            return
+        # the last chunk ends at hi, overlapping the one before: its rows are computed afresh
+        # (the GEMM starts them from the bias), so one copy of the code serves every chunk
+        with for_range(b, -(-(hi - lo) // chunk), name="chunk") as k:
+            first = b.add(const_i64(lo), b.mul(k, const_i64(chunk)))
+            one(b.select(b.icmp_signed("<", first, const_i64(hi - chunk)), first, const_i64(hi - chunk)), chunk)
+
+    count, align = (rows, mr) if by_rows else (m, nr)
+    threads = min(threads, max(1, count // align))
+    if threads > 1:
+        parallel_rows(ctx, count, threads, [v.ptr for v in views], part, align=align)
+    else:
+        part(ctx, [v.ptr for v in views], 0, count, 0)
 
 
 def _by_rows(view: View) -> View | None:

@@ -481,9 +481,14 @@ def test_transposes_in_tiles_match_numpy(shape, perm):
     np.testing.assert_array_equal(kiln.compile(graph, target="llvm").run({"x": x})["y"], x.transpose(perm))
 
 
-def test_a_conv_and_its_pointwise_tail_run_as_one_kernel():
+@pytest.mark.parametrize("channels, size, kernel", [
+    (24, 60, 3),  # the direct conv: the tail on each (column block, output row) block
+    (24, 60, 1),  # a 1x1 conv, positions over threads: each thread's chunks of rows (the last overlapping)
+    (256, 7, 1),  # a 1x1 conv with few positions: columns over threads
+], ids=["direct", "1x1-rows", "1x1-columns"])
+def test_a_conv_and_its_pointwise_tail_run_as_one_kernel(channels, size, kernel):
     """Conv + per-channel scale + residual Add + Relu in one Fused group: the tail is applied
-    to each block of conv output (fused_conv), with the same result as eager."""
+    to each block of conv output while it is in cache (fused_conv), with eager's result."""
     from kiln import config
     from kiln.backends.llvm.kernels_conv import fused_conv  # noqa: F401 - the path under test
     from kiln.ir.dtypes import DType
@@ -492,17 +497,17 @@ def test_a_conv_and_its_pointwise_tail_run_as_one_kernel():
 
     rng = np.random.default_rng(6)
     graph = Graph("block")
-    x = graph.add_input("x", TensorType((2, 16, 60, 60), DType.float32))
-    w0 = graph.add_param("w0", rng.standard_normal((24, 16, 3, 3)).astype(np.float32))
+    x = graph.add_input("x", TensorType((2, 16, size, size), DType.float32))
+    w0 = graph.add_param("w0", rng.standard_normal((channels, 16, 3, 3)).astype(np.float32))
     skip = graph.add_node("Conv", [x, w0], {"pads": [1, 1, 1, 1]}).outputs[0]  # channels-last inside the graph
-    w = graph.add_param("w", rng.standard_normal((24, 16, 3, 3)).astype(np.float32))
-    bias = graph.add_param("b", rng.standard_normal(24).astype(np.float32))
-    scale = graph.add_param("s", rng.uniform(0.5, 2, (1, 24, 1, 1)).astype(np.float32))
-    y = graph.add_node("Conv", [x, w, bias], {"pads": [1, 1, 1, 1]}).outputs[0]
+    w = graph.add_param("w", rng.standard_normal((channels, 16, kernel, kernel)).astype(np.float32))
+    bias = graph.add_param("b", rng.standard_normal(channels).astype(np.float32))
+    scale = graph.add_param("s", rng.uniform(0.5, 2, (1, channels, 1, 1)).astype(np.float32))
+    y = graph.add_node("Conv", [x, w, bias], {"pads": [kernel // 2] * 4}).outputs[0]
     y = graph.add_node("Mul", [y, scale]).outputs[0]
     y = graph.add_node("Add", [y, skip]).outputs[0]
     graph.outputs = [graph.add_node("Relu", [y]).outputs[0]]
-    feed = {"x": rng.standard_normal((2, 16, 60, 60)).astype(np.float32)}
+    feed = {"x": rng.standard_normal((2, 16, size, size)).astype(np.float32)}
     (want,) = kiln.compile(graph).run(feed).values()
     for threads in (1, 2):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
