@@ -337,26 +337,33 @@ def test_the_cache_key_follows_kilns_sources(monkeypatch):
     assert llvm_cache_key(graph, host_cpu()) != before
 
 
-@pytest.mark.parametrize("op, attrs", [
-    ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
-    ("AveragePool", {"kernel_shape": [3, 3], "strides": [1, 2], "pads": [1, 0, 1, 2], "count_include_pad": 1}),
-    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("op, attrs, shape", [
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, (8, 6, 40, 40)),
+    ("MaxPool", {"kernel_shape": [3, 2], "dilations": [2, 1], "ceil_mode": 1, "strides": [2, 2]}, (2, 20, 17, 15)),
+    ("AveragePool", {"kernel_shape": [3, 3], "strides": [1, 2], "pads": [1, 0, 1, 2], "count_include_pad": 1}, (8, 6, 40, 40)),
+    ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}, (2, 20, 17, 15)),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (8, 6, 40, 40)),
+    ("MaxPool", {"kernel_shape": [2, 3, 2], "strides": [1, 2, 2], "pads": [0, 1, 1, 1, 1, 0]}, (2, 24, 6, 9, 8)),
 ])
-def test_pools_on_a_batch_match_eager(op, attrs):
-    """Padded, strided and count_include_pad pools on a batch, one and two threads, bounds-checked."""
+def test_pools_on_a_batch_match_eager(op, attrs, shape, layout):
+    """Padded, strided, dilated, ceil-mode and count_include_pad pools on a batch, 2-D and 3-D,
+    channels first or last (a channel row per tap), one and two threads, bounds-checked."""
     from kiln import config
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
     from kiln.ir.types import TensorType
 
     graph = Graph("pool")
-    x = graph.add_input("x", TensorType((8, 6, 40, 40), DType.float32))
+    x = graph.add_input("x", TensorType(shape, DType.float32))
     graph.outputs = [graph.add_node(op, [x], dict(attrs), num_outputs=1).outputs[0]]
-    feed = {"x": np.random.default_rng(4).standard_normal((8, 6, 40, 40)).astype(np.float32)}
+    feed = {"x": np.random.default_rng(4).standard_normal(shape).astype(np.float32)}
     (want,) = kiln.compile(graph).run(feed).values()
     for threads in (1, 2):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
-            (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
+            module = kiln.compile(graph, target="llvm", layout=layout)
+            assert next(n for n in module.graph.nodes if n.op.name == op).attrs["layout"] == layout.upper()
+            (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
