@@ -446,8 +446,8 @@ def test_reductions_over_leading_axes_accumulate_along_rows(op, axes):
     ((2, 16, 40), (32, 16, 5), {"pads": [2, 2], "strides": [2]}),  # 1-D
     ((1, 8, 6, 7, 8), (32, 8, 3, 3, 3), {"pads": [1, 0, 1, 1, 2, 1]}),  # 3-D
 ], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d"])
-@pytest.mark.parametrize("weights", ["constant", "input"])
-def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights):
+@pytest.mark.parametrize("weights, dtype", [("constant", "float32"), ("input", "float32"), ("constant", "float64")])
+def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype):
     """The direct convolution (no im2col): window rows read in place from a zero-padded copy of
     each image, packed or run-time weights, both thread splits, bounds checked; one thread and
     two give the same bits."""
@@ -459,12 +459,12 @@ def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights):
 
     rng = np.random.default_rng(4)
     graph = Graph("conv")
-    x = graph.add_input("x", TensorType(x_shape, DType.float32))
-    w_value = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
-    w = graph.add_param("w", w_value) if weights == "constant" else graph.add_input("w", TensorType(w_shape, DType.float32))
-    bias = graph.add_param("b", rng.standard_normal(w_shape[0]).astype(np.float32))
+    x = graph.add_input("x", TensorType(x_shape, DType[dtype]))
+    w_value = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(dtype)
+    w = graph.add_param("w", w_value) if weights == "constant" else graph.add_input("w", TensorType(w_shape, DType[dtype]))
+    bias = graph.add_param("b", rng.standard_normal(w_shape[0]).astype(dtype))
     graph.outputs = [graph.add_node("Conv", [x, w, bias], dict(attrs)).outputs[0]]
-    feed = {"x": rng.standard_normal(x_shape).astype(np.float32), **({"w": w_value} if weights == "input" else {})}
+    feed = {"x": rng.standard_normal(x_shape).astype(dtype), **({"w": w_value} if weights == "input" else {})}
     (want,) = kiln.compile(graph).run(feed).values()
     results = []
     for threads in (1, 2):
