@@ -14,7 +14,7 @@ from tvm import tirx as tir
 
 from kiln.backends.tvm.lower import broadcast_read, lowering
 from kiln.backends.tvm.scalar import dtype_of
-from kiln.backends.tvm.te_tensor import lowest, reduce, shape_of
+from kiln.backends.tvm.te_tensor import lowest, reduce, rounded, shape_of, wide
 from kiln.errors import KilnError
 from kiln.ir.ops.nn import _pool_geometry, _spatial_attrs
 
@@ -55,9 +55,9 @@ def conv(ctx, node, ins):
     def body(bi, mi, *o):
         ci = rc if g == 1 else (mi // mg) * cg + rc
         taps = [o[i] * strides[i] + rk[i] * dilations[i] for i in range(nd)]
-        return te.sum(x(bi, ci, *taps) * w(mi, rc, *rk), axis=[rc, *rk])
+        return te.sum(wide(x(bi, ci, *taps)) * wide(w(mi, rc, *rk)), axis=[rc, *rk])
 
-    y = te.compute(out, body, name="conv")
+    y = rounded(te.compute(out, body, name="conv"), dtype_of(x), "conv_rounded")
     if b is None:
         return y
     return te.compute(out, lambda *i: y(*i) + b(i[1]), name="bias")
@@ -181,7 +181,8 @@ def gemm(ctx, node, ins):
     k_dim = shape_of(a_)[0 if at else 1]
     k = te.reduce_axis((0, k_dim), "k")
     out = node.outputs[0].type.shape
-    y = te.compute(out, lambda i, j: te.sum((a_[k, i] if at else a_[i, k]) * (b_[j, k] if bt else b_[k, j]), axis=k), name="gemm")
+    y = te.compute(out, lambda i, j: te.sum(wide(a_[k, i] if at else a_[i, k]) * wide(b_[j, k] if bt else b_[k, j]), axis=k), name="gemm")
+    y = rounded(y, dtype_of(a_), "gemm_rounded")
     if alpha == 1.0 and (c_ is None or beta == 0.0):
         return y
     dtype = dtype_of(y)
@@ -210,17 +211,17 @@ def matmul(ctx, node, ins):
 
     def body(*o):
         if ra == 1 and rb == 1:
-            return te.sum(a_[k] * b_[k], axis=k)
+            return te.sum(wide(a_[k]) * wide(b_[k]), axis=k)
         if ra == 1:
             *bi, j = o
-            return te.sum(a_[k] * b_(*batch(b_, bi), k, j), axis=k)
+            return te.sum(wide(a_[k]) * wide(b_(*batch(b_, bi), k, j)), axis=k)
         if rb == 1:
             *bi, i = o
-            return te.sum(a_(*batch(a_, bi), i, k) * b_[k], axis=k)
+            return te.sum(wide(a_(*batch(a_, bi), i, k)) * wide(b_[k]), axis=k)
         *bi, i, j = o
-        return te.sum(a_(*batch(a_, bi), i, k) * b_(*batch(b_, bi), k, j), axis=k)
+        return te.sum(wide(a_(*batch(a_, bi), i, k)) * wide(b_(*batch(b_, bi), k, j)), axis=k)
 
-    return te.compute(out, body, name="matmul")
+    return rounded(te.compute(out, body, name="matmul"), dtype_of(a_), "matmul_rounded")
 
 
 # -- normalizations --------------------------------------------------------------------------

@@ -20,8 +20,27 @@ def lowest(dtype: str):
     return tir.min_value(dtype)
 
 
+def wide(expr):
+    """A float16 term as float32, where sums of it accumulate (numpy sums float16 in float and
+    rounds once); anything else as it is."""
+    return expr.astype("float32") if dtype_of(expr) == "float16" else expr
+
+
+def rounded(t: te.Tensor, dtype: str, name: str) -> te.Tensor:
+    """``t`` rounded to ``dtype`` (a float16 sum kept in float32 until here)."""
+    return t if dtype_of(t) == dtype else te.compute(t.shape, lambda *i: t(*i).astype(dtype), name=name)
+
+
 def reduce(x: te.Tensor, axes, combine, value=lambda v: v, keepdims: bool = True, name: str = "reduce") -> te.Tensor:
-    """``combine`` (te.sum, te.max...) of ``value(x)`` over ``axes``."""
+    """``combine`` (te.sum, te.max...) of ``value(x)`` over ``axes`` (a float16 sum in float32,
+    rounded once)."""
+    if combine is te.sum and dtype_of(x) == "float16":
+        narrow = value
+        return rounded(_reduce(x, axes, combine, lambda v: wide(narrow(v)), keepdims, name + "_wide"), "float16", name)
+    return _reduce(x, axes, combine, value, keepdims, name)
+
+
+def _reduce(x: te.Tensor, axes, combine, value, keepdims: bool, name: str) -> te.Tensor:
     shape = shape_of(x)
     axes = sorted(a % len(shape) for a in axes)
     rs = [te.reduce_axis((0, shape[a]), f"r{a}") for a in axes]
