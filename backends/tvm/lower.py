@@ -42,7 +42,7 @@ def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
 
 
 def _load_lowerings() -> None:
-    from kiln.backends.tvm import te_misc, te_nn, te_tensor  # noqa: F401
+    from kiln.backends.tvm import te_image, te_misc, te_nn, te_tensor  # noqa: F401
 
 
 def has_lowering(node: Node) -> bool:
