@@ -1,17 +1,21 @@
-"""TE lowerings of image sampling: GridSample (linear, nearest and cubic; zeros, border and
-reflection padding; any number of spatial axes), computed as eager computes it: coordinates,
-weights and the sum in float64, rounded back to the input's type once."""
+"""TE lowerings of image sampling and of windows put back into an image: GridSample (linear,
+nearest and cubic; zeros, border and reflection padding; any number of spatial axes: the
+coordinates, weights and sum in float64 as eager, rounded back once), Col2Im (each pixel
+gathers the column entries that land on it) and MaxUnpool (a scatter into zeros)."""
 
 from __future__ import annotations
 
 import itertools
 
-from tvm import te
+import math
+
+from tvm import te, topi
 from tvm import tirx as tir
 
 from kiln.backends.tvm.lower import lowering
 from kiln.backends.tvm.scalar import dtype_of
 from kiln.backends.tvm.te_tensor import shape_of
+from kiln.ir.ops.nn import _col2im_geometry
 
 F64 = "float64"
 
@@ -106,3 +110,46 @@ def grid_sample(ctx, node, ins):
         return total.astype(dtype_of(x))
 
     return te.compute(out_shape, body, name="grid_sample")
+
+
+@lowering("Col2Im")
+def col2im(ctx, node, ins):
+    """y[n, c, *p] = the sum over kernel offsets k of the column entry whose block lands k
+    there: block b_i = (p_i + pad_i - k_i * dilation_i) / stride_i, where that divides and is
+    one of the blocks."""
+    x = ins[0]
+    image, block, strides, dilations, pads, blocks, c = _col2im_geometry(node.attrs, shape_of(x))
+    nd = len(image)
+    rk = [te.reduce_axis((0, k), f"k{i}") for i, k in enumerate(block)]
+
+    def body(n, ch, *p):
+        ok, row, col = [], ch, 0
+        for i in range(nd):
+            offset = p[i] + pads[i] - rk[i] * dilations[i]
+            at = tir.floordiv(offset, strides[i])
+            ok += [offset >= 0, tir.floormod(offset, strides[i]) == 0, at < blocks[i]]
+            row = row * block[i] + rk[i]
+            col = col * blocks[i] + tir.max(at, 0)
+        value = x(n, row, tir.min(col, math.prod(blocks) - 1))
+        return te.sum(tir.if_then_else(tir.all(*ok), value, tir.const(0, dtype_of(x))), axis=rk)
+
+    return te.compute([shape_of(x)[0], c, *image], body, name="col2im")
+
+
+@lowering("MaxUnpool")
+def max_unpool(ctx, node, ins):
+    """Zeros of the unpooled (N, C, *unpooled_shape) image with each value at its flat index,
+    then padded with zeros (or cropped) at the end of each axis to the output shape."""
+    x, idx = ins
+    unpooled = [*shape_of(x)[:2], *node.attrs["unpooled_shape"]]
+    zeros = te.compute([math.prod(unpooled)], lambda i: tir.const(0, dtype_of(x)), name="zeros")
+    count = math.prod(shape_of(x))
+    flat = topi.scatter_elements(zeros, topi.reshape(idx, [count]), topi.reshape(x, [count]), 0, "update")
+    image = topi.reshape(flat, unpooled)
+    out = node.outputs[0].type.shape
+
+    def body(*i):
+        inside = tir.all(*[i[k] < unpooled[k] for k in range(2, len(out))])
+        return tir.if_then_else(inside, image(*[tir.min(i[k], unpooled[k] - 1) for k in range(len(out))]), tir.const(0, dtype_of(x)))
+
+    return te.compute(out, body, name="max_unpool")
