@@ -114,10 +114,42 @@ def max_pool(ctx, node, ins):
         coords, inside = taps(o)
         return te.max(tir.if_then_else(inside, x(bi, ci, *coords), lowest(dtype_of(x))), axis=rk)
 
-    return te.compute(node.outputs[0].type.shape, body, name="max_pool")
+    out = node.outputs[0].type.shape
+    y = te.compute(out, body, name="max_pool")
+    if len(node.outputs) == 1:
+        return y
+    # Indices: the first tap (in window order) holding the maximum (the first NaN where the
+    # maximum is NaN), as a flat index into the channels-first input (storage_order 1: the
+    # spatial axes column-major)
+    spatial = shape_of(x)[2:]
+    nd = len(spatial)
+    kernel, strides, dilations, pads, _ = _pool_geometry(node.attrs, node.inputs[0].type)
+    column_major = node.attrs.get("storage_order", 0)
+    place = [math.prod(spatial[:i]) if column_major else math.prod(spatial[i + 1 :]) for i in range(nd)]
+    rk2, taps2, _ = _windows(node, x)
 
+    def first_tap(bi, ci, *o):  # the tap's number in row-major window order
+        coords, inside = taps2(o)
+        v, top = x(bi, ci, *coords), y(bi, ci, *o)
+        hit = v == top
+        if dtype_of(x).startswith("float"):
+            hit = tir.Or(hit, tir.And(tir.isnan(v), tir.isnan(top)))
+        number = 0
+        for i in range(nd):
+            number = number * kernel[i] + rk2[i]
+        return te.min(tir.if_then_else(tir.And(inside, hit), number.astype("int64"), tir.const(math.prod(kernel), "int64")), axis=rk2)
 
-max_pool.accepts = lambda node: len(node.outputs) == 1  # the Indices output: no lowering yet
+    tap = te.compute(out, first_tap, name="max_pool_tap")
+
+    def index(bi, ci, *o):
+        number, flat = tap(bi, ci, *o), (bi * shape_of(x)[1] + ci).astype("int64") * math.prod(spatial)
+        for i in range(nd):
+            k = tir.floormod(tir.floordiv(number, math.prod(kernel[i + 1 :])), kernel[i])
+            coord = o[i] * strides[i] - pads[i] + k * dilations[i]
+            flat = flat + coord.astype("int64") * place[i]
+        return flat
+
+    return [y, te.compute(out, index, name="max_pool_indices")]
 
 
 @lowering("AveragePool", "LpPool")

@@ -144,3 +144,22 @@ def test_unlowered_ops_are_named_and_arch_is_checked():
 def test_running_cuda_code_without_a_gpu_says_so():
     with pytest.raises(KilnError, match="no CUDA device is visible"):
         kiln.compile(build(GRAPHS["mlp"]), target="tvm-cuda", arch="sm_90")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", ["f32", "i8"])
+@pytest.mark.parametrize("storage_order", [0, 1])
+def test_max_pool_indices_name_the_first_maximum_in_window_order(storage_order, dtype, target):
+    """Ties everywhere (small integers): the index is the first maximum in row-major window
+    order, flat into the channels-first input, spatial axes column-major for storage_order 1."""
+    graph = parse_graph(
+        f"""graph g(%x: {dtype}[2,16,9,7]) {{
+  %y: {dtype}[2,16,5,4], %i: i64[2,16,5,4] = MaxPool(%x) {{kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], storage_order={storage_order}}}
+  return %y, %i
+}}"""
+    )
+    x = np.random.default_rng(0).integers(-5, 5, (2, 16, 9, 7)).astype(np.float32 if dtype == "f32" else np.int8)
+    want = kiln.compile(graph).run({"x": x})
+    got = kiln.compile(graph, target=target).run({"x": x})
+    np.testing.assert_array_equal(got["y"], want["y"])
+    np.testing.assert_array_equal(got["i"], want["i"])
