@@ -11,10 +11,14 @@ accumulators stay in registers over all of K. Borders: the image is first copied
 zero-padded scratch image (one pass over the input, against im2col's kh * kw passes and a
 column matrix that leaves the caches).
 
-Work items are (column block, output row) pairs, column block major, split over the pool:
-each thread reads its own share of the weights (layer 4 of a ResNet: 9.4 MB of them) while
-the image stays in L2. The bias starts the accumulators; a fused pointwise tail (Relu, a
-residual Add) runs over each item's output block while it is in L1.
+K goes in parts whose weight rows fit L1 (whole tap rows, or pieces of KC), each part's
+slice reused by every row of the thread's share. Threads split the output rows where the
+weights are small (each reads them all and its part of the image), else (column block,
+output row) items, block major (each streams its share of the weights: layer 4 of a ResNet
+has 9.4 MB of them, which come from memory every run, so each K step prefetches its row of
+the next part). The bias starts the accumulators; a fused pointwise tail (Relu, a residual
+Add) runs over each block of output while it is in cache. A fused 1x1 conv (a GEMM over the
+positions) gets its tail the same way (``emit_pointwise_conv``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext
 from kiln.backends.llvm.emit import PTR, Panels, View, const_i64, entry_alloca, for_range, llvm_type
+from kiln.backends.llvm.kernels_nn import _unflatten
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.ir.dtypes import DType
@@ -216,18 +221,10 @@ def geometry(node) -> Geometry:
     return Geometry(x.shape[-1], w.shape[-1], tuple(w.shape[:nd]), tuple(strides), tuple(dilations), tuple(out), size, tuple(pads[:nd]), padded)
 
 
-def _unravel(b: ir.IRBuilder, flat: ir.Value, shape) -> list[ir.Value]:
-    coords = []
-    for n in reversed(shape):
-        coords.insert(0, b.urem(flat, const_i64(n)))
-        flat = b.udiv(flat, const_i64(n))
-    return coords
-
-
 def _tap_offset(b: ir.IRBuilder, g: Geometry, tap: ir.Value) -> ir.Value:
     """Where tap ``tap``'s window row starts, relative to the window's first element."""
     offset = const_i64(0)
-    for axis, k in enumerate(_unravel(b, tap, g.tap_shape)):
+    for axis, k in enumerate(_unflatten(b, tap, g.tap_shape)):
         offset = b.add(offset, b.mul(k, const_i64(g.dilations[axis] * g.pitch(axis))))
     return offset
 
@@ -235,7 +232,7 @@ def _tap_offset(b: ir.IRBuilder, g: Geometry, tap: ir.Value) -> ir.Value:
 def _row_start(b: ir.IRBuilder, g: Geometry, row: ir.Value) -> ir.Value:
     """Where output row ``row``'s first window starts in the padded image."""
     start = const_i64(0)
-    for axis, o in enumerate(_unravel(b, row, g.out[:-1])):
+    for axis, o in enumerate(_unflatten(b, row, g.out[:-1])):
         start = b.add(start, b.mul(o, const_i64(g.strides[axis] * g.pitch(axis))))
     return start
 
@@ -321,7 +318,7 @@ def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, g: Geometry, 
         with for_range(b, hi, start=lo, name="prow") as r:
             out_row = b.gep(out, [b.mul(r, const_i64(row_len))], source_etype=ty)
             inside, source_row = ir.Constant(ir.IntType(1), 1), const_i64(0)
-            for axis, coord in enumerate(_unravel(b, r, g.padded[:-1])):
+            for axis, coord in enumerate(_unflatten(b, r, g.padded[:-1])):
                 at = b.sub(coord, const_i64(g.before[axis]))
                 inside = b.and_(inside, b.and_(b.icmp_signed(">=", at, const_i64(0)), b.icmp_signed("<", at, const_i64(g.size[axis]))))
                 source_row = b.add(b.mul(source_row, const_i64(g.size[axis])), at)
