@@ -2,7 +2,8 @@
 
 Every runtime runs the same seeded inputs; each one's outputs are checked against kiln eager
 (the oracle) before its times count. Figures are medians and 90th percentiles over ``repeat``
-runs after ``warmup`` runs, taken in one process, one runtime after another.
+runs after ``warmup`` runs (and at least WARMUP_SECONDS of warm-up), taken in one process,
+one runtime after another.
 """
 
 from __future__ import annotations
@@ -54,10 +55,21 @@ def random_inputs(input_types: Mapping, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
+WARMUP_SECONDS = 0.3  # the least warm-up time, whatever ``warmup`` says
+
+
 def _time(run: Callable[[], object], warmup: int, repeat: int, tick: Callable[[], None]) -> list[float]:
-    for _ in range(warmup):
+    """``repeat`` timed runs after ``warmup`` runs and at least WARMUP_SECONDS of them: the
+    runtime timed before (numpy's BLAS, onnxruntime's pool) leaves threads spinning for a
+    while after its last call, which halved a small model's speed on two cores (MLP 0.24 ->
+    0.49 ms when its compile came from the cache and so started at once)."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < WARMUP_SECONDS:
         run()
-        tick()
+        if done < warmup:
+            tick()
+        done += 1
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
