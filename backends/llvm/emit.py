@@ -164,6 +164,50 @@ def for_range(b: ir.IRBuilder, stop: int | ir.Value, start: int | ir.Value = 0, 
     b.position_at_end(done)
 
 
+class Vectors:
+    """SIMD building blocks for the register-tiled kernels (GEMM, direct and dot-product
+    convolutions): ``width`` lanes of ``dtype``, loads and stores under a lane mask (None:
+    every lane), broadcasts and fused multiply-adds, emitted at ``b``."""
+
+    def __init__(self, b: ir.IRBuilder, module: ir.Module, dtype: DType, width: int):
+        self.b, self.width = b, width
+        self.scalar = llvm_type(dtype)
+        self.vec = ir.VectorType(self.scalar, width)
+        self.mask_ty = ir.VectorType(I1, width)
+        self.zero = ir.Constant(self.vec, [0.0] * width)
+        bits = dtype.itemsize * 8
+        self._fma = module.declare_intrinsic(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(self.vec, [self.vec] * 3))
+        self._masked_load = module.declare_intrinsic(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(self.vec, [PTR, I32, self.mask_ty, self.vec]))
+        self._masked_store = module.declare_intrinsic(f"llvm.masked.store.v{width}f{bits}.p0", (), ir.FunctionType(ir.VoidType(), [self.vec, PTR, I32, self.mask_ty]))
+
+    def mask(self, count: int) -> ir.Constant | None:
+        """The first ``count`` lanes (None: all of them)."""
+        return None if count == self.width else ir.Constant(self.mask_ty, [1] * count + [0] * (self.width - count))
+
+    def masks(self, columns: int) -> list[ir.Constant | None]:
+        """One mask per vector across ``columns`` lanes."""
+        return [self.mask(min(self.width, columns - h * self.width)) for h in range(-(-columns // self.width))]
+
+    def load(self, address: ir.Value, mask: ir.Constant | None = None) -> ir.Value:
+        if mask is None:
+            return self.b.load(address, typ=self.vec, align=4)
+        return self.b.call(self._masked_load, [address, ir.Constant(I32, 4), mask, self.zero])
+
+    def store(self, value: ir.Value, address: ir.Value, mask: ir.Constant | None = None) -> None:
+        if mask is None:
+            self.b.store(value, address, align=4)
+        else:
+            self.b.call(self._masked_store, [value, address, ir.Constant(I32, 4), mask])
+
+    def splat(self, value: ir.Value) -> ir.Value:
+        """``value`` in every lane."""
+        one = self.b.insert_element(ir.Constant(self.vec, ir.Undefined), value, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(one, ir.Constant(self.vec, ir.Undefined), ir.Constant(ir.VectorType(I32, self.width), [0] * self.width))
+
+    def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+        return self.b.call(self._fma, [a, b, c])
+
+
 def entry_alloca(b: ir.IRBuilder, ty: ir.Type) -> ir.Value:
     """A stack slot made once in the function's entry block (never inside a loop)."""
     here = b.block

@@ -30,14 +30,13 @@ from typing import Callable
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext
-from kiln.backends.llvm.emit import PTR, Panels, View, const_i64, entry_alloca, for_range, llvm_type
+from kiln.backends.llvm.emit import I32, PTR, Panels, Vectors, View, const_i64, entry_alloca, for_range, llvm_type
 from kiln.backends.llvm.kernels_nn import _unflatten
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.ir.dtypes import DType
 from kiln.ir.opdef import OpKind
 
-I32 = ir.IntType(32)
 SHARED_WEIGHTS = 1 << 20  # weights every thread may read whole (half of L2)
 PARALLEL_PAD = 1 << 15  # padded-image elements below which one thread copies
 
@@ -349,16 +348,9 @@ class _Tiles:
         self.b, self.module, self.g = emitting.b, emitting.module, g
         self.dtype, self.width, self.mr = dtype, width, mr
         self.source, self.weights, self.out, self.bias = source, weights, out, bias
-        self.ty = llvm_type(dtype)
-        self.vec = ir.VectorType(self.ty, width)
-        self.mask_ty = ir.VectorType(ir.IntType(1), width)
-        bits = dtype.itemsize * 8
-        declare = self.module.declare_intrinsic
-        self.fma = declare(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(self.vec, [self.vec] * 3))
-        self.masked_load = declare(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(self.vec, [PTR, I32, self.mask_ty, self.vec]))
-        self.masked_store = declare(f"llvm.masked.store.v{width}f{bits}.p0", (), ir.FunctionType(ir.VoidType(), [self.vec, PTR, I32, self.mask_ty]))
-        self.zero = ir.Constant(self.vec, [0.0] * width)
-        self.prefetcher = declare("llvm.prefetch.p0", (), ir.FunctionType(ir.VoidType(), [PTR, I32, I32, I32]))
+        self.V = Vectors(self.b, self.module, dtype, width)
+        self.ty = self.V.scalar
+        self.prefetcher = self.module.declare_intrinsic("llvm.prefetch.p0", (), ir.FunctionType(ir.VoidType(), [PTR, I32, I32, I32]))
         # K in parts whose weight rows fit L1: groups of whole taps (a window row each where
         # width dilation is 1) within KC rows, or one tap in pieces of at most KC
         from kiln.backends.llvm.kernels_nn import KC
@@ -372,17 +364,6 @@ class _Tiles:
         # (ResNet-18's layer 4 convs: 1.05-1.17 -> 0.72-0.78 ms)
         large = g.kk * g.m * dtype.itemsize > SHARED_WEIGHTS
         self.prefetch = (self.per_group * g.run if self.pieces == 1 else self.piece) if large else 0
-
-    def _load(self, address, mask):
-        if mask is None:
-            return self.b.load(address, typ=self.vec, align=4)
-        return self.b.call(self.masked_load, [address, ir.Constant(I32, 4), mask, self.zero])
-
-    def _store(self, value, address, mask):
-        if mask is None:
-            self.b.store(value, address, align=4)
-        else:
-            self.b.call(self.masked_store, [value, address, ir.Constant(I32, 4), mask])
 
     def segment(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value, epilogue, operands: list[View]) -> None:
         """Output rows [oy0, oy1) of column block ``jb`` (the last block may be partial)."""
@@ -403,8 +384,7 @@ class _Tiles:
         piece's slice of the weights (at most KC rows of nr) stays in L1 while every tile of
         the rows multiplies by it; the tiles keep their partial sums in the output between pieces."""
         b, g, width = self.b, self.g, self.width
-        lanes = [min(width, cols - h * width) for h in range(-(-cols // width))]
-        masks = [None if n == width else ir.Constant(self.mask_ty, [1] * n + [0] * (width - n)) for n in lanes]
+        masks = self.V.masks(cols)
         j0 = b.mul(jb, const_i64(2 * width))
         if isinstance(self.weights, Panels):  # this block's panel: kk rows of nr contiguous (zero-padded)
             panel = b.gep(self.weights.ptr, [b.add(const_i64(self.weights.offset), b.mul(jb, const_i64(g.kk * self.weights.nr)))], source_etype=self.ty)
@@ -415,7 +395,7 @@ class _Tiles:
         starts = None
         if self.bias is not None:
             first = b.gep(self.bias.ptr, [b.add(const_i64(self.bias.offset), j0)], source_etype=self.ty)
-            starts = [self._load(b.gep(first, [const_i64(h * width)], source_etype=self.ty), mask) for h, mask in enumerate(masks)]
+            starts = [self.V.load(b.gep(first, [const_i64(h * width)], source_etype=self.ty), mask) for h, mask in enumerate(masks)]
         run, taps, per_group, pieces, piece = g.run, self.taps, self.per_group, self.pieces, self.piece
         with for_range(b, -(-taps // per_group) * pieces, name="part") as part:
             group, p = b.udiv(part, const_i64(pieces)), b.urem(part, const_i64(pieces))
@@ -447,18 +427,18 @@ class _Tiles:
         """``rows`` output positions, windows from ``first`` (an element index into the source
         image), by one vector per mask, over elements [k0, k1) of taps [tap0, tap1) (B's rows
         from ``panel``): accumulators from the bias (``begin``: the first part of K) or the output."""
-        b, g, ty, width = self.b, self.g, self.ty, self.width
+        b, g, ty, width, V = self.b, self.g, self.ty, self.width, self.V
         out = b.gep(self.out, [out_at], source_etype=ty)
-        accs = [[entry_alloca(b, self.vec) for _ in masks] for _ in range(rows)]
+        accs = [[entry_alloca(b, V.vec) for _ in masks] for _ in range(rows)]
         with b.if_else(begin) as (fresh, partial):
             with fresh:
                 for row in accs:
                     for h, slot in enumerate(row):
-                        b.store(starts[h] if starts is not None else self.zero, slot)
+                        b.store(starts[h] if starts is not None else V.zero, slot)
             with partial:
                 for r, row in enumerate(accs):
                     for h, slot in enumerate(row):
-                        b.store(self._load(b.gep(out, [const_i64(r * g.m + h * width)], source_etype=ty), masks[h]), slot)
+                        b.store(V.load(b.gep(out, [const_i64(r * g.m + h * width)], source_etype=ty), masks[h]), slot)
         step = g.strides[-1] * g.c  # between consecutive positions' windows
         tap0, tap1, k0, k1 = k_range
         with for_range(b, tap1, start=tap0, name="tap") as tap:
@@ -467,25 +447,23 @@ class _Tiles:
                 self._multiply(rows, step, b.add(first, window), b.add(b.mul(tap, const_i64(g.run)), j), j, panel, b_row, b_masks, accs)
         for r in range(rows):
             for h, mask in enumerate(masks):
-                self._store(b.load(accs[r][h], typ=self.vec), b.gep(out, [const_i64(r * g.m + h * width)], source_etype=ty), mask)
+                V.store(b.load(accs[r][h], typ=V.vec), b.gep(out, [const_i64(r * g.m + h * width)], source_etype=ty), mask)
 
     def _multiply(self, rows: int, step: int, window: ir.Value, kk: ir.Value, j: ir.Value, panel: ir.Value, b_row: int, b_masks: list, accs) -> None:
         """One K step: B's row ``kk`` (one vector per mask) times A's element ``j`` of each of
         ``rows`` windows from ``window``, ``step`` apart, into the accumulators."""
-        b, ty, width = self.b, self.ty, self.width
+        b, ty, width, V = self.b, self.ty, self.width, self.V
         b_at = b.gep(panel, [b.mul(kk, const_i64(b_row))], source_etype=ty)
         if self.prefetch:  # the same row of the next part of K, into L2 while this part runs
             ahead = b.gep(b_at, [const_i64(self.prefetch * b_row)], source_etype=ty)
             for h in range(len(b_masks)):
                 b.call(self.prefetcher, [b.gep(ahead, [const_i64(h * width)], source_etype=ty), ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
-        bvs = [self._load(b.gep(b_at, [const_i64(h * width)], source_etype=ty), mask) for h, mask in enumerate(b_masks)]
+        bvs = [V.load(b.gep(b_at, [const_i64(h * width)], source_etype=ty), mask) for h, mask in enumerate(b_masks)]
         a_ptr = b.gep(self.source, [b.add(window, j)], source_etype=ty)
         for r in range(rows):
-            av = b.load(b.gep(a_ptr, [const_i64(r * step)], source_etype=ty), typ=ty)
-            splat = b.insert_element(ir.Constant(self.vec, ir.Undefined), av, ir.Constant(I32, 0))
-            splat = b.shuffle_vector(splat, ir.Constant(self.vec, ir.Undefined), ir.Constant(ir.VectorType(I32, width), [0] * width))
+            splat = V.splat(b.load(b.gep(a_ptr, [const_i64(r * step)], source_etype=ty), typ=ty))
             for h in range(len(bvs)):
-                b.store(b.call(self.fma, [splat, bvs[h], b.load(accs[r][h], typ=self.vec)]), accs[r][h])
+                b.store(V.fma(splat, bvs[h], b.load(accs[r][h], typ=V.vec)), accs[r][h])
 
     def _epilogue(self, oy: ir.Value, j0: ir.Value, cols: int, epilogue, operands: list[View]) -> None:
         """The pointwise tail over this item's (ow, cols) output block, in place."""

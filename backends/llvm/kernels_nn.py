@@ -10,7 +10,7 @@ import llvmlite.ir as ir
 import numpy as np
 
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
-from kiln.backends.llvm.emit import I64, PTR, LLVMScalarOps, Panels, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.emit import I64, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -175,34 +175,16 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
     b = ctx.b
     m, k = a.shape
     n = bm.shape[1]
-    scalar = _t(c)
-    vec = ir.VectorType(scalar, width)
-    mask_ty = ir.VectorType(ir.IntType(1), width)
-    bits = c.dtype.itemsize * 8
-    fma = ctx.module.declare_intrinsic(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(vec, [vec, vec, vec]))
-    masked_load = ctx.module.declare_intrinsic(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(vec, [PTR, ir.IntType(32), mask_ty, vec]))
-    masked_store = ctx.module.declare_intrinsic(f"llvm.masked.store.v{width}f{bits}.p0", (), ir.FunctionType(ir.VoidType(), [vec, PTR, ir.IntType(32), mask_ty]))
-    zero = ir.Constant(vec, [0.0] * width)
+    V = Vectors(b, ctx.module, c.dtype, width)
+    vec, zero = V.vec, V.zero
     rows_full = (m // mr) * mr
-
-    def load(address, mask):
-        if mask is None:
-            return b.load(address, typ=vec, align=4)
-        return b.call(masked_load, [address, ir.Constant(ir.IntType(32), 4), mask, zero])
-
-    def store(value, address, mask):
-        if mask is None:
-            b.store(value, address, align=4)
-        else:
-            b.call(masked_store, [value, address, ir.Constant(ir.IntType(32), 4), mask])
 
     def initial(i: ir.Value, j: ir.Value, mask) -> ir.Value:
         view = start.view
         if view.strides[-1] == 1:
-            value = load(view.address(b, [i, j]), mask)
+            value = V.load(view.address(b, [i, j]), mask)
         else:  # one value per row, broadcast along it
-            one = b.load(view.address(b, [i, j]), typ=scalar)
-            value = b.shuffle_vector(b.insert_element(ir.Constant(vec, ir.Undefined), one, ir.Constant(ir.IntType(32), 0)), ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+            value = V.splat(b.load(view.address(b, [i, j]), typ=V.scalar))
         return value if start.beta == 1.0 else b.fmul(value, ir.Constant(vec, [float(start.beta)] * width))
 
     def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list, k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
@@ -225,22 +207,20 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
                 with otherwise:
                     for r, row in enumerate(accs):
                         for h, slot in enumerate(row):
-                            b.store(load(c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), masks[h]), slot)
+                            b.store(V.load(c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), masks[h]), slot)
         with for_range(b, k1, start=k0, name="mk") as kk:
-            bvs = [load(bm.address(b, [kk, b.add(j0, const_i64(h * width))]), mask) for h, mask in enumerate(masks)]
+            bvs = [V.load(bm.address(b, [kk, b.add(j0, const_i64(h * width))]), mask) for h, mask in enumerate(masks)]
             for r in range(rows):
-                av = b.load(a.address(b, [b.add(i0, const_i64(r)), kk]), typ=scalar)
-                splat = b.insert_element(ir.Constant(vec, ir.Undefined), av, ir.Constant(ir.IntType(32), 0))
-                splat = b.shuffle_vector(splat, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+                splat = V.splat(b.load(a.address(b, [b.add(i0, const_i64(r)), kk]), typ=V.scalar))
                 for h in range(len(masks)):
-                    b.store(b.call(fma, [splat, bvs[h], b.load(accs[r][h], typ=vec)]), accs[r][h])
+                    b.store(V.fma(splat, bvs[h], b.load(accs[r][h], typ=vec)), accs[r][h])
         scale = ir.Constant(vec, [float(alpha)] * width)
         for r in range(rows):
             for h, mask in enumerate(masks):
                 value = b.load(accs[r][h], typ=vec)
                 if alpha != 1.0:
                     value = b.fmul(value, scale)
-                store(value, c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), mask)
+                V.store(value, c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), mask)
 
     def column_block(j0: ir.Value, masks: list, *k_block) -> None:
         if rows_full:
@@ -258,9 +238,7 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
             with for_range(b, n // nr, name="nb") as jb:
                 column_block(b.mul(jb, const_i64(nr)), [None, None], k0, k1, first)
         if rest:
-            lanes = [min(width, rest - h * width) for h in range((rest + width - 1) // width)]
-            masks = [None if count == width else ir.Constant(mask_ty, [1] * count + [0] * (width - count)) for count in lanes]
-            column_block(const_i64(n - rest), masks, k0, k1, first)
+            column_block(const_i64(n - rest), V.masks(rest), k0, k1, first)
 
     # K in blocks of KC when it is long (a ResNet's 3x3x512 = 4608): the block's B panel stays
     # in L1 across the row tiles and its A block in L2 across the column blocks
@@ -489,22 +467,13 @@ def _dot_conv(ctx: KernelContext, node) -> None:
 
     def positions(emitting, ptrs, lo, hi, _):
         b = emitting.b
-        module = emitting.module
-        scalar = _t(ctx.outputs[0])
-        vec = ir.VectorType(scalar, width)
-        bits = x.dtype.itemsize * 8
-        mask_ty = ir.VectorType(ir.IntType(1), width)
-        fma = module.declare_intrinsic(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(vec, [vec, vec, vec]))
-        masked_load = module.declare_intrinsic(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(vec, [PTR, ir.IntType(32), mask_ty, vec]))
-        reduce_add = module.declare_intrinsic(f"llvm.vector.reduce.fadd.v{width}f{bits}", (), ir.FunctionType(scalar, [scalar, vec]))
-        zero = ir.Constant(vec, [0.0] * width)
+        V = Vectors(b, emitting.module, x.dtype, width)
+        scalar, vec = V.scalar, V.vec
+        reduce_add = emitting.module.declare_intrinsic(f"llvm.vector.reduce.fadd.v{width}f{x.dtype.itemsize * 8}", (), ir.FunctionType(scalar, [scalar, vec]))
         xv, wv, y = ctx.inputs[0].on(ptrs[0]), ctx.inputs[1].on(ptrs[1]), ctx.outputs[0].on(ptrs[2])
 
         def load(address, count):
-            if count == width:
-                return b.load(address, typ=vec, align=4)
-            mask = ir.Constant(mask_ty, [1] * count + [0] * (width - count))
-            return b.call(masked_load, [address, ir.Constant(ir.IntType(32), 4), mask, zero])
+            return V.load(address, V.mask(count))
 
         def window_start(img, j):
             """Where position j's window starts in image img (its first tap's element)."""
@@ -517,7 +486,7 @@ def _dot_conv(ctx: KernelContext, node) -> None:
             accs = [[entry_alloca(b, vec) for _ in range(cols)] for _ in range(rows)]
             for row in accs:
                 for slot in row:
-                    b.store(zero, slot)
+                    b.store(V.zero, slot)
             starts = [window_start(img, b.add(j0, const_i64(q))) for q in range(cols)]
             with loop_nest(b, (c, *kernel_shape[:-1]), name="tap") as (ch, *ks):
                 x_off = b.mul(ch, const_i64(math.prod(in_sp)))
@@ -529,7 +498,7 @@ def _dot_conv(ctx: KernelContext, node) -> None:
                     bv = [load(b.gep(xv.ptr, [b.add(b.add(starts[q], x_off), const_i64(start))], source_etype=scalar), count) for q in range(cols)]
                     for r in range(rows):
                         for q in range(cols):
-                            b.store(b.call(fma, [av[r], bv[q], b.load(accs[r][q], typ=vec)]), accs[r][q])
+                            b.store(V.fma(av[r], bv[q], b.load(accs[r][q], typ=vec)), accs[r][q])
             for r in range(rows):
                 for q in range(cols):
                     total = b.call(reduce_add, [ir.Constant(scalar, 0.0), b.load(accs[r][q], typ=vec)], fastmath=("reassoc",))  # a tree of the lanes
