@@ -108,7 +108,7 @@ def _windows(node, x):
 def max_pool(ctx, node, ins):
     _channels_first(node)
     x = ins[0]
-    rk, taps, _ = _windows(node, x)
+    rk, taps, (kernel, strides, dilations, pads, _) = _windows(node, x)
 
     def body(bi, ci, *o):
         coords, inside = taps(o)
@@ -123,10 +123,9 @@ def max_pool(ctx, node, ins):
     # spatial axes column-major)
     spatial = shape_of(x)[2:]
     nd = len(spatial)
-    kernel, strides, dilations, pads, _ = _pool_geometry(node.attrs, node.inputs[0].type)
     column_major = node.attrs.get("storage_order", 0)
     place = [math.prod(spatial[:i]) if column_major else math.prod(spatial[i + 1 :]) for i in range(nd)]
-    rk2, taps2, _ = _windows(node, x)
+    rk2, taps2, _ = _windows(node, x)  # reduce axes of its own for the second reduction
 
     def first_tap(bi, ci, *o):  # the tap's number in row-major window order
         coords, inside = taps2(o)
