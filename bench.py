@@ -139,12 +139,14 @@ def bench(
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     layout: str = "auto",
     profile: bool = False,
+    tune: int | None = None,
 ) -> list[BenchRow]:
     """Time kiln ``target`` and each runtime in ``vs`` on ``model``; rows in that order.
 
     ``progress(label, total)`` returns a function to call once per run (for a progress bar).
     ``profile``: kiln's compiled target is built with per-kernel timers (``KILN_PROFILE``); its
     row carries the time of every node over the timed runs. The timers cost a few cycles a node.
+    ``tune``: MetaSchedule trials for a TVM ``target`` (tuning is part of its setup time).
     """
     path = resolve_model(model, shapes)
     if isinstance(path, onnx.ModelProto):
@@ -175,14 +177,15 @@ def bench(
         elif runtime == "tvm":
             run = _tvm(path, eager.input_types)
             setup = time.perf_counter() - start
-        elif runtime in ("llvm",):
-            with config.override(profile=profile):
-                module = kiln_compile(path, runtime, shapes=shapes, layout=layout)
+        elif runtime in ("llvm", "tvm-llvm", "tvm-cuda"):
+            timed_kernels = profile and runtime == target == "llvm"
+            with config.override(profile=timed_kernels):
+                module = kiln_compile(path, runtime, shapes=shapes, layout=layout, tune=tune if runtime == target else None)
             run, setup = module.run, time.perf_counter() - start
-            arena = module.executable.layout["arena_bytes"]
-            profiled = module.executable if profile else None
+            arena = getattr(module.executable, "layout", {}).get("arena_bytes")  # the llvm target's memory plan
+            profiled = module.executable if timed_kernels else None
         else:
-            raise KilnError(f"unknown runtime {runtime!r} for --vs (kiln targets: eager, llvm; peers: onnxruntime, tvm)")
+            raise KilnError(f"unknown runtime {runtime!r} for --vs (kiln targets: eager, llvm, tvm-llvm, tvm-cuda; peers: onnxruntime, tvm)")
         tick = progress(runtime, warmup + repeat) if progress else (lambda: None)
         outputs = run(feeds)
         if profiled is not None and runtime == target:

@@ -52,7 +52,7 @@ def _parse_inputs(ctx, param, values: Sequence[str]) -> dict[str, Path]:
 MODEL_HELP = "an .onnx file, a .kiln artifact, or a zoo model name (see `kiln zoo`)"
 
 
-def _open(model: str, target: str, shapes: dict, opts: dict | None = None, arch: str | None = None):
+def _open(model: str, target: str, shapes: dict, opts: dict | None = None, arch: str | None = None, tune: int | None = None):
     """A Module for ``model``: load an artifact, or compile an ONNX file / built-in model.
 
     ``opts`` holds the pass options (-O, --passes, --pass-plugin, --dump-ir, --time-passes).
@@ -62,8 +62,8 @@ def _open(model: str, target: str, shapes: dict, opts: dict | None = None, arch:
 
     opts = opts or {}
     if model.endswith(".kiln"):
-        if shapes or opts.get("opt") or opts.get("passes") or opts.get("layout", "auto") != "auto" or arch:
-            raise click.UsageError("--shape, -O, --passes, --layout and --arch apply to ONNX models; an artifact is already compiled")
+        if shapes or opts.get("opt") or opts.get("passes") or opts.get("layout", "auto") != "auto" or arch or tune:
+            raise click.UsageError("--shape, -O, --passes, --layout, --arch and --tune apply to ONNX models; an artifact is already compiled")
         return kiln.load(model)
     for module in opts.get("plugins", ()):
         load_plugin(module)
@@ -76,6 +76,7 @@ def _open(model: str, target: str, shapes: dict, opts: dict | None = None, arch:
         dump_ir=opts.get("dump_ir"),
         layout=opts.get("layout", "auto"),
         arch=arch,
+        tune=tune,
     )
     if opts.get("time_passes"):
         _print_pass_times(module.pass_records)
@@ -138,6 +139,10 @@ shape_option = click.option(
 )
 target_option = click.option("--target", "-t", default="eager", show_default=True, help="backend to compile for: eager, llvm, tvm-llvm, tvm-cuda")
 arch_option = click.option("--arch", metavar="SM", help="GPU generation for tvm-cuda, e.g. sm_90 [default: the GPU present, else sm_90]")
+tune_option = click.option(
+    "--tune", type=click.IntRange(1), metavar="TRIALS",
+    help="tvm targets: tune the kernels with MetaSchedule, TRIALS measured candidates in all (records kept in kiln's cache)",
+)
 
 
 @cli.command()
@@ -145,12 +150,13 @@ arch_option = click.option("--arch", metavar="SM", help="GPU generation for tvm-
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="artifact to write [default: MODEL.kiln]")
 @target_option
 @arch_option
+@tune_option
 @shape_option
 @_pass_options
-def compile(model: str, output: str | None, target: str, arch: str | None, shapes: dict, **pass_opts) -> None:
+def compile(model: str, output: str | None, target: str, arch: str | None, tune: int | None, shapes: dict, **pass_opts) -> None:
     """Compile MODEL (an .onnx file or a built-in name) into a .kiln artifact."""
     start = time.perf_counter()
-    module = _open(model, target, shapes, _opts(**pass_opts), arch)
+    module = _open(model, target, shapes, _opts(**pass_opts), arch, tune)
     path = Path(output) if output else Path(Path(model).stem + ".kiln")
     module.save(path)
     g = module.graph
@@ -167,12 +173,13 @@ def compile(model: str, output: str | None, target: str, arch: str | None, shape
 @click.option("--seed", default=0, show_default=True, help="seed of the random inputs used when none are given")
 @target_option
 @arch_option
+@tune_option
 @shape_option
 @_pass_options
-def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str, arch: str | None, shapes: dict, **pass_opts) -> None:
+def run(model: str, inputs: dict, output_dir: str | None, seed: int, target: str, arch: str | None, tune: int | None, shapes: dict, **pass_opts) -> None:
     """Run MODEL once and summarize its outputs (random inputs unless --input is given)."""
     start = time.perf_counter()
-    module = _open(model, target, shapes, _opts(**pass_opts), arch)
+    module = _open(model, target, shapes, _opts(**pass_opts), arch, tune)
     built = time.perf_counter()
     if inputs:
         feeds = {name: _load_npy(path) for name, path in inputs.items()}
@@ -259,8 +266,9 @@ def inspect(model: str, no_ir: bool, memory: bool, as_json: bool, shapes: dict, 
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the rows as JSON here")
 @click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True, help="data layout of the compiled target's convolutions")
 @click.option("--profile", "top", type=click.IntRange(1), help="time every kernel of kiln's build (KILN_PROFILE) and show the TOP costliest nodes and the time per op")
+@tune_option
 @shape_option
-def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: str | None, layout: str, top: int | None, shapes: dict) -> None:
+def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: str | None, layout: str, top: int | None, tune: int | None, shapes: dict) -> None:
     """Time MODEL compiled by kiln against eager and its peers; outputs checked against eager."""
     from rich.progress import Progress
 
@@ -273,7 +281,7 @@ def bench(model: str, target: str, vs: str, warmup: int, repeat: int, json_out: 
             task = bar.add_task(f"{label}", total=total)
             return lambda: bar.advance(task)
 
-        rows = run_bench(model, target, [r for r in vs.split(",") if r], shapes, warmup, repeat, progress, layout, profile=top is not None)
+        rows = run_bench(model, target, [r for r in vs.split(",") if r], shapes, warmup, repeat, progress, layout, profile=top is not None, tune=tune)
     table = Table("runtime", "setup s", "median ms", "p90 ms", "samples/s", "vs eager", "max abs err", "max rel err", "matches", "arena bytes", title=f"{model}")
     for r in rows:
         table.add_row(

@@ -111,6 +111,7 @@ def compile(
     dump_ir: str | os.PathLike | None = None,
     layout: str = "auto",
     arch: str | None = None,
+    tune: int | None = None,
     recompute: bool = False,
     donate: Mapping[str, str] | None = None,
 ) -> Module:
@@ -119,7 +120,8 @@ def compile(
     ``shapes`` binds symbolic input dims (``{"x": (1, 3, 224, 224)}``); ``constants`` fixes
     inputs to values, which then become parameters. ``pipeline`` defaults to the backend's
     (``O0`` for eager, which is the unoptimized oracle); ``passes`` run after it. ``arch`` is
-    the GPU generation of ``tvm-cuda`` (``sm_90``...). ``recompute`` trades arithmetic for
+    the GPU generation of ``tvm-cuda`` (``sm_90``...); ``tune`` tunes the kernels of the TVM
+    targets with MetaSchedule, with that many trials (records kept in the cache). ``recompute`` trades arithmetic for
     memory: cheap values read again much later (a training step's activations, read by their
     gradients) are rebuilt where they are read again (-O2's ``rematerialize``). ``donate``
     maps output names to input names whose arrays the outputs may be written over (a training
@@ -127,7 +129,7 @@ def compile(
     output is computed in place and ``run`` returns the input's array, now holding it; other
     targets return the output as usual.
     """
-    backend = get_backend(target, arch)
+    backend = get_backend(target, arch, tune)
     chosen_pipeline = pipeline or backend.default_pipeline
     if layout == "auto":  # the backend's preference, where the pipeline converts layouts at all
         layout = backend.preferred_layout if chosen_pipeline.lstrip("-").upper() == "O2" else "nchw"

@@ -10,6 +10,7 @@ library, so ``kiln.load`` never compiles again; compiles are cached like the llv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -127,18 +128,40 @@ def _has_lowering(node: Node) -> bool:
     return has_lowering(node)
 
 
-def compile_library(graph: Graph, target: TVMTarget) -> bytes:
-    """The exported shared library of ``graph`` built for ``target``."""
-    tvm = _tvm()
+def compile_library(graph: Graph, target: TVMTarget, tune_trials: int | None = None) -> bytes:
+    """The exported shared library of ``graph`` built for ``target``; with ``tune_trials``, its
+    kernels tuned by MetaSchedule first (``tune.py``)."""
     from kiln.backends.tvm.lower import to_relax, unsupported_ops
 
     missing = unsupported_ops(graph)
     if missing:
         raise KilnError(f"target {target.name}: no TVM lowering yet for {', '.join(missing)}")
-    module = to_relax(graph)
     tvm_target = target.tvm_target()
+    module = legalize(to_relax(graph), tvm_target)
+    if not tune_trials:
+        return _build(graph, module, target, relax_pipeline(target.kind, tvm_target))
+    from kiln.backends.tvm import tune
+
+    tune.check_requirements(target)
+    with tune.database(target) as db:
+        tune.tune(module, target, tune_trials, db)
+        return _build(graph, module, target, relax_pipeline(target.kind, tvm_target, db))
+
+
+def legalize(module, tvm_target):
+    """Relax ops (reshapes...) as PrimFuncs, each PrimFunc annotated with its pattern: the
+    module that is tuned and built."""
+    import tvm
+    from tvm import relax
+
+    with tvm_target:
+        return tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()])(module)
+
+
+def _build(graph: Graph, module, target: TVMTarget, pipeline) -> bytes:
+    tvm = _tvm()
     try:
-        executable = tvm.compile(module, target=tvm_target, relax_pipeline=relax_pipeline(target.kind, tvm_target))
+        executable = tvm.compile(module, target=target.tvm_target(), relax_pipeline=pipeline)
     except Exception as err:  # noqa: BLE001 - TVM's errors carry its C++ stack
         raise KilnError(f"internal error: TVM could not build {graph.name!r} for {target.name}: {_first_line(err)}") from None
     with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as folder:
@@ -148,10 +171,11 @@ def compile_library(graph: Graph, target: TVMTarget) -> bytes:
             return fh.read()
 
 
-def relax_pipeline(kind: str, tvm_target):
-    """TVM's default Relax pipeline for the target without its FuseOps/FuseTIR: kiln's passes
-    chose the groups, each already one PrimFunc. On CUDA dlight's default GPU rules schedule
-    every PrimFunc (matmul, GEMV, reductions, then a fallback for the rest)."""
+def relax_pipeline(kind: str, tvm_target, database=None):
+    """TVM's default Relax pipeline for the (legalized) module without its FuseOps/FuseTIR:
+    kiln's passes chose the groups, each already one PrimFunc. A tuning ``database`` schedules
+    the kernels it holds; on CUDA dlight's default GPU rules schedule the rest (matmul, GEMV,
+    reductions, then a fallback)."""
     import tvm
     from tvm import relax
 
@@ -159,17 +183,19 @@ def relax_pipeline(kind: str, tvm_target):
     from tvm.relax.backend.cuda import pipeline as cuda
 
     backend = cuda if kind == "cuda" else cpu
-    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()]
-    if kind == "cuda":
-        from tvm.s_tir import dlight as dl
-
-        rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-        passes.append(dl.ApplyDefaultSchedule(*rules))
-    passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
 
     @tvm.transform.module_pass(opt_level=0, name="KilnRelaxPipeline")
     def pipeline(mod, _ctx):
-        with tvm_target:
+        with tvm_target, (database if database is not None else contextlib.nullcontext()):
+            passes = []
+            if database is not None:  # reads the target and the database from the context
+                passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+            if kind == "cuda":
+                from tvm.s_tir import dlight as dl
+
+                rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+                passes.append(dl.ApplyDefaultSchedule(*rules))
+            passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
             return tvm.transform.Sequential(passes)(mod)
 
     return pipeline
@@ -188,9 +214,10 @@ class TVMBackend:
     # ops without a lowering expressed through others; recurrent ops become GEMMs and gate math, as on llvm
     lowering = [Decompose(when=lambda node: not _has_lowering(node)), "decompose_rnn"]
 
-    def __init__(self, kind: str, arch: str | None = None):
+    def __init__(self, kind: str, arch: str | None = None, tune: int | None = None):
         self.kind = kind
         self.arch = arch
+        self.tune = tune
         self.name = f"tvm-{kind}"
 
     def target(self) -> TVMTarget:
@@ -204,11 +231,11 @@ class TVMBackend:
     def compile(self, graph: Graph, target: TVMTarget) -> bytes:
         """The library for ``graph`` from the cache, or built (and cached)."""
         tvm = _tvm()
-        key = cache_key(graph, target.name, target.arch or "", tvm.__version__)
+        key = cache_key(graph, target.name, target.arch or "", tvm.__version__, f"tune={self.tune or 0}")
         hit = load_entry(key, ".so")
         if hit is not None:
             return hit[0]
-        library = compile_library(graph, target)
+        library = compile_library(graph, target, self.tune)
         store_entry(key, library, {"target": target.name, "arch": target.arch}, ".so")
         return library
 
