@@ -1,11 +1,13 @@
 """GPU benchmark: kiln's tvm-cuda target against PyTorch eager on CUDA and TVM's own ONNX importer
 with its default (dlight) build, side by side in one run; writes a markdown table.
 
-    python benchmarks/gpu_bench.py [--models resnet50/b1,...] [--repeat 50] [--out gpu-report.md]
+    python benchmarks/gpu_bench.py [--models resnet50/b1,...] [--repeat 50] [--tune TRIALS] [--out gpu-report.md]
 
 Every runtime gets its inputs already on the GPU and is timed to completion (device sync), as
 medians of ``--repeat`` runs after ``--warmup``; each output is checked against kiln eager on
 the CPU (max abs error). Models are zoo models with seeded weights, exported to ONNX first.
+``--tune TRIALS`` adds kiln built with MetaSchedule tuning (that many trials per model; needs the
+tune extra) as a column of its own.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _median_ms(run, sync, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(label: str, folder: Path, warmup: int, repeat: int, arch: str | None) -> dict:
+def bench_model(label: str, folder: Path, warmup: int, repeat: int, arch: str | None, tune: int | None = None) -> dict:
     import torch
     import tvm
 
@@ -66,6 +68,12 @@ def bench_model(label: str, folder: Path, warmup: int, repeat: int, arch: str | 
     on_gpu = ex.to_device(x)
     row["kiln ms"] = _median_ms(lambda: ex.run_device([on_gpu]), dev.sync, warmup, repeat)
     row["kiln err"] = float(np.abs(ex.run([x])[0] - want[out_name]).max())
+    if tune:
+        start = time.perf_counter()
+        tuned = kiln.compile(str(path), target="tvm-cuda", arch=arch, tune=tune).executable
+        row["tune s"] = time.perf_counter() - start
+        row["tuned ms"] = _median_ms(lambda: tuned.run_device([on_gpu]), dev.sync, warmup, repeat)
+        row["kiln err"] = max(row["kiln err"], float(np.abs(tuned.run([x])[0] - want[out_name]).max()))
 
     graph = kiln.compile(str(path), pipeline="O0").graph
     torch_run = torch_runner(graph, "cuda")
@@ -99,6 +107,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--arch", default=None)
+    ap.add_argument("--tune", type=int, default=None, metavar="TRIALS", help="also time kiln tuned with MetaSchedule")
     ap.add_argument("--out", type=Path, default=Path("gpu-report.md"))
     args = ap.parse_args()
     import torch
@@ -109,12 +118,13 @@ def main() -> int:
         "",
         f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; medians of {args.repeat} runs after {args.warmup} warm-up runs; inputs on the device, timed to a device sync.",
         "",
-        "| model | kiln tvm-cuda ms | PyTorch eager ms | TVM default ms | torch / kiln | TVM / kiln | kiln compile s | TVM compile s | max abs err kiln / torch / TVM |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | kiln tvm-cuda ms | PyTorch eager ms | TVM default ms | torch / kiln | TVM / kiln | kiln compile s | TVM compile s"
+        f"{f' | kiln --tune {args.tune} ms | torch / tuned | tuning s' if args.tune else ''} | max abs err kiln / torch / TVM |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if args.tune else "") + " --- |",
     ]
     for label in args.models.split(","):
         try:
-            r = bench_model(label, folder, args.warmup, args.repeat, args.arch)
+            r = bench_model(label, folder, args.warmup, args.repeat, args.arch, args.tune)
         except Exception as err:  # noqa: BLE001 - one failing model must not hide the others
             lines.append(f"| {label} | failed: {str(err).strip().splitlines()[0][:150]} |")
             print(lines[-1], flush=True)
@@ -123,7 +133,8 @@ def main() -> int:
         lines.append(
             f"| {label} | {r['kiln ms']:.3f} | {r['torch ms']:.3f} | {tvm_ms:.3f} | {r['torch ms'] / r['kiln ms']:.2f} | "
             f"{tvm_ms / r['kiln ms']:.2f} | {r['kiln compile s']:.1f} | {r.get('tvm compile s', float('nan')):.1f} | "
-            f"{r['kiln err']:.1e} / {r['torch err']:.1e} / {r.get('tvm err', float('nan')):.1e} {r.get('tvm error', '')} |"
+            + (f"{r['tuned ms']:.3f} | {r['torch ms'] / r['tuned ms']:.2f} | {r['tune s']:.0f} | " if args.tune else "")
+            + f"{r['kiln err']:.1e} / {r['torch err']:.1e} / {r.get('tvm err', float('nan')):.1e} {r.get('tvm error', '')} |"
         )
         print(lines[-1], flush=True)
     args.out.write_text("\n".join(lines) + "\n")

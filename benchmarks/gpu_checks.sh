@@ -28,4 +28,10 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
   timeout 420 python3 benchmarks/gpu_bench.py --out "$out/gpu-report.md" > "$out/bench.txt" 2> "$out/bench.stderr"
   cat "$out/gpu-report.md" >> "$out/summary.txt" 2>/dev/null
 fi
+if [[ -n "${TUNE_TRIALS:-}" ]]; then  # needs the tune extra: benchmarks/gpu_stage_tune.sh
+  echo "== tuned benchmark ($TUNE_TRIALS trials a model)" | tee -a "$out/summary.txt"
+  timeout "${TUNE_TIMEOUT:-540}" python3 benchmarks/gpu_bench.py --tune "$TUNE_TRIALS" --models "${TUNE_MODELS:-lstm-2x256/b16,resnet50/b1}" \
+    --out "$out/gpu-report-tuned.md" > "$out/bench-tuned.txt" 2> "$out/bench-tuned.stderr"
+  cat "$out/gpu-report-tuned.md" >> "$out/summary.txt" 2>/dev/null
+fi
 cat "$out/summary.txt"
