@@ -3,6 +3,8 @@ Conv as im2col into scratch plus the same GEMM, pooling, reductions and softmax.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -773,6 +775,9 @@ def _pool(ctx: KernelContext, mode: str) -> None:
     if nhwc and argmax is None:
         _pool_channels_last(ctx, mode, kernel_shape, strides, dilations, pads, out_sp, in_sp)
         return
+    if argmax is None and math.prod(kernel_shape) <= MAX_UNROLLED_TAPS:
+        _pool_planes(ctx, mode, kernel_shape, strides, dilations, pads, out_sp, in_sp)
+        return
     first = 1 if nhwc else 2  # where the spatial indices start
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
@@ -822,6 +827,102 @@ def _pool(ctx: KernelContext, mode: str) -> None:
             n, c = (index[0], index[-1]) if nhwc else (index[0], index[1])
             image = b.add(b.mul(n, const_i64(xt.shape[1])), c)
             argmax.store(b, index, b.add(b.mul(image, const_i64(math.prod(in_sp))), b.load(arg_ptr, typ=I64)))
+
+
+MAX_UNROLLED_TAPS = 64  # the channels-first pool unrolls windows of up to this many taps
+
+
+def _pool_planes(ctx: KernelContext, mode: str, kernel_shape, strides, dilations, pads, out_sp, in_sp) -> None:
+    """NCHW pooling without indices, the window unrolled. Every output row first picks, for each
+    tap of the window's leading axes (its rows, in 2-D), a row of the image: a tap outside the
+    image reads the window's first inside row instead (MaxPool: a duplicate changes no maximum)
+    or adds zero (AveragePool). The interior columns, whose taps all land inside the image, are
+    then one loop with no test that takes in every tap in registers; the few border columns are
+    written out with their inside taps only. (image, channel) planes split over the pool."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    node = ctx.node
+    nd = len(kernel_shape)
+    images, channels = x.shape[0], x.shape[1]
+    width, out_w, taps_w = in_sp[-1], out_sp[-1], kernel_shape[-1]
+    stride, dilation, pad = strides[-1], dilations[-1], pads[nd - 1]
+    include_pad = mode == "avg" and node.attrs.get("count_include_pad", 0)
+    ty = _t(x)
+
+    def column_taps(col: int, lo: int, hi: int) -> list[int]:
+        """The taps of output column ``col`` that read a coordinate in [lo, hi)."""
+        return [k for k in range(taps_w) if lo <= col * stride - pad + k * dilation < hi]
+
+    interior = [c for c in range(out_w) if len(column_taps(c, 0, width)) == taps_w]  # contiguous
+    first, stop = (interior[0], interior[-1] + 1) if interior else (0, 0)
+    border = [c for c in range(out_w) if not first <= c < stop]
+
+    def planes(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        E = LLVMScalarOps(b, emitting.module)
+        xv, yv = x.on(ptrs[0]), y.on(ptrs[1])
+        initial = _initial(E, "ReduceMax", x.dtype) if mode == "max" else E.constant(0, x.dtype)
+        with for_range(b, hi, start=lo, name="plane") as plane:
+            img, ch = _unflatten(b, plane, [images, channels])
+            with loop_nest(b, out_sp[:-1], name="o") as out:
+                rows, inside, counted = [], [], []
+                for taps in itertools.product(*(range(k) for k in kernel_shape[:-1])):
+                    coords = [_tap_coord(b, out[a], const_i64(k), strides[a], dilations[a], pads[a]) for a, k in enumerate(taps)]
+                    ok = counts = ir.Constant(ir.IntType(1), 1)
+                    for a, coord in enumerate(coords):
+                        ok = b.and_(ok, b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[a]))))
+                        counts = b.and_(counts, b.icmp_signed("<", coord, const_i64(in_sp[a] + pads[a + nd])))
+                    rows.append([_clamp(b, c, 0, in_sp[a] - 1) for a, c in enumerate(coords)])
+                    inside.append(ok)
+                    counted.append(counts)
+                any_inside = functools.reduce(b.or_, inside)
+                if mode == "max":  # taps outside the image read the first inside row instead
+                    fallback = rows[-1]
+                    for row, ok in zip(reversed(rows), reversed(inside)):
+                        fallback = [b.select(ok, r, f) for r, f in zip(row, fallback)]
+                    rows = [[b.select(ok, r, f) for r, f in zip(row, fallback)] for row, ok in zip(rows, inside)]
+                else:
+                    taken = b.sitofp(functools.reduce(b.add, [b.zext(c, I64) for c in (counted if include_pad else inside)]), ty)
+
+                def window(col, ks, count_w):
+                    values = []
+                    for row, ok in zip(rows, inside):
+                        for k in ks:
+                            value = E.typed(xv.load(b, [img, ch, *row, _tap_coord(b, col, const_i64(k), stride, dilation, pad)]), x.dtype)
+                            values.append(value if mode == "max" else E.select(ok, value, E.constant(0, x.dtype)))
+                    if mode == "max":
+                        return E.select(any_inside, _max_of(E, initial, values), initial)
+                    divisor = E.typed(b.fmul(taken, ir.Constant(ty, float(count_w))), x.dtype)
+                    return E.div(functools.reduce(E.add, values, initial), divisor)
+
+                with for_range(b, stop, start=first, name="w") as col:
+                    yv.store(b, [img, ch, *out, col], window(col, range(taps_w), taps_w))
+                for c in border:
+                    ks = column_taps(c, 0, width)
+                    count_w = len(column_taps(c, -pad, width + pads[-1])) if include_pad else len(ks)
+                    yv.store(b, [img, ch, *out, const_i64(c)], window(const_i64(c), ks, count_w))
+
+    work = images * channels * math.prod(out_sp) * math.prod(kernel_shape)
+    threads = min(num_threads(), images * channels) if work >= PARALLEL_MACS else 1
+    if threads > 1:
+        parallel_rows(ctx, images * channels, threads, [x.ptr, y.ptr], planes)
+    else:
+        planes(ctx, [x.ptr, y.ptr], 0, images * channels, 0)
+
+
+def _max_of(E: LLVMScalarOps, acc: ir.Value, values: list[ir.Value]) -> ir.Value:
+    """The maximum of ``acc`` and ``values``, NaN if any is (as numpy.maximum): an ordered
+    compare and a select per value, and off that chain one unordered compare per pair of values.
+    (llvm.maximum, which also orders -0 below +0, took twice as long in small pools.)"""
+    if not E._is_float(acc):
+        return functools.reduce(E.max, values, acc)
+    b = E.b
+    result = acc
+    for value in values:
+        result = b.select(b.fcmp_ordered(">", value, result), value, result)
+    if not values:
+        return acc
+    pairs = [b.fcmp_unordered("uno", values[i], values[min(i + 1, len(values) - 1)]) for i in range(0, len(values), 2)]
+    return E.typed(b.select(functools.reduce(b.or_, pairs), ir.Constant(acc.type, float("nan")), result), E.dtype(acc))
 
 
 def _pool_channels_last(ctx: KernelContext, mode: str, kernel_shape, strides, dilations, pads, out_sp, in_sp) -> None:

@@ -346,9 +346,11 @@ def test_the_cache_key_follows_kilns_sources(monkeypatch):
     ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}, (2, 20, 17, 15)),
     ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (8, 6, 40, 40)),
     ("MaxPool", {"kernel_shape": [2, 3, 2], "strides": [1, 2, 2], "pads": [0, 1, 1, 1, 1, 0]}, (2, 24, 6, 9, 8)),
+    ("MaxPool", {"kernel_shape": [3], "dilations": [3], "pads": [2, 2]}, (2, 4, 20)),
+    ("AveragePool", {"kernel_shape": [5], "strides": [3], "pads": [2, 4], "ceil_mode": 1, "count_include_pad": 1}, (3, 5, 23)),
 ])
 def test_pools_on_a_batch_match_eager(op, attrs, shape, layout):
-    """Padded, strided, dilated, ceil-mode and count_include_pad pools on a batch, 2-D and 3-D,
+    """Padded, strided, dilated, ceil-mode and count_include_pad pools on a batch, 1-D to 3-D,
     channels first or last (a channel row per tap), one and two threads, bounds-checked."""
     from kiln import config
     from kiln.ir.dtypes import DType
@@ -366,6 +368,25 @@ def test_pools_on_a_batch_match_eager(op, attrs, shape, layout):
             assert next(n for n in module.graph.nodes if n.op.name == op).attrs["layout"] == layout.upper()
             (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_max_pool_propagates_nan_wherever_it_sits_in_the_window(layout):
+    """A NaN first, last or alone in a window (or beside infinities) gives NaN, as numpy's max."""
+    graph = parse_graph(
+        """graph g(%x: f32[2,3,8,9]) {
+  %y: f32[2,3,4,5] = MaxPool(%x) {kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]}
+  return %y
+}"""
+    )
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 9)).astype(np.float32)
+    x[0, 0, 0, 0] = x[0, 1, 3, 4] = x[1, 2, 7, 8] = np.nan
+    x[1, 0, 2, :] = np.inf
+    x[1, 0, 3, :] = -np.inf
+    want = kiln.compile(graph).run({"x": x})["y"]
+    got = kiln.compile(graph, target="llvm", layout=layout).run({"x": x})["y"]
+    assert np.isnan(want).sum() >= 3
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
