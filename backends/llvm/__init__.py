@@ -21,7 +21,7 @@ import numpy as np
 from kiln import config
 from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
-from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, donated_outputs, generate, pack_panels
+from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, donated_outputs, generate, pack_panels, written_outputs
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
@@ -34,6 +34,7 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
     """Object code for ``graph`` and the layout the runtime needs (arena size, output offsets)."""
     module, plan, arena_bytes, panels = generate(graph)
     donated = donated_outputs(graph)
+    written = {id(v): k for k, v in enumerate(written_outputs(graph, donated))}
     machine = target_machine(cpu)
     module.triple = cpu.triple
     module.data_layout = str(machine.target_data)
@@ -48,7 +49,7 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
         "arena_bytes": arena_bytes,
         "checked_nodes": [f"{n.name or n.op.name!r} ({n.op.name})" for n in graph.nodes] if config.flags().check_bounds else None,
         "profiled_nodes": [[n.name or n.op.name, _op_label(n)] for n in graph.nodes] if config.flags().profile else None,
-        "outputs": [{"kind": "donated", "index": donated[id(v)]} if id(v) in donated else _output_location(graph, plan, v) for v in graph.outputs],
+        "outputs": [_output_location(graph, plan, v, donated, written) for v in graph.outputs],
         "panels": [{"param": list(graph.params).index(v), **spec.to_json()} for v, spec in panels],
         "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
     }
@@ -85,7 +86,13 @@ def _check_symbols(module: llvm.ModuleRef) -> None:
         raise KilnError(f"the generated code calls functions this process does not have: {', '.join(sorted(missing))}")
 
 
-def _output_location(graph: Graph, plan, value) -> dict:
+def _output_location(graph: Graph, plan, value, donated: dict[int, int], written: dict[int, int]) -> dict:
+    """Where the runtime finds an output: over a donated input's array, in an array it hands
+    ``kiln_main`` for it (``written``), in the arena, or a parameter or input."""
+    if id(value) in donated:
+        return {"kind": "donated", "index": donated[id(value)]}
+    if id(value) in written:
+        return {"kind": "written", "index": written[id(value)]}
     if value in graph.params:
         return {"kind": "param", "index": list(graph.params).index(value)}
     if value in graph.inputs:
@@ -93,14 +100,21 @@ def _output_location(graph: Graph, plan, value) -> dict:
     return {"kind": "arena", "offset": plan.offset(value)}
 
 
+def _empty_aligned(shape, dtype) -> np.ndarray:
+    """An uninitialized array starting on a 64-byte boundary (the kernels' vector stores then
+    never straddle two cache lines)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _aligned(array: np.ndarray) -> np.ndarray:
     """``array`` C-contiguous at a 64-byte boundary (copied if it is not): the kernels' vector
     loads of weight rows then never straddle two cache lines."""
     if array.flags.c_contiguous and array.ctypes.data % ALIGN == 0:
         return array
-    raw = np.empty(array.nbytes + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
-    out = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out = _empty_aligned(array.shape, array.dtype)
     out[...] = array
     return out
 
@@ -142,21 +156,26 @@ class LLVMExecutable:
         self._panels = [_aligned(pack_panels(self._params[p["param"]], PanelSpec(p["k"], p["n"], p["nr"], p["transpose"]))) for p in layout.get("panels", [])]
         n_in = len(graph.inputs)
         constants = self._params + self._panels
-        self._table = (ctypes.c_void_p * (n_in + len(constants) + 1))()
+        self._written = [v.type for v, where in zip(graph.outputs, layout["outputs"]) if where["kind"] == "written"]
+        self._table = (ctypes.c_void_p * (n_in + len(constants) + 1 + len(self._written)))()
         for i, array in enumerate(constants):
             self._table[n_in + i] = array.ctypes.data
         self._table[n_in + len(constants)] = self._arena.ctypes.data
+        self._first_written = n_in + len(constants) + 1
         self._lock = threading.Lock()
 
-    fresh_outputs = True  # run() copies each output out of the arena
+    fresh_outputs = True  # run() returns new arrays: written by the kernels, or copied out of the arena
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         written = {where["index"] for where in self.layout["outputs"] if where["kind"] == "donated"}
         # a donated input is written over: it must be writeable (a read-only one is copied first)
         arrays = [np.require(a, requirements=["C", "W"] if i in written else "C") for i, a in enumerate(inputs)]
+        written = [_empty_aligned(t.shape, t.dtype.numpy) for t in self._written]
         with self._lock:
             for i, array in enumerate(arrays):
                 self._table[i] = array.ctypes.data
+            for i, array in enumerate(written):
+                self._table[self._first_written + i] = array.ctypes.data
             start = time.perf_counter()
             self._main(ctypes.addressof(self._table))
             if self._profiled:
@@ -165,7 +184,8 @@ class LLVMExecutable:
             if self._bounds_error is not None and self._bounds_error.value:
                 node = self._checked[self._bounds_error.value - 1]
                 raise KilnError(f"node {node} wrote past the end of its output or scratch buffer (KILN_CHECK_BOUNDS): a kernel bug")
-            return [arrays[where["index"]] if where["kind"] == "donated" else self._read(where, v) for where, v in zip(self.layout["outputs"], self.graph.outputs)]
+            found = {"donated": arrays, "written": written}
+            return [found[where["kind"]][where["index"]] if where["kind"] in found else self._read(where, v) for where, v in zip(self.layout["outputs"], self.graph.outputs)]
 
     def profile(self) -> list[NodeTime]:
         """Time per node over the runs so far, in node order (a build with ``KILN_PROFILE=1``).

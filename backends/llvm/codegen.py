@@ -379,17 +379,29 @@ def donated_outputs(graph: Graph) -> dict[int, int]:
     return donated
 
 
+def written_outputs(graph: Graph, donated: dict[int, int]) -> list[Value]:
+    """The graph outputs ``kiln_main`` writes straight into arrays the runtime hands it each run
+    (no copy out of the arena): each computed output listed once that is not donated. In the
+    bounds-checked build none are (the guards would land past the arrays)."""
+    if config.flags().check_bounds:
+        return []
+    computed = {id(v) for n in graph.nodes for v in n.outputs}
+    return [v for v in dict.fromkeys(graph.outputs) if id(v) in computed and id(v) not in donated and graph.outputs.count(v) == 1]
+
+
 def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value, PanelSpec]]]:
     """The LLVM module for ``graph``, its memory plan, the total arena bytes and the packed
     parameters ``kiln_main``'s table holds after the parameters.
 
-    ``kiln_main(ptr table)`` reads ``table = [inputs..., parameters..., packed..., arena]``."""
+    ``kiln_main(ptr table)`` reads ``table = [inputs..., parameters..., packed..., arena,
+    written outputs...]``."""
     missing = unsupported_ops(graph)
     if missing:
         raise KilnError(f"the llvm target has no kernels yet for: {', '.join(missing)}")
     guards = config.flags().check_bounds
     donated = donated_outputs(graph)
-    plan = plan_memory(graph, guard=GUARD_BYTES if guards else 0, external=frozenset(donated))
+    written = written_outputs(graph, donated)
+    plan = plan_memory(graph, guard=GUARD_BYTES if guards else 0, external=frozenset(donated) | {id(v) for v in written})
     check_plan(graph, plan)
     cg = Codegen()
     entry = ir.Function(cg.module, ir.FunctionType(ir.VoidType(), [PTR]), ENTRY)
@@ -409,6 +421,7 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
 
     panels = constant_panels(graph)
     panel_slots = {(id(v), spec): constants + k for k, (v, spec) in enumerate(panels)}
+    slots.update({id(v): constants + len(panels) + 1 + k for k, v in enumerate(written)})  # past the arena
 
     arena = b.load(b.gep(table, [const_i64(constants + len(panels))], source_etype=PTR), typ=PTR)
     planned = program_bytes(graph, plan, GUARD_BYTES if guards else 0)

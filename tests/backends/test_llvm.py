@@ -593,6 +593,33 @@ def test_panels_hold_each_column_block_contiguously():
     np.testing.assert_array_equal(pack_panels(w.T.copy(), PanelSpec(5, 7, 4, transpose=True)), panels)
 
 
+def test_outputs_are_written_into_fresh_arrays_each_run():
+    """Computed outputs are written by their kernels straight into arrays the runtime hands
+    over (no copy out of the arena): a new array every run, aligned, even when a later node
+    reads the output or a Reshape of it; an output listed twice is copied out as before."""
+    graph = parse_graph(
+        """
+        graph g(%x: f32[8,6]) {
+          %a: f32[8,6] = Relu(%x)
+          %r: f32[48] = Reshape(%a) {shape=[48]}
+          %b: f32[8,6] = Mul(%a, %x)
+          return %a, %r, %b, %b
+        }"""
+    )
+    module = kiln.compile(graph, target="llvm", pipeline="O0")
+    kinds = [o["kind"] for o in module.executable.layout["outputs"]]
+    assert kinds == ["written", "written", "arena", "arena"]
+    x = np.random.default_rng(3).standard_normal((8, 6)).astype(np.float32)
+    first = module.executable.run([x])
+    second = module.executable.run([x + 1])
+    want = [np.maximum(x, 0), np.maximum(x, 0).reshape(48), np.maximum(x, 0) * x]
+    for got, expected in zip(first, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert first[0].ctypes.data % 64 == 0 and first[0].flags.writeable
+    assert not np.shares_memory(first[0], second[0]) and not np.shares_memory(first[2], first[3])
+    np.testing.assert_allclose(second[0], np.maximum(x + 1, 0), rtol=1e-6)
+
+
 def test_donated_outputs_are_computed_over_their_inputs_where_that_is_safe():
     """donate={output: input}: an elementwise update is written over its input's array and
     run() returns that array; an output whose input is read after it is produced is not
@@ -611,7 +638,7 @@ def test_donated_outputs_are_computed_over_their_inputs_where_that_is_safe():
     want = kiln.compile(graph).run({k: v.copy() for k, v in feeds.items()})
     module = kiln.compile(graph, target="llvm", pipeline="O0", donate={"p2": "p", "m2": "m"})  # unfused: three kernels
     kinds = [o["kind"] for o in module.executable.layout["outputs"]]
-    assert kinds == ["donated", "arena", "arena"]  # m is read by %late after %m2: not donated
+    assert kinds == ["donated", "written", "written"]  # m is read by %late after %m2: not donated
     arrays = {k: v.copy() for k, v in feeds.items()}
     got = module.run(arrays)
     assert got["p2"] is arrays["p"]
