@@ -173,6 +173,10 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
             tail(emitting, out_.columns(lo, hi), cut)
             return
         chunk = max(mr, CHUNK_BYTES // (m * y.dtype.itemsize) // mr * mr)
+        # as many chunks as that size needs, evened out (whole micro-tiles): the last one then
+        # overlaps the one before by less than a tile, not by up to a whole chunk
+        chunks = -(-(hi - lo) // chunk)
+        chunk = -(-(-(-(hi - lo) // chunks)) // mr) * mr
 
         def rows_from(v: View, first: ir.Value, count: int) -> View:
             at = b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(first, const_i64(v.strides[0])))], source_etype=llvm_type(v.dtype))
