@@ -357,7 +357,7 @@ def _conv_scratch(node) -> int:
     if _direct(node):
         return 0
     x, w, nd, *_, out = _conv_geometry(node)
-    if _dot_shaped(node):  # reads its windows in place
+    if _dot_shaped(node) or _row_shaped(node):  # reads its windows in place
         return 0
     return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize * _image_threads(node)
 
@@ -393,6 +393,9 @@ def conv(ctx: KernelContext) -> None:
     if _dot_shaped(node):  # a weight gradient: few outputs, each a long sum
         _dot_conv(ctx, node)
         return
+    if _row_shaped(node):  # a small conv: rows computed in place, no im2col
+        _row_conv(ctx, node)
+        return
 
     def images(emitting, ptrs, lo, hi, block):
         """Images [lo, hi): im2col into this block's scratch, then one GEMM per group."""
@@ -425,6 +428,87 @@ def conv(ctx: KernelContext) -> None:
         parallel_rows(ctx, n, threads, pointers, images)
     else:
         images(ctx, pointers, 0, n, 0)
+
+
+# -- row convolution: small NCHW convs, output rows in vectors -------------------------------------
+ROW_ACCUMULATORS = 24  # vector accumulators of a row tile (AVX-512 has 32 registers)
+
+
+def _row_shaped(node) -> bool:
+    """A small NCHW conv (LeNet-5's 1->6 and 6->16 channels, 5x5): few output channels and a
+    short reduction, so im2col's copy of every window costs more than the products. Each output
+    row is computed in place instead, vectors along it: unpadded, ungrouped, unit stride along
+    the last axis, rows at least half a vector long, float32/64."""
+    x, w, nd, strides, dilations, pads, out_sp = _conv_geometry(node)
+    width = vector_width(x.dtype)
+    return (
+        node.attrs["group"] == 1
+        and not any(pads)
+        and strides[-1] == 1
+        and x.dtype in (DType.float32, DType.float64)
+        and out_sp[-1] >= width // 2
+        and w.shape[0] <= 32
+        and w.shape[1] * math.prod(w.shape[2:]) <= 256
+        and w.shape[-1] <= 11
+    )
+
+
+def _row_conv(ctx: KernelContext, node) -> None:
+    """y[img, o, *lead, :] for a block of output channels at once: per tap (channel, kernel
+    offset) one or two vector loads of the input row under it, read in place (the row's last
+    vector masked), and a fused multiply-add into each channel's accumulators with the tap's
+    weight broadcast. The bias starts the accumulators; (image, leading output position) rows
+    split over the pool."""
+    x, w, nd, strides, dilations, pads, out_sp = _conv_geometry(node)
+    n, c = x.shape[:2]
+    m, kernel = w.shape[0], w.shape[2:]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    width = vector_width(x.dtype)
+    span = min(2, -(-out_sp[-1] // width)) * width  # output columns per tile
+    block = max(1, min(m, ROW_ACCUMULATORS // (span // width)))  # output channels per tile
+    rows = n * math.prod(out_sp[:-1])
+    views = [ctx.inputs[0], ctx.inputs[1], ctx.outputs[0], *([bias] if bias is not None else [])]
+
+    def part(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        V = Vectors(b, emitting.module, x.dtype, width)
+        xv, wv, yv, *bv = [v.on(p) for v, p in zip(views, ptrs)]
+
+        def tile(img, lead, m0: int, count: int, col0: ir.Value, masks: list) -> None:
+            accs = [[entry_alloca(b, V.vec) for _ in masks] for _ in range(count)]
+            for j, row in enumerate(accs):
+                start = V.splat(bv[0].load(b, [const_i64(m0 + j)])) if bv else V.zero
+                for slot in row:
+                    b.store(start, slot)
+            with for_range(b, c, name="c") as ch, loop_nest(b, kernel[:-1], name="k") as ks:
+                coords = [b.add(b.mul(lead[a], const_i64(strides[a])), b.mul(ks[a], const_i64(dilations[a]))) for a in range(nd - 1)]
+                for kw in range(kernel[-1]):
+                    column = b.add(col0, const_i64(kw * dilations[-1]))
+                    xs = [V.load(xv.address(b, [img, ch, *coords, b.add(column, const_i64(h * width))]), mask) for h, mask in enumerate(masks)]
+                    for j in range(count):
+                        weight = V.splat(wv.load(b, [const_i64(m0 + j), ch, *ks, const_i64(kw)]))
+                        for h, xs_h in enumerate(xs):
+                            b.store(V.fma(weight, xs_h, b.load(accs[j][h], typ=V.vec)), accs[j][h])
+            for j in range(count):
+                for h, mask in enumerate(masks):
+                    V.store(b.load(accs[j][h], typ=V.vec), yv.address(b, [img, const_i64(m0 + j), *lead, b.add(col0, const_i64(h * width))]), mask)
+
+        with for_range(b, hi, start=lo, name="row") as row:
+            img, *lead = _unflatten(b, row, [n, *out_sp[:-1]])
+            for m0 in range(0, m, block):
+                count = min(block, m - m0)
+                if out_sp[-1] // span:
+                    with for_range(b, out_sp[-1] // span, name="col") as chunk:
+                        tile(img, lead, m0, count, b.mul(chunk, const_i64(span)), [None] * (span // width))
+                if out_sp[-1] % span:
+                    tile(img, lead, m0, count, const_i64(out_sp[-1] - out_sp[-1] % span), V.masks(out_sp[-1] % span))
+
+    macs = rows * out_sp[-1] * m * c * math.prod(kernel)
+    threads = min(num_threads(), rows) if macs >= PARALLEL_MACS else 1
+    if threads > 1:
+        parallel_rows(ctx, rows, threads, [v.ptr for v in views], part)
+    else:
+        part(ctx, [v.ptr for v in views], 0, rows, 0)
 
 
 # -- dot-product convolution: few outputs, long sums (a weight gradient) ------------------------------

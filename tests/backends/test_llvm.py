@@ -459,6 +459,40 @@ def test_reductions_over_leading_axes_accumulate_along_rows(op, axes):
     np.testing.assert_allclose(got, kiln.compile(graph).run({"x": x})["y"], rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, attrs, bias", [
+    ((64, 1, 32, 32), (6, 1, 5, 5), {}, True),  # LeNet-5's first conv: two vectors of a 28-wide row
+    ((8, 6, 14, 14), (16, 6, 5, 5), {}, True),  # its second: a 10-wide row in one masked vector
+    ((3, 4, 11, 45), (30, 4, 3, 3), {"strides": [2, 1], "dilations": [2, 2]}, False),  # column chunks, row stride, dilation, channel blocks
+    ((2, 3, 40), (5, 3, 4), {}, True),  # 1-D
+    ((2, 2, 5, 6, 20), (4, 2, 2, 3, 3), {}, True),  # 3-D
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_small_nchw_convs_run_by_rows_in_place(x_shape, w_shape, attrs, bias, dtype):
+    """Small channels-first convs skip im2col: each output row is computed in vectors from the
+    input rows under it (_row_conv), one and two threads, bounds checked, as eager."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import _row_shaped
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(8)
+    graph = Graph("conv")
+    x = graph.add_input("x", TensorType(x_shape, DType[dtype]))
+    inputs = [x, graph.add_param("w", rng.standard_normal(w_shape).astype(dtype))]
+    if bias:
+        inputs.append(graph.add_param("b", rng.standard_normal(w_shape[0]).astype(dtype)))
+    graph.outputs = [graph.add_node("Conv", inputs, dict(attrs)).outputs[0]]
+    feed = {"x": rng.standard_normal(x_shape).astype(dtype)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            module = kiln.compile(graph, target="llvm", layout="nchw")
+            assert _row_shaped(next(n for n in module.graph.nodes if n.op.name == "Conv"))
+            (got,) = module.run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("x_shape, w_shape, attrs", [
     ((2, 3, 90, 90), (24, 3, 7, 7), {"pads": [3, 3, 3, 3], "strides": [2, 2]}),  # a ResNet stem: 21-element window rows
     ((2, 16, 30, 30), (70, 16, 3, 3), {"pads": [1, 1, 1, 1]}),  # a partial last column block
