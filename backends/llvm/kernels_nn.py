@@ -857,7 +857,10 @@ def _pool(ctx: KernelContext, mode: str) -> None:
     nd = len(kernel_shape)
     in_sp = xt.shape[2:]
     if nhwc and argmax is None:
-        _pool_channels_last(ctx, mode, kernel_shape, strides, dilations, pads, out_sp, in_sp)
+        if x.dtype.is_float and math.prod(kernel_shape) <= MAX_UNROLLED_TAPS:
+            _pool_positions(ctx, mode, kernel_shape, strides, dilations, pads, out_sp, in_sp)
+        else:
+            _pool_channels_last(ctx, mode, kernel_shape, strides, dilations, pads, out_sp, in_sp)
         return
     if argmax is None and math.prod(kernel_shape) <= MAX_UNROLLED_TAPS:
         _pool_planes(ctx, mode, kernel_shape, strides, dilations, pads, out_sp, in_sp)
@@ -948,23 +951,9 @@ def _pool_planes(ctx: KernelContext, mode: str, kernel_shape, strides, dilations
         with for_range(b, hi, start=lo, name="plane") as plane:
             img, ch = _unflatten(b, plane, [images, channels])
             with loop_nest(b, out_sp[:-1], name="o") as out:
-                rows, inside, counted = [], [], []
-                for taps in itertools.product(*(range(k) for k in kernel_shape[:-1])):
-                    coords = [_tap_coord(b, out[a], const_i64(k), strides[a], dilations[a], pads[a]) for a, k in enumerate(taps)]
-                    ok = counts = ir.Constant(ir.IntType(1), 1)
-                    for a, coord in enumerate(coords):
-                        ok = b.and_(ok, b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[a]))))
-                        counts = b.and_(counts, b.icmp_signed("<", coord, const_i64(in_sp[a] + pads[a + nd])))
-                    rows.append([_clamp(b, c, 0, in_sp[a] - 1) for a, c in enumerate(coords)])
-                    inside.append(ok)
-                    counted.append(counts)
+                rows, inside, counted = _window_taps(b, mode, out, kernel_shape[:-1], strides, dilations, pads, in_sp)
                 any_inside = functools.reduce(b.or_, inside)
-                if mode == "max":  # taps outside the image read the first inside row instead
-                    fallback = rows[-1]
-                    for row, ok in zip(reversed(rows), reversed(inside)):
-                        fallback = [b.select(ok, r, f) for r, f in zip(row, fallback)]
-                    rows = [[b.select(ok, r, f) for r, f in zip(row, fallback)] for row, ok in zip(rows, inside)]
-                else:
+                if mode == "avg":
                     taken = b.sitofp(functools.reduce(b.add, [b.zext(c, I64) for c in (counted if include_pad else inside)]), ty)
 
                 def window(col, ks, count_w):
@@ -991,6 +980,90 @@ def _pool_planes(ctx: KernelContext, mode: str, kernel_shape, strides, dilations
         parallel_rows(ctx, images * channels, threads, [x.ptr, y.ptr], planes)
     else:
         planes(ctx, [x.ptr, y.ptr], 0, images * channels, 0)
+
+
+def _window_taps(b, mode: str, out: list, kernel_shape, strides, dilations, pads, in_sp):
+    """For each tap of a window over the first ``len(kernel_shape)`` spatial axes (the window of
+    output position ``out``): its input coordinates, clamped into the image, whether it is inside
+    the image, and whether it is inside the padded one (AveragePool's count_include_pad). For
+    MaxPool a tap outside the image reads the window's first inside tap instead (a duplicate
+    changes no maximum)."""
+    nd = len(in_sp)
+    taps, inside, counted = [], [], []
+    for tap in itertools.product(*(range(k) for k in kernel_shape)):
+        coords = [_tap_coord(b, out[a], const_i64(k), strides[a], dilations[a], pads[a]) for a, k in enumerate(tap)]
+        ok = counts = ir.Constant(ir.IntType(1), 1)
+        for a, coord in enumerate(coords):
+            ok = b.and_(ok, b.and_(b.icmp_signed(">=", coord, const_i64(0)), b.icmp_signed("<", coord, const_i64(in_sp[a]))))
+            counts = b.and_(counts, b.icmp_signed("<", coord, const_i64(in_sp[a] + pads[a + nd])))
+        taps.append([_clamp(b, c, 0, in_sp[a] - 1) for a, c in enumerate(coords)])
+        inside.append(ok)
+        counted.append(counts)
+    if mode == "max":
+        fallback = taps[-1]
+        for tap, ok in zip(reversed(taps), reversed(inside)):
+            fallback = [b.select(ok, t, f) for t, f in zip(tap, fallback)]
+        taps = [[b.select(ok, t, f) for t, f in zip(tap, fallback)] for tap, ok in zip(taps, inside)]
+    return taps, inside, counted
+
+
+def _pool_positions(ctx: KernelContext, mode: str, kernel_shape, strides, dilations, pads, out_sp, in_sp) -> None:
+    """NHWC pooling without indices, the window unrolled: each output position picks its taps'
+    input positions once (_window_taps), then takes the channel row in vectors, every tap's
+    vector loaded and combined in registers and the result stored once. Positions split over
+    the pool."""
+    x, y = ctx.inputs[0], ctx.outputs[0]
+    node = ctx.node
+    images, channels = x.shape[0], x.shape[-1]
+    positions = images * math.prod(out_sp)
+    include_pad = mode == "avg" and node.attrs.get("count_include_pad", 0)
+    width = vector_width(x.dtype)
+    ty = _t(x)
+
+    def rows(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        V = Vectors(b, emitting.module, x.dtype, width)
+        xv, yv = x.on(ptrs[0]), y.on(ptrs[1])
+        with for_range(b, hi, start=lo, name="pos") as pos:
+            img, *out = _unflatten(b, pos, [images, *out_sp])
+            taps, inside, counted = _window_taps(b, mode, out, kernel_shape, strides, dilations, pads, in_sp)
+            any_inside = functools.reduce(b.or_, inside)
+            if mode == "max":
+                initial = V.splat(ir.Constant(ty, float("-inf")))
+            else:
+                taken = b.sitofp(functools.reduce(b.add, [b.zext(c, I64) for c in (counted if include_pad else inside)]), ty)
+                divisor = V.splat(taken)
+
+            def block(ch: ir.Value, mask) -> None:
+                values = [V.load(xv.address(b, [img, *tap, ch]), mask) for tap in taps]
+                if mode == "max":
+                    result = b.select(any_inside, _max_of_vectors(b, initial, values), initial)
+                else:
+                    result = b.fdiv(functools.reduce(b.fadd, [b.select(ok, v, V.zero) for v, ok in zip(values, inside)]), divisor)
+                V.store(result, yv.address(b, [img, *out, ch]), mask)
+
+            if channels // width:
+                with for_range(b, channels // width, name="c") as c:
+                    block(b.mul(c, const_i64(width)), None)
+            if channels % width:
+                block(const_i64(channels - channels % width), V.mask(channels % width))
+
+    work = positions * channels * math.prod(kernel_shape)
+    threads = min(num_threads(), positions) if work >= PARALLEL_MACS else 1
+    if threads > 1:
+        parallel_rows(ctx, positions, threads, [x.ptr, y.ptr], rows)
+    else:
+        rows(ctx, [x.ptr, y.ptr], 0, positions, 0)
+
+
+def _max_of_vectors(b, acc: ir.Value, values: list[ir.Value]) -> ir.Value:
+    """_max_of on vectors: lane by lane, NaN where any value's lane is."""
+    result = acc
+    for value in values:
+        result = b.select(b.fcmp_ordered(">", value, result), value, result)
+    pairs = [b.fcmp_unordered("uno", values[i], values[min(i + 1, len(values) - 1)]) for i in range(0, len(values), 2)]
+    nan = ir.Constant(acc.type, [float("nan")] * acc.type.count)
+    return b.select(functools.reduce(b.or_, pairs), nan, result)
 
 
 def _max_of(E: LLVMScalarOps, acc: ir.Value, values: list[ir.Value]) -> ir.Value:
