@@ -10,6 +10,15 @@ import numpy as np
 from kiln.ir.dtypes import DType
 
 
+def contiguous_strides(shape) -> list[int]:
+    """Row-major element strides of ``shape``."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return strides[::-1]
+
+
 @dataclass(frozen=True)
 class TensorType:
     """A tensor's static shape (a tuple of non-negative ints) and dtype."""

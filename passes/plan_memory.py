@@ -5,7 +5,10 @@ last node that reads it (graph outputs: to the end). Elementwise ops write in pl
 input that dies at that node and has their output's shape, so the two share one buffer.
 Outputs that are the same bytes as a part of their input (a Reshape, a Split into contiguous
 chunks) are views: they live in the input's buffer at their byte offset, the buffer lives as
-long as any of them, and the node needs no kernel (``MemoryPlan.is_view``).
+long as any of them, and the node needs no kernel (``MemoryPlan.is_view``). Where the backend
+says which readers take any strides (``strided_readers``), a Split along an inner axis whose
+parts only such nodes read is a view too: each part at its offset, with the input's strides
+(``MemoryPlan.strides``; an LSTM step's four gates, read by the fused gate kernel).
 Buffers are placed largest first, each at the best-fitting gap among the buffers it is live
 with (greedy by size, best fit). ``check_plan`` proves that no two buffers that are live at
 the same time overlap.
@@ -13,11 +16,14 @@ the same time overlap.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from kiln.errors import GraphError
-from kiln.ir.graph import Graph, Value
+from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.opdef import OpKind
+from kiln.ir.types import contiguous_strides
 from kiln.passes.base import graph_pass
 
 ALIGNMENT = 64
@@ -45,6 +51,7 @@ class MemoryPlan:
     naive_bytes: int = 0
     lower_bound_bytes: int = 0
     views: dict[int, int] = field(default_factory=dict)  # id(view value) -> its byte offset in its buffer
+    strides: dict[int, tuple[int, ...]] = field(default_factory=dict)  # id(strided view) -> its element strides
     external: set[int] = field(default_factory=set)  # ids of outputs stored outside the arena
 
     def offset(self, value: Value) -> int:
@@ -85,20 +92,33 @@ def _liveness(graph: Graph) -> tuple[dict[int, int], dict[int, int]]:
     return define, last
 
 
-def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0, external: frozenset[int] = frozenset()) -> MemoryPlan:
+def plan_memory(
+    graph: Graph,
+    in_place: bool = True,
+    guard: int = 0,
+    external: frozenset[int] = frozenset(),
+    strided_readers: Callable[[Node], bool] | None = None,
+) -> MemoryPlan:
     """Assign arena offsets to every node output of ``graph`` (see the module docstring), but
     those in ``external`` (ids of outputs stored outside the arena: donated inputs' arrays).
 
     ``guard`` bytes are reserved after every buffer (the bounds-checked build fills and checks
-    them around each kernel)."""
+    them around each kernel). ``strided_readers(node)``: whether ``node``'s kernel reads inputs
+    of any strides (then Splits along inner axes that only such nodes read are views)."""
     define, last = _liveness(graph)
     outputs = {id(v) for v in graph.outputs}
+    users = graph.users() if strided_readers is not None else {}
     group: dict[int, Buffer] = {}
     buffers: list[Buffer] = []
     views: dict[int, int] = {}
+    strided: dict[int, tuple[int, ...]] = {}
     for i, node in enumerate(graph.nodes):
         source = node.inputs[0] if node.inputs else None
         parts = view_offsets(node) if in_place and source is not None and id(source) in group else None
+        if parts is None and in_place and source is not None and id(source) in group and id(source) not in strided and strided_readers is not None:
+            parts = _strided_parts(node, users, outputs, strided_readers)
+            if parts is not None:
+                strided.update({id(out): tuple(contiguous_strides(source.type.shape)) for out in node.outputs})
         for k, out in enumerate(node.outputs):
             if id(out) in external:
                 continue
@@ -134,7 +154,7 @@ def plan_memory(graph: Graph, in_place: bool = True, guard: int = 0, external: f
                 buffers.append(buf)
                 group[id(out)] = buf
     _place(buffers)
-    plan = MemoryPlan(buffers, views=views, external=set(external))
+    plan = MemoryPlan(buffers, views=views, strides=strided, external=set(external))
     plan.arena_bytes = max((b.offset + _aligned(b.size) for b in buffers), default=0)
     plan.naive_bytes = sum(v.type.nbytes for node in graph.nodes for v in node.outputs)
     plan.lower_bound_bytes = _largest_live_set(buffers, len(graph.nodes))
@@ -160,6 +180,23 @@ def view_offsets(node) -> list[int] | None:
     for out in node.outputs:
         offsets.append(at)
         at += out.type.nbytes
+    return offsets
+
+
+def _strided_parts(node: Node, users: dict, outputs: set[int], strided_readers: Callable[[Node], bool]) -> list[int] | None:
+    """Where each part of a Split along an inner axis starts in its input's bytes, when every
+    part is read, only by nodes that take any strides, and none is a graph output."""
+    if node.op.name != "Split" or node.inputs[0] is None:
+        return None
+    shape = node.inputs[0].type.shape
+    axis = node.attrs["axis"] % len(shape)
+    if any(id(out) in outputs or not users.get(out) or not all(strided_readers(u) for u in users[out]) for out in node.outputs):
+        return None
+    inner = math.prod(shape[axis + 1 :]) * node.inputs[0].type.dtype.itemsize
+    offsets, at = [], 0
+    for out in node.outputs:
+        offsets.append(at * inner)
+        at += out.type.shape[axis]
     return offsets
 
 

@@ -164,16 +164,16 @@ class Codegen:
     _count: int = 0
     _emitted: dict[str, ir.Function] = field(default_factory=dict)
 
-    def kernel_function(self, node: Node, packed: frozenset[int] = frozenset()) -> ir.Function:
+    def kernel_function(self, node: Node, packed: frozenset[int] = frozenset(), strides: tuple = ()) -> ir.Function:
         """``node``'s kernel, ``void kernel_N(ptr in..., ptr out..., ptr scratch)``: emitted once
-        per distinct signature (op, attributes, types, which inputs come packed), so repeated
-        blocks share their code."""
-        key = kernel_signature(node) + repr(sorted(packed))
+        per distinct signature (op, attributes, types, which inputs come packed, the strides of
+        inputs that are strided views: None for dense ones), so repeated blocks share their code."""
+        key = kernel_signature(node) + repr(sorted(packed)) + (repr(strides) if any(strides) else "")
         if key not in self._emitted:
-            self._emitted[key] = self._emit_kernel(node, packed)
+            self._emitted[key] = self._emit_kernel(node, packed, strides)
         return self._emitted[key]
 
-    def _emit_kernel(self, node: Node, packed: frozenset[int]) -> ir.Function:
+    def _emit_kernel(self, node: Node, packed: frozenset[int], strides: tuple = ()) -> ir.Function:
         rule = kernel_rule(node)
         if rule is None:
             raise KilnError(f"node {node.name or node.op.name!r}: no LLVM kernel for {node.op.name} yet")
@@ -184,6 +184,9 @@ class Codegen:
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         args = list(fn.args)
         ins = [View.dense(args[i], v.type.dtype, v.type.shape) if v is not None else None for i, v in enumerate(node.inputs)]
+        for i, step in enumerate(strides):  # a strided view (a part of an inner-axis Split)
+            if step is not None:
+                ins[i] = View(args[i], node.inputs[i].type.dtype, node.inputs[i].type.shape, step)
         for i in packed:  # a constant GEMM operand in panels (its view has the matrix's shape)
             spec = panel_spec(node, i)
             ins[i] = Panels(args[i], node.inputs[i].type.dtype, (spec.k, spec.n), (spec.nr, 1), 0, spec.nr)
@@ -227,7 +230,7 @@ class Codegen:
             if all(plan.is_view(v) for v in node.outputs):  # its outputs are its input's bytes
                 continue
             panels = {i: ptr for i in range(len(node.inputs)) if (ptr := packed(node, i)) is not None}
-            fn = self.kernel_function(node, frozenset(panels))
+            fn = self.kernel_function(node, frozenset(panels), tuple(plan.strides.get(id(v)) if v is not None else None for v in node.inputs))
             args = [panels.get(i) or (address(v) if v is not None else ir.Constant(PTR, None)) for i, v in enumerate(node.inputs)]
             args += [address(v) for v in node.outputs]
             args.append(inner_scratch)
@@ -401,7 +404,9 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
     guards = config.flags().check_bounds
     donated = donated_outputs(graph)
     written = written_outputs(graph, donated)
-    plan = plan_memory(graph, guard=GUARD_BYTES if guards else 0, external=frozenset(donated) | {id(v) for v in written})
+    from kiln.backends.llvm.kernels_elementwise import is_pointwise
+
+    plan = plan_memory(graph, guard=GUARD_BYTES if guards else 0, external=frozenset(donated) | {id(v) for v in written}, strided_readers=is_pointwise)
     check_plan(graph, plan)
     cg = Codegen()
     entry = ir.Function(cg.module, ir.FunctionType(ir.VoidType(), [PTR]), ENTRY)

@@ -12,6 +12,7 @@ import llvmlite.ir as ir
 
 from kiln.errors import KilnError
 from kiln.ir.dtypes import DType
+from kiln.ir.types import contiguous_strides  # noqa: F401 - the kernels import it from here
 
 I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
@@ -38,14 +39,6 @@ def llvm_type(dtype: DType) -> ir.Type:
 
 def const_i64(n: int) -> ir.Constant:
     return ir.Constant(I64, int(n))
-
-
-def contiguous_strides(shape: Sequence[int]) -> list[int]:
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    return strides[::-1]
 
 
 @dataclass

@@ -140,9 +140,16 @@ def test_reshapes_and_contiguous_splits_are_views_of_their_input():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
 
 
-def test_a_split_of_strided_parts_copies():
-    graph = parse_graph(
-        """
+def test_a_split_of_strided_parts_is_a_view_only_for_readers_of_any_strides():
+    """Split along an inner axis: its parts are not contiguous, so by default they are copied;
+    where the backend says every reader takes any strides (llvm's pointwise kernels), each
+    part is a view at its offset with the input's strides, and llvm runs no Split kernel."""
+    import numpy as np
+
+    from kiln.backends.llvm.codegen import generate
+    from kiln.backends.llvm.kernels_elementwise import is_pointwise
+
+    text = """
         graph g(%x: f32[4,6]) {
           %a: f32[4,6] = Exp(%x)
           %s1: f32[4,2], %s2: f32[4,4] = Split(%a) {axis=1, split=[2, 4]}
@@ -150,5 +157,19 @@ def test_a_split_of_strided_parts_copies():
           %c: f32[4,4] = Relu(%s2)
           return %b, %c
         }"""
-    )
+    graph = parse_graph(text)
     assert not plan_memory(graph).views
+    plan = plan_memory(graph, strided_readers=is_pointwise)
+    check_plan(graph, plan)
+    by_name = {v.name: v for n in graph.nodes for v in n.outputs}
+    assert [plan.offset(by_name[n]) - plan.offset(by_name["a"]) for n in ("s1", "s2")] == [0, 8]
+    assert plan.strides[id(by_name["s1"])] == plan.strides[id(by_name["s2"])] == (6, 1)
+    assert "_Split" not in str(generate(graph)[0])
+    x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    want = kiln.compile(graph).run({"x": x})
+    got = kiln.compile(graph, target="llvm", pipeline="O0").run({"x": x})
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
+    # a reader that needs dense rows (a MatMul) keeps the copy
+    dense = parse_graph(text.replace("%c: f32[4,4] = Relu(%s2)", "%c: f32[4,4] = MatMul(%s2, %s2)"))
+    assert not plan_memory(dense, strided_readers=is_pointwise).views
