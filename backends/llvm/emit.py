@@ -181,10 +181,11 @@ class Vectors:
         """One mask per vector across ``columns`` lanes."""
         return [self.mask(min(self.width, columns - h * self.width)) for h in range(-(-columns // self.width))]
 
-    def load(self, address: ir.Value, mask: ir.Constant | None = None) -> ir.Value:
+    def load(self, address: ir.Value, mask: ir.Constant | None = None, passthru: ir.Value | None = None) -> ir.Value:
+        """The vector at ``address``; lanes off ``mask`` are not read and hold ``passthru`` (0)."""
         if mask is None:
             return self.b.load(address, typ=self.vec, align=4)
-        return self.b.call(self._masked_load, [address, ir.Constant(I32, 4), mask, self.zero])
+        return self.b.call(self._masked_load, [address, ir.Constant(I32, 4), mask, self.zero if passthru is None else passthru])
 
     def store(self, value: ir.Value, address: ir.Value, mask: ir.Constant | None = None) -> None:
         if mask is None:

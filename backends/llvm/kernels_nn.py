@@ -1245,10 +1245,13 @@ def softmax(ctx: KernelContext) -> None:
     outer, length, inner = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :])
     xv = View(x.ptr, x.dtype, (outer, length, inner), (length * inner, inner, 1))
     yv = View(y.ptr, y.dtype, (outer, length, inner), (length * inner, inner, 1))
+    log = ctx.node.op.name == "LogSoftmax"
+    if inner == 1 and x.dtype in (DType.float32, DType.float64):
+        _softmax_rows(ctx, View(x.ptr, x.dtype, (outer, length), (length, 1)), View(y.ptr, y.dtype, (outer, length), (length, 1)), log)
+        return
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
     ty = _t(x)
-    log = ctx.node.op.name == "LogSoftmax"
     wide = sum_dtype(x.dtype)
     top_ptr, sum_ptr = entry_alloca(b, ty), entry_alloca(b, llvm_type(wide))
     with loop_nest(b, (outer, inner), name="o") as (o, i):
@@ -1271,6 +1274,65 @@ def softmax(ctx: KernelContext) -> None:
             else:
                 yv.store(b, [o, a, i], E.div(E.typed(yv.load(b, [o, a, i]), y.dtype), total))
 
+
+
+def _softmax_rows(ctx: KernelContext, xv: View, yv: View, log: bool) -> None:
+    """Softmax over contiguous rows (the last axis), rows split over the pool. A row's maximum
+    is taken in vectors (an ordered compare and select per lane, NaN lanes flagged apart, so it
+    is NaN-propagating and still vectorizes), then one pass writes exp(x - max) and sums it,
+    and one divides by the sum (or, for LogSoftmax, writes x - max - log(sum))."""
+    from kiln.backends.llvm.kernels_elementwise import PARALLEL_ELEMENTS
+
+    rows, length = xv.shape[0], xv.shape[1]
+    width = vector_width(xv.dtype)
+    ty = _t(xv)
+
+    def part(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        E = LLVMScalarOps(b, emitting.module, reassociate=True)
+        V = Vectors(b, emitting.module, xv.dtype, width)
+        x_, y_ = xv.on(ptrs[0]), yv.on(ptrs[1])
+        low = V.splat(ir.Constant(ty, float("-inf")))
+        flags = ir.VectorType(ir.IntType(1), width)
+        top_ptr, nan_ptr, sum_ptr = entry_alloca(b, V.vec), entry_alloca(b, flags), entry_alloca(b, ty)
+        reduce_max = emitting.module.declare_intrinsic(f"llvm.vector.reduce.fmax.v{width}f{xv.dtype.itemsize * 8}", (), ir.FunctionType(ty, [V.vec]))
+        reduce_or = emitting.module.declare_intrinsic(f"llvm.vector.reduce.or.v{width}i1", (), ir.FunctionType(ir.IntType(1), [flags]))
+
+        def take(v):
+            top = b.load(top_ptr, typ=V.vec)
+            b.store(b.select(b.fcmp_ordered(">", v, top), v, top), top_ptr)
+            b.store(b.or_(b.load(nan_ptr, typ=flags), b.fcmp_unordered("uno", v, v)), nan_ptr)
+
+        with for_range(b, hi, start=lo, name="row") as row:
+            b.store(low, top_ptr)
+            b.store(ir.Constant(flags, [0] * width), nan_ptr)
+            if length // width:
+                with for_range(b, length // width, name="v") as k:
+                    take(V.load(x_.address(b, [row, b.mul(k, const_i64(width))])))
+            if length % width:
+                take(V.load(x_.address(b, [row, const_i64(length - length % width)]), V.mask(length % width), low))
+            top = b.call(reduce_max, [b.load(top_ptr, typ=V.vec)])  # no NaN lanes: they were flagged
+            top = E.typed(b.select(b.call(reduce_or, [b.load(nan_ptr, typ=flags)]), ir.Constant(ty, float("nan")), top), xv.dtype)
+            b.store(ir.Constant(ty, 0.0), sum_ptr)
+            with for_range(b, length, name="a") as a:
+                e = E.call("exp", E.sub(E.typed(x_.load(b, [row, a]), xv.dtype), top))
+                b.store(b.fadd(b.load(sum_ptr, typ=ty), e, flags=("reassoc", "nsz")), sum_ptr)  # vector partial sums
+                if not log:
+                    y_.store(b, [row, a], e)
+            total = E.typed(b.load(sum_ptr, typ=ty), xv.dtype)
+            if log:
+                log_total = E.call("log", total)
+                with for_range(b, length, name="a") as a:
+                    y_.store(b, [row, a], E.sub(E.sub(E.typed(x_.load(b, [row, a]), xv.dtype), top), log_total))
+            else:
+                with for_range(b, length, name="a") as a:
+                    y_.store(b, [row, a], E.div(E.typed(y_.load(b, [row, a]), yv.dtype), total))
+
+    threads = min(num_threads(), rows) if rows * length >= PARALLEL_ELEMENTS else 1
+    if threads > 1:
+        parallel_rows(ctx, rows, threads, [xv.ptr, yv.ptr], part)
+    else:
+        part(ctx, [xv.ptr, yv.ptr], 0, rows, 0)
 
 
 @kernel("LRN")
