@@ -62,7 +62,10 @@ def check_runs_here(built_for: CPU) -> None:
 def target_machine(cpu: CPU) -> llvm.TargetMachine:
     _initialized()
     target = llvm.Target.from_triple(cpu.triple)
-    return target.create_target_machine(cpu=cpu.name, features=cpu.features, opt=3, codemodel="jitdefault", reloc="pic")
+    # LLVM's tuning for AVX-512 CPUs vectorizes loops 256 bits wide; the full width measured
+    # faster here: a 96x128x128 Softmax 0.97 -> 0.66 ms, the LSTM's gate kernels ~4%
+    features = cpu.features + (",-prefer-256-bit" if "avx512f" in cpu.feature_set else "")
+    return target.create_target_machine(cpu=cpu.name, features=features, opt=3, codemodel="jitdefault", reloc="pic")
 
 
 def optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine) -> None:
