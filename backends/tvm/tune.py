@@ -57,11 +57,11 @@ def _tuned(db, mod) -> bool:
 
 def tune(module, target, trials: int, db, progress: bool = True) -> int:
     """Tune the kernels of ``module`` (legalized Relax) that ``db`` holds no record of, with up
-    to ``trials`` measured candidates in all; returns how many tasks were tuned."""
+    to ``trials`` measured candidates in all; returns how many tasks were tuned. The caller has
+    run ``check_requirements``."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    check_requirements(target)
     tvm_target = target.tvm_target()
     if target.kind == "llvm":  # MetaSchedule parallelizes over this many cores
         tvm_target = tvm.target.Target({**tvm_target.export(), "num-cores": _cores()})
@@ -122,12 +122,13 @@ def _progress_bar(trials: int, tasks: int, enabled: bool):
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
-    with Progress(TextColumn("tuning {task.fields[tasks]} kernels"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as progress:
+    columns = (TextColumn("tuning {task.fields[tasks]} kernels"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:  # stdout stays the command's
         bar = progress.add_task("tune", total=trials, tasks=tasks)
 
         @derived_object
