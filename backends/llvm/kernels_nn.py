@@ -1083,9 +1083,10 @@ def _max_of(E: LLVMScalarOps, acc: ir.Value, values: list[ir.Value]) -> ir.Value
 
 
 def _pool_channels_last(ctx: KernelContext, mode: str, kernel_shape, strides, dilations, pads, out_sp, in_sp) -> None:
-    """NHWC pooling without indices: each output position's channel row starts at the initial
-    value and takes in each tap inside the image as one loop over channels (contiguous, so it
-    vectorizes); positions split over the pool. (ResNet-18's stem MaxPool: 0.21 -> 0.09 ms.)"""
+    """NHWC pooling without indices where the window is not unrolled (integer MaxPool, windows of
+    more than MAX_UNROLLED_TAPS): each output position's channel row starts at the initial value
+    and takes in each tap inside the image as one loop over channels (contiguous, so it
+    vectorizes); positions split over the pool."""
     x, y = ctx.inputs[0], ctx.outputs[0]
     node = ctx.node
     nd = len(kernel_shape)
