@@ -199,10 +199,7 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
 
     count, align = (rows, mr) if by_rows else (m, nr)
     threads = min(threads, max(1, count // align))
-    if threads > 1:
-        parallel_rows(ctx, count, threads, [v.ptr for v in views], part, align=align)
-    else:
-        part(ctx, [v.ptr for v in views], 0, count, 0)
+    parallel_rows(ctx, count, threads, [v.ptr for v in views], part, align=align)
 
 
 def _by_rows(view: View) -> View | None:
@@ -302,10 +299,7 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
                 last = eb.select(eb.icmp_unsigned("==", jb, const_i64(jb1)), const_i64(oy1 + 1), const_i64(g.rows))
                 tiles.segment(jb, first, last, epilogue, here)
 
-        if threads > 1:
-            parallel_rows(ctx, items, threads, pointers, work)
-        else:
-            work(ctx, pointers, 0, items, 0)
+        parallel_rows(ctx, items, threads, pointers, work)
 
 
 def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, g: Geometry, ty: ir.Type) -> None:
@@ -339,10 +333,7 @@ def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, g: Geometry, 
                         b.store(zero, b.gep(out_row, [j], source_etype=ty))
 
     threads = min(num_threads(), rows_total) if rows_total * row_len >= PARALLEL_PAD else 1
-    if threads > 1:
-        parallel_rows(ctx, rows_total, threads, [x_img, dst], rows)
-    else:
-        rows(ctx, [x_img, dst], 0, rows_total, 0)
+    parallel_rows(ctx, rows_total, threads, [x_img, dst], rows)
 
 
 class _Tiles:

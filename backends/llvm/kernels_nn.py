@@ -424,10 +424,7 @@ def conv(ctx: KernelContext) -> None:
 
     pointers = [ctx.inputs[0].ptr, ctx.inputs[1].ptr, ctx.outputs[0].ptr, ctx.scratch] + ([bias.ptr] if bias is not None else [])
     threads = _image_threads(node)
-    if threads > 1:
-        parallel_rows(ctx, n, threads, pointers, images)
-    else:
-        images(ctx, pointers, 0, n, 0)
+    parallel_rows(ctx, n, threads, pointers, images)
 
 
 # -- row convolution: small NCHW convs, output rows in vectors -------------------------------------
@@ -505,10 +502,7 @@ def _row_conv(ctx: KernelContext, node) -> None:
 
     macs = rows * out_sp[-1] * m * c * math.prod(kernel)
     threads = min(num_threads(), rows) if macs >= PARALLEL_MACS else 1
-    if threads > 1:
-        parallel_rows(ctx, rows, threads, [v.ptr for v in views], part)
-    else:
-        part(ctx, [v.ptr for v in views], 0, rows, 0)
+    parallel_rows(ctx, rows, threads, [v.ptr for v in views], part)
 
 
 # -- dot-product convolution: few outputs, long sums (a weight gradient) ------------------------------
@@ -976,10 +970,7 @@ def _pool_planes(ctx: KernelContext, mode: str, kernel_shape, strides, dilations
 
     work = images * channels * math.prod(out_sp) * math.prod(kernel_shape)
     threads = min(num_threads(), images * channels) if work >= PARALLEL_MACS else 1
-    if threads > 1:
-        parallel_rows(ctx, images * channels, threads, [x.ptr, y.ptr], planes)
-    else:
-        planes(ctx, [x.ptr, y.ptr], 0, images * channels, 0)
+    parallel_rows(ctx, images * channels, threads, [x.ptr, y.ptr], planes)
 
 
 def _window_taps(b, mode: str, out: list, kernel_shape, strides, dilations, pads, in_sp):
@@ -1050,10 +1041,7 @@ def _pool_positions(ctx: KernelContext, mode: str, kernel_shape, strides, dilati
 
     work = positions * channels * math.prod(kernel_shape)
     threads = min(num_threads(), positions) if work >= PARALLEL_MACS else 1
-    if threads > 1:
-        parallel_rows(ctx, positions, threads, [x.ptr, y.ptr], rows)
-    else:
-        rows(ctx, [x.ptr, y.ptr], 0, positions, 0)
+    parallel_rows(ctx, positions, threads, [x.ptr, y.ptr], rows)
 
 
 def _max_of_vectors(b, acc: ir.Value, values: list[ir.Value]) -> ir.Value:
@@ -1127,10 +1115,7 @@ def _pool_channels_last(ctx: KernelContext, mode: str, kernel_shape, strides, di
 
     work = positions * channels * math.prod(kernel_shape)
     threads = min(num_threads(), positions) if work >= PARALLEL_MACS else 1
-    if threads > 1:
-        parallel_rows(ctx, positions, threads, [x.ptr, y.ptr], rows)
-    else:
-        rows(ctx, [x.ptr, y.ptr], 0, positions, 0)
+    parallel_rows(ctx, positions, threads, [x.ptr, y.ptr], rows)
 
 
 @kernel("MaxPool")
@@ -1330,10 +1315,7 @@ def _softmax_rows(ctx: KernelContext, xv: View, yv: View, log: bool) -> None:
                     y_.store(b, [row, a], E.div(E.typed(y_.load(b, [row, a]), yv.dtype), total))
 
     threads = min(num_threads(), rows) if rows * length >= PARALLEL_ELEMENTS else 1
-    if threads > 1:
-        parallel_rows(ctx, rows, threads, [xv.ptr, yv.ptr], part)
-    else:
-        part(ctx, [xv.ptr, yv.ptr], 0, rows, 0)
+    parallel_rows(ctx, rows, threads, [xv.ptr, yv.ptr], part)
 
 
 @kernel("LRN")

@@ -36,9 +36,13 @@ def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, 
     Blocks 1.. are worker functions emitted here, handed with their argument blocks
     (``pointers``) to the process's worker pool (``pool.py``: no thread start, no Python
     per task); this thread runs the first block, then waits for the rest. Block starts are
-    multiples of ``align``."""
+    multiples of ``align``. With fewer than two threads the rows are one block, emitted here
+    with no pool call."""
     from kiln.backends.llvm.pool import SUBMIT, WAIT
 
+    if threads < 2:
+        emit(ctx, pointers, 0, rows, 0)
+        return
     b, module = ctx.b, ctx.module
     bounds = [min(rows, (rows * t // threads + align - 1) // align * align) for t in range(threads)] + [rows]
     blocks = [(bounds[t], bounds[t + 1]) for t in range(1, threads) if bounds[t] < bounds[t + 1]]
