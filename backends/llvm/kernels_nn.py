@@ -1028,7 +1028,7 @@ def _pool_positions(ctx: KernelContext, mode: str, kernel_shape, strides, dilati
             def block(ch: ir.Value, mask) -> None:
                 values = [V.load(xv.address(b, [img, *tap, ch]), mask) for tap in taps]
                 if mode == "max":
-                    result = b.select(any_inside, _max_of_vectors(b, initial, values), initial)
+                    result = b.select(any_inside, _float_max_of(b, initial, values), initial)
                 else:
                     result = b.fdiv(functools.reduce(b.fadd, [b.select(ok, v, V.zero) for v, ok in zip(values, inside)]), divisor)
                 V.store(result, yv.address(b, [img, *out, ch]), mask)
@@ -1044,30 +1044,26 @@ def _pool_positions(ctx: KernelContext, mode: str, kernel_shape, strides, dilati
     parallel_rows(ctx, positions, threads, [x.ptr, y.ptr], rows)
 
 
-def _max_of_vectors(b, acc: ir.Value, values: list[ir.Value]) -> ir.Value:
-    """_max_of on vectors: lane by lane, NaN where any value's lane is."""
-    result = acc
-    for value in values:
-        result = b.select(b.fcmp_ordered(">", value, result), value, result)
-    pairs = [b.fcmp_unordered("uno", values[i], values[min(i + 1, len(values) - 1)]) for i in range(0, len(values), 2)]
-    nan = ir.Constant(acc.type, [float("nan")] * acc.type.count)
-    return b.select(functools.reduce(b.or_, pairs), nan, result)
-
-
 def _max_of(E: LLVMScalarOps, acc: ir.Value, values: list[ir.Value]) -> ir.Value:
-    """The maximum of ``acc`` and ``values``, NaN if any is (as numpy.maximum): an ordered
-    compare and a select per value, and off that chain one unordered compare per pair of values.
-    (llvm.maximum, which also orders -0 below +0, took twice as long in small pools.)"""
+    """The maximum of ``acc`` and ``values``, NaN if any is (as numpy.maximum)."""
     if not E._is_float(acc):
         return functools.reduce(E.max, values, acc)
-    b = E.b
+    return E.typed(_float_max_of(E.b, acc, values), E.dtype(acc))
+
+
+def _float_max_of(b: ir.IRBuilder, acc: ir.Value, values: list[ir.Value]) -> ir.Value:
+    """_max_of for floats, scalars or vectors (lane by lane): an ordered compare and a select
+    per value, and off that chain one unordered compare per pair of values for the NaN test.
+    (llvm.maximum, which also orders -0 below +0, took twice as long in small pools.)"""
+    if not values:
+        return acc
     result = acc
     for value in values:
         result = b.select(b.fcmp_ordered(">", value, result), value, result)
-    if not values:
-        return acc
     pairs = [b.fcmp_unordered("uno", values[i], values[min(i + 1, len(values) - 1)]) for i in range(0, len(values), 2)]
-    return E.typed(b.select(functools.reduce(b.or_, pairs), ir.Constant(acc.type, float("nan")), result), E.dtype(acc))
+    lanes = acc.type.count if isinstance(acc.type, ir.VectorType) else None
+    nan = ir.Constant(acc.type, [float("nan")] * lanes if lanes else float("nan"))
+    return b.select(functools.reduce(b.or_, pairs), nan, result)
 
 
 def _pool_channels_last(ctx: KernelContext, mode: str, kernel_shape, strides, dilations, pads, out_sp, in_sp) -> None:
