@@ -60,7 +60,8 @@ def print_graph(graph: Graph, canonical: bool = False) -> str:
 
     ``canonical=True`` renames values by position (parameters ``%c0, %c1, ...`` in order of first
     use, intermediates ``%0, %1, ...``; inputs and outputs keep their names) and leaves out node
-    names, so two graphs that differ only in naming print the same: what pass tests compare.
+    names and graph names (every graph is ``_``), so two graphs that differ only in naming print
+    the same: what pass tests compare, and how repeated fused groups share one kernel.
     A graph-valued attribute (a fused group's body) prints as ``<graph>`` and follows its node,
     indented.
     """
@@ -79,7 +80,8 @@ def _graph_lines(graph: Graph, canonical: bool, indent: str) -> list[str]:
         order = {v: i for i, v in enumerate(v for v in names if v in graph.params)}
         params.sort(key=lambda kv: order.get(kv[0], len(order)))
     ins = ", ".join(f"{name(v)}: {v.type}" for v in graph.inputs)
-    lines = [f"{indent}graph {graph.name if _IDENT.fullmatch(graph.name) else json.dumps(graph.name)}({ins}) {{"]
+    title = "_" if canonical else graph.name if _IDENT.fullmatch(graph.name) else json.dumps(graph.name)
+    lines = [f"{indent}graph {title}({ins}) {{"]
     for value, array in params:
         lines.append(f"{indent}  param {name(value)}: {value.type} = {_param_data(array)}")
     for node in graph.nodes:

@@ -581,6 +581,32 @@ def test_a_conv_and_its_pointwise_tail_run_as_one_kernel(channels, size, kernel)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_repeated_fused_groups_share_one_kernel_function():
+    """Three Conv+Relu blocks of one shape with different weights: one kernel function serves
+    them (the weights are arguments), and each block still gets its own weights."""
+    from kiln.backends.llvm.codegen import generate
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(7)
+    graph = Graph("repeated")
+    y = graph.add_input("x", TensorType((1, 8, 12, 12), DType.float32))
+    for i in range(3):
+        w = graph.add_param(f"w{i}", rng.standard_normal((8, 8, 3, 3)).astype(np.float32))
+        y = graph.add_node("Conv", [y, w], {"pads": [1, 1, 1, 1]}).outputs[0]
+        y = graph.add_node("Relu", [y]).outputs[0]
+    graph.outputs = [y]
+    feed = {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)}
+    module = kiln.compile(graph, target="llvm")
+    assert module.graph.op_histogram().get("Fused") == 3
+    llvm_module = generate(module.graph)[0]
+    kernels = [f.name for f in llvm_module.functions if f.name.startswith("kernel_") and "Fused" in f.name]
+    assert len(kernels) == 1, kernels
+    (got,), (want,) = module.run(feed).values(), kiln.compile(graph).run(feed).values()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "op, x_shape, w_shape, attrs, bias",
