@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 import llvmlite.ir as ir
 
+from kiln.backends.llvm.fastmath import INLINE_F32
 from kiln.errors import KilnError
 from kiln.ir.dtypes import DType
 from kiln.ir.types import contiguous_strides  # noqa: F401 - the kernels import it from here
@@ -419,10 +420,8 @@ class LLVMScalarOps:
         ty = args[0].type
         if fn == "round":
             fn = "roundeven"  # numpy rounds half to even
-        if dtype is DType.float32 and fn in ("exp", "tanh"):  # inline, so loops vectorize
-            from kiln.backends.llvm.fastmath import exp_f32, tanh_f32
-
-            return self.typed((exp_f32 if fn == "exp" else tanh_f32)(self.b, args[0]), dtype)
+        if dtype is DType.float32 and fn in INLINE_F32:  # inline arithmetic, so loops vectorize
+            return self.typed(INLINE_F32[fn](self.b, args[0]), dtype)
         if fn in self._INTRINSICS:
             callee = self._intrinsic(fn, ty, len(args))
         else:

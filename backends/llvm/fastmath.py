@@ -1,12 +1,15 @@
-"""float32 exp and tanh as plain arithmetic, so loops that use them vectorize.
+"""float32 exp, tanh, log, log1p and expm1 as plain arithmetic, so loops that use them vectorize.
 
-LLVM lowers ``llvm.exp.f32`` and ``tanhf`` to a libm call per element: a fused LSTM gate kernel
-spent ~9 ns per element on them. These versions are branch-free selects, multiply-adds and
-integer bit tricks (Cephes' expf polynomial; Eigen's rational tanh), within 2 ulp of numpy
-over the whole float32 range, with NaN, infinities and subnormal results handled as numpy does.
+LLVM lowers ``llvm.exp.f32``, ``llvm.log.f32`` and ``tanhf`` to a libm call per element: a fused
+LSTM gate kernel spent ~9 ns per element on them, a Log 2.3 ns, an Elu (expm1f) 7.6 ns. These
+versions are branch-free selects, multiply-adds and integer bit tricks (Cephes' expf and logf
+polynomials; Eigen's rational tanh), within a few ulp of the correctly rounded result over the
+whole float32 range, with NaN, infinities and subnormals handled as numpy does.
 """
 
 from __future__ import annotations
+
+import math
 
 import llvmlite.ir as ir
 
@@ -71,3 +74,62 @@ def tanh_f32(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     fabs = b.module.declare_intrinsic("llvm.fabs", [F32])
     tiny = b.fcmp_ordered("<", b.call(fabs, [x]), _f(TANH_TINY))
     return b.select(tiny, x, ratio)
+
+
+LOG_P = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+SQRT_HALF = 0.707106781186547524
+SMALLEST_NORMAL = 1.17549435e-38
+EXPM1_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(11, 1, -1))  # x**11/11! ... x**2/2!
+
+
+def _i(value: int) -> ir.Constant:
+    return ir.Constant(I32, value)
+
+
+def _log_reduced(b: ir.IRBuilder, m: ir.Value, fe: ir.Value) -> ir.Value:
+    """log(1 + m) + fe ln 2 for m in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes' logf polynomial."""
+    z = b.fmul(m, m)
+    y = b.fmul(b.fmul(m, z), _horner(b, m, LOG_P), flags=FAST)
+    y = b.fsub(b.fadd(y, b.fmul(fe, _f(LN2_LO))), b.fmul(z, _f(0.5)))
+    return b.fadd(b.fadd(m, y), b.fmul(fe, _f(LN2_HI)))
+
+
+def log_f32(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """log x: x = 2**e * (1 + m) with 1 + m in [sqrt(1/2), sqrt(2)), then ``_log_reduced``.
+    Subnormals are scaled by 2**23 first; log 0 is -inf, log of a negative NaN, log inf inf."""
+    subnormal = b.fcmp_ordered("<", x, _f(SMALLEST_NORMAL))
+    bits = b.bitcast(b.select(subnormal, b.fmul(x, _f(2.0**23)), x), I32)
+    e = b.sub(b.lshr(bits, _i(23)), b.select(subnormal, _i(126 + 23), _i(126)))  # x = 2**e * [0.5, 1)
+    m = b.bitcast(b.or_(b.and_(bits, _i(0x007FFFFF)), _i(0x3F000000)), F32)
+    low = b.fcmp_ordered("<", m, _f(SQRT_HALF))
+    e = b.select(low, b.sub(e, _i(1)), e)
+    m = b.fsub(b.select(low, b.fadd(m, m), m), _f(1.0))  # exact: Sterbenz
+    r = _log_reduced(b, m, b.sitofp(e, F32))
+    r = b.select(b.fcmp_ordered("==", x, _f(0.0)), _f(-math.inf), r)
+    r = b.select(b.fcmp_ordered("<", x, _f(0.0)), _f(math.nan), r)
+    r = b.select(b.fcmp_ordered("==", x, _f(math.inf)), x, r)
+    return b.select(b.fcmp_unordered("uno", x, x), x, r)
+
+
+def log1p_f32(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """log(1 + x): the polynomial on x itself where 1 + x is in [sqrt(1/2), sqrt(2)) (no
+    rounding of 1 + x near 0), else log(u) * x / (u - 1) with u = 1 + x rounded: the division
+    puts back what the rounding of u lost."""
+    near = b.and_(b.fcmp_ordered(">=", x, _f(SQRT_HALF - 1.0)), b.fcmp_ordered("<", x, _f(math.sqrt(2.0) - 1.0)))
+    u = b.fadd(x, _f(1.0))
+    far = b.fmul(log_f32(b, u), b.fdiv(x, b.fsub(u, _f(1.0))))
+    far = b.select(b.fcmp_ordered("==", x, _f(math.inf)), x, far)
+    return b.select(near, _log_reduced(b, x, _f(0.0)), far)
+
+
+def expm1_f32(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """e**x - 1: Taylor's series to x**11 for |x| < 1 (no cancellation near 0), exp(x) - 1
+    beyond (at most 1.6 times exp's error there)."""
+    fabs = b.module.declare_intrinsic("llvm.fabs", [F32])
+    small = b.fcmp_ordered("<", b.call(fabs, [x]), _f(1.0))
+    series = b.fadd(x, b.fmul(b.fmul(x, x), _horner(b, x, EXPM1_TAYLOR), flags=FAST), flags=FAST)
+    return b.select(small, series, b.fsub(exp_f32(b, x), _f(1.0)))
+
+
+# what LLVMScalarOps.call emits inline for float32 (other dtypes and functions call libm)
+INLINE_F32 = {"exp": exp_f32, "tanh": tanh_f32, "log": log_f32, "log1p": log1p_f32, "expm1": expm1_f32}
