@@ -10,7 +10,7 @@ import numpy as np
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
 from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, entry_alloca, for_range, llvm_type, loop_nest
-from kiln.backends.llvm.kernels_elementwise import PARALLEL_ELEMENTS, coalesce, emit_pointwise
+from kiln.backends.llvm.kernels_elementwise import PARALLEL_WORK, coalesce, emit_pointwise
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -78,7 +78,7 @@ def transpose(ctx: KernelContext) -> None:
                     ov.store(b, index, xv.load(b, index))
 
     threads = min(num_threads(), shape[a] // TILE)
-    if threads > 1 and math.prod(shape) >= PARALLEL_ELEMENTS:
+    if threads > 1 and math.prod(shape) >= PARALLEL_WORK:
         parallel_rows(ctx, shape[a], threads, [o.ptr, x.ptr], tiles, align=TILE)
     else:
         tiles(ctx, [o.ptr, x.ptr], 0, shape[a], 0)

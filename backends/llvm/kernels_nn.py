@@ -1263,7 +1263,8 @@ def _softmax_rows(ctx: KernelContext, xv: View, yv: View, log: bool) -> None:
     is taken in vectors (an ordered compare and select per lane, NaN lanes flagged apart, so it
     is NaN-propagating and still vectorizes), then one pass writes exp(x - max) and sums it,
     and one divides by the sum (or, for LogSoftmax, writes x - max - log(sum))."""
-    from kiln.backends.llvm.kernels_elementwise import PARALLEL_ELEMENTS
+    from kiln.backends.llvm.fastmath import INLINE_F32_COST
+    from kiln.backends.llvm.kernels_elementwise import PARALLEL_WORK
 
     rows, length = xv.shape[0], xv.shape[1]
     width = vector_width(xv.dtype)
@@ -1310,7 +1311,7 @@ def _softmax_rows(ctx: KernelContext, xv: View, yv: View, log: bool) -> None:
                 with for_range(b, length, name="a") as a:
                     y_.store(b, [row, a], E.div(E.typed(y_.load(b, [row, a]), yv.dtype), total))
 
-    threads = min(num_threads(), rows) if rows * length >= PARALLEL_ELEMENTS else 1
+    threads = min(num_threads(), rows) if rows * length * (1 + INLINE_F32_COST["exp"]) >= PARALLEL_WORK else 1
     parallel_rows(ctx, rows, threads, [xv.ptr, yv.ptr], part)
 
 
