@@ -156,9 +156,33 @@ def fold_fills(graph: Graph) -> Graph:
     return eliminate_dead_code(graph)
 
 
+@graph_pass("expand_small_powers")
+def expand_small_powers(graph: Graph) -> Graph:
+    """Pow(x, c) with c a float constant of one value, 1, 2, 3 or -1, and x's shape: x,
+    x * x, x * x * x, 1 / x. A Pow is a libm call per element (~55 times a Relu's cost on the
+    llvm target); these are one or two multiplies, the same values (x * x * x within an ulp).
+    LayerNorm and variance written out (opset < 17) and MSE losses square this way."""
+    expansions = {1.0: ["Identity"], 2.0: ["Mul"], 3.0: ["Mul", "Mul"], -1.0: ["Reciprocal"]}
+    for node in list(graph.nodes):
+        if node.op.name != "Pow" or node.inputs[1] not in graph.params or not node.inputs[0].type.dtype.is_float:
+            continue
+        x, exponent = node.inputs[0], np.unique(graph.params[node.inputs[1]])
+        if exponent.size != 1 or float(exponent[0]) not in expansions or node.outputs[0].type != x.type:
+            continue
+        ops = expansions[float(exponent[0])]
+        if len(ops) == 2:  # the square first, as its own node
+            square = graph.add_node("Mul", [x, x], index=graph.nodes.index(node)).outputs[0]
+            node.op, node.inputs = get_op("Mul"), [square, x]
+        else:
+            node.op, node.inputs = get_op(ops[0]), [x, x] if ops[0] == "Mul" else [x]
+        node.attrs = node.op.complete_attrs({})
+    return eliminate_dead_code(graph)
+
+
 CANONICALIZE = [
     "fold_constants",
     "fold_fills",
+    "expand_small_powers",
     "remove_noops",
     "fold_reshape_chains",
     "fold_transpose_chains",

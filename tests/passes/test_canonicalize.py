@@ -152,3 +152,47 @@ def test_reshaped_transposed_and_cast_fills_stay_fills(rewrites):
           return %y, %r, %c
         }""",
     )
+
+
+def test_small_constant_powers_become_multiplies(rewrites):
+    """Pow by a constant 2, 3, -1 or 1 (a scalar, or a tensor of one value broadcast to x's
+    shape) is multiplies, a Reciprocal, or x; other exponents, a variable exponent, and an
+    exponent that broadcasts x to a larger shape stay Pow."""
+    rewrites(
+        ["expand_small_powers"],
+        """
+        graph g(%x: f32[2,3], %y: f32[2,3]) {
+          param %two: f32[] = 2.0
+          param %three: f32[1,3] = [3.0, 3.0, 3.0]
+          param %minus_one: f32[] = -1.0
+          param %one: f32[] = 1.0
+          param %half: f32[] = 0.5
+          param %wide: f32[4,1,1] = [2.0, 2.0, 2.0, 2.0]
+          %a: f32[2,3] = Pow(%x, %two)
+          %b: f32[2,3] = Pow(%x, %three)
+          %c: f32[2,3] = Pow(%x, %minus_one)
+          %d: f32[2,3] = Pow(%y, %one)
+          %e: f32[2,3] = Pow(%x, %half)
+          %f: f32[2,3] = Pow(%x, %y)
+          %h: f32[4,2,3] = Pow(%x, %wide)
+          %s: f32[2,3] = Add(%a, %b)
+          %t: f32[2,3] = Add(%c, %d)
+          return %s, %t, %e, %f, %h
+        }""",
+        """
+        graph g(%x: f32[2,3], %y: f32[2,3]) {
+          param %half: f32[] = 0.5
+          param %wide: f32[4,1,1] = [2.0, 2.0, 2.0, 2.0]
+          %a: f32[2,3] = Mul(%x, %x)
+          %sq: f32[2,3] = Mul(%x, %x)
+          %b: f32[2,3] = Mul(%sq, %x)
+          %c: f32[2,3] = Reciprocal(%x)
+          %d: f32[2,3] = Identity(%y)
+          %e: f32[2,3] = Pow(%x, %half)
+          %f: f32[2,3] = Pow(%x, %y)
+          %h: f32[4,2,3] = Pow(%x, %wide)
+          %s: f32[2,3] = Add(%a, %b)
+          %t: f32[2,3] = Add(%c, %d)
+          return %s, %t, %e, %f, %h
+        }""",
+    )
