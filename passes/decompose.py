@@ -8,7 +8,9 @@ decomposed graph also differentiates through the ordinary VJP rules. The registe
 
 Rules: the losses (NegativeLogLikelihoodLoss, SoftmaxCrossEntropyLoss), the normalizations
 (training-mode BatchNormalization, Instance/Group/Layer/MeanVariance normalization),
-ReduceLogSum/ReduceLogSumExp, LpPool, Quantize/DequantizeLinear, Dropout (the seeded training mask becomes a constant, as
+ReduceLogSum/ReduceLogSumExp, LpPool, Quantize/DequantizeLinear, the integer and quantized
+products (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv: exact float64 MatMul/Conv of
+the shifted 8-bit values), Dropout (the seeded training mask becomes a constant, as
 the reference draws the same mask every run) and Attention (``decompose_attention.py``).
 
 Preconditions: none. Postconditions: no node ``when`` picks remains, except where a rule cannot
@@ -323,6 +325,70 @@ def _dequantize(b: GradBuilder, node: Node):
         v = b.op("Sub", v, _as(b, _quant_param(b, zero_point, x, node.attrs), DType.float64))
     v = b.op("Mul", v, _as(b, _quant_param(b, scale, x, node.attrs), DType.float64))
     return [_as(b, v, node.outputs[0].type.dtype)]
+
+
+# -- integer and quantized products -------------------------------------------------------------
+# 8-bit values less their zero points, multiplied and summed in float64: exact (every sum of
+# products stays far below 2**53), so the integer result is the reference's to the bit, and the
+# float64 GEMM and conv kernels run it
+def _shifted(b: GradBuilder, x: Value, zero_point: Value | None, per: Sequence[int] = ()) -> Value:
+    """``x - zero point`` in float64; a zero point with several entries reshaped to ``per``."""
+    v = _as(b, x, DType.float64)
+    if zero_point is None:
+        return v
+    z = b.reshape(_as(b, zero_point, DType.float64), per if zero_point.type.numel > 1 else [])
+    return b.op("Sub", v, z)
+
+
+def _requantized(b: GradBuilder, acc: Value, ratio: Value, zero_point: Value, out: DType) -> Value:
+    """``acc * ratio + zero point`` in float64, rounded half to even, saturated, cast to ``out``."""
+    d = b.op("Mul", acc, _as(b, ratio, DType.float64))
+    d = b.op("Round", b.op("Add", d, _as(b, b.reshape(zero_point, []), DType.float64)))
+    info = np.iinfo(out.numpy)
+    return b.op("Cast", b.op("Min", b.op("Max", d, b.const(float(info.min), d)), b.const(float(info.max), d)), to=out.short)
+
+
+def _scale_ratio(b: GradBuilder, x_scale: Value, w_scale: Value, y_scale: Value, per: Sequence[int]) -> Value:
+    """``x_scale * w_scale / y_scale`` in the scales' own precision (as the reference), the
+    middle one per column or output channel when it has several entries."""
+    w = b.reshape(w_scale, per if w_scale.type.numel > 1 else [])
+    return b.op("Div", b.op("Mul", b.reshape(x_scale, []), w), b.reshape(y_scale, []))
+
+
+@decomposition("MatMulInteger")
+def _matmul_integer(b: GradBuilder, node: Node):
+    a, bm, a_zp, b_zp = padded_inputs(node, 4)
+    columns = [bm.type.shape[-1]]
+    return [b.op("Cast", b.op("MatMul", _shifted(b, a, a_zp), _shifted(b, bm, b_zp, columns)), to="i32")]
+
+
+@decomposition("QLinearMatMul")
+def _qlinear_matmul(b: GradBuilder, node: Node):
+    a, a_scale, a_zp, bm, b_scale, b_zp, y_scale, y_zp = node.inputs
+    columns = [bm.type.shape[-1]]
+    acc = b.op("MatMul", _shifted(b, a, a_zp), _shifted(b, bm, b_zp, columns))
+    return [_requantized(b, acc, _scale_ratio(b, a_scale, b_scale, y_scale, columns), y_zp, y_zp.type.dtype)]
+
+
+def _conv_attrs(node: Node) -> dict:
+    return {k: node.attrs[k] for k in ("strides", "pads", "dilations", "group")}
+
+
+@decomposition("ConvInteger")
+def _conv_integer(b: GradBuilder, node: Node):
+    x, w, x_zp, w_zp = padded_inputs(node, 4)
+    per_channel = [w.type.shape[0]] + [1] * (w.type.rank - 1)
+    return [b.op("Cast", b.op("Conv", _shifted(b, x, x_zp), _shifted(b, w, w_zp, per_channel), **_conv_attrs(node)), to="i32")]
+
+
+@decomposition("QLinearConv")
+def _qlinear_conv(b: GradBuilder, node: Node):
+    x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias = padded_inputs(node, 9)
+    m, rank = w.type.shape[0], w.type.rank
+    shifted_w = _shifted(b, w, w_zp, [m] + [1] * (rank - 1))
+    acc = b.op("Conv", _shifted(b, x, x_zp), shifted_w, _as(b, bias, DType.float64) if bias is not None else None, **_conv_attrs(node))
+    ratio = _scale_ratio(b, x_scale, w_scale, y_scale, [1, m] + [1] * (rank - 2))
+    return [_requantized(b, acc, ratio, y_zp, y_zp.type.dtype)]
 
 
 # -- Dropout ----------------------------------------------------------------------------------

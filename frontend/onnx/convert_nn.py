@@ -51,6 +51,14 @@ def _conv(ctx: NodeContext):
     return ctx.emit("Conv", ctx.inputs(), attrs)
 
 
+@converter("ConvInteger", "QLinearConv")
+def _integer_conv(ctx: NodeContext):
+    w = ctx.type(1 if ctx.node.op_type == "ConvInteger" else 3)
+    attrs = _window_attrs(ctx, w.shape[2:])
+    attrs["group"] = ctx.attr("group", 1)
+    return ctx.emit(ctx.node.op_type, ctx.inputs(), attrs)
+
+
 @converter("ConvTranspose")
 def _conv_transpose(ctx: NodeContext):
     x, w = ctx.type(0), ctx.type(1)
@@ -201,7 +209,7 @@ def _det(ctx: NodeContext):
     return passthrough(ctx)
 
 
-@converter("Gemm", "MatMul")
+@converter("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
 def _gemm(ctx: NodeContext):
     # opset < 7 Gemm's `broadcast` flag: C broadcasts in every opset kiln's Gemm implements
     return passthrough(ctx, ignore=("broadcast",))

@@ -1,8 +1,12 @@
-"""Linear quantization: QuantizeLinear and DequantizeLinear, per tensor, per axis or blocked.
+"""Linear quantization: QuantizeLinear and DequantizeLinear, per tensor, per axis or blocked;
+the integer products MatMulInteger and ConvInteger (int32 results) and the quantized ones
+QLinearMatMul and QLinearConv (8-bit in, 8-bit out), as ONNX's QOperator models use them.
 
 ``scale`` and ``zero_point`` are a scalar (per tensor), a 1-D tensor along ``axis`` (per
 channel), or a tensor of the input's rank whose ``axis`` has one entry per ``block_size``
-elements (blocked).
+elements (blocked). The products subtract the zero points, multiply and sum exactly in
+integers, then (QLinear*) scale by ``a_scale * b_scale / y_scale`` in float64, add the output
+zero point, round half to even and saturate, as ONNX's reference does.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import numpy as np
 
 from kiln.ir.dtypes import DType, FLOATS, INTS
 from kiln.ir.opdef import OpDef, OpKind, register
+from kiln.ir.ops.linalg import matmul_shape
+from kiln.ir.ops.nn import CONV_ATTRS, _conv, _conv_infer
 from kiln.ir.ops.rules import check_dtype, fail, norm_axis, present
 from kiln.ir.types import TensorType
 
@@ -84,3 +90,135 @@ def _dequantize(a, x, scale, zp=None):
 
 register(OpDef("QuantizeLinear", OpKind.ELEMENTWISE, _quantize_infer, _quantize, QUANT_ATTRS, num_inputs=(2, 3)))
 register(OpDef("DequantizeLinear", OpKind.ELEMENTWISE, _dequantize_infer, _dequantize, QUANT_ATTRS, num_inputs=(2, 3)))
+
+
+# -- integer and quantized products ----------------------------------------------------------
+BYTES = frozenset({DType.int8, DType.uint8})
+
+
+def _check_bytes(t: TensorType, what: str) -> None:
+    check_dtype(t, BYTES, what)
+
+
+def _check_per(t: TensorType | None, what: str, length: int, along: str) -> None:
+    """A scale or zero point: a scalar, or (where ``length`` is given) one entry per ``along``."""
+    if t is None or t.numel == 1 and t.rank <= 1:
+        return
+    if length < 0 or t.shape != (length,):
+        raise fail(f"{what} {t} must be a scalar" + (f" or have shape ({length},), one per {along}" if length >= 0 else ""))
+
+
+def _check_zero_point(t: TensorType | None, data: TensorType, what: str, length: int = -1, along: str = "") -> None:
+    if t is not None and t.dtype != data.dtype:
+        raise fail(f"{what} {t} must have its input's dtype {data.dtype.short}")
+    _check_per(t, what, length, along)
+
+
+def _shifted(x: np.ndarray, zp: np.ndarray | None, per: tuple[int, ...] = ()) -> np.ndarray:
+    """``x - zero point`` in int64 (exact); a zero point of several entries is shaped ``per``."""
+    out = x.astype(np.int64)
+    if zp is None:
+        return out
+    return out - zp.astype(np.int64).reshape(per if zp.size > 1 else ())
+
+
+def _requantize(acc: np.ndarray, ratio: np.ndarray, zp: np.ndarray | None, out: np.dtype) -> np.ndarray:
+    """``acc * ratio + zero point`` in float64, rounded half to even and saturated to ``out``."""
+    d = acc.astype(np.float64) * ratio.astype(np.float64)
+    if zp is not None:
+        d = d + zp.astype(np.float64)
+    info = np.iinfo(out)
+    return np.clip(np.rint(d), info.min, info.max).astype(out)
+
+
+def _matmul_integer_infer(attrs, types):
+    a, b = present(types, 0, "A"), present(types, 1, "B")
+    _check_bytes(a, "A")
+    _check_bytes(b, "B")
+    _check_zero_point(types[2] if len(types) > 2 else None, a, "a_zero_point")
+    _check_zero_point(types[3] if len(types) > 3 else None, b, "b_zero_point", b.shape[-1], "column of B")
+    return [TensorType(matmul_shape(a.shape, b.shape), DType.int32)]
+
+
+def _matmul_integer(attrs, a, b, a_zp=None, b_zp=None):
+    return np.matmul(_shifted(a, a_zp), _shifted(b, b_zp, (-1,))).astype(np.int32)
+
+
+def _qlinear_matmul_infer(attrs, types):
+    a, a_scale, a_zp, b, b_scale, b_zp, y_scale = (present(types, i, what) for i, what in enumerate(("a", "a_scale", "a_zero_point", "b", "b_scale", "b_zero_point", "y_scale")))
+    y_zp = present(types, 7, "y_zero_point")
+    for t, what in ((a, "a"), (b, "b"), (y_zp, "y_zero_point")):
+        _check_bytes(t, what)
+    columns = b.shape[-1]
+    for t, what in ((a_scale, "a_scale"), (b_scale, "b_scale"), (y_scale, "y_scale")):
+        check_dtype(t, FLOATS, what)
+    _check_per(a_scale, "a_scale", -1, "")
+    _check_per(b_scale, "b_scale", columns, "column of b")
+    _check_per(y_scale, "y_scale", -1, "")
+    _check_zero_point(a_zp, a, "a_zero_point")
+    _check_zero_point(b_zp, b, "b_zero_point", columns, "column of b")
+    _check_per(y_zp, "y_zero_point", -1, "")
+    return [TensorType(matmul_shape(a.shape, b.shape), y_zp.dtype)]
+
+
+def _qlinear_matmul(attrs, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp):
+    acc = np.matmul(_shifted(a, a_zp), _shifted(b, b_zp, (-1,)))
+    return _requantize(acc, a_scale.reshape(()) * b_scale.reshape(-1) / y_scale.reshape(()), y_zp.reshape(()), y_zp.dtype)
+
+
+def _as_float_conv(attrs, x: TensorType, w: TensorType) -> TensorType:
+    """The output shape, by Conv's own rule."""
+    (y,) = _conv_infer(attrs, [x.with_dtype(DType.float64), w.with_dtype(DType.float64)])
+    return y
+
+
+def _conv_integer_infer(attrs, types):
+    x, w = present(types, 0, "x"), present(types, 1, "w")
+    _check_bytes(x, "x")
+    _check_bytes(w, "w")
+    _check_zero_point(types[2] if len(types) > 2 else None, x, "x_zero_point")
+    _check_zero_point(types[3] if len(types) > 3 else None, w, "w_zero_point", w.shape[0], "output channel")
+    return [_as_float_conv(attrs, x, w).with_dtype(DType.int32)]
+
+
+def _integer_conv(attrs, x, w, x_zp, w_zp, bias=None) -> np.ndarray:
+    """The exact integer convolution (float64 holds every sum of 8-bit products exactly)."""
+    per_channel = (-1,) + (1,) * (w.ndim - 1)
+    xs, ws = _shifted(x, x_zp).astype(np.float64), _shifted(w, w_zp, per_channel).astype(np.float64)
+    return _conv(attrs, xs, ws, None if bias is None else bias.astype(np.float64))
+
+
+def _conv_integer(attrs, x, w, x_zp=None, w_zp=None):
+    return _integer_conv(attrs, x, w, x_zp, w_zp).astype(np.int32)
+
+
+def _qlinear_conv_infer(attrs, types):
+    x, x_scale, x_zp, w, w_scale, w_zp, y_scale = (present(types, i, what) for i, what in enumerate(("x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "y_scale")))
+    y_zp = present(types, 7, "y_zero_point")
+    for t, what in ((x, "x"), (w, "w"), (y_zp, "y_zero_point")):
+        _check_bytes(t, what)
+    for t, what in ((x_scale, "x_scale"), (w_scale, "w_scale"), (y_scale, "y_scale")):
+        check_dtype(t, FLOATS, what)
+    m = w.shape[0]
+    _check_per(x_scale, "x_scale", -1, "")
+    _check_per(w_scale, "w_scale", m, "output channel")
+    _check_per(y_scale, "y_scale", -1, "")
+    _check_zero_point(x_zp, x, "x_zero_point")
+    _check_zero_point(w_zp, w, "w_zero_point", m, "output channel")
+    _check_per(y_zp, "y_zero_point", -1, "")
+    bias = types[8] if len(types) > 8 else None
+    if bias is not None and (bias.dtype != DType.int32 or bias.shape != (m,)):
+        raise fail(f"B {bias} must be i32[{m}]")
+    return [_as_float_conv(attrs, x, w).with_dtype(y_zp.dtype)]
+
+
+def _qlinear_conv(attrs, x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias=None):
+    acc = _integer_conv(attrs, x, w, x_zp, w_zp, bias)
+    ratio = (x_scale.reshape(()) * w_scale.reshape(-1) / y_scale.reshape(())).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return _requantize(acc, ratio, y_zp.reshape(()), y_zp.dtype)
+
+
+register(OpDef("MatMulInteger", OpKind.HEAVY, _matmul_integer_infer, _matmul_integer, num_inputs=(2, 4)))
+register(OpDef("QLinearMatMul", OpKind.HEAVY, _qlinear_matmul_infer, _qlinear_matmul, num_inputs=(8, 8)))
+register(OpDef("ConvInteger", OpKind.HEAVY, _conv_integer_infer, _conv_integer, dict(CONV_ATTRS), num_inputs=(2, 4)))
+register(OpDef("QLinearConv", OpKind.HEAVY, _qlinear_conv_infer, _qlinear_conv, dict(CONV_ATTRS), num_inputs=(8, 9)))

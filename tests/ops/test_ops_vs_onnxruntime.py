@@ -178,8 +178,30 @@ def newer_op_cases():
     yield Case("Attention", [r(2, 4, 5, 8), r(2, 2, 6, 8), r(2, 2, 6, 8)], {"is_causal": 1}, opset=23, id="attention_gqa_causal")
 
 
+def quantized_cases():
+    """The integer and quantized products of QOperator models: per-tensor and per-column or
+    per-channel scales and zero points, a bias, strides, pads and groups."""
+    rng = np.random.default_rng(11)
+
+    def q(*shape, dtype=np.uint8):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+
+    u8, i8 = np.uint8, np.int8
+    yield Case("MatMulInteger", [q(3, 5), q(5, 4), np.array(3, u8), np.array([1, 200, 0, 77], u8)], id="matmulinteger_per_column_zero_point")
+    yield Case("MatMulInteger", [q(2, 3, 6, dtype=i8), q(6, 5, dtype=i8)], id="matmulinteger_int8_batched")
+    yield Case("QLinearMatMul", [q(4, 7), np.array(0.02, F), np.array(120, u8), q(7, 3), np.array(0.05, F), np.array(128, u8), np.array(0.4, F), np.array(100, u8)], id="qlinearmatmul_uint8")
+    yield Case("QLinearMatMul", [q(2, 4, 7, dtype=i8), np.array(0.02, F), np.array(-3, i8), q(7, 3, dtype=i8), np.array(0.05, F), np.array(0, i8), np.array(0.3, F), np.array(5, i8)], id="qlinearmatmul_int8_batched")
+    yield Case("ConvInteger", [q(1, 3, 7, 7), q(4, 3, 3, 3), np.array(5, u8), np.array(100, u8)], {"pads": [1, 1, 1, 1], "strides": [2, 2]}, id="convinteger_stride_pad")
+    x, w = q(2, 4, 8, 8), q(6, 4, 3, 3, dtype=i8)
+    params = [np.array(0.03, F), np.array(128, u8), w, rng.uniform(0.001, 0.01, 6).astype(F), np.zeros(6, i8), np.array(0.2, F), np.array(10, u8)]
+    yield Case("QLinearConv", [x, *params, rng.integers(-2000, 2000, 6).astype(np.int32)], {"pads": [1, 0, 1, 2]}, const=(3, 4, 5, 8), id="qlinearconv_per_channel_bias")
+    yield Case("QLinearConv", [x, *params[:2], q(6, 2, 3, 3, dtype=i8), np.array(0.004, F), np.array(0, i8), *params[5:]], {"group": 2, "strides": [2, 2]}, const=(3,), id="qlinearconv_groups")
+
+
 CASES = [
     *newer_op_cases(),
+    *quantized_cases(),
     *conv_cases(),
     *pool_cases(),
     *norm_cases(),
@@ -226,3 +248,17 @@ def test_kiln_eager_matches_onnxruntime(case):
         assert got[name].dtype == want.dtype, name
         assert got[name].shape == want.shape, name
         np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5, err_msg=f"{case.id}: {name}")
+
+
+QUANTIZED = list(quantized_cases())
+
+
+@pytest.mark.parametrize("case", QUANTIZED, ids=[c.id for c in QUANTIZED])
+def test_quantized_products_compile_to_the_same_integers(case):
+    """The llvm target runs them decomposed (exact float64 MatMul/Conv of the shifted values,
+    then the requantization): the same integers as eager, bit for bit."""
+    model, feeds, outs = build(case)
+    want = kiln.compile(model).run(feeds)
+    got = kiln.compile(model, target="llvm").run(feeds)
+    for name in outs:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), f"{case.id}: {name}"
