@@ -20,12 +20,13 @@ from kiln.passes.rewrite import live_nodes, substitute
 @graph_pass("fold_constants")
 def fold_constants(graph: Graph) -> Graph:
     """Evaluate deterministic nodes whose inputs are all parameters; their outputs become
-    parameters (each at most KILN_FOLD_ELEMENTS elements, so folding never bloats the model)."""
+    parameters (each at most KILN_FOLD_ELEMENTS elements, so folding never bloats the model,
+    unless the op ``folds_any_size``: a DequantizeLinear of a weight)."""
     cap = config.flags().fold_elements
     for node in list(graph.nodes):
         if not node.op.deterministic or any(v is not None and v not in graph.params for v in node.inputs):
             continue
-        if any(v.type.numel > cap for v in node.outputs):
+        if not node.op.folds_any_size and any(v.type.numel > cap for v in node.outputs):
             continue
         arrays = node.op.run_eager(node.attrs, [graph.params[v] if v is not None else None for v in node.inputs])
         graph.remove_nodes([node])

@@ -252,7 +252,7 @@ class Importer:
         foldable = (
             opdef.deterministic
             and all(v is None or v in params for v in inputs)
-            and all(v.type.numel <= cap for v in node.outputs)
+            and (opdef.folds_any_size or all(v.type.numel <= cap for v in node.outputs))
         )
         if not foldable:
             self._new_values.extend(node.outputs)

@@ -89,7 +89,7 @@ def _dequantize(a, x, scale, zp=None):
 
 
 register(OpDef("QuantizeLinear", OpKind.ELEMENTWISE, _quantize_infer, _quantize, QUANT_ATTRS, num_inputs=(2, 3)))
-register(OpDef("DequantizeLinear", OpKind.ELEMENTWISE, _dequantize_infer, _dequantize, QUANT_ATTRS, num_inputs=(2, 3)))
+register(OpDef("DequantizeLinear", OpKind.ELEMENTWISE, _dequantize_infer, _dequantize, QUANT_ATTRS, num_inputs=(2, 3), folds_any_size=True))
 
 
 # -- integer and quantized products ----------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from kiln import config
 from kiln.ir import parse_graph
 from kiln.passes import run_passes
@@ -39,6 +41,35 @@ def test_fold_constants_respects_the_fold_cap():
     with config.override(fold_elements=4):
         graph = run_passes(parse_graph(text), ["fold_constants"])
     assert [n.op.name for n in graph.nodes] == ["Exp", "Add"]
+
+
+def test_dequantized_weights_fold_whatever_their_size():
+    """A DequantizeLinear of parameters is a float weight (a QDQ model's): folded past the cap,
+    by the pass and by the ONNX importer, so it is not rebuilt every run; an Exp is not."""
+    from onnx import helper, numpy_helper
+
+    from kiln.frontend.onnx.importer import import_onnx
+
+    text = """
+    graph g(%x: f32[8]) {
+      param %q: i8[8] = [1, -2, 3, -4, 5, -6, 7, -8]
+      param %s: f32[] = 0.5
+      param %a: f32[8] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+      %w: f32[8] = DequantizeLinear(%q, %s)
+      %e: f32[8] = Exp(%a)
+      %y: f32[8] = Add(%x, %w)
+      %z: f32[8] = Add(%y, %e)
+      return %z
+    }"""
+    with config.override(fold_elements=4):
+        graph = run_passes(parse_graph(text), ["fold_constants"])
+        nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["w"]), helper.make_node("Add", ["x", "w"], ["y"])]
+        inits = [numpy_helper.from_array(np.arange(-4, 4, dtype=np.int8), "q"), numpy_helper.from_array(np.array(0.5, np.float32), "s")]
+        onnx_graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [8])], [helper.make_tensor_value_info("y", 1, [8])], inits)
+        imported = import_onnx(helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert [n.op.name for n in graph.nodes] == ["Exp", "Add", "Add"]
+    assert [n.op.name for n in imported.nodes] == ["Add"]
+    np.testing.assert_array_equal(next(a for v, a in imported.params.items()), np.arange(-4, 4) * 0.5)
 
 
 def test_eliminate_dead_code(rewrites):
