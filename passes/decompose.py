@@ -301,30 +301,43 @@ def _as(b: GradBuilder, v: Value, dtype) -> Value:
     return v if v.type.dtype == dtype else b.op("Cast", v, to=dtype.short)
 
 
+# the significand bits of each float: integers up to 2**bits are exact in it
+EXACT_INTEGER_BITS = {DType.float16: 11, DType.float32: 24, DType.float64: 53}
+
+
 @decomposition("QuantizeLinear")
 def _quantize(b: GradBuilder, node: Node):
-    """round(x / scale) (half to even, divided in x's precision) + zero point, saturated."""
+    """round(x / scale) (half to even, divided in x's precision) + zero point, saturated. The
+    sum and the clamp stay in x's float type where it holds every integer of twice the output's
+    range (an 8-bit output from float32): a sum that rounds is far outside the range and
+    saturates the same; else they run in float64."""
     x, scale, zero_point = padded_inputs(node, 3)
     out = node.outputs[0].type.dtype
+    info = np.iinfo(out.numpy)
     work = x.type.dtype if x.type.dtype.is_float else DType.float64
     q = b.op("Round", b.op("Div", _as(b, x, work), _as(b, _quant_param(b, scale, x, node.attrs), work)))
-    q = _as(b, q, DType.float64)
+    if 2 * max(-int(info.min), int(info.max)) > 2 ** EXACT_INTEGER_BITS[work]:
+        q = _as(b, q, DType.float64)
     if zero_point is not None:
-        q = b.op("Add", q, _as(b, _quant_param(b, zero_point, x, node.attrs), DType.float64))
-    info = np.iinfo(out.numpy)
+        q = b.op("Add", q, _as(b, _quant_param(b, zero_point, x, node.attrs), q.type.dtype))
     saturated = b.op("Min", b.op("Max", q, b.const(float(info.min), q)), b.const(float(info.max), q))
     return [b.op("Cast", saturated, to=out.short)]
 
 
 @decomposition("DequantizeLinear")
 def _dequantize(b: GradBuilder, node: Node):
-    """(x - zero point) * scale, in float64 as the reference, then rounded to the output type."""
+    """(x - zero point) * scale, in float64 as the reference, then rounded to the output type;
+    in float32 for 8- and 16-bit x with a float32 scale and output: the difference is exact
+    there and the product rounds once either way, so the result is the same."""
     x, scale, zero_point = padded_inputs(node, 3)
-    v = _as(b, x, DType.float64)
+    out = node.outputs[0].type.dtype
+    narrow = x.type.dtype.itemsize <= 2 and scale.type.dtype is DType.float32 and out is DType.float32
+    work = DType.float32 if narrow else DType.float64
+    v = _as(b, x, work)
     if zero_point is not None:
-        v = b.op("Sub", v, _as(b, _quant_param(b, zero_point, x, node.attrs), DType.float64))
-    v = b.op("Mul", v, _as(b, _quant_param(b, scale, x, node.attrs), DType.float64))
-    return [_as(b, v, node.outputs[0].type.dtype)]
+        v = b.op("Sub", v, _as(b, _quant_param(b, zero_point, x, node.attrs), work))
+    v = b.op("Mul", v, _as(b, _quant_param(b, scale, x, node.attrs), work))
+    return [_as(b, v, out)]
 
 
 # -- integer and quantized products -------------------------------------------------------------

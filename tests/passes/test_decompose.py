@@ -203,6 +203,22 @@ def test_linear_quantization(case):
     check_decomposed(g, feeds, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("x_dtype, out", [(np.float32, np.uint8), (np.float32, np.int8), (np.float16, np.int8), (np.float32, np.int16)])
+def test_quantizing_every_tie_and_past_the_range(x_dtype, out):
+    """x / scale at every half integer from -700.5 to 699.5 (ties, both signs, far past an
+    8-bit range) and beyond float16's exact integers: the decomposition, which keeps the sum
+    and clamp in x's float type where that is exact, gives the reference's integers, and
+    dequantizing them (in float32) its floats."""
+    halves = np.arange(-700, 700) + 0.5
+    x = np.concatenate([halves * 0.25, [3000.0, -5000.0, 65504.0 / 4, 1e-3]]).astype(x_dtype)
+    scale, zero = np.array(0.25, x_dtype), np.array(3 if out == np.uint8 else -2, out)
+    g, feeds = one_op("QuantizeLinear", {"x": x, "scale": scale, "zero": zero}, {})
+    check_decomposed(g, feeds, rtol=0, atol=0)
+    q = evaluate(g, feeds)[0]
+    g, feeds = one_op("DequantizeLinear", {"q": q, "scale": np.array(0.1, np.float32), "zero": zero}, {})
+    check_decomposed(g, feeds, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "equation, shapes",
     [
