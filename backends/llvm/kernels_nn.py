@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import numpy as np
 
+from kiln.backends.llvm import kernels_depthwise
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
 from kiln.backends.llvm.emit import I64, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
@@ -356,6 +357,8 @@ def _conv_scratch(node) -> int:
         return _nhwc_conv_scratch(node)
     if _direct(node):
         return 0
+    if kernels_depthwise.applies(node):  # reads its planes in place
+        return 0
     x, w, nd, *_, out = _conv_geometry(node)
     if _dot_shaped(node) or _row_shaped(node):  # reads its windows in place
         return 0
@@ -395,6 +398,9 @@ def conv(ctx: KernelContext) -> None:
         return
     if _row_shaped(node):  # a small conv: rows computed in place, no im2col
         _row_conv(ctx, node)
+        return
+    if kernels_depthwise.applies(node):  # one plane per channel: its rows in vectors
+        kernels_depthwise.emit(ctx)
         return
 
     def images(emitting, ptrs, lo, hi, block):

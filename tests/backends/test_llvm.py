@@ -542,6 +542,41 @@ def test_small_nchw_convs_run_by_rows_in_place(x_shape, w_shape, attrs, bias, dt
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_shape, kernel, attrs, bias, dtype", [
+    ((2, 24, 14, 14), 3, {"pads": [1, 1, 1, 1]}, True, "float32"),  # a row in one masked vector
+    ((1, 16, 37, 37), 3, {"pads": [1, 1, 1, 1], "strides": [2, 2]}, True, "float32"),  # stride 2: even lanes of two loads
+    ((1, 8, 70, 70), 3, {"pads": [1, 1, 1, 1], "strides": [2, 2]}, False, "float32"),  # stride 2: a masked left chunk, an unmasked middle one, a short last one
+    ((1, 8, 40, 35), 5, {"pads": [2, 1, 0, 2], "strides": [2, 2]}, False, "float32"),  # 5x5, uneven pads, a 16-wide row plus 2
+    ((1, 12, 20, 50), 3, {}, True, "float32"),  # no pads: read in place, the last vector masked
+    ((2, 6, 19, 23), 3, {"pads": [2, 2, 2, 2], "dilations": [2, 2]}, True, "float64"),  # dilated, float64
+], ids=["3x3", "stride-2", "stride-2-wide", "5x5-uneven-pads", "in-place", "dilated-f64"])
+def test_depthwise_convs_run_a_plane_at_a_time(x_shape, kernel, attrs, bias, dtype):
+    """group = channels: each plane's output rows in vectors from the rows under them (no
+    im2col, no padded copy: border rows leave out kernel rows, border vectors load under
+    masks), planes over threads, bounds checked; eager's result."""
+    from kiln import config
+    from kiln.backends.llvm import kernels_depthwise
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(8)
+    c = x_shape[1]
+    graph = Graph("depthwise")
+    x = graph.add_input("x", TensorType(x_shape, DType[dtype]))
+    inputs = [x, graph.add_param("w", rng.standard_normal((c, 1, kernel, kernel)).astype(dtype))]
+    if bias:
+        inputs.append(graph.add_param("b", rng.standard_normal(c).astype(dtype)))
+    graph.outputs = [graph.add_node("Conv", inputs, {**attrs, "group": c}).outputs[0]]
+    assert kernels_depthwise.applies(graph.nodes[0])
+    feed = {"x": rng.standard_normal(x_shape).astype(dtype)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("x_shape, w_shape, attrs", [
     ((2, 3, 90, 90), (24, 3, 7, 7), {"pads": [3, 3, 3, 3], "strides": [2, 2]}),  # a ResNet stem: 21-element window rows
     ((2, 16, 30, 30), (70, 16, 3, 3), {"pads": [1, 1, 1, 1]}),  # a partial last column block

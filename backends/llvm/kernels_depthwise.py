@@ -1,0 +1,154 @@
+"""Depthwise convolution in NCHW: ``group`` = input channels = output channels (MobileNet's,
+ShuffleNet's and EfficientNet's 3x3 and 5x5 layers).
+
+Each output channel reads one input plane with its own few weights, so im2col and a GEMM per
+group (one output row by a handful of taps) waste nearly all their work: a 136-channel 3x3 at
+28x28 took 1.16 ms that way against onnxruntime's 0.023. Here each (image, channel) plane is
+done on its own: its taps are broadcast once, and every output row is computed in vectors along
+its width, one multiply-add per tap with the input row under it (unit column stride: one
+unaligned load; stride 2: two loads and the even lanes picked). Padding is never copied: rows
+whose window leaves the plane (the first and last few) leave out those kernel rows, and the
+vectors at a row's ends load under a mask of the lanes inside it (a masked-off lane is not
+read), all decided when the code is built; the rest runs with no test. Planes are split over
+the pool.
+"""
+
+from __future__ import annotations
+
+import math
+
+import llvmlite.ir as ir
+
+from kiln.backends.llvm.emit import I32, Vectors, const_i64, for_range, llvm_type
+from kiln.backends.llvm.parallel import parallel_rows
+from kiln.config import num_threads
+from kiln.ir.dtypes import DType
+
+PARALLEL_TAPS = 1 << 16  # multiply-adds below which one thread does every plane
+
+
+def applies(node) -> bool:
+    """A 2-D NCHW float conv with one input and one output channel per group, column stride 1 or 2."""
+    x, w = node.inputs[0].type, node.inputs[1].type
+    return (
+        node.attrs["layout"] == "NCHW"
+        and x.rank == 4
+        and x.dtype in (DType.float32, DType.float64)
+        and node.attrs["group"] == x.shape[1] == w.shape[0]
+        and w.shape[1] == 1
+        and (node.attrs["strides"] or [1, 1])[-1] in (1, 2)
+    )
+
+
+def _geometry(node):
+    from kiln.backends.llvm.kernels_nn import _conv_geometry
+
+    x, w, nd, strides, dilations, pads, out = _conv_geometry(node)
+    padded = (x.shape[2] + pads[0] + pads[2], x.shape[3] + pads[1] + pads[3])
+    return x, w, strides, dilations, pads, out, padded
+
+
+def _threads(node) -> int:
+    x, w, *_, out, _ = _geometry(node)
+    planes = x.shape[0] * x.shape[1]
+    return min(num_threads(), planes) if planes * math.prod(out) * math.prod(w.shape[2:]) >= PARALLEL_TAPS else 1
+
+
+def emit(ctx) -> None:
+    node = ctx.node
+    x, w, strides, dilations, pads, out, _ = _geometry(node)
+    (sh, sw), (dh, dw), (oh, ow) = strides, dilations, out
+    kh, kw = w.shape[2:]
+    height, width = x.shape[2:]
+    top, left = pads[:2]
+    channels = x.shape[1]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    from kiln.backends.llvm.kernels_nn import vector_width
+
+    lanes = vector_width(x.dtype)
+    ty = llvm_type(x.dtype)
+    views = [ctx.inputs[0], ctx.inputs[1], ctx.outputs[0], *([bias] if bias is not None else [])]
+    pick = ir.Constant(ir.VectorType(I32, lanes), [sw * i for i in range(lanes)])  # every sw-th lane of two vectors
+
+    def valid_rows(oy: int) -> list[int]:
+        return [ky for ky in range(kh) if 0 <= oy * sh + ky * dh - top < height]
+
+    def lane_masks(ox0: int | None, count: int, kx: int):
+        """The masks of the one or two loads under tap column ``kx`` for outputs ox0.. (count
+        of them): the needed elements (every sw-th) inside the row; ox0 None: an interior chunk."""
+        span = sw * (lanes - 1) + 1  # elements from the first needed one to the last, full chunk
+        needed = [e % sw == 0 and e // sw < count for e in range(sw * lanes)]
+        if ox0 is not None:
+            base = ox0 * sw + kx * dw - left
+            needed = [ok and 0 <= base + e < width for e, ok in enumerate(needed)]
+        needed[span:] = [False] * (len(needed) - span)
+        halves = [needed[h * lanes : (h + 1) * lanes] for h in range(sw)]
+        return [None if all(m) else ir.Constant(ir.VectorType(ir.IntType(1), lanes), [int(v) for v in m]) if any(m) else False for m in halves]
+
+    def planes(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        V = Vectors(b, emitting.module, x.dtype, lanes)
+        xv, wv, yv, *bv = [v.on(p) for v, p in zip(views, ptrs)]
+
+        def at(ptr: ir.Value, index) -> ir.Value:
+            return b.gep(ptr, [index if isinstance(index, ir.Value) else const_i64(index)], source_etype=ty)
+
+        def tap_vector(row: ir.Value, first: ir.Value, masks) -> ir.Value:
+            """The elements under one tap: sw == 1 one (masked) load, else the even lanes of two."""
+            loaded = [V.zero if m is False else V.load(at(row, b.add(first, const_i64(h * lanes))), m) for h, m in enumerate(masks)]
+            return loaded[0] if sw == 1 else b.shuffle_vector(loaded[0], loaded[1], pick)
+
+        with for_range(b, hi, start=lo, name="plane") as plane:
+            channel = b.urem(plane, const_i64(channels))
+            source = at(xv.ptr, b.add(const_i64(xv.offset), b.mul(plane, const_i64(height * width))))
+            w_at = b.add(const_i64(wv.offset), b.mul(channel, const_i64(kh * kw)))
+            taps = [V.splat(b.load(at(wv.ptr, b.add(w_at, const_i64(t))), typ=ty)) for t in range(kh * kw)]
+            start = V.splat(b.load(at(bv[0].ptr, b.add(const_i64(bv[0].offset), channel)), typ=ty)) if bv else V.zero
+            out_plane = at(yv.ptr, b.add(const_i64(yv.offset), b.mul(plane, const_i64(oh * ow))))
+
+            def output_row(oy: ir.Value, kys: list[int]) -> None:
+                rows = {ky: at(source, b.mul(b.sub(b.add(b.mul(oy, const_i64(sh)), const_i64(ky * dh)), const_i64(top)), const_i64(width))) for ky in kys}
+                out_row = at(out_plane, b.mul(oy, const_i64(ow)))
+
+                def chunk(ox0: ir.Value, count: int, static: int | None) -> None:
+                    # one sum per kernel row, added at the end: short chains of dependent
+                    # multiply-adds in flight at once instead of one long one
+                    sums = []
+                    for ky in kys:
+                        acc = V.zero
+                        for kx in range(kw):
+                            masks = lane_masks(static, count, kx)
+                            if all(m is False for m in masks):
+                                continue
+                            first = b.sub(b.add(b.mul(ox0, const_i64(sw)), const_i64(kx * dw)), const_i64(left))
+                            acc = V.fma(taps[ky * kw + kx], tap_vector(rows[ky], first, masks), acc)
+                        sums.append(acc)
+                    total = start
+                    for part in sums:
+                        total = b.fadd(total, part)
+                    V.store(total, at(out_row, ox0), V.mask(count))
+
+                # chunks whose every needed element lies inside the row run in a loop, unmasked
+                chunks = [(c * lanes, min(lanes, ow - c * lanes)) for c in range(-(-ow // lanes))]
+                inside = [count == lanes and ox0 * sw - left >= 0 and (ox0 + lanes - 1) * sw + (kw - 1) * dw - left < width for ox0, count in chunks]
+                first_in = inside.index(True) if any(inside) else len(chunks)
+                last_in = first_in + (inside[first_in:] + [False]).index(False)
+                for c in range(first_in):
+                    chunk(const_i64(chunks[c][0]), chunks[c][1], chunks[c][0])
+                if last_in > first_in:
+                    with for_range(b, last_in, start=first_in, name="ox") as c:
+                        chunk(b.mul(c, const_i64(lanes)), lanes, None)
+                for c in range(last_in, len(chunks)):
+                    chunk(const_i64(chunks[c][0]), chunks[c][1], chunks[c][0])
+
+            # rows whose window stays inside the plane run in a loop; the others each with their kernel rows
+            whole = [len(valid_rows(oy)) == kh for oy in range(oh)]
+            first_row = whole.index(True) if any(whole) else oh
+            last_row = first_row + (whole[first_row:] + [False]).index(False)
+            for oy in [*range(first_row), *range(last_row, oh)]:
+                output_row(const_i64(oy), valid_rows(oy))
+            if last_row > first_row:
+                with for_range(b, last_row, start=first_row, name="oy") as oy:
+                    output_row(oy, list(range(kh)))
+
+    parallel_rows(ctx, x.shape[0] * channels, _threads(node), [v.ptr for v in views], planes)
