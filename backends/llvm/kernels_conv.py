@@ -101,12 +101,17 @@ class Epilogue:
 
 
 def fused_conv(ctx: KernelContext, body) -> bool:
-    """A Fused group of an NHWC Conv and the pointwise ops after it (Relu, a residual Add...)
-    as one kernel: the chain runs on each block of conv output while it is in cache, instead
-    of as passes over the whole output. Returns False (nothing emitted) where the conv cannot
+    """A Fused group of an NHWC Conv (or an NCHW depthwise one) and the pointwise ops after it
+    (Relu, a residual Add...) as one kernel: the chain runs on each block of conv output while
+    it is in cache, instead of as passes over the whole output. Returns False (nothing emitted) where the conv cannot
     (``_takes_tail``) or an operand is not laid out by rows."""
+    from kiln.backends.llvm import kernels_depthwise
+
     conv, *chain = body.nodes
-    if conv.op.name != "Conv" or conv.attrs.get("layout") != "NHWC" or not _takes_tail(conv) or not chain:
+    if conv.op.name != "Conv" or not chain:
+        return False
+    depthwise = kernels_depthwise.applies(conv)  # NCHW: the tail runs on each output row
+    if not depthwise and (conv.attrs.get("layout") != "NHWC" or not _takes_tail(conv)):
         return False
     shape = conv.outputs[0].type.shape
     pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
@@ -114,7 +119,7 @@ def fused_conv(ctx: KernelContext, body) -> bool:
         return False
     outer = {v: view for v, view in zip(body.inputs, ctx.inputs)}
     operands = list(dict.fromkeys(v for n in chain for v in n.inputs if v is not None and v in outer))
-    rows = [_by_rows(outer[v].broadcast_to(shape)) for v in operands]
+    rows = [outer[v].broadcast_to(shape) if depthwise else _by_rows(outer[v].broadcast_to(shape)) for v in operands]
     if any(r is None for r in rows):
         return False
 
@@ -125,7 +130,7 @@ def fused_conv(ctx: KernelContext, body) -> bool:
         return env[id(chain[-1].outputs[0])]
 
     conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
-    (emit if applies(conv) else emit_pointwise_conv)(conv_ctx, Epilogue(rows, apply))
+    (kernels_depthwise.emit if depthwise else emit if applies(conv) else emit_pointwise_conv)(conv_ctx, Epilogue(rows, apply))
     return True
 
 

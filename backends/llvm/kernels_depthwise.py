@@ -19,7 +19,7 @@ import math
 
 import llvmlite.ir as ir
 
-from kiln.backends.llvm.emit import I32, Vectors, const_i64, for_range, llvm_type
+from kiln.backends.llvm.emit import I32, Vectors, View, const_i64, for_range, llvm_type
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.ir.dtypes import DType
@@ -54,7 +54,9 @@ def _threads(node) -> int:
     return min(num_threads(), planes) if planes * math.prod(out) * math.prod(w.shape[2:]) >= PARALLEL_TAPS else 1
 
 
-def emit(ctx) -> None:
+def emit(ctx, epilogue=None) -> None:
+    """y = depthwise conv(x, w) (+ bias), then ``epilogue`` (a fused group's pointwise tail,
+    its operands views over the output's shape) on each output row while it is in L1."""
     node = ctx.node
     x, w, strides, dilations, pads, out, _ = _geometry(node)
     (sh, sw), (dh, dw), (oh, ow) = strides, dilations, out
@@ -67,7 +69,8 @@ def emit(ctx) -> None:
 
     lanes = vector_width(x.dtype)
     ty = llvm_type(x.dtype)
-    views = [ctx.inputs[0], ctx.inputs[1], ctx.outputs[0], *([bias] if bias is not None else [])]
+    operands = epilogue.operands if epilogue is not None else []
+    views = [ctx.inputs[0], ctx.inputs[1], ctx.outputs[0], *([bias] if bias is not None else []), *operands]
     pick = ir.Constant(ir.VectorType(I32, lanes), [sw * i for i in range(lanes)])  # every sw-th lane of two vectors
 
     def valid_rows(oy: int) -> list[int]:
@@ -88,7 +91,8 @@ def emit(ctx) -> None:
     def planes(emitting, ptrs, lo, hi, _):
         b = emitting.b
         V = Vectors(b, emitting.module, x.dtype, lanes)
-        xv, wv, yv, *bv = [v.on(p) for v, p in zip(views, ptrs)]
+        xv, wv, yv, *rest = [v.on(p) for v, p in zip(views, ptrs)]
+        bv, tails = rest[: len(rest) - len(operands)], rest[len(rest) - len(operands) :]
 
         def at(ptr: ir.Value, index) -> ir.Value:
             return b.gep(ptr, [index if isinstance(index, ir.Value) else const_i64(index)], source_etype=ty)
@@ -140,6 +144,8 @@ def emit(ctx) -> None:
                         chunk(b.mul(c, const_i64(lanes)), lanes, None)
                 for c in range(last_in, len(chunks)):
                     chunk(const_i64(chunks[c][0]), chunks[c][1], chunks[c][0])
+                if epilogue is not None:
+                    _row_tail(b, emitting.module, epilogue, View(out_row, yv.dtype, (ow,), (1,)), [_row_of(b, v, plane, channels, oy) for v in tails])
 
             # rows whose window stays inside the plane run in a loop; the others each with their kernel rows
             whole = [len(valid_rows(oy)) == kh for oy in range(oh)]
@@ -152,3 +158,17 @@ def emit(ctx) -> None:
                     output_row(oy, list(range(kh)))
 
     parallel_rows(ctx, x.shape[0] * channels, _threads(node), [v.ptr for v in views], planes)
+
+
+def _row_of(b: ir.IRBuilder, view: View, plane: ir.Value, channels: int, oy: ir.Value) -> View:
+    """Output row ``oy`` of ``plane`` (image * channels + channel) in a view over the output's shape."""
+    img, channel = b.udiv(plane, const_i64(channels)), b.urem(plane, const_i64(channels))
+    s0, s1, s2, s3 = view.strides
+    offset = b.add(b.add(b.mul(img, const_i64(s0)), b.mul(channel, const_i64(s1))), b.add(b.mul(oy, const_i64(s2)), const_i64(view.offset)))
+    return View(b.gep(view.ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, (view.shape[-1],), (s3,))
+
+
+def _row_tail(b: ir.IRBuilder, module: ir.Module, epilogue, row: View, operands: list[View]) -> None:
+    from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
+
+    emit_pointwise_outputs(b, module, [row], [row, *operands], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)

@@ -577,6 +577,43 @@ def test_depthwise_convs_run_a_plane_at_a_time(x_shape, kernel, attrs, bias, dty
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_depthwise_conv_applies_its_pointwise_tail_row_by_row(monkeypatch):
+    """Depthwise conv + per-channel scale + residual Add + Relu6 (Clip) in one Fused group: the
+    tail runs on each output row while it is in L1 (its operands read at that row), with
+    eager's result on one thread and two."""
+    from kiln import config
+    from kiln.backends.llvm import kernels_depthwise
+
+    tails = []
+    emit = kernels_depthwise.emit
+    monkeypatch.setattr(kernels_depthwise, "emit", lambda ctx, epilogue=None: (tails.append(len(epilogue.operands)), emit(ctx, epilogue)))
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(9)
+    shape = (2, 32, 30, 30)
+    graph = Graph("block")
+    x = graph.add_input("x", TensorType(shape, DType.float32))
+    skip = graph.add_input("skip", TensorType(shape, DType.float32))
+    w = graph.add_param("w", rng.standard_normal((32, 1, 3, 3)).astype(np.float32))
+    scale = graph.add_param("s", rng.uniform(0.5, 2, (1, 32, 1, 1)).astype(np.float32))
+    y = graph.add_node("Conv", [x, w], {"pads": [1, 1, 1, 1], "group": 32}).outputs[0]
+    y = graph.add_node("Mul", [y, scale]).outputs[0]
+    y = graph.add_node("Add", [y, skip]).outputs[0]
+    low, high = graph.add_param("low", np.array(0.0, np.float32)), graph.add_param("high", np.array(6.0, np.float32))
+    graph.outputs = [graph.add_node("Clip", [y, low, high]).outputs[0]]
+    feed = {"x": rng.standard_normal(shape).astype(np.float32), "skip": rng.standard_normal(shape).astype(np.float32) * 3}
+    (want,) = kiln.compile(graph).run(feed).values()
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            module = kiln.compile(graph, target="llvm", layout="nchw")
+            assert [[b.op.name for b in n.attrs["body"].nodes] for n in module.graph.nodes if n.op.name == "Fused"] == [["Conv", "Mul", "Add", "Clip"]]
+            (got,) = module.run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert tails == [4, 4]  # the scale, the skip input, Clip's bounds: read by the kernel's tail
+
+
 @pytest.mark.parametrize("x_shape, w_shape, attrs", [
     ((2, 3, 90, 90), (24, 3, 7, 7), {"pads": [3, 3, 3, 3], "strides": [2, 2]}),  # a ResNet stem: 21-element window rows
     ((2, 16, 30, 30), (70, 16, 3, 3), {"pads": [1, 1, 1, 1]}),  # a partial last column block
