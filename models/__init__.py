@@ -3,8 +3,8 @@
     model = kiln.models.resnet18(num_classes=10)     # a kiln.nn.Module
     kiln.compile("unet", shapes={"input": (1, 3, 128, 128)})
 
-``ZOO`` lists the DSL families (MLP, LeNet-5, ResNet-18/34/50, LSTM and GRU classifiers,
-FCN-8s, U-Net, DeepLabv3); ``builtin_models()`` the nine ``light_*`` ImageNet nets shipped
+``ZOO`` lists the DSL families (MLP, LeNet-5, ResNet-18/34/50, MobileNetV2, LSTM and GRU
+classifiers, FCN-8s, U-Net, DeepLabv3); ``builtin_models()`` the nine ``light_*`` ImageNet nets shipped
 inside the onnx wheel (small weights, real architectures).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.models.classic import lenet5, mlp
+from kiln.models.mobilenet import mobilenet_v2
 from kiln.models.resnet import resnet18, resnet34, resnet50
 from kiln.models.rnn import gru_classifier, lstm_classifier
 from kiln.models.segmentation import deeplabv3, fcn, unet
@@ -20,7 +21,7 @@ from kiln.models.zoo import ZOO, build, zoo_graph, zoo_onnx
 
 __all__ = [
     "ZOO", "build", "builtin_models", "deeplabv3", "fcn", "gru_classifier", "lenet5", "lstm_classifier",
-    "mlp", "resnet18", "resnet34", "resnet50", "unet", "zoo_graph", "zoo_onnx",
+    "mlp", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "unet", "zoo_graph", "zoo_onnx",
 ]
 
 

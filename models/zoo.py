@@ -16,6 +16,7 @@ import onnx
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph
 from kiln.models.classic import lenet5, mlp
+from kiln.models.mobilenet import mobilenet_v2
 from kiln.models.resnet import resnet18, resnet34, resnet50
 from kiln.models.rnn import gru_classifier, lstm_classifier
 from kiln.models.segmentation import deeplabv3, fcn, unet
@@ -44,6 +45,8 @@ ZOO: dict[str, ZooModel] = {
                  {"num_classes": 10, "width": 8, "layers": (1, 2, 2, 1)}, (1, 3, 32, 32)),
         ZooModel("resnet50", resnet50, (1, 3, 224, 224), "ResNet-50 (Bottleneck), ImageNet size",
                  {"num_classes": 10, "width": 8, "layers": (1, 2, 2, 1)}, (1, 3, 32, 32)),
+        ZooModel("mobilenet_v2", mobilenet_v2, (1, 3, 224, 224), "MobileNetV2 (inverted residuals, depthwise 3x3), ImageNet size",
+                 {"num_classes": 10, "width": 0.25, "stages": ((1, 8, 1, 1), (6, 16, 2, 2), (6, 24, 2, 2)), "last_channels": 64}, (1, 3, 32, 32)),
         ZooModel("lstm_classifier", lstm_classifier, (1, 32, 64), "2-layer LSTM (128 hidden) over 32 steps",
                  {"input_size": 8, "hidden_size": 16, "bidirectional": True}, (2, 5, 8)),
         ZooModel("gru_classifier", gru_classifier, (1, 32, 64), "2-layer GRU (128 hidden) over 32 steps",

@@ -56,7 +56,7 @@ def _threads(node) -> int:
 
 def emit(ctx, epilogue=None) -> None:
     """y = depthwise conv(x, w) (+ bias), then ``epilogue`` (a fused group's pointwise tail,
-    its operands views over the output's shape) on each output row while it is in L1."""
+    its operands views over the output's shape) on each output plane while it is in cache."""
     node = ctx.node
     x, w, strides, dilations, pads, out, _ = _geometry(node)
     (sh, sw), (dh, dw), (oh, ow) = strides, dilations, out
@@ -144,8 +144,6 @@ def emit(ctx, epilogue=None) -> None:
                         chunk(b.mul(c, const_i64(lanes)), lanes, None)
                 for c in range(last_in, len(chunks)):
                     chunk(const_i64(chunks[c][0]), chunks[c][1], chunks[c][0])
-                if epilogue is not None:
-                    _row_tail(b, emitting.module, epilogue, View(out_row, yv.dtype, (ow,), (1,)), [_row_of(b, v, plane, channels, oy) for v in tails])
 
             # rows whose window stays inside the plane run in a loop; the others each with their kernel rows
             whole = [len(valid_rows(oy)) == kh for oy in range(oh)]
@@ -156,19 +154,21 @@ def emit(ctx, epilogue=None) -> None:
             if last_row > first_row:
                 with for_range(b, last_row, start=first_row, name="oy") as oy:
                     output_row(oy, list(range(kh)))
+            if epilogue is not None:  # over the whole plane, still in cache: one vector loop however narrow its rows
+                _plane_tail(b, emitting.module, epilogue, View(out_plane, yv.dtype, (oh, ow), (ow, 1)), [_plane_of(b, v, plane, channels) for v in tails])
 
     parallel_rows(ctx, x.shape[0] * channels, _threads(node), [v.ptr for v in views], planes)
 
 
-def _row_of(b: ir.IRBuilder, view: View, plane: ir.Value, channels: int, oy: ir.Value) -> View:
-    """Output row ``oy`` of ``plane`` (image * channels + channel) in a view over the output's shape."""
+def _plane_of(b: ir.IRBuilder, view: View, plane: ir.Value, channels: int) -> View:
+    """Output plane ``plane`` (image * channels + channel) of a view over the output's shape."""
     img, channel = b.udiv(plane, const_i64(channels)), b.urem(plane, const_i64(channels))
     s0, s1, s2, s3 = view.strides
-    offset = b.add(b.add(b.mul(img, const_i64(s0)), b.mul(channel, const_i64(s1))), b.add(b.mul(oy, const_i64(s2)), const_i64(view.offset)))
-    return View(b.gep(view.ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, (view.shape[-1],), (s3,))
+    offset = b.add(b.add(b.mul(img, const_i64(s0)), b.mul(channel, const_i64(s1))), const_i64(view.offset))
+    return View(b.gep(view.ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, view.shape[2:], (s2, s3))
 
 
-def _row_tail(b: ir.IRBuilder, module: ir.Module, epilogue, row: View, operands: list[View]) -> None:
+def _plane_tail(b: ir.IRBuilder, module: ir.Module, epilogue, plane: View, operands: list[View]) -> None:
     from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
 
-    emit_pointwise_outputs(b, module, [row], [row, *operands], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)
+    emit_pointwise_outputs(b, module, [plane], [plane, *operands], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)

@@ -577,9 +577,9 @@ def test_depthwise_convs_run_a_plane_at_a_time(x_shape, kernel, attrs, bias, dty
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_depthwise_conv_applies_its_pointwise_tail_row_by_row(monkeypatch):
+def test_a_depthwise_conv_applies_its_pointwise_tail_plane_by_plane(monkeypatch):
     """Depthwise conv + per-channel scale + residual Add + Relu6 (Clip) in one Fused group: the
-    tail runs on each output row while it is in L1 (its operands read at that row), with
+    tail runs on each output plane while it is in cache (its operands read at that plane), with
     eager's result on one thread and two."""
     from kiln import config
     from kiln.backends.llvm import kernels_depthwise

@@ -82,6 +82,7 @@ def test_standard_sizes_match_the_published_parameter_counts():
     assert build("resnet18").num_parameters == 11_689_512
     assert build("resnet34").num_parameters == 21_797_672
     assert build("resnet50").num_parameters == 25_557_032
+    assert build("mobilenet_v2").num_parameters == 3_504_872
 
 
 def test_builders_are_configurable_and_seeded():
