@@ -46,12 +46,16 @@ def _convertible(node: Node) -> bool:
         return False
     if node.inputs[0].type.rank < 3 or len(node.outputs) != 1:
         return False
-    return op not in ("Conv", "ConvTranspose") or node.attrs["group"] == 1
+    if op not in ("Conv", "ConvTranspose") or node.attrs["group"] == 1:
+        return True
+    # a 2-D depthwise conv (a channel per group): the llvm backend has a channels-last kernel
+    x, w = node.inputs[0].type, node.inputs[1].type
+    return op == "Conv" and x.rank == 4 and node.attrs["group"] == x.shape[1] == w.shape[0] and w.shape[1] == 1
 
 
 @graph_pass("to_nhwc")
 def to_nhwc(graph: Graph) -> Graph:
-    """Conv (group 1), MaxPool and AveragePool to channels-last, between transposes."""
+    """Conv (group 1, or 2-D depthwise), MaxPool and AveragePool to channels-last, between transposes."""
     for node in [n for n in graph.nodes if _convertible(n)]:
         x = node.inputs[0]
         rank = x.type.rank

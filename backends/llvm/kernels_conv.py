@@ -101,7 +101,7 @@ class Epilogue:
 
 
 def fused_conv(ctx: KernelContext, body) -> bool:
-    """A Fused group of an NHWC Conv (or an NCHW depthwise one) and the pointwise ops after it
+    """A Fused group of an NHWC Conv (or a depthwise one, NCHW too) and the pointwise ops after it
     (Relu, a residual Add...) as one kernel: the chain runs on each block of conv output while
     it is in cache, instead of as passes over the whole output. Returns False (nothing emitted) where the conv cannot
     (``_takes_tail``) or an operand is not laid out by rows."""
@@ -110,12 +110,15 @@ def fused_conv(ctx: KernelContext, body) -> bool:
     conv, *chain = body.nodes
     if conv.op.name != "Conv" or not chain:
         return False
-    depthwise = kernels_depthwise.applies(conv)  # NCHW: the tail runs on each output row
-    if not depthwise and (conv.attrs.get("layout") != "NHWC" or not _takes_tail(conv)):
+    depthwise = kernels_depthwise.applies(conv)  # NCHW: the tail runs on each output plane
+    depthwise_nhwc = kernels_depthwise.applies_nhwc(conv)
+    if not depthwise and not depthwise_nhwc and (conv.attrs.get("layout") != "NHWC" or not _takes_tail(conv)):
         return False
     shape = conv.outputs[0].type.shape
     pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
     if not pointwise or len(body.outputs) != 1 or body.outputs[0] is not chain[-1].outputs[0]:
+        return False
+    if body.outputs[0].type.dtype != conv.outputs[0].type.dtype:  # the tail rewrites the conv's output in place
         return False
     outer = {v: view for v, view in zip(body.inputs, ctx.inputs)}
     operands = list(dict.fromkeys(v for n in chain for v in n.inputs if v is not None and v in outer))
@@ -130,7 +133,8 @@ def fused_conv(ctx: KernelContext, body) -> bool:
         return env[id(chain[-1].outputs[0])]
 
     conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
-    (kernels_depthwise.emit if depthwise else emit if applies(conv) else emit_pointwise_conv)(conv_ctx, Epilogue(rows, apply))
+    kernel = kernels_depthwise.emit if depthwise else kernels_depthwise.emit_nhwc if depthwise_nhwc else emit if applies(conv) else emit_pointwise_conv
+    kernel(conv_ctx, Epilogue(rows, apply))
     return True
 
 

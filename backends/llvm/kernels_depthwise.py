@@ -155,7 +155,7 @@ def emit(ctx, epilogue=None) -> None:
                 with for_range(b, last_row, start=first_row, name="oy") as oy:
                     output_row(oy, list(range(kh)))
             if epilogue is not None:  # over the whole plane, still in cache: one vector loop however narrow its rows
-                _plane_tail(b, emitting.module, epilogue, View(out_plane, yv.dtype, (oh, ow), (ow, 1)), [_plane_of(b, v, plane, channels) for v in tails])
+                _apply_tail(b, emitting.module, epilogue, View(out_plane, yv.dtype, (oh, ow), (ow, 1)), [_plane_of(b, v, plane, channels) for v in tails])
 
     parallel_rows(ctx, x.shape[0] * channels, _threads(node), [v.ptr for v in views], planes)
 
@@ -168,7 +168,121 @@ def _plane_of(b: ir.IRBuilder, view: View, plane: ir.Value, channels: int) -> Vi
     return View(b.gep(view.ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, view.shape[2:], (s2, s3))
 
 
-def _plane_tail(b: ir.IRBuilder, module: ir.Module, epilogue, plane: View, operands: list[View]) -> None:
+def _apply_tail(b: ir.IRBuilder, module: ir.Module, epilogue, plane: View, operands: list[View]) -> None:
     from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
 
     emit_pointwise_outputs(b, module, [plane], [plane, *operands], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)
+
+
+# -- channels-last ------------------------------------------------------------------------------
+def applies_nhwc(node) -> bool:
+    """A 2-D NHWC float conv with one input and one output channel per group (weights (kh, kw, 1, C))."""
+    x, w = node.inputs[0].type, node.inputs[1].type
+    return (
+        node.attrs["layout"] == "NHWC"
+        and x.rank == 4
+        and x.dtype in (DType.float32, DType.float64)
+        and node.attrs["group"] == x.shape[-1] == w.shape[-1]
+        and w.shape[2] == 1
+    )
+
+
+def nhwc_scratch_bytes(node) -> int:
+    """One input row of zeros: what a window row above or below the image reads."""
+    x = node.inputs[0].type
+    return x.shape[2] * x.shape[3] * x.dtype.itemsize
+
+
+def emit_nhwc(ctx, epilogue=None) -> None:
+    """y[img, oy, ox, c] = sum over taps of w[ky, kx, 0, c] * x[img, iy, ix, c]: vectors along
+    the channels. Each (image, output row) is one item of the pool's split; per block of
+    channels the taps' weight vectors are loaded once and every position of the row multiplies
+    by them. A kernel row above or below the image reads a row of zeros; positions whose
+    window leaves the row at its ends (the first and last few) leave out those taps, decided
+    when the code is built, and the rest run in a loop with no test. ``epilogue`` (a fused
+    group's pointwise tail) runs on each output row while it is in cache."""
+    from kiln.backends.llvm.kernels_conv import geometry
+    from kiln.backends.llvm.kernels_nn import vector_width
+
+    node = ctx.node
+    g = geometry(node)
+    (sh, sw), (dh, dw), (oh, ow) = g.strides, g.dilations, g.out
+    kh, kw = g.kernel
+    height, width = g.size
+    top, left = g.before
+    c = g.c
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    x_type = node.inputs[0].type
+    lanes = vector_width(x_type.dtype)
+    ty = llvm_type(x_type.dtype)
+    blocks = [(c0, min(lanes, c - c0)) for c0 in range(0, c, lanes)]
+    full = sum(1 for _, n in blocks if n == lanes)
+    operands = epilogue.operands if epilogue is not None else []
+    views = [ctx.inputs[0], ctx.inputs[1], ctx.outputs[0], *([bias] if bias is not None else []), *operands]
+    b = ctx.b
+    zeros = ctx.scratch
+    with for_range(b, width * c, name="zero") as i:
+        b.store(ir.Constant(ty, 0.0), b.gep(zeros, [i], source_etype=ty))
+    inside = [0 <= ox * sw + kx * dw - left < width for ox in range(ow) for kx in range(kw)]
+    whole = [all(inside[ox * kw : (ox + 1) * kw]) for ox in range(ow)]
+    first_in = whole.index(True) if any(whole) else ow
+    last_in = first_in + (whole[first_in:] + [False]).index(False)
+
+    def rows(emitting, ptrs, lo, hi, _):
+        eb = emitting.b
+        V = Vectors(eb, emitting.module, x_type.dtype, lanes)
+        xv, wv, yv, *rest = [v.on(p) for v, p in zip(views, ptrs)]
+        bv, tails = rest[: len(rest) - len(operands)], rest[len(rest) - len(operands) :]
+
+        def at(ptr: ir.Value, index) -> ir.Value:
+            return eb.gep(ptr, [index if isinstance(index, ir.Value) else const_i64(index)], source_etype=ty)
+
+        with for_range(eb, hi, start=lo, name="item") as item:
+            img, oy = eb.udiv(item, const_i64(oh)), eb.urem(item, const_i64(oh))
+            image = at(xv.ptr, eb.add(const_i64(xv.offset), eb.mul(img, const_i64(height * width * c))))
+            window_rows = []
+            for ky in range(kh):
+                iy = eb.sub(eb.add(eb.mul(oy, const_i64(sh)), const_i64(ky * dh)), const_i64(top))
+                valid = eb.and_(eb.icmp_signed(">=", iy, const_i64(0)), eb.icmp_signed("<", iy, const_i64(height)))
+                window_rows.append(eb.select(valid, at(image, eb.mul(iy, const_i64(width * c))), ptrs[-1]))
+            out_row = at(yv.ptr, eb.add(const_i64(yv.offset), eb.mul(item, const_i64(ow * c))))
+
+            def channel_block(c0: ir.Value, count: int) -> None:
+                mask = V.mask(count)
+                taps = [V.load(at(wv.ptr, eb.add(const_i64(wv.offset + t * c), c0)), mask) for t in range(kh * kw)]
+                start = V.load(at(bv[0].ptr, eb.add(const_i64(bv[0].offset), c0)), mask) if bv else V.zero
+
+                def position(ox: ir.Value, kxs: list[int]) -> None:
+                    total = start
+                    for ky in range(kh):
+                        acc = V.zero
+                        for kx in kxs:
+                            ix = eb.sub(eb.add(eb.mul(ox, const_i64(sw)), const_i64(kx * dw)), const_i64(left))
+                            acc = V.fma(taps[ky * kw + kx], V.load(at(window_rows[ky], eb.add(eb.mul(ix, const_i64(c)), c0)), mask), acc)
+                        total = eb.fadd(total, acc)
+                    V.store(total, at(out_row, eb.add(eb.mul(ox, const_i64(c)), c0)), mask)
+
+                for ox in [*range(first_in), *range(last_in, ow)]:
+                    position(const_i64(ox), [kx for kx in range(kw) if inside[ox * kw + kx]])
+                if last_in > first_in:
+                    with for_range(eb, last_in, start=first_in, name="ox") as ox:
+                        position(ox, list(range(kw)))
+
+            if full:
+                with for_range(eb, full, name="cb") as cb:
+                    channel_block(eb.mul(cb, const_i64(lanes)), lanes)
+            if full < len(blocks):
+                channel_block(const_i64(blocks[-1][0]), blocks[-1][1])
+            if epilogue is not None:  # the tail over this output row, in cache
+                first = eb.mul(item, const_i64(ow))
+
+                def block(ptr: ir.Value, view: View) -> View:
+                    offset = eb.add(const_i64(view.offset), eb.mul(first, const_i64(view.strides[0])))
+                    return View(eb.gep(ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, (ow, c), view.strides)
+
+                out = View(out_row, x_type.dtype, (ow, c), (c, 1))
+                _apply_tail(eb, emitting.module, epilogue, out, [block(v.ptr, v) for v in tails])
+
+    items = x_type.shape[0] * oh
+    threads = min(num_threads(), items) if items * ow * c * kh * kw >= PARALLEL_TAPS else 1
+    parallel_rows(ctx, items, threads, [v.ptr for v in views] + [zeros], rows)

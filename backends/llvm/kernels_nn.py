@@ -643,6 +643,8 @@ def _nhwc_direct(node) -> bool:
 def _nhwc_conv_scratch(node) -> int:
     from kiln.backends.llvm import kernels_conv
 
+    if kernels_depthwise.applies_nhwc(node):
+        return kernels_depthwise.nhwc_scratch_bytes(node)
     if _nhwc_direct(node):
         return 0
     if kernels_conv.applies(node):
@@ -658,8 +660,11 @@ def _nhwc_conv(ctx: KernelContext) -> None:
     from kiln.backends.llvm import kernels_conv
 
     node = ctx.node
+    if kernels_depthwise.applies_nhwc(node):
+        kernels_depthwise.emit_nhwc(ctx)
+        return
     if node.attrs["group"] != 1:
-        raise KilnError(f"node {node.name!r}: grouped NHWC Conv has no LLVM kernel yet")
+        raise KilnError(f"node {node.name!r}: grouped NHWC Conv has no LLVM kernel yet (depthwise ones have)")
     if kernels_conv.applies(node):
         kernels_conv.emit(ctx)
         return

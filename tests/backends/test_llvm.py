@@ -550,10 +550,13 @@ def test_small_nchw_convs_run_by_rows_in_place(x_shape, w_shape, attrs, bias, dt
     ((1, 12, 20, 50), 3, {}, True, "float32"),  # no pads: read in place, the last vector masked
     ((2, 6, 19, 23), 3, {"pads": [2, 2, 2, 2], "dilations": [2, 2]}, True, "float64"),  # dilated, float64
 ], ids=["3x3", "stride-2", "stride-2-wide", "5x5-uneven-pads", "in-place", "dilated-f64"])
-def test_depthwise_convs_run_a_plane_at_a_time(x_shape, kernel, attrs, bias, dtype):
-    """group = channels: each plane's output rows in vectors from the rows under them (no
-    im2col, no padded copy: border rows leave out kernel rows, border vectors load under
-    masks), planes over threads, bounds checked; eager's result."""
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_depthwise_convs_match_eager(x_shape, kernel, attrs, bias, dtype, layout):
+    """group = channels, no im2col. NCHW: each plane's output rows in vectors from the rows
+    under them (no padded copy: border rows leave out kernel rows, border vectors load under
+    masks), planes over threads. NHWC: vectors along the channels, rows outside the image read
+    zeros, border positions leave out taps, (image, row) items over threads. Bounds checked;
+    eager's result."""
     from kiln import config
     from kiln.backends.llvm import kernels_depthwise
     from kiln.ir.dtypes import DType
@@ -573,20 +576,24 @@ def test_depthwise_convs_run_a_plane_at_a_time(x_shape, kernel, attrs, bias, dty
     (want,) = kiln.compile(graph).run(feed).values()
     for threads in (1, 2):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
-            (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
+            module = kiln.compile(graph, target="llvm", layout=layout)
+            conv = next(n for n in module.graph.nodes if n.op.name == "Conv")
+            assert (kernels_depthwise.applies_nhwc if layout == "nhwc" else kernels_depthwise.applies)(conv)
+            (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_depthwise_conv_applies_its_pointwise_tail_plane_by_plane(monkeypatch):
+@pytest.mark.parametrize("layout, kernel_name", [("nchw", "emit"), ("nhwc", "emit_nhwc")])
+def test_a_depthwise_conv_applies_its_pointwise_tail_in_cache(monkeypatch, layout, kernel_name):
     """Depthwise conv + per-channel scale + residual Add + Relu6 (Clip) in one Fused group: the
-    tail runs on each output plane while it is in cache (its operands read at that plane), with
-    eager's result on one thread and two."""
+    tail runs on each output plane (NCHW) or row (NHWC) while it is in cache, its operands read
+    there, with eager's result on one thread and two."""
     from kiln import config
     from kiln.backends.llvm import kernels_depthwise
 
     tails = []
-    emit = kernels_depthwise.emit
-    monkeypatch.setattr(kernels_depthwise, "emit", lambda ctx, epilogue=None: (tails.append(len(epilogue.operands)), emit(ctx, epilogue)))
+    emit = getattr(kernels_depthwise, kernel_name)
+    monkeypatch.setattr(kernels_depthwise, kernel_name, lambda ctx, epilogue=None: (tails.append(len(epilogue.operands)), emit(ctx, epilogue)))
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
     from kiln.ir.types import TensorType
@@ -607,11 +614,14 @@ def test_a_depthwise_conv_applies_its_pointwise_tail_plane_by_plane(monkeypatch)
     (want,) = kiln.compile(graph).run(feed).values()
     for threads in (1, 2):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
-            module = kiln.compile(graph, target="llvm", layout="nchw")
-            assert [[b.op.name for b in n.attrs["body"].nodes] for n in module.graph.nodes if n.op.name == "Fused"] == [["Conv", "Mul", "Add", "Clip"]]
+            module = kiln.compile(graph, target="llvm", layout=layout)
+            groups = [[b.op.name for b in n.attrs["body"].nodes] for n in module.graph.nodes if n.op.name == "Fused"]
+            # channels-last: the skip input arrives channels-first, so the Add and Clip form a group of their own
+            assert groups == ([["Conv", "Mul", "Add", "Clip"]] if layout == "nchw" else [["Conv", "Mul"], ["Add", "Clip"]])
             (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert tails == [4, 4]  # the scale, the skip input, Clip's bounds: read by the kernel's tail
+    # the scale, the skip input and Clip's bounds (NHWC: the scale) read by the kernel's tail
+    assert tails == ([4, 4] if layout == "nchw" else [1, 1])
 
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs", [
