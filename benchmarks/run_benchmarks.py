@@ -3,8 +3,8 @@
     python benchmarks/run_benchmarks.py [MODEL ...] [--repeat N] [--out benchmarks/report.md]
 
 Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
-(batch 1, 224x224), light_resnet50 (batch 1), a 2-layer LSTM (hidden 256, 32 steps, batch 16)
-and a U-Net (width 32, 1x3x128x128). Zoo models are built with seeded weights and exported to
+(batch 1, 224x224), light_resnet50 (batch 1), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
+(hidden 256, 32 steps, batch 16) and a U-Net (width 32, 1x3x128x128). Zoo models are built with seeded weights and exported to
 ONNX first, so every runtime (onnxruntime too) runs the same file. Ratios are taken side by side
 in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
 """
@@ -32,6 +32,7 @@ STANDARD = {
     "lenet5/b64": ("lenet5", {}, (64, 1, 32, 32)),
     "resnet18/b1": ("resnet18", {}, (1, 3, 224, 224)),
     "light_resnet50": None,
+    "mobilenet_v2/b1": ("mobilenet_v2", {}, (1, 3, 224, 224)),
     "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
     "unet-w32/128": ("unet", {"width": 32}, (1, 3, 128, 128)),
 }
