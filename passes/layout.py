@@ -20,7 +20,7 @@ import numpy as np
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.opdef import OpKind
-from kiln.ir.ops.nn import to_channels_first, to_channels_last, transposed_weight_to_last, weight_to_spatial_first
+from kiln.ir.ops.nn import is_depthwise, to_channels_first, to_channels_last, transposed_weight_to_last, weight_to_spatial_first
 from kiln.passes.base import graph_pass
 from kiln.passes.rewrite import substitute
 
@@ -46,11 +46,8 @@ def _convertible(node: Node) -> bool:
         return False
     if node.inputs[0].type.rank < 3 or len(node.outputs) != 1:
         return False
-    if op not in ("Conv", "ConvTranspose") or node.attrs["group"] == 1:
-        return True
-    # a 2-D depthwise conv (a channel per group): the llvm backend has a channels-last kernel
-    x, w = node.inputs[0].type, node.inputs[1].type
-    return op == "Conv" and x.rank == 4 and node.attrs["group"] == x.shape[1] == w.shape[0] and w.shape[1] == 1
+    # a 2-D depthwise conv (a channel per group) too: the llvm backend has a channels-last kernel
+    return op not in ("Conv", "ConvTranspose") or node.attrs["group"] == 1 or is_depthwise(node)
 
 
 @graph_pass("to_nhwc")

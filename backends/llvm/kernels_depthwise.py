@@ -23,19 +23,17 @@ from kiln.backends.llvm.emit import I32, Vectors, View, const_i64, for_range, ll
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.ir.dtypes import DType
+from kiln.ir.ops.nn import is_depthwise
 
 PARALLEL_TAPS = 1 << 16  # multiply-adds below which one thread does every plane
 
 
 def applies(node) -> bool:
-    """A 2-D NCHW float conv with one input and one output channel per group, column stride 1 or 2."""
-    x, w = node.inputs[0].type, node.inputs[1].type
+    """A 2-D NCHW float depthwise conv, column stride 1 or 2."""
     return (
-        node.attrs["layout"] == "NCHW"
-        and x.rank == 4
-        and x.dtype in (DType.float32, DType.float64)
-        and node.attrs["group"] == x.shape[1] == w.shape[0]
-        and w.shape[1] == 1
+        is_depthwise(node)
+        and node.attrs["layout"] == "NCHW"
+        and node.inputs[0].type.dtype in (DType.float32, DType.float64)
         and (node.attrs["strides"] or [1, 1])[-1] in (1, 2)
     )
 
@@ -90,12 +88,7 @@ def emit(ctx, epilogue=None) -> None:
 
     def planes(emitting, ptrs, lo, hi, _):
         b = emitting.b
-        V = Vectors(b, emitting.module, x.dtype, lanes)
-        xv, wv, yv, *rest = [v.on(p) for v, p in zip(views, ptrs)]
-        bv, tails = rest[: len(rest) - len(operands)], rest[len(rest) - len(operands) :]
-
-        def at(ptr: ir.Value, index) -> ir.Value:
-            return b.gep(ptr, [index if isinstance(index, ir.Value) else const_i64(index)], source_etype=ty)
+        V, at, (xv, wv, yv), bv, tails = _block(emitting, views, ptrs, len(operands), x.dtype, lanes)
 
         def tap_vector(row: ir.Value, first: ir.Value, masks) -> ir.Value:
             """The elements under one tap: sw == 1 one (masked) load, else the even lanes of two."""
@@ -160,6 +153,19 @@ def emit(ctx, epilogue=None) -> None:
     parallel_rows(ctx, x.shape[0] * channels, _threads(node), [v.ptr for v in views], planes)
 
 
+def _block(emitting, views: list[View], ptrs: list[ir.Value], tail_count: int, dtype: DType, lanes: int):
+    """What one block of the pool's split works with: vectors at its builder, ``at(ptr, i)``
+    (element i's address), and its views at its pointers: (data, weights, output), the bias
+    (a list of none or one), the tail's operands (the last ``tail_count``)."""
+    b, ty = emitting.b, llvm_type(dtype)
+    xv, wv, yv, *rest = [v.on(p) for v, p in zip(views, ptrs)]
+
+    def at(ptr: ir.Value, index) -> ir.Value:
+        return b.gep(ptr, [index if isinstance(index, ir.Value) else const_i64(index)], source_etype=ty)
+
+    return Vectors(b, emitting.module, dtype, lanes), at, (xv, wv, yv), rest[: len(rest) - tail_count], rest[len(rest) - tail_count :]
+
+
 def _plane_of(b: ir.IRBuilder, view: View, plane: ir.Value, channels: int) -> View:
     """Output plane ``plane`` (image * channels + channel) of a view over the output's shape."""
     img, channel = b.udiv(plane, const_i64(channels)), b.urem(plane, const_i64(channels))
@@ -176,15 +182,8 @@ def _apply_tail(b: ir.IRBuilder, module: ir.Module, epilogue, plane: View, opera
 
 # -- channels-last ------------------------------------------------------------------------------
 def applies_nhwc(node) -> bool:
-    """A 2-D NHWC float conv with one input and one output channel per group (weights (kh, kw, 1, C))."""
-    x, w = node.inputs[0].type, node.inputs[1].type
-    return (
-        node.attrs["layout"] == "NHWC"
-        and x.rank == 4
-        and x.dtype in (DType.float32, DType.float64)
-        and node.attrs["group"] == x.shape[-1] == w.shape[-1]
-        and w.shape[2] == 1
-    )
+    """A 2-D NHWC float depthwise conv (weights (kh, kw, 1, C))."""
+    return is_depthwise(node) and node.attrs["layout"] == "NHWC" and node.inputs[0].type.dtype in (DType.float32, DType.float64)
 
 
 def nhwc_scratch_bytes(node) -> int:
@@ -230,12 +229,7 @@ def emit_nhwc(ctx, epilogue=None) -> None:
 
     def rows(emitting, ptrs, lo, hi, _):
         eb = emitting.b
-        V = Vectors(eb, emitting.module, x_type.dtype, lanes)
-        xv, wv, yv, *rest = [v.on(p) for v, p in zip(views, ptrs)]
-        bv, tails = rest[: len(rest) - len(operands)], rest[len(rest) - len(operands) :]
-
-        def at(ptr: ir.Value, index) -> ir.Value:
-            return eb.gep(ptr, [index if isinstance(index, ir.Value) else const_i64(index)], source_etype=ty)
+        V, at, (xv, wv, yv), bv, tails = _block(emitting, views, ptrs, len(operands), x_type.dtype, lanes)
 
         with for_range(eb, hi, start=lo, name="item") as item:
             img, oy = eb.udiv(item, const_i64(oh)), eb.urem(item, const_i64(oh))

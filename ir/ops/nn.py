@@ -185,6 +185,16 @@ def _conv(a, x, w, b=None):
 register(OpDef("Conv", OpKind.HEAVY, *channels_last(_conv_infer, _conv, conv_weight_to_first), {**CONV_ATTRS, "layout": "NCHW"}, num_inputs=(2, 3)))
 
 
+def is_depthwise(node) -> bool:
+    """A 2-D Conv with one input and one output channel per group (either layout)."""
+    if node.op.name != "Conv" or node.inputs[0].type.rank != 4:
+        return False
+    x, w = node.inputs[0].type, node.inputs[1].type
+    nhwc = node.attrs["layout"] == "NHWC"
+    channels, filters, per_group = (x.shape[-1], w.shape[-1], w.shape[2]) if nhwc else (x.shape[1], w.shape[0], w.shape[1])
+    return node.attrs["group"] == channels == filters and per_group == 1
+
+
 # -- ConvTranspose ---------------------------------------------------------------------------
 def _conv_t_infer(attrs, types):
     x, w = present(types, 0, "X"), present(types, 1, "W")

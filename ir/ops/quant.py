@@ -11,6 +11,8 @@ zero point, round half to even and saturate, as ONNX's reference does.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from kiln.ir.dtypes import DType, FLOATS, INTS
@@ -144,20 +146,28 @@ def _matmul_integer(attrs, a, b, a_zp=None, b_zp=None):
     return np.matmul(_shifted(a, a_zp), _shifted(b, b_zp, (-1,))).astype(np.int32)
 
 
-def _qlinear_matmul_infer(attrs, types):
-    a, a_scale, a_zp, b, b_scale, b_zp, y_scale = (present(types, i, what) for i, what in enumerate(("a", "a_scale", "a_zero_point", "b", "b_scale", "b_zero_point", "y_scale")))
-    y_zp = present(types, 7, "y_zero_point")
-    for t, what in ((a, "a"), (b, "b"), (y_zp, "y_zero_point")):
+def _check_qlinear(types, names: tuple[str, ...], per: Callable[[TensorType], int], along: str) -> tuple[TensorType, TensorType, TensorType]:
+    """The eight inputs of a QLinear product: 8-bit operands and output zero point, float
+    scales, every scale and zero point a scalar but the second operand's, which may have one
+    entry per ``along`` (``per(second operand)`` of them). Returns (first, second, y_zero_point)."""
+    x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp = (present(types, i, what) for i, what in enumerate(names))
+    for t, what in ((x, names[0]), (w, names[3]), (y_zp, names[7])):
         _check_bytes(t, what)
-    columns = b.shape[-1]
-    for t, what in ((a_scale, "a_scale"), (b_scale, "b_scale"), (y_scale, "y_scale")):
+    for t, what in ((x_scale, names[1]), (w_scale, names[4]), (y_scale, names[6])):
         check_dtype(t, FLOATS, what)
-    _check_per(a_scale, "a_scale", -1, "")
-    _check_per(b_scale, "b_scale", columns, "column of b")
-    _check_per(y_scale, "y_scale", -1, "")
-    _check_zero_point(a_zp, a, "a_zero_point")
-    _check_zero_point(b_zp, b, "b_zero_point", columns, "column of b")
-    _check_per(y_zp, "y_zero_point", -1, "")
+    count = per(w)
+    _check_per(x_scale, names[1], -1, "")
+    _check_per(w_scale, names[4], count, along)
+    _check_per(y_scale, names[6], -1, "")
+    _check_zero_point(x_zp, x, names[2])
+    _check_zero_point(w_zp, w, names[5], count, along)
+    _check_per(y_zp, names[7], -1, "")
+    return x, w, y_zp
+
+
+def _qlinear_matmul_infer(attrs, types):
+    names = ("a", "a_scale", "a_zero_point", "b", "b_scale", "b_zero_point", "y_scale", "y_zero_point")
+    a, b, y_zp = _check_qlinear(types, names, lambda b: b.shape[-1], "column of b")
     return [TensorType(matmul_shape(a.shape, b.shape), y_zp.dtype)]
 
 
@@ -193,22 +203,11 @@ def _conv_integer(attrs, x, w, x_zp=None, w_zp=None):
 
 
 def _qlinear_conv_infer(attrs, types):
-    x, x_scale, x_zp, w, w_scale, w_zp, y_scale = (present(types, i, what) for i, what in enumerate(("x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "y_scale")))
-    y_zp = present(types, 7, "y_zero_point")
-    for t, what in ((x, "x"), (w, "w"), (y_zp, "y_zero_point")):
-        _check_bytes(t, what)
-    for t, what in ((x_scale, "x_scale"), (w_scale, "w_scale"), (y_scale, "y_scale")):
-        check_dtype(t, FLOATS, what)
-    m = w.shape[0]
-    _check_per(x_scale, "x_scale", -1, "")
-    _check_per(w_scale, "w_scale", m, "output channel")
-    _check_per(y_scale, "y_scale", -1, "")
-    _check_zero_point(x_zp, x, "x_zero_point")
-    _check_zero_point(w_zp, w, "w_zero_point", m, "output channel")
-    _check_per(y_zp, "y_zero_point", -1, "")
+    names = ("x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "y_scale", "y_zero_point")
+    x, w, y_zp = _check_qlinear(types, names, lambda w: w.shape[0], "output channel")
     bias = types[8] if len(types) > 8 else None
-    if bias is not None and (bias.dtype != DType.int32 or bias.shape != (m,)):
-        raise fail(f"B {bias} must be i32[{m}]")
+    if bias is not None and (bias.dtype != DType.int32 or bias.shape != (w.shape[0],)):
+        raise fail(f"B {bias} must be i32[{w.shape[0]}]")
     return [_as_float_conv(attrs, x, w).with_dtype(y_zp.dtype)]
 
 
