@@ -41,6 +41,7 @@ SHARED_WEIGHTS = 1 << 20  # weights every thread may read whole (half of L2)
 WHOLE_K_ROWS = 10  # tiles this tall sum all of K in registers (one thread, 3x3 convs, ms:
 # 256 channels at 56x56 25.3 -> 17.5, 64 at 224x224 22.9 -> 19.6; 7-tall tiles at 7x7 lost)
 PARALLEL_PAD = 1 << 15  # padded-image elements below which one thread copies
+BAND_BYTES = 1 << 18  # the padded rows a row-split conv copies at a time (in L2 with its output)
 
 
 @dataclass(frozen=True)
@@ -256,10 +257,33 @@ def applies(node) -> bool:
     return node.attrs["group"] == 1 and x.dtype in (DType.float32, DType.float64) and not _nhwc_direct(node)
 
 
+def _split_by_rows(g: Geometry, itemsize: int) -> bool:
+    """Threads split the output rows where the weights are small (each reads all of them and
+    its share of the image), else the column blocks (each reads its share of the weights)."""
+    return g.kk * g.m * itemsize <= SHARED_WEIGHTS and g.rows >= 2 * num_threads()
+
+
+def _band(g: Geometry, itemsize: int) -> tuple[int, int] | None:
+    """(output rows, padded input rows) of the bands a row-split 2-D conv pads at a time, or
+    None where the whole image is padded first. A band's padded rows are copied just before its
+    output rows are computed, so they are read back from L2 (U-Net's 64 channels at 128x128:
+    a 4.3 MB padded image went out to L3 and back, 13-17% of the conv's time)."""
+    if not g.has_pads or len(g.size) != 2 or not _split_by_rows(g, itemsize):
+        return None
+    row_bytes = g.padded[-1] * g.c * itemsize
+    reach = (g.kernel[0] - 1) * g.dilations[0] + 1  # padded rows under one output row
+    out_rows = max(1, min(g.out[0], (BAND_BYTES // row_bytes - reach) // g.strides[0] + 1))
+    return out_rows, (out_rows - 1) * g.strides[0] + reach
+
+
 def scratch_bytes(node) -> int:
-    """The zero-padded copy of one image (none when the conv has no pads)."""
+    """The zero-padded copy of one image, or a padded band per thread (none without pads)."""
     g = geometry(node)
-    return math.prod(g.padded) * g.c * node.inputs[0].type.dtype.itemsize if g.has_pads else 0
+    itemsize = node.inputs[0].type.dtype.itemsize
+    band = _band(g, itemsize)
+    if band is not None:
+        return num_threads() * band[1] * g.padded[-1] * g.c * itemsize
+    return math.prod(g.padded) * g.c * itemsize if g.has_pads else 0
 
 
 def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
@@ -279,25 +303,43 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
     b = ctx.b
     image_in, image_out = math.prod(g.size) * g.c, math.prod(g.out) * g.m
     operands = epilogue.operands if epilogue else []
-    # threads split the output rows where the weights are small (each reads all of them and
-    # half the image), else the column blocks (each reads its share of the weights)
-    by_rows = g.kk * g.m * xv.dtype.itemsize <= SHARED_WEIGHTS and g.rows >= 2 * num_threads()
+    by_rows = _split_by_rows(g, xv.dtype.itemsize)
+    band = _band(g, xv.dtype.itemsize)
+    pitch = g.pitch(0)  # elements between padded rows
     items = g.rows if by_rows else blocks * g.rows
     threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1
     with for_range(b, xv.shape[0], name="img") as img:
         x_img = b.gep(xv.ptr, [b.add(const_i64(xv.offset), b.mul(img, const_i64(image_in)))], source_etype=ty)
         y_img = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(img, const_i64(image_out)))], source_etype=ty)
         source = x_img
-        if g.has_pads:
+        if g.has_pads and band is None:
             _pad_image(ctx, x_img, ctx.scratch, g, ty)
             source = ctx.scratch
         starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(math.prod(g.out) * v.strides[0])))], source_etype=llvm_type(v.dtype)) for v in operands]
-        pointers = [source, wv.ptr, y_img, bias.ptr if bias is not None else y_img, *starts]
+        pointers = [source, wv.ptr, y_img, bias.ptr if bias is not None else y_img, ctx.scratch, *starts]
 
-        def work(emitting, ptrs, lo, hi, _):
-            tiles = _Tiles(emitting, g, xv.dtype, width, mr, ptrs[0], wv.on(ptrs[1]), ptrs[2], bias.on(ptrs[3]) if bias is not None else None)
-            here = [View(p, v.dtype, v.shape, v.strides) for v, p in zip(operands, ptrs[4:])]
+        def work(emitting, ptrs, lo, hi, block):
             eb = emitting.b
+            here = [View(p, v.dtype, v.shape, v.strides) for v, p in zip(operands, ptrs[5:])]
+
+            def tiles_over(source: ir.Value) -> _Tiles:
+                return _Tiles(emitting, g, xv.dtype, width, mr, source, wv.on(ptrs[1]), ptrs[2], bias.on(ptrs[3]) if bias is not None else None)
+
+            if band is not None:  # output rows [lo, hi) a band at a time, its padded rows copied first
+                out_rows, in_rows = band
+                scratch = eb.gep(ptrs[4], [const_i64(block * in_rows * pitch)], source_etype=ty)
+                with for_range(eb, -(-(hi - lo) // out_rows), name="band") as k:
+                    oy0 = eb.add(const_i64(lo), eb.mul(k, const_i64(out_rows)))
+                    oy1 = eb.select(eb.icmp_signed("<", eb.add(oy0, const_i64(out_rows)), const_i64(hi)), eb.add(oy0, const_i64(out_rows)), const_i64(hi))
+                    py0 = eb.mul(oy0, const_i64(g.strides[0]))  # the band's first padded row
+                    py1 = eb.add(eb.mul(eb.sub(oy1, const_i64(1)), const_i64(g.strides[0])), const_i64(in_rows - (out_rows - 1) * g.strides[0]))
+                    shifted = eb.gep(scratch, [eb.neg(eb.mul(py0, const_i64(pitch)))], source_etype=ty)  # padded row py at shifted + py * pitch
+                    _pad_rows(emitting, g, ty, ptrs[0], shifted, py0, py1)
+                    tiles = tiles_over(shifted)
+                    with for_range(eb, blocks, name="jb") as jb:
+                        tiles.segment(jb, oy0, oy1, epilogue, here)
+                return
+            tiles = tiles_over(ptrs[0])
             if by_rows:  # output rows [lo, hi), every column block
                 with for_range(eb, blocks, name="jb") as jb:
                     tiles.segment(jb, const_i64(lo), const_i64(hi), epilogue, here)
@@ -315,36 +357,41 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
 
 def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, g: Geometry, ty: ir.Type) -> None:
     """dst = x's image inside a border of zeros, its rows (every axis but the last) split over the pool."""
-    row_len, width = g.padded[-1] * g.c, g.size[-1] * g.c
-    left = g.before[-1] * g.c
-    zero = ir.Constant(ty, 0.0)
     rows_total = math.prod(g.padded[:-1])
 
     def rows(emitting, ptrs, lo, hi, _):
-        b = emitting.b
-        src, out = ptrs
-        with for_range(b, hi, start=lo, name="prow") as r:
-            out_row = b.gep(out, [b.mul(r, const_i64(row_len))], source_etype=ty)
-            inside, source_row = ir.Constant(ir.IntType(1), 1), const_i64(0)
-            for axis, coord in enumerate(_unflatten(b, r, g.padded[:-1])):
-                at = b.sub(coord, const_i64(g.before[axis]))
-                inside = b.and_(inside, b.and_(b.icmp_signed(">=", at, const_i64(0)), b.icmp_signed("<", at, const_i64(g.size[axis]))))
-                source_row = b.add(b.mul(source_row, const_i64(g.size[axis])), at)
-            with b.if_else(inside) as (image_row, border_row):
-                with image_row:
-                    src_row = b.gep(src, [b.mul(source_row, const_i64(width))], source_etype=ty)
-                    with for_range(b, left, name="pl") as j:
-                        b.store(zero, b.gep(out_row, [j], source_etype=ty))
-                    with for_range(b, width, name="pc") as j:
-                        b.store(b.load(b.gep(src_row, [j], source_etype=ty), typ=ty), b.gep(out_row, [b.add(j, const_i64(left))], source_etype=ty))
-                    with for_range(b, row_len, start=left + width, name="pr") as j:
-                        b.store(zero, b.gep(out_row, [j], source_etype=ty))
-                with border_row:
-                    with for_range(b, row_len, name="pz") as j:
-                        b.store(zero, b.gep(out_row, [j], source_etype=ty))
+        _pad_rows(emitting, g, ty, ptrs[0], ptrs[1], const_i64(lo), const_i64(hi))
 
-    threads = min(num_threads(), rows_total) if rows_total * row_len >= PARALLEL_PAD else 1
+    threads = min(num_threads(), rows_total) if rows_total * g.padded[-1] * g.c >= PARALLEL_PAD else 1
     parallel_rows(ctx, rows_total, threads, [x_img, dst], rows)
+
+
+def _pad_rows(emitting, g: Geometry, ty: ir.Type, src: ir.Value, out: ir.Value, lo: ir.Value, hi: ir.Value) -> None:
+    """Padded rows [lo, hi) (every axis but the last, flattened) of x's image ``src``, each at
+    ``out + row * (its length)``: the image row inside its left and right zeros, or all zeros."""
+    b = emitting.b
+    row_len, width = g.padded[-1] * g.c, g.size[-1] * g.c
+    left = g.before[-1] * g.c
+    zero = ir.Constant(ty, 0.0)
+    with for_range(b, hi, start=lo, name="prow") as r:
+        out_row = b.gep(out, [b.mul(r, const_i64(row_len))], source_etype=ty)
+        inside, source_row = ir.Constant(ir.IntType(1), 1), const_i64(0)
+        for axis, coord in enumerate(_unflatten(b, r, g.padded[:-1])):
+            at = b.sub(coord, const_i64(g.before[axis]))
+            inside = b.and_(inside, b.and_(b.icmp_signed(">=", at, const_i64(0)), b.icmp_signed("<", at, const_i64(g.size[axis]))))
+            source_row = b.add(b.mul(source_row, const_i64(g.size[axis])), at)
+        with b.if_else(inside) as (image_row, border_row):
+            with image_row:
+                src_row = b.gep(src, [b.mul(source_row, const_i64(width))], source_etype=ty)
+                with for_range(b, left, name="pl") as j:
+                    b.store(zero, b.gep(out_row, [j], source_etype=ty))
+                with for_range(b, width, name="pc") as j:
+                    b.store(b.load(b.gep(src_row, [j], source_etype=ty), typ=ty), b.gep(out_row, [b.add(j, const_i64(left))], source_etype=ty))
+                with for_range(b, row_len, start=left + width, name="pr") as j:
+                    b.store(zero, b.gep(out_row, [j], source_etype=ty))
+            with border_row:
+                with for_range(b, row_len, name="pz") as j:
+                    b.store(zero, b.gep(out_row, [j], source_etype=ty))
 
 
 class _Tiles:

@@ -633,7 +633,8 @@ def test_a_depthwise_conv_applies_its_pointwise_tail_in_cache(monkeypatch, layou
     ((2, 16, 40), (32, 16, 5), {"pads": [2, 2], "strides": [2]}),  # 1-D
     ((1, 8, 6, 7, 8), (32, 8, 3, 3, 3), {"pads": [1, 0, 1, 1, 2, 1]}),  # 3-D
     ((1, 64, 12, 24), (48, 64, 3, 3), {"pads": [1, 1, 1, 1]}),  # 12-wide tiles: all 576 of K at once over packed weights, in parts over run-time ones
-], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d", "whole-k"])
+    ((1, 64, 61, 70), (32, 64, 3, 3), {"pads": [2, 1, 0, 1], "strides": [2, 1]}),  # 18 KB padded rows: bands of 6 output rows padded at a time
+], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d", "whole-k", "padded-bands"])
 @pytest.mark.parametrize("weights, dtype", [("constant", "float32"), ("input", "float32"), ("constant", "float64")])
 def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype):
     """The direct convolution (no im2col): window rows read in place from a zero-padded copy of
