@@ -196,3 +196,16 @@ def test_auto_converts_only_graphs_whose_conv_work_is_wide():
     # compile's auto is the target's choice: llvm uses the rule, eager keeps NCHW
     assert kiln.compile(resnet, target="llvm").graph.op_histogram().get("Transpose") == 1
     assert "Transpose" not in kiln.compile(resnet, target="eager", pipeline="O2").graph.op_histogram()
+
+
+def test_auto_keeps_channels_first_where_convs_that_stay_so_do_the_work(light_model):
+    """ShuffleNet's grouped 1x1 convs (4 groups) have no channels-last kernel: converting the
+    rest would put each of them between transposes, so auto leaves the graph NCHW. MobileNetV2's
+    depthwise convs convert, so its graph goes channels-last whole."""
+    shufflenet = kiln.optimize(str(light_model("light_shufflenet")), "O2", layout="auto")
+    assert all(b.attrs.get("layout", "NCHW") == "NCHW" for n in shufflenet.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])))
+    mobilenet = kiln.trace(build("mobilenet_v2", width=0.5), [np.zeros((1, 3, 64, 64), np.float32)])
+    converted = kiln.optimize(mobilenet, "O2", layout="auto")
+    convs = [b for n in converted.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])) if b.op.name == "Conv"]
+    assert convs and all(c.attrs["layout"] == "NHWC" for c in convs)
+    assert [n.op.name for n in converted.nodes].count("Transpose") == 1
