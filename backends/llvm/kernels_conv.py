@@ -100,6 +100,13 @@ class Epilogue:
     operands: list[View]
     apply: Callable
 
+    def run(self, b: ir.IRBuilder, module: ir.Module, target: View, operands: list[View]) -> None:
+        """The tail over the output block ``target``, in place, ``operands`` over the same block
+        (one thread's loop: the caller already runs as one block of a split kernel)."""
+        from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
+
+        emit_pointwise_outputs(b, module, [target], [target, *operands], lambda E, xs: [self.apply(E, xs[0], xs[1:])], parallel=False)
+
 
 def fused_conv(ctx: KernelContext, body) -> bool:
     """A Fused group of an NHWC Conv (or a depthwise one, NCHW too) and the pointwise ops after it
@@ -170,11 +177,6 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
     by_rows = threads == 1 or (rows >= 4 * mr * threads and rows >= m) or m < 2 * nr * threads
     views = [a, w, out, *([start] if start is not None else []), *epilogue.operands]
 
-    def tail(emitting, target: View, operands: list[View]) -> None:
-        from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
-
-        emit_pointwise_outputs(emitting.b, emitting.module, [target], [target, *operands], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)
-
     def part(emitting, ptrs, lo, hi, _):
         b = emitting.b
         a_, w_, out_, *rest = [v.on(p) for v, p in zip(views, ptrs)]
@@ -182,7 +184,7 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
         if not by_rows:  # columns [lo, hi) of every row
             cut = [v.columns(lo, hi) for v in rest]
             _serial_gemm(emitting, a_, w_.columns(lo, hi), out_.columns(lo, hi), 1.0, mr, start_.part(start_.view.columns(lo, hi)) if start_ else None)
-            tail(emitting, out_.columns(lo, hi), cut)
+            epilogue.run(b, emitting.module, out_.columns(lo, hi), cut)
             return
         chunk = max(mr, CHUNK_BYTES // (m * y.dtype.itemsize) // mr * mr)
         # as many chunks as that size needs, evened out (whole micro-tiles): the last one then
@@ -198,7 +200,7 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
             target = rows_from(out_, first, count)
             init = Start(rows_from(start_.view, first, count), 1.0) if start_ else None
             _serial_gemm(emitting, rows_from(a_, first, count), w_, target, 1.0, mr, init)
-            tail(emitting, target, [rows_from(v, first, count) for v in rest])
+            epilogue.run(b, emitting.module, target, [rows_from(v, first, count) for v in rest])
 
         if hi - lo <= chunk:
             one(const_i64(lo), hi - lo)
@@ -528,8 +530,6 @@ class _Tiles:
 
     def _epilogue(self, oy: ir.Value, j0: ir.Value, cols: int, epilogue, operands: list[View]) -> None:
         """The pointwise tail over this item's (ow, cols) output block, in place."""
-        from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
-
         b, g = self.b, self.g
         first_row = b.mul(oy, const_i64(g.ow))
 
@@ -539,4 +539,4 @@ class _Tiles:
 
         out = block(self.out, View(self.out, self.dtype, (math.prod(g.out), g.m), (g.m, 1)))
         here = [block(v.ptr, v) for v in operands]
-        emit_pointwise_outputs(b, self.module, [out], [out, *here], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)
+        epilogue.run(b, self.module, out, here)

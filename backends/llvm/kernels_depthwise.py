@@ -42,12 +42,18 @@ def _geometry(node):
     from kiln.backends.llvm.kernels_nn import _conv_geometry
 
     x, w, nd, strides, dilations, pads, out = _conv_geometry(node)
-    padded = (x.shape[2] + pads[0] + pads[2], x.shape[3] + pads[1] + pads[3])
-    return x, w, strides, dilations, pads, out, padded
+    return x, w, strides, dilations, pads, out
+
+
+def _inside(flags: list[bool]) -> tuple[int, int]:
+    """[first, last): the first run of True in ``flags`` (the positions whose window stays
+    inside the image: a loop with no test), empty at the end where there is none."""
+    first = flags.index(True) if any(flags) else len(flags)
+    return first, first + (flags[first:] + [False]).index(False)
 
 
 def _threads(node) -> int:
-    x, w, *_, out, _ = _geometry(node)
+    x, w, *_, out = _geometry(node)
     planes = x.shape[0] * x.shape[1]
     return min(num_threads(), planes) if planes * math.prod(out) * math.prod(w.shape[2:]) >= PARALLEL_TAPS else 1
 
@@ -56,7 +62,7 @@ def emit(ctx, epilogue=None) -> None:
     """y = depthwise conv(x, w) (+ bias), then ``epilogue`` (a fused group's pointwise tail,
     its operands views over the output's shape) on each output plane while it is in cache."""
     node = ctx.node
-    x, w, strides, dilations, pads, out, _ = _geometry(node)
+    x, w, strides, dilations, pads, out = _geometry(node)
     (sh, sw), (dh, dw), (oh, ow) = strides, dilations, out
     kh, kw = w.shape[2:]
     height, width = x.shape[2:]
@@ -128,8 +134,7 @@ def emit(ctx, epilogue=None) -> None:
                 # chunks whose every needed element lies inside the row run in a loop, unmasked
                 chunks = [(c * lanes, min(lanes, ow - c * lanes)) for c in range(-(-ow // lanes))]
                 inside = [count == lanes and ox0 * sw - left >= 0 and (ox0 + lanes - 1) * sw + (kw - 1) * dw - left < width for ox0, count in chunks]
-                first_in = inside.index(True) if any(inside) else len(chunks)
-                last_in = first_in + (inside[first_in:] + [False]).index(False)
+                first_in, last_in = _inside(inside)
                 for c in range(first_in):
                     chunk(const_i64(chunks[c][0]), chunks[c][1], chunks[c][0])
                 if last_in > first_in:
@@ -139,16 +144,14 @@ def emit(ctx, epilogue=None) -> None:
                     chunk(const_i64(chunks[c][0]), chunks[c][1], chunks[c][0])
 
             # rows whose window stays inside the plane run in a loop; the others each with their kernel rows
-            whole = [len(valid_rows(oy)) == kh for oy in range(oh)]
-            first_row = whole.index(True) if any(whole) else oh
-            last_row = first_row + (whole[first_row:] + [False]).index(False)
+            first_row, last_row = _inside([len(valid_rows(oy)) == kh for oy in range(oh)])
             for oy in [*range(first_row), *range(last_row, oh)]:
                 output_row(const_i64(oy), valid_rows(oy))
             if last_row > first_row:
                 with for_range(b, last_row, start=first_row, name="oy") as oy:
                     output_row(oy, list(range(kh)))
             if epilogue is not None:  # over the whole plane, still in cache: one vector loop however narrow its rows
-                _apply_tail(b, emitting.module, epilogue, View(out_plane, yv.dtype, (oh, ow), (ow, 1)), [_plane_of(b, v, plane, channels) for v in tails])
+                epilogue.run(b, emitting.module, View(out_plane, yv.dtype, (oh, ow), (ow, 1)), [_plane_of(b, v, plane, channels) for v in tails])
 
     parallel_rows(ctx, x.shape[0] * channels, _threads(node), [v.ptr for v in views], planes)
 
@@ -172,12 +175,6 @@ def _plane_of(b: ir.IRBuilder, view: View, plane: ir.Value, channels: int) -> Vi
     s0, s1, s2, s3 = view.strides
     offset = b.add(b.add(b.mul(img, const_i64(s0)), b.mul(channel, const_i64(s1))), const_i64(view.offset))
     return View(b.gep(view.ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, view.shape[2:], (s2, s3))
-
-
-def _apply_tail(b: ir.IRBuilder, module: ir.Module, epilogue, plane: View, operands: list[View]) -> None:
-    from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
-
-    emit_pointwise_outputs(b, module, [plane], [plane, *operands], lambda E, xs: [epilogue.apply(E, xs[0], xs[1:])], parallel=False)
 
 
 # -- channels-last ------------------------------------------------------------------------------
@@ -223,9 +220,7 @@ def emit_nhwc(ctx, epilogue=None) -> None:
     with for_range(b, width * c, name="zero") as i:
         b.store(ir.Constant(ty, 0.0), b.gep(zeros, [i], source_etype=ty))
     inside = [0 <= ox * sw + kx * dw - left < width for ox in range(ow) for kx in range(kw)]
-    whole = [all(inside[ox * kw : (ox + 1) * kw]) for ox in range(ow)]
-    first_in = whole.index(True) if any(whole) else ow
-    last_in = first_in + (whole[first_in:] + [False]).index(False)
+    first_in, last_in = _inside([all(inside[ox * kw : (ox + 1) * kw]) for ox in range(ow)])
 
     def rows(emitting, ptrs, lo, hi, _):
         eb = emitting.b
@@ -275,7 +270,7 @@ def emit_nhwc(ctx, epilogue=None) -> None:
                     return View(eb.gep(ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, (ow, c), view.strides)
 
                 out = View(out_row, x_type.dtype, (ow, c), (c, 1))
-                _apply_tail(eb, emitting.module, epilogue, out, [block(v.ptr, v) for v in tails])
+                epilogue.run(eb, emitting.module, out, [block(v.ptr, v) for v in tails])
 
     items = x_type.shape[0] * oh
     threads = min(num_threads(), items) if items * ow * c * kh * kw >= PARALLEL_TAPS else 1
