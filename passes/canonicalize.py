@@ -163,19 +163,20 @@ def expand_small_powers(graph: Graph) -> Graph:
     x * x, x * x * x, 1 / x. A Pow is a libm call per element (~55 times a Relu's cost on the
     llvm target); these are one or two multiplies, the same values (x * x * x within an ulp).
     LayerNorm and variance written out (opset < 17) and MSE losses square this way."""
-    expansions = {1.0: ["Identity"], 2.0: ["Mul"], 3.0: ["Mul", "Mul"], -1.0: ["Reciprocal"]}
     for node in list(graph.nodes):
         if node.op.name != "Pow" or node.inputs[1] not in graph.params or not node.inputs[0].type.dtype.is_float:
             continue
         x, exponent = node.inputs[0], np.unique(graph.params[node.inputs[1]])
-        if exponent.size != 1 or float(exponent[0]) not in expansions or node.outputs[0].type != x.type:
+        if exponent.size != 1 or float(exponent[0]) not in (1.0, 2.0, 3.0, -1.0) or node.outputs[0].type != x.type:
             continue
-        ops = expansions[float(exponent[0])]
-        if len(ops) == 2:  # the square first, as its own node
+        c = float(exponent[0])
+        if c == 3.0:  # the square first, as its own node
             square = graph.add_node("Mul", [x, x], index=graph.nodes.index(node)).outputs[0]
             node.op, node.inputs = get_op("Mul"), [square, x]
+        elif c == 2.0:
+            node.op, node.inputs = get_op("Mul"), [x, x]
         else:
-            node.op, node.inputs = get_op(ops[0]), [x, x] if ops[0] == "Mul" else [x]
+            node.op, node.inputs = get_op("Reciprocal" if c == -1.0 else "Identity"), [x]
         node.attrs = node.op.complete_attrs({})
     return eliminate_dead_code(graph)
 
