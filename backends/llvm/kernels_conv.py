@@ -9,7 +9,8 @@ micro-tile of ``mr`` positions along one output row by two vectors of output cha
 A as ``mr`` broadcasts at a fixed stride, and B (the packed weights) as the GEMM does; the
 accumulators stay in registers over all of K. Borders: the image is first copied into a
 zero-padded scratch image (one pass over the input, against im2col's kh * kw passes and a
-column matrix that leaves the caches).
+column matrix that leaves the caches). A tile skips the taps whose windows lie wholly in the
+border (``_live_taps``): a dilated conv over a small map reads mostly border.
 
 K goes in parts whose weight rows fit L1 (whole tap rows, or pieces of KC), each part's
 slice reused by every row of the thread's share. Threads split the output rows where the
@@ -23,6 +24,7 @@ positions) gets its tail the same way (``emit_pointwise_conv``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -471,10 +473,12 @@ class _Tiles:
             with for_range(b, oy1, start=oy0, name="oy") as oy:
                 in_row = _row_start(b, g, oy)
                 out_row = b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)
+                coords = _unflatten(b, oy, g.out[:-1])
 
                 def tile(ox0: ir.Value, rows: int) -> None:
                     first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
-                    self._tile(first, rows, panel, b_row, b_masks, k_range, begin, starts, b.add(out_row, b.mul(ox0, const_i64(g.m))), masks)
+                    live = self._live_taps(coords, ox0, rows)
+                    self._tile(first, rows, panel, b_row, b_masks, k_range, begin, starts, b.add(out_row, b.mul(ox0, const_i64(g.m))), masks, live)
 
                 full, rest = divmod(g.ow, self.mr)
                 if full:
@@ -486,10 +490,38 @@ class _Tiles:
             with for_range(b, oy1, start=oy0, name="eoy") as oy:
                 self._epilogue(oy, j0, cols, epilogue, operands)
 
-    def _tile(self, first: ir.Value, rows: int, panel: ir.Value, b_row: int, b_masks: list, k_range: tuple, begin: ir.Value, starts, out_at: ir.Value, masks: list) -> None:
+    def _live_taps(self, coords: list[ir.Value], ox0: ir.Value, rows: int) -> Callable[[ir.Value], ir.Value] | None:
+        """Whether a tap reads any of the image (not only its zero border) for the tile of
+        ``rows`` positions from ``ox0`` in the output row at ``coords``; None without pads.
+
+        Along an axis, tap ``k`` reads input ``o * s + k * d - before`` for the tile's
+        positions ``o`` in [o_lo, o_hi], so it reads the image iff
+        ``k * d >= before - o_hi * s`` and ``k * d <= size - 1 + before - o_lo * s``. Dilated
+        convs over small maps skip most of their taps this way (DeepLab's rate-18 branch at
+        14x14 reads only its centre tap), and every 3x3 conv skips a tap row at its top and
+        bottom output rows."""
+        g, b = self.g, self.b
+        if not g.has_pads:
+            return None
+        spans = [(o, o) for o in coords]  # (lowest, highest) output coordinate of the tile per axis
+        if len(g.tap_shape) == len(g.kernel):  # width dilated: taps go along the width too
+            spans.append((ox0, b.add(ox0, const_i64(rows - 1))))
+        bounds = [(b.sub(const_i64(g.before[a]), b.mul(hi, const_i64(g.strides[a]))), b.sub(const_i64(g.size[a] - 1 + g.before[a]), b.mul(lo, const_i64(g.strides[a])))) for a, (lo, hi) in enumerate(spans)]
+
+        def live(tap: ir.Value) -> ir.Value:
+            reads = ir.Constant(ir.IntType(1), 1)
+            for a, k in enumerate(_unflatten(b, tap, g.tap_shape)):
+                at = b.mul(k, const_i64(g.dilations[a]))
+                reads = b.and_(reads, b.and_(b.icmp_signed(">=", at, bounds[a][0]), b.icmp_signed("<=", at, bounds[a][1])))
+            return reads
+
+        return live
+
+    def _tile(self, first: ir.Value, rows: int, panel: ir.Value, b_row: int, b_masks: list, k_range: tuple, begin: ir.Value, starts, out_at: ir.Value, masks: list, live) -> None:
         """``rows`` output positions, windows from ``first`` (an element index into the source
         image), by one vector per mask, over elements [k0, k1) of taps [tap0, tap1) (B's rows
-        from ``panel``): accumulators from the bias (``begin``: the first part of K) or the output."""
+        from ``panel``), skipping taps ``live`` says read only zeros: accumulators from the bias
+        (``begin``: the first part of K) or the output."""
         b, g, ty, width, V = self.b, self.g, self.ty, self.width, self.V
         out = b.gep(self.out, [out_at], source_etype=ty)
         accs = [[entry_alloca(b, V.vec) for _ in masks] for _ in range(rows)]
@@ -505,9 +537,10 @@ class _Tiles:
         step = g.strides[-1] * g.c  # between consecutive positions' windows
         tap0, tap1, k0, k1 = k_range
         with for_range(b, tap1, start=tap0, name="tap") as tap:
-            window = _tap_offset(b, g, tap)
-            with for_range(b, k1, start=k0, name="k") as j:
-                self._multiply(rows, step, b.add(first, window), b.add(b.mul(tap, const_i64(g.run)), j), j, panel, b_row, b_masks, accs)
+            with b.if_then(live(tap)) if live is not None else contextlib.nullcontext():
+                window = _tap_offset(b, g, tap)
+                with for_range(b, k1, start=k0, name="k") as j:
+                    self._multiply(rows, step, b.add(first, window), b.add(b.mul(tap, const_i64(g.run)), j), j, panel, b_row, b_masks, accs)
         for r in range(rows):
             for h, mask in enumerate(masks):
                 V.store(b.load(accs[r][h], typ=V.vec), b.gep(out, [const_i64(r * g.m + h * width)], source_etype=ty), mask)

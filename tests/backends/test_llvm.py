@@ -634,7 +634,9 @@ def test_a_depthwise_conv_applies_its_pointwise_tail_in_cache(monkeypatch, layou
     ((1, 8, 6, 7, 8), (32, 8, 3, 3, 3), {"pads": [1, 0, 1, 1, 2, 1]}),  # 3-D
     ((1, 64, 12, 24), (48, 64, 3, 3), {"pads": [1, 1, 1, 1]}),  # 12-wide tiles: all 576 of K at once over packed weights, in parts over run-time ones
     ((1, 64, 61, 70), (32, 64, 3, 3), {"pads": [2, 1, 0, 1], "strides": [2, 1]}),  # 18 KB padded rows: bands of 6 output rows padded at a time
-], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d", "whole-k", "padded-bands"])
+    ((1, 160, 7, 9), (24, 160, 3, 3), {"pads": [6, 6, 6, 6], "dilations": [6, 6]}),  # taps over the border only are skipped: parts of one tap, the first one skipped in most tiles
+    ((2, 8, 13, 10), (20, 8, 3, 3), {"pads": [4, 0, 3, 6], "dilations": [4, 3], "strides": [2, 1]}),  # skipped taps under strides and uneven pads
+], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d", "whole-k", "padded-bands", "dead-taps", "dead-taps-strided"])
 @pytest.mark.parametrize("weights, dtype", [("constant", "float32"), ("input", "float32"), ("constant", "float64")])
 def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype):
     """The direct convolution (no im2col): window rows read in place from a zero-padded copy of
