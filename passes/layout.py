@@ -6,7 +6,8 @@ AveragePool of rank >= 3 as ``Transpose(op_nhwc(Transpose(x)))``; constant weigh
 transposed now, at compile time (Conv to (*kernel, C, M), ConvTranspose to (C, *kernel, M)). ``sink_transposes`` then moves every Transpose below the ops that do not care
 about layout (elementwise ops, with constant operands transposed at compile time; Concat;
 Resize; Pad; Slice; Softmax and keepdims reductions; global pools become spatial reductions),
-and turns transposes that only move size-1 axes into reshapes. The canonicalize passes that
+and turns transposes that only move size-1 axes into reshapes; a transpose left below an
+upsampling Resize (none after it to cancel it) goes back above it, onto the smaller map. The canonicalize passes that
 follow fold Transpose(Transpose) chains into the identity and remove them, so a converted
 model keeps transposes only at its boundary and where an op must see NCHW (a BatchNormalization
 left in a training graph, a grouped convolution, a Reshape of a spatial map).
@@ -128,6 +129,35 @@ def _moves_only_unit_axes(node: Node) -> bool:
     return kept == sorted(kept)
 
 
+def _resize_axes(attrs: dict, order: list[int]) -> dict:
+    """A Resize's attributes for its input's axes taken in ``order`` (axis j is old axis order[j])."""
+    rank = len(order)
+    attrs = dict(attrs, sizes=[attrs["sizes"][a] for a in order], scales=[attrs["scales"][a] for a in order])
+    if attrs["roi"] is not None:
+        roi = attrs["roi"]
+        attrs["roi"] = [roi[a] for a in order] + [roi[rank + a] for a in order]
+    return attrs
+
+
+def _hoist_above_upsampling(graph: Graph) -> None:
+    """A transpose that sinking left below an upsampling Resize, and that no transpose after
+    it cancels, goes back above it: it then moves the small map, not the large one (DeepLab's
+    last upsampling, to the graph output: 14x14 -> 224x224 by 21 channels, 1.2 ms of transpose)."""
+    users = graph.users()
+    for node in list(graph.nodes):
+        resize = node.inputs[0].producer if node.op.name == "Transpose" else None
+        if resize is None or resize.op.name != "Resize" or len(users.get(resize.outputs[0], [])) != 1 or resize.outputs[0] in graph.outputs:
+            continue
+        if resize.outputs[0].type.numel <= resize.inputs[0].type.numel or any(r.op.name == "Transpose" for r in users.get(node.outputs[0], [])):
+            continue
+        perm = list(node.attrs["perm"])
+        where = resize.name or "Resize"
+        moved = _insert(graph, resize, "Transpose", [resize.inputs[0]], {"perm": perm}, f"{where}/hoisted")
+        upsampled = graph.add_node("Resize", [moved], _resize_axes(resize.attrs, perm), name=resize.name, num_outputs=1, index=graph.nodes.index(node))
+        if substitute(graph, node.outputs[0], upsampled.outputs[0]):
+            graph.remove_nodes([node, resize])
+
+
 class _Sinker:
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -181,12 +211,7 @@ class _Sinker:
         elif op in ("Softmax", "LogSoftmax"):
             attrs["axis"] = perm[attrs["axis"] % rank]
         elif op == "Resize":
-            inv = _inverse(perm)
-            attrs["sizes"] = [attrs["sizes"][inv[j]] for j in range(rank)]
-            attrs["scales"] = [attrs["scales"][inv[j]] for j in range(rank)]
-            if attrs["roi"] is not None:
-                roi = attrs["roi"]
-                attrs["roi"] = [roi[inv[j]] for j in range(rank)] + [roi[rank + inv[j]] for j in range(rank)]
+            attrs = _resize_axes(attrs, _inverse(perm))
         elif op == "Pad":
             inv = _inverse(perm)
             pads = attrs["pads"]
@@ -293,6 +318,7 @@ def sink_transposes(graph: Graph) -> Graph:
             elif sinker.sink(node):
                 changed = True
         _drop_unread(graph)
+    _hoist_above_upsampling(graph)
     return graph
 
 

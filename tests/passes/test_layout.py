@@ -78,6 +78,27 @@ def test_transposes_of_unit_axes_become_reshapes(rewrites):
     )
 
 
+def test_a_transpose_left_below_an_upsampling_resize_goes_back_above_it(random_feeds):
+    """At the graph output a channels-last upsampling would leave its transpose on the large map
+    (DeepLab's 14x14 -> 224x224): the transpose moves the small one instead, the Resize runs NCHW."""
+    graph = parse_graph("""
+        graph g(%x: f32[1,2,3,3]) {
+          param %w: f32[2,2,1,1] = [1.0, -1.0, 0.5, 2.0]
+          %c: f32[1,2,3,3] = Conv(%x, %w) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
+          %y: f32[1,2,12,9] = Resize(%c) {sizes=[1, 2, 12, 9], scales=[1.0, 1.0, 4.0, 3.0], mode="linear", coordinate_transformation_mode="half_pixel"}
+          return %y
+        }""")
+    converted = run_passes(graph.copy(), ["to_nhwc", "sink_transposes"])
+    *_, conv, back, resize = converted.nodes
+    assert (conv.op.name, conv.attrs["layout"], back.op.name, resize.op.name) == ("Conv", "NHWC", "Transpose", "Resize")
+    assert resize.inputs[0] is back.outputs[0] and resize.attrs["sizes"] == [1, 2, 12, 9] and resize.attrs["scales"] == [1.0, 1.0, 4.0, 3.0]
+    downsampled = run_passes(parse_graph(str(graph).replace("12,9", "2,2").replace("12, 9", "2, 2").replace("4.0, 3.0", "0.75, 0.75")), ["to_nhwc", "sink_transposes"])
+    assert downsampled.nodes[-1].op.name == "Transpose"  # a shrinking Resize keeps the transpose after it
+    feeds = random_feeds(graph)
+    want = kiln.compile(graph).run(feeds)["y"]
+    np.testing.assert_allclose(kiln.compile(graph, target="llvm", layout="nhwc").run(feeds)["y"], want, rtol=1e-5, atol=1e-6)
+
+
 def _nhwc(graph):
     return kiln.optimize(graph, "O2", layout="nhwc")
 
