@@ -11,6 +11,7 @@ import numpy as np
 from kiln.backends.llvm.codegen import KernelContext, kernel
 from kiln.backends.llvm.emit import I64, LLVMScalarOps, View, const_i64, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.kernels_elementwise import PARALLEL_WORK, coalesce, emit_pointwise
+from kiln.backends.llvm.kernels_nn import _unflatten
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -221,7 +222,8 @@ def _resize_scratch(node) -> int:
 @kernel("Resize", scratch=_resize_scratch)
 def resize(ctx: KernelContext) -> None:
     """One pass per resized axis through scratch: out[..o..] = sum_t w[o,t] * in[..idx[o,t]..],
-    with the tap tables computed at compile time by the op's own ``axis_taps``."""
+    with the tap tables computed at compile time by the op's own ``axis_taps``. Float inputs are
+    resized in float64, as the reference does; the last pass rounds as it stores the output."""
     node = ctx.node
     attrs = node.attrs
     x, y = ctx.inputs[0], ctx.outputs[0]
@@ -230,7 +232,6 @@ def resize(ctx: KernelContext) -> None:
         raise KilnError(f"node {node.name!r}: {attrs['mode']} Resize of {x.dtype.short} has no LLVM kernel yet")
     axes = resized_axes(attrs, x.shape)
     b = ctx.b
-    E = LLVMScalarOps(b, ctx.module)
     work = x.dtype if nearest else DType.float64
     half = _resize_scratch(node) // 2
     current = x if nearest or x.dtype is DType.float64 else None
@@ -244,33 +245,48 @@ def resize(ctx: KernelContext) -> None:
     for step, axis in enumerate(axes):
         indices, weights, _ = axis_taps(attrs, axis, x.shape[axis], attrs["sizes"][axis])
         shape[axis] = attrs["sizes"][axis]
-        last = step == len(axes) - 1
-        if last and work == y.dtype:
+        if step == len(axes) - 1:
             target = y
         else:
             target = View.dense(b.gep(ctx.scratch, [const_i64(half * ping)], source_etype=ir.IntType(8)), work, shape)
             ping ^= 1
-        idx_table = _global_table(ctx, indices, I64, "resize_idx")
-        w_table = _global_table(ctx, weights, llvm_type(DType.float64), "resize_w")
-        taps = indices.shape[1]
-        with loop_nest(b, target.shape, name="r") as index:
+        tables = (_global_table(ctx, indices, I64, "resize_idx"), None if nearest else _global_table(ctx, weights, llvm_type(DType.float64), "resize_w"))
+        _resize_axis(ctx, current, target, axis, tables, indices.shape[1])
+        current = target
+    if not axes:
+        emit_pointwise(b, ctx.module, y, [current], lambda E, xs: E.cast(xs[0], y.dtype))
+    if attrs["coordinate_transformation_mode"] == "tf_crop_and_resize":
+        _extrapolate(ctx, axes)
+
+
+def _resize_axis(ctx: KernelContext, source: View, target: View, axis: int, tables: tuple, taps: int) -> None:
+    """target = source resized along ``axis`` by the tap tables (index, weight; no weights:
+    nearest), the rows (every axis but the last) split over the pool when large enough."""
+    idx_table, w_table = tables
+    outer, inner = target.shape[:-1], target.shape[-1]
+
+    def rows(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        E = LLVMScalarOps(b, emitting.module)
+        src, dst = source.on(ptrs[0]), target.on(ptrs[1])
+        with for_range(b, hi, start=lo, name="rr") as r, for_range(b, inner, name="ri") as i:
+            index = [*_unflatten(b, r, outer), i]
             o = index[axis]
             total = None
             for t in range(taps):
                 slot = b.add(b.mul(o, const_i64(taps)), const_i64(t))
                 src_index = list(index)
                 src_index[axis] = b.load(b.gep(idx_table, [const_i64(0), slot], source_etype=idx_table.value_type), typ=I64)
-                value = E.typed(current.load(b, src_index), current.dtype)
-                if not nearest:
+                value = E.typed(src.load(b, src_index), src.dtype)
+                if w_table is not None:
                     w = E.typed(b.load(b.gep(w_table, [const_i64(0), slot], source_etype=w_table.value_type), typ=llvm_type(DType.float64)), DType.float64)
                     value = E.mul(w, value)
                 total = value if total is None else E.add(total, value)
-            target.store(b, index, total)
-        current = target
-    if current is not y:
-        emit_pointwise(b, ctx.module, y, [current], lambda E, xs: E.cast(xs[0], y.dtype))
-    if attrs["coordinate_transformation_mode"] == "tf_crop_and_resize":
-        _extrapolate(ctx, axes)
+            dst.store(b, index, E.cast(total, dst.dtype) if dst.dtype != src.dtype else total)
+
+    count = math.prod(outer)
+    threads = min(num_threads(), count, int(2 * math.prod(target.shape) * taps) // PARALLEL_WORK) if count > 1 else 1
+    parallel_rows(ctx, count, threads, [source.ptr, target.ptr], rows)
 
 
 def _extrapolate(ctx: KernelContext, axes: list[int]) -> None:
