@@ -1381,7 +1381,9 @@ def conv_transpose(ctx: KernelContext) -> None:
     b = ctx.b
     E = LLVMScalarOps(b, ctx.module)
     cols = View(ctx.scratch, y.dtype, (rows, inner), (inner, 1))
-    _fill_zero(ctx, y)
+    gathered = nd == 2  # each output row summed once from its taps' column rows, channels over the pool
+    if not gathered:
+        _fill_zero(ctx, y)
     with for_range(b, n, name="img") as img:
         with for_range(b, groups, name="grp") as g:
             x_base = b.add(b.mul(img, const_i64(c * inner)), b.mul(g, const_i64(cg * inner)))
@@ -1390,19 +1392,73 @@ def conv_transpose(ctx: KernelContext) -> None:
             wt = View(b.gep(w.ptr, [w_base], source_etype=_t(w)), w.dtype, (rows, cg), (1, rows))
             emit_gemm(ctx, wt, xg, cols)
             y_base = b.add(b.mul(img, const_i64(groups * mg * math.prod(out_sp))), b.mul(g, const_i64(mg * math.prod(out_sp))))
-            with loop_nest(b, (mg, *kernel_shape, *in_sp), name="sc") as index:
-                ch, ks, pos = index[0], index[1 : 1 + nd], index[1 + nd :]
-                flat, inside, row, col = _window(b, y_base, ch, ks, pos, out_sp, in_sp, kernel_shape, strides, dilations, pads)
-                target = b.gep(y.ptr, [flat], source_etype=_t(y))
-                current = E.typed(b.load(target, typ=_t(y)), y.dtype)
-                added = E.add(current, E.typed(cols.load(b, [row, col]), y.dtype))
-                b.store(b.select(inside, added, current), target)
-    if bias is not None:
+            if gathered:
+                y_group = b.gep(y.ptr, [b.add(const_i64(y.offset), y_base)], source_etype=_t(y))
+                bias_group = b.gep(bias.ptr, [b.add(const_i64(bias.offset), b.mul(g, const_i64(mg)))], source_etype=_t(bias)) if bias is not None else None
+                _sum_taps_by_rows(ctx, cols.ptr, y_group, bias_group, y.dtype, mg, kernel_shape, in_sp, out_sp, strides, dilations, pads)
+            else:
+                with loop_nest(b, (mg, *kernel_shape, *in_sp), name="sc") as index:
+                    ch, ks, pos = index[0], index[1 : 1 + nd], index[1 + nd :]
+                    flat, inside, row, col = _window(b, y_base, ch, ks, pos, out_sp, in_sp, kernel_shape, strides, dilations, pads)
+                    target = b.gep(y.ptr, [flat], source_etype=_t(y))
+                    current = E.typed(b.load(target, typ=_t(y)), y.dtype)
+                    added = E.add(current, E.typed(cols.load(b, [row, col]), y.dtype))
+                    b.store(b.select(inside, added, current), target)
+    if bias is not None and not gathered:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
         rank = len(y.shape)
         per_channel = View(bias.ptr, bias.dtype, tuple(y.shape[1] if i == 1 else 1 for i in range(rank)), tuple(1 if i == 1 else 0 for i in range(rank)))
         emit_pointwise(b, ctx.module, y, [y, per_channel], lambda E, xs: E.add(xs[0], xs[1]))
+
+
+def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.Value | None, dtype: DType, channels: int, kernel_shape, in_sp, out_sp, strides, dilations, pads) -> None:
+    """A 2-D ConvTranspose's output planes from the columns (channel, tap row, tap column) x
+    input positions, output row by output row: the row starts from the bias, then every tap
+    row that lands on it adds each tap column's column-matrix row at stride ``sx`` (the range
+    of input columns that lands inside, computed per tap). The row stays in L1 while its taps
+    are added, and each thread owns whole channels (FCN-8s's last upsampling, 21 channels by
+    16x16 taps from 28x28, with a Relu: 3.0 -> 2.1 ms; the zero fill, the scatter and the bias were
+    separate passes, the scatter on one thread)."""
+    (kh, kw), (ih, iw), (oh, ow) = kernel_shape, in_sp, out_sp
+    (sy, sx), (dy, dx) = strides, dilations
+    py, px = pads[0], pads[1]
+    ty = llvm_type(dtype)
+
+    def planes(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        E = LLVMScalarOps(b, emitting.module)
+        cols_p, y_p = ptrs[0], ptrs[1]
+        with for_range(b, hi, start=lo, name="tch") as ch:
+            start = b.load(b.gep(ptrs[2], [ch], source_etype=ty), typ=ty) if bias is not None else ir.Constant(ty, 0.0)
+            with for_range(b, oh, name="toy") as oy:
+                row = b.gep(y_p, [b.add(b.mul(ch, const_i64(oh * ow)), b.mul(oy, const_i64(ow)))], source_etype=ty)
+                with for_range(b, ow, name="tfill") as ox:
+                    b.store(start, b.gep(row, [ox], source_etype=ty))
+                with for_range(b, kh, name="tky") as ky:
+                    reach = b.sub(b.add(oy, const_i64(py)), b.mul(ky, const_i64(dy)))  # iy * sy when this tap row lands here
+                    iy = b.sdiv(reach, const_i64(sy))
+                    lands = b.and_(b.icmp_signed(">=", reach, const_i64(0)), b.icmp_signed("<", iy, const_i64(ih)))
+                    lands = b.and_(lands, b.icmp_signed("==", b.srem(reach, const_i64(sy)), const_i64(0)))
+                    with b.if_then(lands):
+                        with for_range(b, kw, name="tkx") as kx:
+                            shift = b.sub(b.mul(kx, const_i64(dx)), const_i64(px))  # ox = ix * sx + shift
+                            before = b.neg(shift)  # the first ix lands at ox >= 0
+                            ix0 = b.select(b.icmp_signed(">", before, const_i64(0)), b.sdiv(b.add(before, const_i64(sx - 1)), const_i64(sx)), const_i64(0))
+                            last = b.sub(const_i64(ow - 1), shift)
+                            ix1 = b.select(b.icmp_signed("<", last, const_i64(0)), const_i64(0), b.sdiv(last, const_i64(sx)))
+                            ix1 = b.add(ix1, ir.Constant(I64, 1))
+                            ix1 = b.select(b.icmp_signed("<", ix1, const_i64(iw)), ix1, const_i64(iw))
+                            tap = b.add(b.mul(b.add(b.mul(ch, const_i64(kh)), ky), const_i64(kw)), kx)
+                            source = b.gep(cols_p, [b.add(b.mul(tap, const_i64(ih * iw)), b.mul(iy, const_i64(iw)))], source_etype=ty)
+                            with for_range(b, ix1, start=ix0, name="tix") as ix:
+                                target = b.gep(row, [b.add(b.mul(ix, const_i64(sx)), shift)], source_etype=ty)
+                                added = E.add(E.typed(b.load(target, typ=ty), dtype), E.typed(b.load(b.gep(source, [ix], source_etype=ty), typ=ty), dtype))
+                                b.store(added, target)
+
+    work = channels * oh * ow + channels * kh * kw * ih * iw
+    threads = min(num_threads(), channels) if work >= PARALLEL_COPY else 1
+    parallel_rows(ctx, channels, threads, [cols, y, bias if bias is not None else y], planes)
 
 
 def _nhwc_conv_transpose(ctx: KernelContext) -> None:

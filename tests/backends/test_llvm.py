@@ -669,6 +669,36 @@ def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype)
     np.testing.assert_array_equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("x_shape, w_shape, attrs", [
+    ((1, 5, 6, 7), (5, 5, 16, 16), {"strides": [8, 8], "pads": [4, 4, 4, 4]}),  # FCN-8s's upsampling: 4 taps land on each output
+    ((2, 4, 5, 6), (4, 3, 2, 3), {"strides": [3, 4], "pads": [1, 0, 0, 2], "output_padding": [2, 1]}),  # taps that land nowhere, gaps, the bias alone in the padding
+    ((1, 6, 4, 5), (6, 2, 3, 3), {"group": 3, "dilations": [2, 3], "strides": [2, 1]}),  # groups, dilation
+], ids=["fcn-upsampling", "gaps-and-padding", "grouped-dilated"])
+def test_nchw_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape, attrs):
+    """A 2-D NCHW ConvTranspose: each output row starts from the bias and adds the column rows
+    of the taps that land on it, channels split over the pool; one thread and two agree."""
+    from kiln import config
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(8)
+    graph = Graph("convT")
+    x = graph.add_input("x", TensorType(x_shape, DType.float32))
+    w = graph.add_param("w", rng.standard_normal(w_shape).astype(np.float32))
+    bias = graph.add_param("b", rng.standard_normal(w_shape[1] * attrs.get("group", 1)).astype(np.float32))
+    graph.outputs = [graph.add_node("ConvTranspose", [x, w, bias], dict(attrs)).outputs[0]]
+    feed = {"x": rng.standard_normal(x_shape).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    results = []
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        results.append(got)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("shape, perm", [((70, 45), [1, 0]), ((3, 40, 50), [0, 2, 1]), ((2, 33, 5, 64), [0, 3, 1, 2]), ((64, 3, 33), [2, 1, 0])])
 def test_transposes_in_tiles_match_numpy(shape, perm):
     """Axes that swap contiguity are copied in tiles (edges of partial tiles included)."""
