@@ -674,9 +674,11 @@ def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype)
     ((2, 4, 5, 6), (4, 3, 2, 3), {"strides": [3, 4], "pads": [1, 0, 0, 2], "output_padding": [2, 1]}),  # taps that land nowhere, gaps, the bias alone in the padding
     ((1, 6, 4, 5), (6, 2, 3, 3), {"group": 3, "dilations": [2, 3], "strides": [2, 1]}),  # groups, dilation
 ], ids=["fcn-upsampling", "gaps-and-padding", "grouped-dilated"])
-def test_nchw_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape, attrs):
-    """A 2-D NCHW ConvTranspose: each output row starts from the bias and adds the column rows
-    of the taps that land on it, channels split over the pool; one thread and two agree."""
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape, attrs, layout):
+    """A 2-D ConvTranspose: each output row starts from the bias and adds the column rows of the
+    taps that land on it, channels (NCHW) or output rows (NHWC) split over the pool; one thread
+    and two agree. (A grouped one stays NCHW.)"""
     from kiln import config
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
@@ -693,7 +695,10 @@ def test_nchw_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape
     results = []
     for threads in (1, 2):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
-            (got,) = kiln.compile(graph, target="llvm", layout="nchw").run(feed).values()
+            module = kiln.compile(graph, target="llvm", layout=layout)
+            (node,) = (n for n in module.graph.nodes if n.op.name == "ConvTranspose")
+            assert node.attrs["layout"] == ("NHWC" if layout == "nhwc" and "group" not in attrs else "NCHW")
+            (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         results.append(got)
     np.testing.assert_array_equal(results[0], results[1])
