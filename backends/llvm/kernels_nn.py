@@ -1357,8 +1357,27 @@ def _conv_t_scratch(node) -> int:
     x, w = node.inputs[0].type, node.inputs[1].type
     if node.attrs["layout"] == "NHWC":  # columns (P_in, K * M)
         return math.prod(x.shape[1:-1]) * math.prod(w.shape[1:]) * x.dtype.itemsize
+    if _columns_per_channel(node):  # one channel's columns per thread
+        return num_threads() * math.prod(w.shape[2:]) * math.prod(x.shape[2:]) * x.dtype.itemsize
     per_group_out = w.shape[1] * math.prod(w.shape[2:])
     return per_group_out * math.prod(x.shape[2:]) * x.dtype.itemsize
+
+
+CHANNEL_COLUMNS = 1 << 22  # a column matrix above this (bytes) is made a channel at a time
+SHARED_INPUT = 1 << 19  # ... when the input it multiplies, read again for every channel, is at most this
+
+
+def _columns_per_channel(node) -> bool:
+    """Whether a 2-D NCHW ConvTranspose makes its columns one output channel at a time, in
+    each thread's scratch, just before summing them into that channel's plane: where the whole
+    matrix would leave the caches (FCN-8s's 16x16 taps: 16.8 MB, written and read back from
+    memory) and the input it multiplies is small enough to read again per channel."""
+    x, w = node.inputs[0].type, node.inputs[1].type
+    if node.attrs["layout"] != "NCHW" or x.rank != 4:
+        return False
+    taps, inner = math.prod(w.shape[2:]), math.prod(x.shape[2:])
+    per_group_in = x.shape[1] // node.attrs["group"]
+    return w.shape[1] * taps * inner * x.dtype.itemsize > CHANNEL_COLUMNS and taps >= 16 and per_group_in * inner * x.dtype.itemsize <= SHARED_INPUT
 
 
 @kernel("ConvTranspose", scratch=_conv_t_scratch)
@@ -1382,6 +1401,7 @@ def conv_transpose(ctx: KernelContext) -> None:
     E = LLVMScalarOps(b, ctx.module)
     cols = View(ctx.scratch, y.dtype, (rows, inner), (inner, 1))
     gathered = nd == 2  # each output row summed once from its taps' column rows, channels over the pool
+    per_channel = _columns_per_channel(node)
     if not gathered:
         _fill_zero(ctx, y)
     with for_range(b, n, name="img") as img:
@@ -1390,12 +1410,13 @@ def conv_transpose(ctx: KernelContext) -> None:
             xg = View(b.gep(x.ptr, [x_base], source_etype=_t(x)), x.dtype, (cg, inner), (inner, 1))
             w_base = b.mul(g, const_i64(cg * rows))
             wt = View(b.gep(w.ptr, [w_base], source_etype=_t(w)), w.dtype, (rows, cg), (1, rows))
-            emit_gemm(ctx, wt, xg, cols)
+            if not per_channel:
+                emit_gemm(ctx, wt, xg, cols)
             y_base = b.add(b.mul(img, const_i64(groups * mg * math.prod(out_sp))), b.mul(g, const_i64(mg * math.prod(out_sp))))
             if gathered:
                 y_group = b.gep(y.ptr, [b.add(const_i64(y.offset), y_base)], source_etype=_t(y))
                 bias_group = b.gep(bias.ptr, [b.add(const_i64(bias.offset), b.mul(g, const_i64(mg)))], source_etype=_t(bias)) if bias is not None else None
-                _sum_taps_by_rows(ctx, cols.ptr, y_group, bias_group, y.dtype, mg, kernel_shape, in_sp, out_sp, strides, dilations, pads)
+                _sum_taps_by_rows(ctx, cols.ptr, y_group, bias_group, y.dtype, mg, kernel_shape, in_sp, out_sp, strides, dilations, pads, (wt, xg) if per_channel else None)
             else:
                 with loop_nest(b, (mg, *kernel_shape, *in_sp), name="sc") as index:
                     ch, ks, pos = index[0], index[1 : 1 + nd], index[1 + nd :]
@@ -1412,23 +1433,34 @@ def conv_transpose(ctx: KernelContext) -> None:
         emit_pointwise(b, ctx.module, y, [y, per_channel], lambda E, xs: E.add(xs[0], xs[1]))
 
 
-def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.Value | None, dtype: DType, channels: int, kernel_shape, in_sp, out_sp, strides, dilations, pads) -> None:
+def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.Value | None, dtype: DType, channels: int, kernel_shape, in_sp, out_sp, strides, dilations, pads, product: tuple[View, View] | None = None) -> None:
     """A 2-D ConvTranspose's output planes from the columns (channel, tap row, tap column) x
     input positions, output row by output row: the row starts from the bias, then every tap
     row that lands on it adds each tap column's column-matrix row at stride ``sx`` (the range
     of input columns that lands inside, computed per tap). The row stays in L1 while its taps
     are added, and each thread owns whole channels (FCN-8s's last upsampling, 21 channels by
     16x16 taps from 28x28, with a Relu: 3.0 -> 2.1 ms; the zero fill, the scatter and the bias were
-    separate passes, the scatter on one thread)."""
+    separate passes, the scatter on one thread).
+
+    ``product`` (W^T, x): the columns are not made yet; each channel's are, into its thread's
+    part of ``cols``, just before they are summed (``_columns_per_channel``)."""
     (kh, kw), (ih, iw), (oh, ow) = kernel_shape, in_sp, out_sp
     sx = strides[1]
     ty = llvm_type(dtype)
+    taps = kh * kw
 
-    def planes(emitting, ptrs, lo, hi, _):
+    def planes(emitting, ptrs, lo, hi, block):
         b = emitting.b
         E = LLVMScalarOps(b, emitting.module)
-        cols_p, y_p = ptrs[0], ptrs[1]
+        y_p = ptrs[1]
         with for_range(b, hi, start=lo, name="tch") as ch:
+            if product is None:  # this channel's rows of the whole column matrix
+                cols_p = b.gep(ptrs[0], [b.mul(ch, const_i64(taps * ih * iw))], source_etype=ty)
+            else:  # made now: W^T's rows for this channel times x, into this thread's scratch
+                wt, xg = product
+                cols_p = b.gep(ptrs[0], [const_i64(block * taps * ih * iw)], source_etype=ty)
+                rows = View(b.gep(ptrs[3], [b.mul(ch, const_i64(taps * wt.strides[0]))], source_etype=ty), wt.dtype, (taps, wt.shape[1]), wt.strides)
+                _serial_gemm(emitting, rows, xg.on(ptrs[4]), View.dense(cols_p, dtype, (taps, ih * iw)), 1.0, micro_rows(taps))
             start = b.load(b.gep(ptrs[2], [ch], source_etype=ty), typ=ty) if bias is not None else ir.Constant(ty, 0.0)
             with for_range(b, oh, name="toy") as oy:
                 row = b.gep(y_p, [b.add(b.mul(ch, const_i64(oh * ow)), b.mul(oy, const_i64(ow)))], source_etype=ty)
@@ -1436,7 +1468,7 @@ def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.
                     b.store(start, b.gep(row, [ox], source_etype=ty))
 
                 def add_taps(iy, ky, kx, ix0, ix1, shift):
-                    tap = b.add(b.mul(b.add(b.mul(ch, const_i64(kh)), ky), const_i64(kw)), kx)
+                    tap = b.add(b.mul(ky, const_i64(kw)), kx)
                     source = b.gep(cols_p, [b.add(b.mul(tap, const_i64(ih * iw)), b.mul(iy, const_i64(iw)))], source_etype=ty)
                     with for_range(b, ix1, start=ix0, name="tix") as ix:
                         target = b.gep(row, [b.add(b.mul(ix, const_i64(sx)), shift)], source_etype=ty)
@@ -1447,7 +1479,10 @@ def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.
 
     work = channels * oh * ow + channels * kh * kw * ih * iw
     threads = min(num_threads(), channels) if work >= PARALLEL_COPY else 1
-    parallel_rows(ctx, channels, threads, [cols, y, bias if bias is not None else y], planes)
+    pointers = [cols, y, bias if bias is not None else y]
+    if product is not None:
+        pointers += [product[0].ptr, product[1].ptr]
+    parallel_rows(ctx, channels, threads, pointers, planes)
 
 
 def _taps_landing(b: ir.IRBuilder, oy: ir.Value, kernel_shape, in_sp, ow: int, strides, dilations, pads, body) -> None:

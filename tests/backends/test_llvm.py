@@ -670,16 +670,18 @@ def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype)
 
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs", [
-    ((1, 5, 6, 7), (5, 5, 16, 16), {"strides": [8, 8], "pads": [4, 4, 4, 4]}),  # FCN-8s's upsampling: 4 taps land on each output
+    ((1, 6, 20, 21), (6, 12, 16, 16), {"strides": [8, 8], "pads": [4, 4, 4, 4]}),  # FCN-8s's upsampling: 4 taps land on each output; 5 MB of columns, made a channel at a time
     ((2, 4, 5, 6), (4, 3, 2, 3), {"strides": [3, 4], "pads": [1, 0, 0, 2], "output_padding": [2, 1]}),  # taps that land nowhere, gaps, the bias alone in the padding
     ((1, 6, 4, 5), (6, 2, 3, 3), {"group": 3, "dilations": [2, 3], "strides": [2, 1]}),  # groups, dilation
 ], ids=["fcn-upsampling", "gaps-and-padding", "grouped-dilated"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape, attrs, layout):
     """A 2-D ConvTranspose: each output row starts from the bias and adds the column rows of the
-    taps that land on it, channels (NCHW) or output rows (NHWC) split over the pool; one thread
-    and two agree. (A grouped one stays NCHW.)"""
+    taps that land on it, channels (NCHW) or output rows (NHWC) split over the pool; FCN-8s's
+    16x16 taps make their columns a channel at a time. One thread and two agree. (A grouped one
+    stays NCHW.)"""
     from kiln import config
+    from kiln.backends.llvm import kernels_nn
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
     from kiln.ir.types import TensorType
@@ -689,14 +691,17 @@ def test_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape, att
     x = graph.add_input("x", TensorType(x_shape, DType.float32))
     w = graph.add_param("w", rng.standard_normal(w_shape).astype(np.float32))
     bias = graph.add_param("b", rng.standard_normal(w_shape[1] * attrs.get("group", 1)).astype(np.float32))
-    graph.outputs = [graph.add_node("ConvTranspose", [x, w, bias], dict(attrs)).outputs[0]]
+    upsampled = graph.add_node("ConvTranspose", [x, w, bias], dict(attrs)).outputs[0]
+    graph.outputs = [graph.add_node("Relu", [upsampled]).outputs[0]]  # (an upsampling straight to the output goes back to NCHW)
     feed = {"x": rng.standard_normal(x_shape).astype(np.float32)}
     (want,) = kiln.compile(graph).run(feed).values()
     results = []
     for threads in (1, 2):
         with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
             module = kiln.compile(graph, target="llvm", layout=layout)
-            (node,) = (n for n in module.graph.nodes if n.op.name == "ConvTranspose")
+            nodes = [n for n in module.graph.nodes for n in (n.attrs["body"].nodes if n.op.name == "Fused" else [n])]
+            (node,) = (n for n in nodes if n.op.name == "ConvTranspose")
+            assert kernels_nn._columns_per_channel(node) == (layout == "nchw" and w_shape[-1] == 16)
             assert node.attrs["layout"] == ("NHWC" if layout == "nhwc" and "group" not in attrs else "NCHW")
             (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
