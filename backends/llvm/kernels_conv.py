@@ -157,6 +157,9 @@ def _takes_tail(conv) -> bool:
 
 
 CHUNK_BYTES = 1 << 16  # output rows a 1x1 conv's thread finishes (GEMM, then tail) while they are in L2
+WEIGHT_PASSES = 4  # ... or more rows: at most a quarter of the weights' size each, since every chunk
+# reads all the weights again (1 thread, ms: 1024->256 channels at 14x14 0.585 -> 0.483,
+# 2048->512 at 7x7 0.70 -> 0.54; onnxruntime 0.456 and 0.508)
 
 
 def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
@@ -188,7 +191,7 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
             _serial_gemm(emitting, a_, w_.columns(lo, hi), out_.columns(lo, hi), 1.0, mr, start_.part(start_.view.columns(lo, hi)) if start_ else None)
             epilogue.run(b, emitting.module, out_.columns(lo, hi), cut)
             return
-        chunk = max(mr, CHUNK_BYTES // (m * y.dtype.itemsize) // mr * mr)
+        chunk = max(mr, max(CHUNK_BYTES, c * m * y.dtype.itemsize // WEIGHT_PASSES) // (m * y.dtype.itemsize) // mr * mr)
         # as many chunks as that size needs, evened out (whole micro-tiles): the last one then
         # overlaps the one before by less than a tile, not by up to a whole chunk
         chunks = -(-(hi - lo) // chunk)
