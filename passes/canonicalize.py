@@ -181,10 +181,52 @@ def expand_small_powers(graph: Graph) -> Graph:
     return eliminate_dead_code(graph)
 
 
+def _live_taps(size: int, out: int, k: int, stride: int, dilation: int, before: int) -> tuple[int, int]:
+    """The first and last tap along an axis that reads the image (not only the zero border)
+    for some output position: tap ``t`` reads ``o * stride + t * dilation - before`` for o in
+    [0, out), so it reads the image iff that range meets [0, size). The first is kept no later
+    than where its trimmed leading pad would go negative."""
+    reads = [t for t in range(k) if t * dilation - before + (out - 1) * stride >= 0 and t * dilation - before <= size - 1]
+    if not reads:
+        return 0, k - 1
+    return min(reads[0], before // dilation), reads[-1]
+
+
+@graph_pass("trim_border_taps")
+def trim_border_taps(graph: Graph) -> Graph:
+    """A Conv (constant weights, channels-first) whose outer taps along an axis read only the
+    zero border, for every output position, drops them: a smaller kernel, sliced from the
+    weights now, and pads smaller by what they covered, so the output is unchanged. A dilated
+    conv over a small map is the case (DeepLab's rate-18 ASPP branch at 14x14 is a 1x1 conv;
+    its zero-padded image was 50x50)."""
+    for node in graph.nodes:
+        if node.op.name != "Conv" or node.attrs["layout"] != "NCHW" or node.inputs[1] not in graph.params:
+            continue
+        x, w, y = node.inputs[0].type, graph.params[node.inputs[1]], node.outputs[0].type
+        nd = x.rank - 2
+        strides, dilations = node.attrs["strides"] or [1] * nd, node.attrs["dilations"] or [1] * nd
+        pads = list(node.attrs["pads"] or [0] * (2 * nd))
+        spans = [_live_taps(x.shape[2 + a], y.shape[2 + a], w.shape[2 + a], strides[a], dilations[a], pads[a]) for a in range(nd)]
+        if all(lo == 0 and hi == w.shape[2 + a] - 1 for a, (lo, hi) in enumerate(spans)):
+            continue
+        for a, (lo, hi) in enumerate(spans):
+            pads[a] -= lo * dilations[a]
+            # the end pad: just what the last window of the trimmed kernel needs
+            pads[nd + a] = max(0, (y.shape[2 + a] - 1) * strides[a] + (hi - lo) * dilations[a] + 1 - x.shape[2 + a] - pads[a])
+        trimmed = w[(slice(None), slice(None), *(slice(lo, hi + 1) for lo, hi in spans))]
+        attrs = {**node.attrs, "pads": pads}
+        if get_op("Conv").infer(attrs, [x, node.inputs[1].type.with_shape(trimmed.shape), *(v.type for v in node.inputs[2:])])[0] != y:
+            continue
+        node.inputs = [node.inputs[0], graph.add_param(graph.fresh_name(f"{node.inputs[1].name}.trimmed"), np.ascontiguousarray(trimmed)), *node.inputs[2:]]
+        node.attrs = attrs
+    return eliminate_dead_code(graph)
+
+
 CANONICALIZE = [
     "fold_constants",
     "fold_fills",
     "expand_small_powers",
+    "trim_border_taps",
     "remove_noops",
     "fold_reshape_chains",
     "fold_transpose_chains",

@@ -227,3 +227,32 @@ def test_small_constant_powers_become_multiplies(rewrites):
           return %s, %t, %e, %f, %h
         }""",
     )
+
+
+def test_taps_that_read_only_the_border_are_trimmed(rewrites):
+    """A dilated conv over a small map: taps that read only zero padding for every output
+    position go, with the pads they covered. Rate 6 over 4x4 leaves the centre tap, a 1x1 conv
+    without pads; a large end pad drops the last tap row and keeps what the rest still reads;
+    an ordinary padded 3x3 conv keeps every tap."""
+    rewrites(
+        ["trim_border_taps"],
+        """
+        graph g(%x: f32[1,1,4,4], %v: f32[1,1,5,2]) {
+          param %w: f32[1,1,3,3] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+          param %u: f32[1,1,3,1] = [1.0, 2.0, 3.0]
+          %a: f32[1,1,4,4] = Conv(%x, %w) {strides=[1, 1], pads=[6, 6, 6, 6], dilations=[6, 6], group=1}
+          %b: f32[1,1,5,2] = Conv(%v, %u) {strides=[1, 1], pads=[0, 0, 8, 0], dilations=[4, 1], group=1}
+          %c: f32[1,1,4,4] = Conv(%x, %w) {strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=1}
+          return %a, %b, %c
+        }""",
+        """
+        graph g(%x: f32[1,1,4,4], %v: f32[1,1,5,2]) {
+          param %w: f32[1,1,3,3] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+          param %wt: f32[1,1,1,1] = [5.0]
+          param %ut: f32[1,1,2,1] = [1.0, 2.0]
+          %a: f32[1,1,4,4] = Conv(%x, %wt) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[6, 6], group=1}
+          %b: f32[1,1,5,2] = Conv(%v, %ut) {strides=[1, 1], pads=[0, 0, 4, 0], dilations=[4, 1], group=1}
+          %c: f32[1,1,4,4] = Conv(%x, %w) {strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=1}
+          return %a, %b, %c
+        }""",
+    )
