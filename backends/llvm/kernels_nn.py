@@ -13,7 +13,7 @@ import numpy as np
 
 from kiln.backends.llvm import kernels_depthwise
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
-from kiln.backends.llvm.emit import I64, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.emit import I32, I64, PTR, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -91,6 +91,7 @@ class Start:
         return Start(view, self.beta)
 
 
+STREAMED_WEIGHTS = 1 << 21  # packed GEMM weights of a core's L2 (2 MB) or more prefetch their next panel
 PARALLEL_MACS = 1 << 18  # below this a GEMM runs on one thread (handing a block to the pool costs ~1 us)
 
 
@@ -181,6 +182,11 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
     V = Vectors(b, ctx.module, c.dtype, width)
     vec, zero = V.vec, V.zero
     rows_full = (m // mr) * mr
+    # packed weights too large to stay cached between runs (a ResNet-50 layer 4 1x1 conv's 2-4
+    # MB) come from L3: the first row tile of a column block prefetches, each K step, its
+    # row of the next column block's panel
+    streamed = isinstance(bm, Panels) and k * n * c.dtype.itemsize >= STREAMED_WEIGHTS and n > 2 * width
+    prefetcher = ctx.module.declare_intrinsic("llvm.prefetch.p0", (), ir.FunctionType(ir.VoidType(), [PTR, I32, I32, I32])) if streamed else None
 
     def initial(i: ir.Value, j: ir.Value, mask) -> ir.Value:
         view = start.view
@@ -190,7 +196,7 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
             value = V.splat(b.load(view.address(b, [i, j]), typ=V.scalar))
         return value if start.beta == 1.0 else b.fmul(value, ir.Constant(vec, [float(start.beta)] * width))
 
-    def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list, k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
+    def tile(i0: ir.Value, rows: int, j0: ir.Value, masks: list, k0: ir.Value, k1: ir.Value, first: ir.Value | None, prefetch: bool = False) -> None:
         """Rows i0.. (``rows`` of them) by one vector per entry of ``masks`` (None: all lanes),
         over the K block [k0, k1): the first block (``first`` None: the only one) starts from
         zero, later ones from the partial sums in C."""
@@ -212,6 +218,9 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
                         for h, slot in enumerate(row):
                             b.store(V.load(c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), masks[h]), slot)
         with for_range(b, k1, start=k0, name="mk") as kk:
+            if prefetch:  # the same row of the next column block's panel, into L2 while this one runs
+                for h in range(2):
+                    b.call(prefetcher, [bm.address(b, [kk, b.add(j0, const_i64(2 * width + h * width))]), ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
             bvs = [V.load(bm.address(b, [kk, b.add(j0, const_i64(h * width))]), mask) for h, mask in enumerate(masks)]
             for r in range(rows):
                 splat = V.splat(b.load(a.address(b, [b.add(i0, const_i64(r)), kk]), typ=V.scalar))
@@ -226,11 +235,14 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
                 V.store(value, c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), mask)
 
     def column_block(j0: ir.Value, masks: list, *k_block) -> None:
+        first_tile = 1 if streamed and rows_full else 0  # the one that prefetches the next panel
+        if first_tile:
+            tile(const_i64(0), mr, j0, masks, *k_block, prefetch=True)
         if rows_full:
-            with for_range(b, m // mr, name="mb") as ib:
+            with for_range(b, m // mr, start=first_tile, name="mb") as ib:
                 tile(b.mul(ib, const_i64(mr)), mr, j0, masks, *k_block)
         if m % mr:
-            tile(const_i64(rows_full), m % mr, j0, masks, *k_block)
+            tile(const_i64(rows_full), m % mr, j0, masks, *k_block, prefetch=streamed and not rows_full)
 
     nr = 2 * width
     rest = n % nr
