@@ -789,6 +789,7 @@ def test_repeated_fused_groups_share_one_kernel_function():
         ("Gemm", (300, 64), (10, 64), {"transB": 1}, True),  # transposed B, one padded panel, rows over threads
         ("Gemm", (8, 64), (64, 520), {}, False),  # fewer rows than columns: columns over threads
         ("MatMul", (3, 40, 24), (24, 72), {}, False),  # batched, one constant matrix
+        ("Gemm", (29, 1024), (1024, 520), {}, True),  # 2.1 MB of weights: each column block's first tile prefetches the next panel
     ],
 )
 def test_constant_gemm_operands_are_packed_into_panels(op, x_shape, w_shape, attrs, bias, threads):
