@@ -21,6 +21,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.text import print_graph
 from kiln.passes.plan_memory import MemoryPlan, check_plan, plan_memory
 from kiln.backends.llvm.emit import PTR, Panels, View, const_i64, pack_into_panels
+from kiln.backends.llvm.pool import SUBMIT, WAKE
 
 ENTRY = "kiln_main"
 
@@ -460,5 +461,8 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
         b.store(const_i64(0), bounds_error_global(cg.module))
     cg.emit_program(graph, plan, b, pointer, arena, guards, config.flags().profile, packed)
     b.ret_void()
+    if SUBMIT in cg.module.globals:  # the run hands blocks to the pool: wake its workers first
+        b.position_at_start(entry.entry_basic_block)
+        b.call(ir.Function(cg.module, ir.FunctionType(ir.VoidType(), []), WAKE), [])
     return cg.module, plan, end, panels
 

@@ -6,6 +6,7 @@ work to this pool instead:
 
     i32 kiln_pool_submit(ptr fns, ptr args, i64 count)  # fns[i](args[i]) on workers 0..count-1
     void kiln_pool_wait()                                # until every submitted block is done
+    void kiln_pool_wake()                                # sleeping workers up to spin (a run starts)
 
 ``submit`` returns 1 when the workers took the blocks (the caller runs its own block, then
 waits) and 0 when it ran them itself: the pool is busy with another module's run (kiln
@@ -14,6 +15,10 @@ could not start, or the process is a fork child whose workers were not copied.
 
 Workers start on first use, then spin a little after each block (the next kernel's blocks
 usually come within microseconds) and sleep on a futex when idle, so an idle pool costs no CPU.
+A sleeping worker takes ~40 us to wake, so each run starts by waking them (``kiln_pool_wake``)
+while its first kernels run, and a block no worker has claimed by the time the caller finishes
+its own is run by the caller (a block is claimed once, by a compare-and-swap on its slot's
+generation), so a late worker costs no more than running the blocks serially.
 The module is compiled once per process and its two functions are made known to the JIT
 linker (``llvm.add_symbol``), so model code, and the object code in artifacts, call them by name.
 """
@@ -29,7 +34,7 @@ import llvmlite.ir as ir
 MAX_WORKERS = 63
 SLOT_BYTES = 64  # one cache line per worker: no false sharing between the flags
 SPINS = 4000  # pause-loop iterations a worker waits for new work before it sleeps
-SUBMIT, WAIT = "kiln_pool_submit", "kiln_pool_wait"
+SUBMIT, WAIT, WAKE = "kiln_pool_submit", "kiln_pool_wait", "kiln_pool_wake"
 
 I8, I32, I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
@@ -37,8 +42,9 @@ VOID = ir.VoidType()
 TASK = ir.FunctionType(PTR, [PTR])  # a block of work: worker(args) (the pthread start signature)
 
 # slot fields (byte offsets): the generation the worker should reach, whether it sleeps, the
-# generation it finished, whether its thread runs, and the block to run
-GEN, SLEEPING, DONE, STARTED, FN, ARG = 0, 4, 8, 12, 16, 24
+# generation it finished, whether its thread runs, the block to run, and the last generation
+# whose block someone (the worker or the submitting thread) claimed to run
+GEN, SLEEPING, DONE, STARTED, FN, ARG, CLAIMED = 0, 4, 8, 12, 16, 24, 32
 
 FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE, SYS_FUTEX = 128, 129, 202
 
@@ -83,6 +89,7 @@ class _Builder:
         self.worker = self._worker()
         self._submit()
         self._wait()
+        self._wake_all()
 
     def slot(self, b: ir.IRBuilder, index: ir.Value) -> ir.Value:
         base = b.inttoptr(b.ptrtoint(self.slots, I64), PTR)  # an untyped pointer to the bytes
@@ -104,6 +111,17 @@ class _Builder:
         if self.linux:
             null = ir.Constant(PTR, None)
             b.call(self.syscall, [ir.Constant(I64, SYS_FUTEX), word, ir.Constant(I64, FUTEX_WAKE_PRIVATE), ir.Constant(I64, 1), null, null, ir.Constant(I64, 0)])
+
+    def claim(self, b: ir.IRBuilder, slot: ir.Value, gen: ir.Value) -> ir.Value:
+        """Whether this thread takes generation ``gen``'s block: the first to move CLAIMED from
+        gen - 1 to gen (a worker that saw a stale generation fails, as does the second claimer)."""
+        pair = b.cmpxchg(_field(b, slot, CLAIMED), b.sub(gen, _c32(1)), gen, "acq_rel", "monotonic")
+        return b.extract_value(pair, 1)
+
+    def run_block(self, b: ir.IRBuilder, slot: ir.Value, gen: ir.Value) -> None:
+        task = b.load(_field(b, slot, FN), typ=TASK.as_pointer())
+        b.call(task, [b.load(_field(b, slot, ARG), typ=PTR)])
+        _store_atomic(b, gen, _field(b, slot, DONE), "release")
 
     def _worker(self) -> ir.Function:
         """``worker(slot)``: wait for the slot's generation to move, run its block, mark it done."""
@@ -139,9 +157,8 @@ class _Builder:
 
         b.position_at_end(run)
         now = b.load_atomic(gen_ptr, "acquire", 4, typ=I32)
-        task = b.load(_field(b, slot, FN), typ=TASK.as_pointer())
-        b.call(task, [b.load(_field(b, slot, ARG), typ=PTR)])
-        _store_atomic(b, now, _field(b, slot, DONE), "release")
+        with b.if_then(self.claim(b, slot, now)):  # else the submitting thread ran it already
+            self.run_block(b, slot, now)
         b.store(now, seen_slot)
         b.store(_c32(0), spins)
         b.branch(spin)
@@ -168,6 +185,7 @@ class _Builder:
                 slot = self.slot(b, i)
                 b.store(_c32(0), _field(b, slot, STARTED))
                 b.store(b.load(_field(b, slot, GEN), typ=I32), _field(b, slot, DONE))
+                b.store(b.load(_field(b, slot, GEN), typ=I32), _field(b, slot, CLAIMED))
             b.store(pid, pid_global)
         with _counted(b, count) as i:
             slot = self.slot(b, i)
@@ -191,6 +209,7 @@ class _Builder:
                     gen = b.add(b.load(gen_ptr, typ=I32), _c32(1))
                     b.store(gen, gen_ptr)
                     b.store(gen, _field(b, slot, DONE))
+                    b.store(gen, _field(b, slot, CLAIMED))
         b.store(b.trunc(count, I32), out)
         b.ret(_c32(1))
 
@@ -212,14 +231,38 @@ class _Builder:
         b.cbranch(b.icmp_unsigned("<", i, count), spin, done)
         b.position_at_end(spin)
         slot = self.slot(b, i)
-        finished = b.icmp_unsigned("==", b.load_atomic(_field(b, slot, DONE), "acquire", 4, typ=I32), b.load(_field(b, slot, GEN), typ=I32))
+        gen = b.load(_field(b, slot, GEN), typ=I32)
+        finished = b.icmp_unsigned("==", b.load_atomic(_field(b, slot, DONE), "acquire", 4, typ=I32), gen)
         with b.if_then(finished):
             b.store(b.add(i, ir.Constant(I64, 1)), index)
         with b.if_then(b.not_(finished)):
-            self.pause(b)
+            # no worker has taken it yet (asleep, or not scheduled): run it here
+            unclaimed = b.icmp_unsigned("==", b.load_atomic(_field(b, slot, CLAIMED), "monotonic", 4, typ=I32), b.sub(gen, _c32(1)))
+            with b.if_else(unclaimed) as (free, taken):
+                with free:
+                    with b.if_then(self.claim(b, slot, gen)):
+                        self.run_block(b, slot, gen)
+                with taken:
+                    self.pause(b)
         b.branch(check)
         b.position_at_end(done)
         _store_atomic(b, _c32(0), self.state["lock"], "release")
+        b.ret_void()
+
+
+    def _wake_all(self) -> None:
+        """``kiln_pool_wake()``: every sleeping worker of this process wakes and spins for new
+        blocks; a run calls it first, so its first parallel kernel finds them awake."""
+        fn = ir.Function(self.module, ir.FunctionType(VOID, []), WAKE)
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        ours = b.icmp_unsigned("==", b.load(self.state["pid"], typ=I32), b.call(self.getpid, []))
+        with b.if_then(ours):
+            with _counted(b, ir.Constant(I64, MAX_WORKERS)) as i:
+                slot = self.slot(b, i)
+                started = b.icmp_unsigned("==", b.load(_field(b, slot, STARTED), typ=I32), _c32(1))
+                asleep = b.icmp_unsigned("!=", b.load_atomic(_field(b, slot, SLEEPING), "monotonic", 4, typ=I32), _c32(0))
+                with b.if_then(b.and_(started, asleep)):
+                    self.wake(b, _field(b, slot, GEN))
         b.ret_void()
 
 
@@ -270,6 +313,6 @@ def install() -> None:
         optimize(parsed, machine)
         engine = llvm.create_mcjit_compiler(parsed, machine)
         engine.finalize_object()
-        for name in (SUBMIT, WAIT):
+        for name in (SUBMIT, WAIT, WAKE):
             llvm.add_symbol(name, engine.get_function_address(name))
         _engine.append(engine)

@@ -192,6 +192,29 @@ def test_the_worker_pool_serves_two_python_threads_and_a_fork_child():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+def test_blocks_no_worker_has_claimed_are_run_by_the_caller():
+    """Each block is claimed once, by a worker or by the thread that submitted it once its own
+    block is done (a worker asleep, or not scheduled: four threads on fewer cores, pauses
+    between runs that let the workers sleep). Every run gives the same bits, none hangs, and a
+    run wakes the workers first."""
+    import time
+
+    from kiln import config
+    from kiln.backends.llvm.codegen import generate
+    from kiln.backends.llvm.pool import WAKE
+
+    with config.override(num_threads=4, cache_dir="off"):
+        module = kiln.compile(_gemm_graph(96, 200, 160), target="llvm")
+        assert f'call void @"{WAKE}"()' in str(generate(module.graph)[0])
+    a = np.random.default_rng(8).standard_normal((96, 200)).astype(np.float32)
+    want = module.run({"a": a})["c"]
+    for k in range(300):
+        assert np.array_equal(module.run({"a": a})["c"], want), k
+        if k % 3 == 0:
+            time.sleep(0.002)  # long enough for the workers to go to sleep
+    np.testing.assert_allclose(want, a @ module.graph.params[module.graph.param("b")], rtol=1e-4, atol=1e-4)
+
+
 def test_the_thread_count_is_part_of_the_cache_key():
     from kiln import config
     from kiln.backends.llvm import llvm_cache_key as cache_key
