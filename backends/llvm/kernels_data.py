@@ -57,11 +57,8 @@ def transpose(ctx: KernelContext) -> None:
     out, src = ctx.outputs[0], ctx.inputs[0].permuted(ctx.node.attrs["perm"])
     shape, (o, x) = coalesce(out.shape, [out, src])
     inner = [a for a in range(len(shape) - 1) if x.strides[a] == 1]
-    if len(shape) < 2 or x.strides[-1] == 1 or not inner or shape[inner[0]] < TILE or (shape[-1] < TILE and not (shape[-1] <= FEW and inner == [len(shape) - 2])):
+    if len(shape) < 2 or x.strides[-1] == 1 or not inner or shape[inner[0]] < TILE or shape[-1] < TILE:
         copy(ctx, out, src)
-        return
-    if shape[-1] <= FEW and inner == [len(shape) - 2]:
-        _to_few_last(ctx, shape, o, x)
         return
     a, last = inner[0], len(shape) - 1
     outer = [d for i, d in enumerate(shape) if i not in (a, last)]
@@ -86,32 +83,6 @@ def transpose(ctx: KernelContext) -> None:
         parallel_rows(ctx, shape[a], threads, [o.ptr, x.ptr], tiles, align=TILE)
     else:
         tiles(ctx, [o.ptr, x.ptr], 0, shape[a], 0)
-
-
-FEW = 8  # an output axis this short, taken from a strided source axis, is unrolled
-
-
-def _to_few_last(ctx: KernelContext, shape, o: View, x: View) -> None:
-    """A transpose whose output's contiguous axis is short and comes from a strided source
-    axis, the one before it contiguous in the source (an image to channels-last: 3 channels):
-    the short axis unrolled, the long one the inner loop, each of its few source rows read in
-    vectors and the output written interleaved, rows split over the pool (a 3x224x224 image:
-    0.086 -> ms)."""
-    *outer, n, few = shape
-
-    def rows(emitting, ptrs, lo, hi, _):
-        b = emitting.b
-        ov, xv = o.on(ptrs[0]), x.on(ptrs[1])
-        with loop_nest(b, outer, name="o") as rest, for_range(b, hi, start=lo, name="i") as i:
-            for c in range(few):
-                index = [*rest, i, const_i64(c)]
-                ov.store(b, index, xv.load(b, index))
-
-    threads = min(num_threads(), max(1, n // 1024))
-    if threads > 1 and math.prod(shape) >= PARALLEL_WORK:
-        parallel_rows(ctx, n, threads, [o.ptr, x.ptr], rows)
-    else:
-        rows(ctx, [o.ptr, x.ptr], 0, n, 0)
 
 
 def _smaller(b, value: ir.Value, limit: int) -> ir.Value:
