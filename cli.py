@@ -137,7 +137,10 @@ def cli() -> None:
 shape_option = click.option(
     "--shape", "shapes", multiple=True, callback=_parse_shapes, metavar="NAME=DIMS", help="bind an input's shape, e.g. x=1x3x224x224"
 )
-target_option = click.option("--target", "-t", default="eager", show_default=True, help="backend to compile for: eager, llvm, tvm-llvm, tvm-cuda")
+TARGET_HELP = "backend to compile for: eager, llvm, tvm-llvm, tvm-cuda"
+target_option = click.option("--target", "-t", default="eager", show_default=True, help=TARGET_HELP)
+# compile writes code for this CPU unless told otherwise (an eager artifact holds the graph alone)
+compile_target_option = click.option("--target", "-t", default="llvm", show_default=True, help=TARGET_HELP)
 arch_option = click.option("--arch", metavar="SM", help="GPU generation for tvm-cuda, e.g. sm_90 [default: the GPU present, else sm_90]")
 tune_option = click.option(
     "--tune", type=click.IntRange(1), metavar="TRIALS",
@@ -148,7 +151,7 @@ tune_option = click.option(
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="artifact to write [default: MODEL.kiln]")
-@target_option
+@compile_target_option
 @arch_option
 @tune_option
 @shape_option

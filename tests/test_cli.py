@@ -24,7 +24,7 @@ def test_compile_run_inspect_light_resnet50(tmp_path, light_model, capsys):
     artifact = tmp_path / "resnet50.kiln"
     assert main(["compile", model, "-o", str(artifact)]) == 0
     assert artifact.exists()
-    assert "compiled" in capsys.readouterr().out
+    assert "(target llvm," in capsys.readouterr().out  # compiled code for this CPU by default
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -36,7 +36,7 @@ def test_compile_run_inspect_light_resnet50(tmp_path, light_model, capsys):
 
     import kiln
 
-    np.testing.assert_array_equal(y, kiln.compile(model).run({"gpu_0/data_0": x})["gpu_0/softmax_1"])
+    np.testing.assert_allclose(y, kiln.compile(model).run({"gpu_0/data_0": x})["gpu_0/softmax_1"], rtol=1e-4, atol=1e-6)
 
     assert main(["inspect", str(artifact)]) == 0
     text = capsys.readouterr().out
