@@ -35,7 +35,8 @@ class Trainer:
     ``evaluate(x, y)`` -> loss (and accuracy for ce/nll); ``save``/``load`` checkpoints (npz +
     JSON); ``export(path)`` writes the trained inference model as ONNX. For ce and nll, ``y``
     holds class indices (axis 1 of the output is the class axis); for mse, l1 and bce, targets
-    shaped like the output.
+    shaped like the output. ``target`` defaults to llvm, compiled code for this CPU, as
+    ``kiln train`` does; ``"eager"`` runs the step op by op in numpy.
     """
 
     def __init__(
@@ -43,7 +44,7 @@ class Trainer:
         model: Any,
         loss: str = "ce",
         optimizer: Optimizer | None = None,
-        target: str = "eager",
+        target: str = "llvm",
         output: str | None = None,
         clip_norm: float | None = None,
         l1: float = 0.0,

@@ -76,7 +76,7 @@ def test_optimizer_updates_match_their_formulas():
     graph = parse_graph("graph g(%x: f32[2,3]) {\n param %w: f32[3,1] = dense<sha256:" + _digest() + ">\n %y: f32[2,1] = MatMul(%x, %w)\n return %y\n}", {"w": W0})
     x = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
     t = np.array([[1.0], [-1.0]], np.float32)
-    trainer = kiln.train.Trainer(graph, loss="mse", optimizer=Adam(lr=0.1), input_name="x")
+    trainer = kiln.train.Trainer(graph, loss="mse", optimizer=Adam(lr=0.1), input_name="x", target="eager")
     trainer.step(x, t)
     grad = 2 * x.T @ (x @ W0 - t) / 2
     m, v = 0.1 * grad, 0.001 * grad**2
@@ -124,7 +124,7 @@ def test_lstm_classifier_learns_a_sequence_task():
     """Which of 4 channels holds the one spike in 12 noisy steps: >= 95% held-out accuracy
     (the LSTM unrolled into GEMMs and gate math, differentiated through time)."""
     rng = np.random.default_rng(0)
-    trainer = kiln.train.Trainer(zoo.build("lstm_classifier", input_size=4, hidden_size=32, num_layers=1, num_classes=4), loss="ce", optimizer=Adam(lr=1e-2))
+    trainer = kiln.train.Trainer(zoo.build("lstm_classifier", input_size=4, hidden_size=32, num_layers=1, num_classes=4), loss="ce", optimizer=Adam(lr=1e-2), target="eager")
     history = trainer.fit(spike_sequences(rng, 1024), epochs=8, batch_size=64, validation=spike_sequences(rng, 256), progress=False)
     assert history[-1]["val_accuracy"] >= 0.95, history
 
@@ -134,7 +134,7 @@ def test_unet_learns_to_segment_shapes():
     mean IoU >= 0.9 on held-out images."""
     rng = np.random.default_rng(0)
     (x, y), (xv, yv) = shapes_segmentation(rng, 256), shapes_segmentation(rng, 64)
-    trainer = kiln.train.Trainer(zoo.build("unet", in_channels=1, num_classes=3, width=8), loss="ce", optimizer=Adam(lr=3e-3))
+    trainer = kiln.train.Trainer(zoo.build("unet", in_channels=1, num_classes=3, width=8), loss="ce", optimizer=Adam(lr=3e-3), target="eager")
     trainer.fit((x, y), epochs=8, batch_size=16, progress=False)
     predicted = trainer.predict(xv).argmax(axis=1)
     ious = [((predicted == c) & (yv == c)).sum() / ((predicted == c) | (yv == c)).sum() for c in range(3)]
@@ -144,12 +144,12 @@ def test_unet_learns_to_segment_shapes():
 def test_checkpoints_and_onnx_export_carry_the_trained_weights(tmp_path):
     x, y = _batch((8, 784), 10, 2)
     model = zoo.build("mlp", hidden=(16,))
-    trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=1e-2))
+    trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=1e-2), target="eager")
     for _ in range(3):
         trainer.step(x, y)
     trainer.save(tmp_path / "ckpt")
     assert (tmp_path / "ckpt.npz").exists() and (tmp_path / "ckpt.json").exists()
-    again = kiln.train.Trainer(zoo.build("mlp", hidden=(16,)), loss="ce", optimizer=Adam(lr=1e-2))
+    again = kiln.train.Trainer(zoo.build("mlp", hidden=(16,)), loss="ce", optimizer=Adam(lr=1e-2), target="eager")
     again.step(x, y)  # its own state, then replaced by the checkpoint's
     again.load(tmp_path / "ckpt")
     assert again.steps_done == 3
@@ -174,13 +174,13 @@ def test_an_onnx_model_trains_and_exports(tmp_path):
 
 def test_bad_targets_and_settings_are_named():
     x, y = _batch((4, 784), 10)
-    trainer = kiln.train.Trainer(zoo.build("mlp", hidden=(8,)), loss="ce")
+    trainer = kiln.train.Trainer(zoo.build("mlp", hidden=(8,)), loss="ce", target="eager")
     with pytest.raises(KilnError, match=r"class indices must lie in \[0, 10\)"):
         trainer.step(x, y + 10)
     with pytest.raises(KilnError, match="class indices of shape"):
         trainer.step(x, y[:2])
     with pytest.raises(KilnError, match="unknown loss 'hinge'"):
-        kiln.train.Trainer(zoo.build("mlp"), loss="hinge")
+        kiln.train.Trainer(zoo.build("mlp"), loss="hinge", target="eager")
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
@@ -192,7 +192,7 @@ def test_every_zoo_model_trains(name):
     x = np.random.default_rng(0).standard_normal((4, *entry.small_shape[1:])).astype(np.float32)
     out = model(kiln.Tensor(x[:1])).numpy()
     y = np.random.default_rng(1).integers(0, out.shape[1], (4, *out.shape[2:]))
-    trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=3e-3))
+    trainer = kiln.train.Trainer(model, loss="ce", optimizer=Adam(lr=3e-3), target="eager")
     losses = [trainer.step(x, y) for _ in range(6)]
     assert losses[-1] < losses[0], losses
 
