@@ -113,11 +113,26 @@ class TEScalarOps:
     def bit_not(self, a):
         return tir.bitwise_not(a)
 
+    def _shift_count(self, a, b):
+        """(whether ``b`` is a shift count in range, the count to shift by): TIR shifts by a
+        negative or >= width count are undefined (LLVM poison); numpy's give 0 or the sign bits."""
+        width = int("".join(ch for ch in dtype_of(a) if ch.isdigit()))
+        kind = dtype_of(b)
+        top = tir.const(width - 1, kind)
+        if kind.startswith("uint"):
+            return b <= top, tir.min(b, top), width
+        zero = tir.const(0, kind)
+        return tir.all(b >= zero, b <= top), tir.max(tir.min(b, top), zero), width
+
     def shift_left(self, a, b):
-        return tir.shift_left(a, b)
+        ok, count, _ = self._shift_count(a, b)
+        return tir.Select(ok, tir.shift_left(a, count), tir.const(0, dtype_of(a)))
 
     def shift_right(self, a, b):
-        return tir.shift_right(a, b)
+        ok, count, width = self._shift_count(a, b)
+        kind = dtype_of(a)
+        fill = tir.shift_right(a, tir.const(width - 1, kind)) if not kind.startswith("uint") else tir.const(0, kind)
+        return tir.Select(ok, tir.shift_right(a, count), fill)
 
     def isnan(self, a):
         return tir.isnan(a)
