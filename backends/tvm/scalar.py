@@ -97,8 +97,12 @@ class TEScalarOps:
         return tir.Not(a)
 
     def rem(self, a, b):
-        if _is_float(a):  # no fmod intrinsic on every target: a - trunc(a / b) * b
-            return a - tir.trunc(a / b) * b
+        if _is_float(a):  # C's fmod (infinities, signed zeros), which libm and CUDA both have
+            kind = dtype_of(a)
+            if kind == "float64":
+                return tir.call_pure_extern("float64", "fmod", a, b)
+            wide = tir.call_pure_extern("float32", "fmodf", tir.Cast("float32", a), tir.Cast("float32", b))
+            return wide if kind == "float32" else tir.Cast(kind, wide)  # float16: exact in float32
         return tir.truncmod(a, b)
 
     def bit_and(self, a, b):
