@@ -275,6 +275,32 @@ def _einsum_contraction(b: GradBuilder, node: Node):
     return [_permuted(b, product, [order.index(label) for label in out])]
 
 
+@decomposition("DFT")
+def _dft(b: GradBuilder, node: Node):
+    """One MatMul by the transform's real matrix (``dft_matrix``, made now in float64): the
+    signal axis and the real/imaginary axis moved last, flattened part-major, multiplied, and
+    moved back. O(n^2) per signal, which is what static, modest lengths (frames of an STFT)
+    want from a GEMM kernel."""
+    from kiln.ir.ops.signal import dft_matrix
+
+    (x,) = node.inputs
+    a = node.attrs
+    rank, axis = x.type.rank, a["axis"] % x.type.rank
+    size, parts = x.type.shape[axis], x.type.shape[-1]
+    out = node.outputs[0].type.shape
+    rest = [d for d in range(rank - 1) if d != axis]
+    order = [*rest, rank - 1, axis]  # (..., parts, samples)
+    lead = [x.type.shape[d] for d in rest]
+    flat = b.reshape(_permuted(b, x, order), [*lead, parts * size])
+    matrix = dft_matrix(size, parts, a["length"], bool(a["inverse"]), bool(a["onesided"]))
+    w = b.graph.add_param(b.graph.fresh_name(f"{b.where}.dft"), matrix.astype(x.type.dtype.numpy))
+    product = b.reshape(b.op("MatMul", flat, w), [*lead, out[-1], out[axis]])
+    back = [0] * rank
+    for position, d in enumerate(order):
+        back[d] = position
+    return [_permuted(b, product, back)]
+
+
 def _permuted(b: GradBuilder, v: Value, perm: list[int]) -> Value:
     return v if perm == list(range(len(perm))) else b.op("Transpose", v, perm=perm)
 

@@ -39,13 +39,14 @@ ATTR_INPUTS: dict[str, list[tuple[str, int, Any]]] = {
     "ConstantOfShape": [("shape", 0, np.int64)],
     "Dropout": [("ratio", 1, np.float32), ("training_mode", 2, np.bool_)],
     "Col2Im": [("image_shape", 1, np.int64), ("block_shape", 2, np.int64)],
+    "DFT": [("length", 1, np.int64), ("axis", 2, np.int64)],
     **{
         name: [("axes", 1, np.int64)]
         for name in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
                      "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")
     },
 }
-SCALAR_INPUTS = {("CumSum", "axis"), ("CumProd", "axis"), ("Trilu", "k"), ("Dropout", "ratio"), ("Dropout", "training_mode")}
+SCALAR_INPUTS = {("CumSum", "axis"), ("CumProd", "axis"), ("Trilu", "k"), ("Dropout", "ratio"), ("Dropout", "training_mode"), ("DFT", "length"), ("DFT", "axis")}
 DTYPE_ATTRS = {"Cast": "to", "BitCast": "to", "QuantizeLinear": "output_dtype", "DequantizeLinear": "output_dtype"}
 NOT_EXPORTABLE = {"MaxUnpool": "kiln's MaxUnpool keeps the unpooled shape, not ONNX's kernel attributes"}
 

@@ -34,6 +34,7 @@ CASES = {
     "constant_of_shape_cast": (lambda x: F.astype(x, np.int32) + F.constant_of_shape(shape=[3], value=2, dtype="i32"), [arr(3) * 4]),
     "empty_reshape": (lambda x: F.reshape(x[0:0], 0, 4), [arr(3, 4)]),
     "dropout_eval": (lambda x: F.dropout(x, 0.4), [arr(8)]),
+    "dft": (lambda x: F.dft(x, axis=1, length=8, onesided=1), [arr(2, 6, 1)]),
 }
 
 

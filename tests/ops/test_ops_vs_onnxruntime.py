@@ -199,7 +199,33 @@ def quantized_cases():
     yield Case("QLinearConv", [x, *params[:2], q(6, 2, 3, 3, dtype=i8), np.array(0.004, F), np.array(0, i8), *params[5:]], {"group": 2, "strides": [2, 2]}, const=(3,), id="qlinearconv_groups")
 
 
+def signal_cases():
+    """DFT with the axis as an input (opset 20) or attribute (17), zero padding and truncation
+    to dft_length, complex and real signals, forward, inverse and one-sided."""
+    axis = lambda a: np.array(a, np.int64)  # noqa: E731
+    length = lambda n: np.array(n, np.int64)  # noqa: E731
+    yield Case("DFT", [r(2, 7, 3, 1), length(10), axis(1)], opset=20, const=(1, 2), id="dft_real_zero_padded")
+    yield Case("DFT", [r(2, 9, 2), length(6), axis(-2)], {"inverse": 1}, opset=20, const=(1, 2), id="dft_inverse_truncated")
+    yield Case("DFT", [r(3, 8, 1)], {"axis": 1, "onesided": 1}, opset=17, id="dft_onesided")
+    yield Case("DFT", [r(2, 4, 6, 1), None, axis(2)], {"onesided": 1}, opset=20, const=(2,), id="dft_onesided_inner_axis")
+    yield Case("DFT", [r(2, 4, 6, 2), None, axis(1)], opset=20, const=(2,), id="dft_complex")
+
+
+SIGNAL = list(signal_cases())
+
+
+@pytest.mark.parametrize("case", SIGNAL, ids=[c.id for c in SIGNAL])
+def test_transforms_compile_to_matrix_products(case):
+    """The compiled targets run a DFT as one MatMul by its real matrix; it matches eager's FFT."""
+    model, feeds, outs = build(case)
+    want = kiln.compile(model).run(feeds)
+    got = kiln.compile(model, target="llvm").run(feeds)
+    for name in outs:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=f"{case.id}: {name}")
+
+
 CASES = [
+    *signal_cases(),
     *newer_op_cases(),
     *quantized_cases(),
     *conv_cases(),
