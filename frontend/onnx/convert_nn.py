@@ -209,30 +209,6 @@ def _det(ctx: NodeContext):
     return passthrough(ctx)
 
 
-@converter("DFT")
-def _dft(ctx: NodeContext):
-    """Opset 17 names the axis by attribute, 20 by input (default -2); ``dft_length`` must be
-    known when compiling. Its default: the signal's length, or for an inverse one-sided
-    transform 2 * (bins - 1)."""
-    x = ctx.type(0)
-    if ctx.opset >= 20:
-        given = ctx.const_ints(2, "axis")
-        axis = given[0] if given else -2
-    else:
-        axis = ctx.attr("axis", 1)
-    if not -x.rank <= axis < x.rank:
-        raise ctx.error(f"axis {axis} is outside input {x}")
-    inverse, onesided = ctx.attr("inverse", 0), ctx.attr("onesided", 0)
-    length = ctx.const_ints(1, "dft_length")
-    if length is not None:
-        length = length[0]
-    elif inverse and onesided:
-        length = 2 * (x.shape[axis] - 1)
-    else:
-        length = x.shape[axis]
-    return ctx.emit("DFT", [ctx.input(0)], {"axis": axis % x.rank, "length": length, "inverse": inverse, "onesided": onesided})
-
-
 @converter("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul")
 def _gemm(ctx: NodeContext):
     # opset < 7 Gemm's `broadcast` flag: C broadcasts in every opset kiln's Gemm implements

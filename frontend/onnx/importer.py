@@ -76,7 +76,7 @@ def converter(*op_types: str) -> Callable[[Converter], Converter]:
 
 
 def _load_converters() -> None:
-    from kiln.frontend.onnx import convert_control, convert_elementwise, convert_nn, convert_shape  # noqa: F401
+    from kiln.frontend.onnx import convert_control, convert_elementwise, convert_nn, convert_shape, convert_signal  # noqa: F401
 
 
 def supported_ops() -> list[str]:
