@@ -166,8 +166,8 @@ def to_relax(graph: Graph) -> IRModule:
 
 
 def _emit(bb: relax.BlockBuilder, node: Node, args: list) -> list[relax.Expr]:
-    if node.op.name == "Reshape":  # a view: the VM reshapes without a copy
-        return [bb.emit(relax.op.reshape(args[0], node.outputs[0].type.shape))]
+    if node.op.name == "Reshape" and node.outputs[0].type.numel:  # a view: the VM reshapes without a copy
+        return [bb.emit(relax.op.reshape(args[0], node.outputs[0].type.shape))]  # (Relax refuses empty ones: they take the TE copy)
     holders: dict[int, te.Tensor] = {}  # one placeholder per distinct value (Mul(x, x) reads x once)
     call_args = []
     for i, v in enumerate(node.inputs):
