@@ -118,11 +118,17 @@ def top_k(ctx, node, ins):
     a = node.attrs
     x = ins[0]
     axis = a["axis"] % len(x.shape)
+    unsigned64 = dtype_of(x) == "uint64"
+    if unsigned64:  # topi sorts no uint64: flipping the top bit maps its order onto int64's
+        top = tir.const(1 << 63, "uint64")
+        x = te.compute(x.shape, lambda *i: tir.bitwise_xor(x[i], top).astype("int64"), name="as_signed")
     values, indices = topi.topk(x, k=int(a["k"]), axis=axis, ret_type="both", is_ascend=not a["largest"], dtype="int64")
+    if unsigned64:
+        values = te.compute(values.shape, lambda *i: tir.bitwise_xor(values[i].astype("uint64"), top), name="as_unsigned")
     return [values, indices]
 
 
-top_k.accepts = lambda node: bool(node.attrs["sorted"]) and node.inputs[0].type.dtype.name != "uint64"  # topi sorts no uint64
+top_k.accepts = lambda node: bool(node.attrs["sorted"])
 
 
 @lowering("Einsum")
