@@ -182,6 +182,9 @@ class Codegen:
         fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR] * n_args), f"kernel_{self._count}_{node.op.name}")
         self._count += 1
         fn.linkage = "internal"
+        # kernels stay functions: inlined, every once-called kernel made kiln_main one function
+        # of ~40K instructions, which -O3 and instruction selection handle superlinearly
+        fn.attributes.add("noinline")
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         args = list(fn.args)
         ins = [View.dense(args[i], v.type.dtype, v.type.shape) if v is not None else None for i, v in enumerate(node.inputs)]
