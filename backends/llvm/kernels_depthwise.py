@@ -189,6 +189,9 @@ def nhwc_scratch_bytes(node) -> int:
     return x.shape[2] * x.shape[3] * x.dtype.itemsize
 
 
+POSITIONS = 8  # output positions of a row whose windows every channel block takes in turn
+
+
 def emit_nhwc(ctx, epilogue=None) -> None:
     """y[img, oy, ox, c] = sum over taps of w[ky, kx, 0, c] * x[img, iy, ix, c]: vectors along
     the channels. Each (image, output row) is one item of the pool's split; per block of
@@ -236,7 +239,9 @@ def emit_nhwc(ctx, epilogue=None) -> None:
                 window_rows.append(eb.select(valid, at(image, eb.mul(iy, const_i64(width * c))), ptrs[-1]))
             out_row = at(yv.ptr, eb.add(const_i64(yv.offset), eb.mul(item, const_i64(ow * c))))
 
-            def channel_block(c0: ir.Value, count: int) -> None:
+            def channel_block(c0: ir.Value, count: int, middle: tuple | None) -> None:
+                """Channels [c0, c0 + count): the border positions (``middle`` None) or the
+                test-free positions [lo, hi) of ``middle``."""
                 mask = V.mask(count)
                 taps = [V.load(at(wv.ptr, eb.add(const_i64(wv.offset + t * c), c0)), mask) for t in range(kh * kw)]
                 start = V.load(at(bv[0].ptr, eb.add(const_i64(bv[0].offset), c0)), mask) if bv else V.zero
@@ -251,17 +256,30 @@ def emit_nhwc(ctx, epilogue=None) -> None:
                         total = eb.fadd(total, acc)
                     V.store(total, at(out_row, eb.add(eb.mul(ox, const_i64(c)), c0)), mask)
 
-                for ox in [*range(first_in), *range(last_in, ow)]:
-                    position(const_i64(ox), [kx for kx in range(kw) if inside[ox * kw + kx]])
-                if last_in > first_in:
-                    with for_range(eb, last_in, start=first_in, name="ox") as ox:
-                        position(ox, list(range(kw)))
+                if middle is None:
+                    for ox in [*range(first_in), *range(last_in, ow)]:
+                        position(const_i64(ox), [kx for kx in range(kw) if inside[ox * kw + kx]])
+                    return
+                with for_range(eb, middle[1], start=middle[0], name="ox") as ox:
+                    position(ox, list(range(kw)))
 
-            if full:
-                with for_range(eb, full, name="cb") as cb:
-                    channel_block(eb.mul(cb, const_i64(lanes)), lanes)
-            if full < len(blocks):
-                channel_block(const_i64(blocks[-1][0]), blocks[-1][1])
+            def every_block(middle: tuple | None) -> None:
+                if full:
+                    with for_range(eb, full, name="cb") as cb:
+                        channel_block(eb.mul(cb, const_i64(lanes)), lanes, middle)
+                if full < len(blocks):
+                    channel_block(const_i64(blocks[-1][0]), blocks[-1][1], middle)
+
+            every_block(None)
+            # the test-free positions a run of POSITIONS at a time, every channel block over the
+            # run while its window columns are in L1 (channel block by channel block over the
+            # whole row, a 112-wide row's 3 input rows left L1 between blocks)
+            if last_in > first_in:
+                runs = -(-(last_in - first_in) // POSITIONS)
+                with for_range(eb, runs, name="run") as k:
+                    lo = eb.add(const_i64(first_in), eb.mul(k, const_i64(POSITIONS)))
+                    hi = eb.select(eb.icmp_signed("<", eb.add(lo, const_i64(POSITIONS)), const_i64(last_in)), eb.add(lo, const_i64(POSITIONS)), const_i64(last_in))
+                    every_block((lo, hi))
             if epilogue is not None:  # the tail over this output row, in cache
                 first = eb.mul(item, const_i64(ow))
 
