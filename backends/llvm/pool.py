@@ -19,7 +19,7 @@ A sleeping worker takes ~40 us to wake, so each run starts by waking them (``kil
 while its first kernels run, and a block no worker has claimed by the time the caller finishes
 its own is run by the caller (a block is claimed once, by a compare-and-swap on its slot's
 generation), so a late worker costs no more than running the blocks serially.
-The module is compiled once per process and its two functions are made known to the JIT
+The module is compiled once per process and its three functions are made known to the JIT
 linker (``llvm.add_symbol``), so model code, and the object code in artifacts, call them by name.
 """
 
@@ -248,7 +248,6 @@ class _Builder:
         b.position_at_end(done)
         _store_atomic(b, _c32(0), self.state["lock"], "release")
         b.ret_void()
-
 
     def _wake_all(self) -> None:
         """``kiln_pool_wake()``: every sleeping worker of this process wakes and spins for new

@@ -704,7 +704,7 @@ def test_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape, att
     16x16 taps make their columns a channel at a time. One thread and two agree. (A grouped one
     stays NCHW.)"""
     from kiln import config
-    from kiln.backends.llvm import kernels_nn
+    from kiln.backends.llvm import kernels_conv_transpose
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
     from kiln.ir.types import TensorType
@@ -724,7 +724,7 @@ def test_conv_transpose_sums_each_output_row_from_its_taps(x_shape, w_shape, att
             module = kiln.compile(graph, target="llvm", layout=layout)
             nodes = [n for n in module.graph.nodes for n in (n.attrs["body"].nodes if n.op.name == "Fused" else [n])]
             (node,) = (n for n in nodes if n.op.name == "ConvTranspose")
-            assert kernels_nn._columns_per_channel(node) == (layout == "nchw" and w_shape[-1] == 16)
+            assert kernels_conv_transpose._columns_per_channel(node) == (layout == "nchw" and w_shape[-1] == 16)
             assert node.attrs["layout"] == ("NHWC" if layout == "nhwc" and "group" not in attrs else "NCHW")
             (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
