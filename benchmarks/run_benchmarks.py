@@ -4,7 +4,7 @@
 
 Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
 (batch 1, 224x224), light_resnet50 (batch 1), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
-(hidden 256, 32 steps, batch 16), a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
+(hidden 256, 32 steps, batch 16) and a GRU of the same size, a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
 224x224: transposed and dilated convolutions). Zoo models are built with seeded weights and exported to
 ONNX first, so every runtime (onnxruntime too) runs the same file. Ratios are taken side by side
 in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
@@ -35,6 +35,7 @@ STANDARD = {
     "light_resnet50": None,
     "mobilenet_v2/b1": ("mobilenet_v2", {}, (1, 3, 224, 224)),
     "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
+    "gru-2x256/b16": ("gru_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
     "unet-w32/128": ("unet", {"width": 32}, (1, 3, 128, 128)),
     "fcn8s/b1": ("fcn", {}, (1, 3, 224, 224)),
     "deeplabv3/b1": ("deeplabv3", {}, (1, 3, 224, 224)),
