@@ -107,8 +107,8 @@ def conv_transpose(ctx: KernelContext) -> None:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
         rank = len(y.shape)
-        per_channel = View(bias.ptr, bias.dtype, tuple(y.shape[1] if i == 1 else 1 for i in range(rank)), tuple(1 if i == 1 else 0 for i in range(rank)))
-        emit_pointwise(b, ctx.module, y, [y, per_channel], lambda E, xs: E.add(xs[0], xs[1]))
+        channel_bias = View(bias.ptr, bias.dtype, tuple(y.shape[1] if i == 1 else 1 for i in range(rank)), tuple(1 if i == 1 else 0 for i in range(rank)))
+        emit_pointwise(b, ctx.module, y, [y, channel_bias], lambda E, xs: E.add(xs[0], xs[1]))
 
 
 def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.Value | None, dtype: DType, channels: int, kernel_shape, in_sp, out_sp, strides, dilations, pads, product: tuple[View, View] | None = None) -> None:
