@@ -3,6 +3,7 @@ classification losses (NLL, softmax cross-entropy: what training graphs end in).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from tvm import te, topi
@@ -129,6 +130,33 @@ def top_k(ctx, node, ins):
 
 
 top_k.accepts = lambda node: bool(node.attrs["sorted"])
+
+
+DET_TERMS_UP_TO = 4  # Det's order up to which the Leibniz sum (24 products at 4) is lowered
+
+
+@lowering("Det")
+def det(ctx, node, ins):
+    """Small matrices' determinants as the Leibniz sum over permutations, in float64 (as the
+    reference computes): TE has no sequential loop for an elimination short of an extern."""
+    x = ins[0]
+    n = int(x.shape[-1])
+    dtype = dtype_of(x)
+
+    def body(*i):
+        total = tir.const(0.0, "float64")
+        for order in itertools.permutations(range(n)):
+            flips = sum(1 for a in range(n) for b in range(a + 1, n) if order[a] > order[b])
+            term = tir.const(-1.0 if flips % 2 else 1.0, "float64")
+            for row, col in enumerate(order):
+                term = term * x[(*i, row, col)].astype("float64")
+            total = total + term
+        return total.astype(dtype)
+
+    return te.compute(x.shape[:-2], body, name="det")
+
+
+det.accepts = lambda node: node.inputs[0].type.shape[-1] <= DET_TERMS_UP_TO
 
 
 @lowering("Einsum")
