@@ -240,18 +240,19 @@ def geometry(node) -> Geometry:
     return Geometry(x.shape[-1], w.shape[-1], tuple(w.shape[:nd]), tuple(strides), tuple(dilations), tuple(out), size, tuple(pads[:nd]), padded)
 
 
-def _tap_offset(b: ir.IRBuilder, g: Geometry, tap: ir.Value) -> ir.Value:
-    """Where tap ``tap``'s window row starts, relative to the window's first element."""
+def _tap_offset(b: ir.IRBuilder, g: Geometry, tap: list[ir.Value]) -> ir.Value:
+    """Where the tap at kernel coordinates ``tap`` starts its window row, relative to the
+    window's first element."""
     offset = const_i64(0)
-    for axis, k in enumerate(_unflatten(b, tap, g.tap_shape)):
+    for axis, k in enumerate(tap):
         offset = b.add(offset, b.mul(k, const_i64(g.dilations[axis] * g.pitch(axis))))
     return offset
 
 
-def _row_start(b: ir.IRBuilder, g: Geometry, row: ir.Value) -> ir.Value:
-    """Where output row ``row``'s first window starts in the padded image."""
+def _row_start(b: ir.IRBuilder, g: Geometry, row: list[ir.Value]) -> ir.Value:
+    """Where the output row at coordinates ``row`` starts its first window in the padded image."""
     start = const_i64(0)
-    for axis, o in enumerate(_unflatten(b, row, g.out[:-1])):
+    for axis, o in enumerate(row):
         start = b.add(start, b.mul(o, const_i64(g.strides[axis] * g.pitch(axis))))
     return start
 
@@ -474,9 +475,9 @@ class _Tiles:
             begin = b.icmp_unsigned("==", part, const_i64(0))
             k_range = (tap0, tap1, k0, k1)
             with for_range(b, oy1, start=oy0, name="oy") as oy:
-                in_row = _row_start(b, g, oy)
-                out_row = b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)
                 coords = _unflatten(b, oy, g.out[:-1])
+                in_row = _row_start(b, g, coords)
+                out_row = b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)
 
                 def tile(ox0: ir.Value, rows: int) -> None:
                     first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
@@ -493,7 +494,7 @@ class _Tiles:
             with for_range(b, oy1, start=oy0, name="eoy") as oy:
                 self._epilogue(oy, j0, cols, epilogue, operands)
 
-    def _live_taps(self, coords: list[ir.Value], ox0: ir.Value, rows: int) -> Callable[[ir.Value], ir.Value] | None:
+    def _live_taps(self, coords: list[ir.Value], ox0: ir.Value, rows: int) -> Callable[[list[ir.Value]], ir.Value] | None:
         """Whether a tap reads any of the image (not only its zero border) for the tile of
         ``rows`` positions from ``ox0`` in the output row at ``coords``; None without pads.
 
@@ -511,9 +512,9 @@ class _Tiles:
             spans.append((ox0, b.add(ox0, const_i64(rows - 1))))
         bounds = [(b.sub(const_i64(g.before[a]), b.mul(hi, const_i64(g.strides[a]))), b.sub(const_i64(g.size[a] - 1 + g.before[a]), b.mul(lo, const_i64(g.strides[a])))) for a, (lo, hi) in enumerate(spans)]
 
-        def live(tap: ir.Value) -> ir.Value:
+        def live(tap: list[ir.Value]) -> ir.Value:
             reads = ir.Constant(ir.IntType(1), 1)
-            for a, k in enumerate(_unflatten(b, tap, g.tap_shape)):
+            for a, k in enumerate(tap):
                 at = b.mul(k, const_i64(g.dilations[a]))
                 reads = b.and_(reads, b.and_(b.icmp_signed(">=", at, bounds[a][0]), b.icmp_signed("<=", at, bounds[a][1])))
             return reads
@@ -540,8 +541,9 @@ class _Tiles:
         step = g.strides[-1] * g.c  # between consecutive positions' windows
         tap0, tap1, k0, k1 = k_range
         with for_range(b, tap1, start=tap0, name="tap") as tap:
-            with b.if_then(live(tap)) if live is not None else contextlib.nullcontext():
-                window = _tap_offset(b, g, tap)
+            at = _unflatten(b, tap, g.tap_shape)
+            with b.if_then(live(at)) if live is not None else contextlib.nullcontext():
+                window = _tap_offset(b, g, at)
                 with for_range(b, k1, start=k0, name="k") as j:
                     self._multiply(rows, step, b.add(first, window), b.add(b.mul(tap, const_i64(g.run)), j), j, panel, b_row, b_masks, accs)
         for r in range(rows):
