@@ -12,6 +12,7 @@ import numpy as np
 from kiln import config
 from kiln.ir.graph import Graph
 from kiln.ir.opdef import get_op
+from kiln.ir.ops.nn import _spatial_attrs
 from kiln.ir.text import print_graph
 from kiln.passes.base import graph_pass
 from kiln.passes.rewrite import live_nodes, substitute
@@ -204,8 +205,8 @@ def trim_border_taps(graph: Graph) -> Graph:
             continue
         x, w, y = node.inputs[0].type, graph.params[node.inputs[1]], node.outputs[0].type
         nd = x.rank - 2
-        strides, dilations = node.attrs["strides"] or [1] * nd, node.attrs["dilations"] or [1] * nd
-        pads = list(node.attrs["pads"] or [0] * (2 * nd))
+        strides, dilations, pads = _spatial_attrs(node.attrs, nd)
+        pads = list(pads)
         spans = [_live_taps(x.shape[2 + a], y.shape[2 + a], w.shape[2 + a], strides[a], dilations[a], pads[a]) for a in range(nd)]
         if all(lo == 0 and hi == w.shape[2 + a] - 1 for a, (lo, hi) in enumerate(spans)):
             continue

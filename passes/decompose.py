@@ -26,6 +26,7 @@ import numpy as np
 
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.ops.nn import inverse_perm
 from kiln.ir.ops.norm import dropout_mask
 from kiln.passes.autodiff import GradBuilder
 from kiln.passes.base import Pass, register_pass
@@ -295,10 +296,7 @@ def _dft(b: GradBuilder, node: Node):
     matrix = dft_matrix(size, parts, a["length"], bool(a["inverse"]), bool(a["onesided"]))
     w = b.graph.add_param(b.graph.fresh_name(f"{b.where}.dft"), matrix.astype(x.type.dtype.numpy))
     product = b.reshape(b.op("MatMul", flat, w), [*lead, out[-1], out[axis]])
-    back = [0] * rank
-    for position, d in enumerate(order):
-        back[d] = position
-    return [_permuted(b, product, back)]
+    return [_permuted(b, product, inverse_perm(order))]
 
 
 def _permuted(b: GradBuilder, v: Value, perm: list[int]) -> Value:

@@ -22,7 +22,7 @@ import numpy as np
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.opdef import OpKind
-from kiln.ir.ops.nn import is_depthwise, to_channels_first, to_channels_last, transposed_weight_to_first, transposed_weight_to_last, weight_to_spatial_first
+from kiln.ir.ops.nn import inverse_perm, is_depthwise, to_channels_first, to_channels_last, transposed_weight_to_first, transposed_weight_to_last, weight_to_spatial_first
 from kiln.passes.base import graph_pass
 from kiln.passes.rewrite import substitute
 
@@ -110,13 +110,6 @@ def to_nhwc_if_wide(graph: Graph) -> Graph:
     return to_nhwc.run(graph) if mostly_wide(graph) else graph
 
 
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
-
-
 def _transpose_of(value: Value | None) -> list[int] | None:
     if value is None or value.producer is None or value.producer.op.name != "Transpose":
         return None
@@ -183,7 +176,7 @@ class _Sinker:
             return value.producer.inputs[0]
         if insert and value not in self.graph.params and value.type.rank == rank:
             where = f"{node.name or node.op.name}/to_match"
-            matched = _insert(self.graph, node, "Transpose", [value], {"perm": _inverse(perm)}, where)
+            matched = _insert(self.graph, node, "Transpose", [value], {"perm": inverse_perm(perm)}, where)
             self.inserted.add(id(matched.producer))  # never sunk itself: that would undo this
             return matched
         if value in self.graph.params:
@@ -191,7 +184,7 @@ class _Sinker:
             if array.ndim == 0:
                 return value  # scalars broadcast the same in any layout
             full = array.reshape((1,) * (rank - array.ndim) + array.shape)
-            new = np.ascontiguousarray(np.transpose(full, _inverse(perm)))
+            new = np.ascontiguousarray(np.transpose(full, inverse_perm(perm)))
             return self.graph.add_param(self.graph.fresh_name(f"{value.name}.t"), new)
         return False
 
@@ -222,9 +215,9 @@ class _Sinker:
         elif op in ("Softmax", "LogSoftmax"):
             attrs["axis"] = perm[attrs["axis"] % rank]
         elif op == "Resize":
-            attrs = _resize_axes(attrs, _inverse(perm))
+            attrs = _resize_axes(attrs, inverse_perm(perm))
         elif op == "Pad":
-            inv = _inverse(perm)
+            inv = inverse_perm(perm)
             pads = attrs["pads"]
             attrs["pads"] = [pads[inv[j]] for j in range(rank)] + [pads[rank + inv[j]] for j in range(rank)]
         elif op == "Slice":

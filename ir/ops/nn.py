@@ -85,7 +85,7 @@ def weight_to_spatial_first(rank: int) -> list[int]:
 
 
 def conv_weight_to_first(rank: int) -> list[int]:
-    return _inverse_perm(weight_to_spatial_first(rank))
+    return inverse_perm(weight_to_spatial_first(rank))
 
 
 def transposed_weight_to_last(rank: int) -> list[int]:
@@ -94,10 +94,11 @@ def transposed_weight_to_last(rank: int) -> list[int]:
 
 
 def transposed_weight_to_first(rank: int) -> list[int]:
-    return _inverse_perm(transposed_weight_to_last(rank))
+    return inverse_perm(transposed_weight_to_last(rank))
 
 
-def _inverse_perm(perm: list[int]) -> list[int]:
+def inverse_perm(perm: list[int]) -> list[int]:
+    """The permutation that undoes ``perm`` (a Transpose by it after one by ``perm`` is the identity)."""
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
         inv[p] = i

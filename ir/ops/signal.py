@@ -78,7 +78,7 @@ def dft_matrix(size: int, parts: int, length: int, inverse: bool, onesided: bool
         return np.concatenate([real, imaginary])
     bins = length // 2 + 1 if onesided else length
     angle = 2 * np.pi * n * np.arange(bins)[None, :] / length
-    inside = (np.arange(size) < length)[:, None]
+    inside = n < length  # samples past the transform length are cut
     cos, sin = np.where(inside, np.cos(angle), 0.0), np.where(inside, np.sin(angle), 0.0)
     sign = 1.0 if inverse else -1.0  # e^(sign * i * angle)
     scale = 1.0 / length if inverse else 1.0

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.ir.ops.nn import inverse_perm
 from kiln.ir.ops.resize import axis_taps, resized_axes
 from kiln.ir.ops.shape import _slices
 from kiln.passes.autodiff.rules_elementwise import vjp
@@ -19,9 +20,7 @@ def _reshape(b, node, grads):
 
 @vjp("Transpose")
 def _transpose(b, node, grads):
-    perm = node.attrs["perm"]
-    inverse = [perm.index(i) for i in range(len(perm))]
-    return [b.op("Transpose", grads[0], perm=inverse)]
+    return [b.op("Transpose", grads[0], perm=inverse_perm(list(node.attrs["perm"])))]
 
 
 @vjp("Expand")
