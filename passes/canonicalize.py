@@ -10,7 +10,7 @@ import json
 import numpy as np
 
 from kiln import config
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Node
 from kiln.ir.opdef import get_op
 from kiln.ir.ops.nn import _spatial_attrs
 from kiln.ir.text import print_graph
@@ -29,12 +29,17 @@ def fold_constants(graph: Graph) -> Graph:
             continue
         if not node.op.folds_any_size and any(v.type.numel > cap for v in node.outputs):
             continue
-        arrays = node.op.run_eager(node.attrs, [graph.params[v] if v is not None else None for v in node.inputs])
-        graph.remove_nodes([node])
-        for value, array in zip(node.outputs, arrays):
-            param = graph.add_param(value.name, np.asarray(array, dtype=value.type.dtype.numpy).reshape(value.type.shape))
-            graph.replace_uses(value, param)
+        fold_node(graph, node)
     return graph
+
+
+def fold_node(graph: Graph, node: Node) -> None:
+    """Replace ``node``, whose inputs are all parameters, by parameters holding its outputs."""
+    arrays = node.op.run_eager(node.attrs, [graph.params[v] if v is not None else None for v in node.inputs])
+    graph.remove_nodes([node])
+    for value, array in zip(node.outputs, arrays):
+        param = graph.add_param(value.name, np.asarray(array, dtype=value.type.dtype.numpy).reshape(value.type.shape))
+        graph.replace_uses(value, param)
 
 
 @graph_pass("eliminate_dead_code")

@@ -58,9 +58,14 @@ class Decompose(Pass):
         self.when = when
 
     def run(self, graph: Graph) -> Graph:
+        from kiln.passes.canonicalize import fold_node
+
         load_rules()
         for node in [n for n in graph.nodes if n.op.name in RULES and self.when(n)]:
-            decompose_node(graph, node)
+            if node.op.folds_any_size and all(v is None or v in graph.params for v in node.inputs):
+                fold_node(graph, node)  # a weight's DequantizeLinear: its rule's nodes would fold only up to KILN_FOLD_ELEMENTS
+            else:
+                decompose_node(graph, node)
         return graph
 
 
@@ -414,8 +419,10 @@ def _conv_attrs(node: Node) -> dict:
 @decomposition("ConvInteger")
 def _conv_integer(b: GradBuilder, node: Node):
     x, w, x_zp, w_zp = padded_inputs(node, 4)
-    per_channel = [w.type.shape[0]] + [1] * (w.type.rank - 1)
-    return [b.op("Cast", b.op("Conv", _shifted(b, x, x_zp), _shifted(b, w, w_zp, per_channel), **_conv_attrs(node)), to="i32")]
+    rank, layout = w.type.rank, node.attrs["layout"]
+    per_channel = [1] * (rank - 1) + [w.type.shape[-1]] if layout == "NHWC" else [w.type.shape[0]] + [1] * (rank - 1)
+    conv = b.op("Conv", _shifted(b, x, x_zp), _shifted(b, w, w_zp, per_channel), **_conv_attrs(node), layout=layout)
+    return [b.op("Cast", conv, to="i32")]
 
 
 @decomposition("QLinearConv")

@@ -22,10 +22,12 @@ from kiln import config
 from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
 from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, donated_outputs, generate, pack_panels, written_outputs
+from kiln.backends.llvm.kernels_conv_integer import available as integer_convs_run_here
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
 from kiln.passes.decompose import Decompose
+from kiln.passes.integer_convs import IntegerConvs
 
 ALIGN = 64
 
@@ -153,7 +155,7 @@ class LLVMExecutable:
         graph.params.update({v: _aligned(a) for v, a in graph.params.items()})  # one copy, shared
         self._params = list(graph.params.values())
         # constant GEMM operands packed into panels here, once (the layout says which and how)
-        self._panels = [_aligned(pack_panels(self._params[p["param"]], PanelSpec(p["k"], p["n"], p["nr"], p["transpose"]))) for p in layout.get("panels", [])]
+        self._panels = [_aligned(pack_panels(self._params[p["param"]], PanelSpec(p["k"], p["n"], p["nr"], p["transpose"], p.get("quads", 0)))) for p in layout.get("panels", [])]
         n_in = len(graph.inputs)
         constants = self._params + self._panels
         self._written = [v.type for v, where in zip(graph.outputs, layout["outputs"]) if where["kind"] == "written"]
@@ -238,7 +240,9 @@ class LLVMBackend:
     # ops without a kernel expressed through others before any pipeline runs; GEMM operands
     # B made row-major (the micro-kernel streams rows of B: training's g W^T comes transposed;
     # a transposed A, as in x^T g, it reads in place)
-    lowering = [Decompose(when=decomposes), "decompose_rnn", "row_major_gemm"]
+    # (QDQ models' convs first computed in integers where the CPU has VNNI, while their
+    # DequantizeLinear nodes still show the 8-bit operands)
+    lowering = [IntegerConvs(enabled=integer_convs_run_here), Decompose(when=decomposes), "decompose_rnn", "row_major_gemm"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()

@@ -48,15 +48,18 @@ ScratchRule = Callable[[Node], int]
 class PanelSpec:
     """How a kernel takes a constant GEMM operand packed (``emit.Panels``): the (k, n) matrix
     it multiplies by, read from the parameter as is or, with ``transpose``, as its (n, k)
-    transpose; ``nr`` columns to a panel."""
+    transpose; ``nr`` columns to a panel. ``quads`` > 0 packs bytes for VNNI's 4-way dot
+    products: K goes in segments of ``quads`` rows (a tap's channels), each zero-padded to a
+    multiple of 4, and a panel holds each group of 4 rows column by column (4 bytes a column)."""
 
     k: int
     n: int
     nr: int
     transpose: bool = False
+    quads: int = 0
 
     def to_json(self) -> dict:
-        return {"k": self.k, "n": self.n, "nr": self.nr, "transpose": self.transpose}
+        return {"k": self.k, "n": self.n, "nr": self.nr, "transpose": self.transpose, "quads": self.quads}
 
 
 PanelRule = Callable[[Node, int], "PanelSpec | None"]
@@ -86,7 +89,7 @@ def kernel(*ops: str, scratch: ScratchRule | None = None, panels: PanelRule | No
 
 
 def _load_kernels() -> None:
-    from kiln.backends.llvm import kernels_conv_transpose, kernels_data, kernels_elementwise, kernels_image, kernels_index, kernels_linalg, kernels_nn  # noqa: F401
+    from kiln.backends.llvm import kernels_conv_integer, kernels_conv_transpose, kernels_data, kernels_elementwise, kernels_image, kernels_index, kernels_linalg, kernels_nn  # noqa: F401
 
 
 def kernel_rule(node: Node) -> KernelRule | None:
@@ -108,6 +111,10 @@ def lacks_kernel(node: Node) -> bool:
     """Whether no kernel runs ``node`` (the backend's ``decompose`` lowering expresses it through others)."""
     if node.op.name == "BatchNormalization":
         return bool(node.attrs["training_mode"]) or len(node.outputs) > 1
+    if node.op.name == "ConvInteger":  # channels-last uint8 by int8 on VNNI; the rest decompose
+        from kiln.backends.llvm.kernels_conv_integer import applies
+
+        return not applies(node)
     if node.op.name == "LayerNormalization":  # the kernel reads scale and bias whole per row
         trailing = node.inputs[0].type.shape[node.attrs["axis"] % node.inputs[0].type.rank :]
         return any(_broadcast_within(v.type.shape, trailing) for v in node.inputs[1:] if v is not None)
@@ -149,6 +156,12 @@ def pack_panels(array: np.ndarray, spec: PanelSpec) -> np.ndarray:
     """``array`` as ``spec``'s (k, n) matrix in panels: (ceil(n / nr), k, nr), zero-padded."""
     matrix = array.reshape(spec.n, spec.k).T if spec.transpose else array.reshape(spec.k, spec.n)
     count = -(-spec.n // spec.nr)
+    if spec.quads:  # (segments, quads-padded segment, n) -> (panels, K / 4, nr, 4)
+        segment = -(-spec.quads // 4) * 4
+        segments = np.zeros((spec.k // spec.quads, segment, count * spec.nr), dtype=array.dtype)
+        segments[:, : spec.quads, : spec.n] = matrix.reshape(-1, spec.quads, spec.n)
+        rows = segments.shape[0] * segment
+        return np.ascontiguousarray(segments.reshape(rows // 4, 4, count, spec.nr).transpose(2, 0, 3, 1))
     padded = np.zeros((spec.k, count * spec.nr), dtype=array.dtype)
     padded[:, : spec.n] = matrix
     return np.ascontiguousarray(padded.reshape(spec.k, count, spec.nr).transpose(1, 0, 2))
@@ -338,7 +351,8 @@ def runtime_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:
 
 
 def _panel_bytes(v: Value, spec: PanelSpec) -> int:
-    return -(-spec.n // spec.nr) * spec.nr * spec.k * v.type.dtype.itemsize
+    k = spec.k // spec.quads * -(-spec.quads // 4) * 4 if spec.quads else spec.k
+    return -(-spec.n // spec.nr) * spec.nr * k * v.type.dtype.itemsize
 
 
 def constant_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:

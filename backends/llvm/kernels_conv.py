@@ -102,33 +102,39 @@ class Epilogue:
     operands: list[View]
     apply: Callable
 
-    def run(self, b: ir.IRBuilder, module: ir.Module, target: View, operands: list[View]) -> None:
-        """The tail over the output block ``target``, in place, ``operands`` over the same block
-        (one thread's loop: the caller already runs as one block of a split kernel)."""
+    def run(self, b: ir.IRBuilder, module: ir.Module, target: View, operands: list[View], source: View | None = None) -> None:
+        """The tail over the output block ``target``, from the conv's values in ``source`` (by
+        default ``target`` itself: in place), ``operands`` over the same block (one thread's
+        loop: the caller already runs as one block of a split kernel)."""
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise_outputs
 
-        emit_pointwise_outputs(b, module, [target], [target, *operands], lambda E, xs: [self.apply(E, xs[0], xs[1:])], parallel=False)
+        inputs = [source if source is not None else target, *operands]
+        emit_pointwise_outputs(b, module, [target], inputs, lambda E, xs: [self.apply(E, xs[0], xs[1:])], parallel=False)
 
 
 def fused_conv(ctx: KernelContext, body) -> bool:
-    """A Fused group of an NHWC Conv (or a depthwise one, NCHW too) and the pointwise ops after it
-    (Relu, a residual Add...) as one kernel: the chain runs on each block of conv output while
-    it is in cache, instead of as passes over the whole output. Returns False (nothing emitted) where the conv cannot
-    (``_takes_tail``) or an operand is not laid out by rows."""
-    from kiln.backends.llvm import kernels_depthwise
+    """A Fused group of an NHWC Conv (or a depthwise one, NCHW too; or an integer one) and the
+    pointwise ops after it (Relu, a residual Add, a requantization...) as one kernel: the chain
+    runs on each block of conv output while it is in cache, instead of as passes over the whole
+    output. Returns False (nothing emitted) where the conv cannot (``_takes_tail``) or an
+    operand is not laid out by rows."""
+    from kiln.backends.llvm import kernels_conv_integer, kernels_depthwise
 
     conv, *chain = body.nodes
-    if conv.op.name != "Conv" or not chain:
+    if conv.op.name not in ("Conv", "ConvInteger") or not chain:
         return False
-    depthwise = kernels_depthwise.applies(conv)  # NCHW: the tail runs on each output plane
-    depthwise_nhwc = kernels_depthwise.applies_nhwc(conv)
-    if not depthwise and not depthwise_nhwc and (conv.attrs.get("layout") != "NHWC" or not _takes_tail(conv)):
+    integer = kernels_conv_integer.applies(conv)  # sums to a row buffer: the tail may change the dtype
+    if conv.op.name == "ConvInteger" and not integer:
+        return False
+    depthwise = not integer and kernels_depthwise.applies(conv)  # NCHW: the tail runs on each output plane
+    depthwise_nhwc = not integer and kernels_depthwise.applies_nhwc(conv)
+    if not integer and not depthwise and not depthwise_nhwc and (conv.attrs.get("layout") != "NHWC" or not _takes_tail(conv)):
         return False
     shape = conv.outputs[0].type.shape
     pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
     if not pointwise or len(body.outputs) != 1 or body.outputs[0] is not chain[-1].outputs[0]:
         return False
-    if body.outputs[0].type.dtype != conv.outputs[0].type.dtype:  # the tail rewrites the conv's output in place
+    if not integer and body.outputs[0].type.dtype != conv.outputs[0].type.dtype:  # the tail rewrites the conv's output in place
         return False
     outer = {v: view for v, view in zip(body.inputs, ctx.inputs)}
     operands = list(dict.fromkeys(v for n in chain for v in n.inputs if v is not None and v in outer))
@@ -143,7 +149,10 @@ def fused_conv(ctx: KernelContext, body) -> bool:
         return env[id(chain[-1].outputs[0])]
 
     conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
-    kernel = kernels_depthwise.emit if depthwise else kernels_depthwise.emit_nhwc if depthwise_nhwc else emit if applies(conv) else emit_pointwise_conv
+    if integer:
+        kernel = kernels_conv_integer.emit
+    else:
+        kernel = kernels_depthwise.emit if depthwise else kernels_depthwise.emit_nhwc if depthwise_nhwc else emit if applies(conv) else emit_pointwise_conv
     kernel(conv_ctx, Epilogue(rows, apply))
     return True
 

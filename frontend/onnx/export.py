@@ -123,7 +123,7 @@ class _Exporter:
     def fix_attrs(self, node: Node, attrs: dict) -> None:
         """The attributes whose ONNX spelling differs from kiln's."""
         op = node.op.name
-        if "layout" in attrs and op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
+        if "layout" in attrs and op in ("Conv", "ConvInteger", "ConvTranspose", "MaxPool", "AveragePool"):
             if attrs.pop("layout") != "NCHW":
                 raise KilnError(f"node {node.name!r} ({op}) is channels-last, which ONNX cannot express; export the graph before the layout pass")
         if op in DTYPE_ATTRS and attrs.get(DTYPE_ATTRS[op]) is not None:

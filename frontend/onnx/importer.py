@@ -249,10 +249,13 @@ class Importer:
         node = self.graph.add_node(opdef, inputs, attrs, name=name, num_outputs=num_outputs)
         params = self.graph.params
         cap = config.flags().fold_elements
+        # a DequantizeLinear of a weight (``folds_any_size``) stays a node: the integer_convs
+        # pass reads the 8-bit weight under it, and canonicalize folds what is left
         foldable = (
             opdef.deterministic
+            and not opdef.folds_any_size
             and all(v is None or v in params for v in inputs)
-            and (opdef.folds_any_size or all(v.type.numel <= cap for v in node.outputs))
+            and all(v.type.numel <= cap for v in node.outputs)
         )
         if not foldable:
             self._new_values.extend(node.outputs)

@@ -18,7 +18,7 @@ import numpy as np
 from kiln.ir.dtypes import DType, FLOATS, INTS
 from kiln.ir.opdef import OpDef, OpKind, register
 from kiln.ir.ops.linalg import matmul_shape
-from kiln.ir.ops.nn import CONV_ATTRS, _conv, _conv_infer
+from kiln.ir.ops.nn import CONV_ATTRS, _conv, _conv_infer, channels_last, conv_weight_to_first
 from kiln.ir.ops.rules import check_dtype, fail, norm_axis, present
 from kiln.ir.types import TensorType
 
@@ -219,5 +219,6 @@ def _qlinear_conv(attrs, x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias
 
 register(OpDef("MatMulInteger", OpKind.HEAVY, _matmul_integer_infer, _matmul_integer, num_inputs=(2, 4)))
 register(OpDef("QLinearMatMul", OpKind.HEAVY, _qlinear_matmul_infer, _qlinear_matmul, num_inputs=(8, 8)))
-register(OpDef("ConvInteger", OpKind.HEAVY, _conv_integer_infer, _conv_integer, dict(CONV_ATTRS), num_inputs=(2, 4)))
+# channels-last too (``layout="NHWC"``, weight (*kernel, C, M)): the integer_convs pass makes it
+register(OpDef("ConvInteger", OpKind.HEAVY, *channels_last(_conv_integer_infer, _conv_integer, conv_weight_to_first), {**CONV_ATTRS, "layout": "NCHW"}, num_inputs=(2, 4)))
 register(OpDef("QLinearConv", OpKind.HEAVY, _qlinear_conv_infer, _qlinear_conv, dict(CONV_ATTRS), num_inputs=(8, 9)))

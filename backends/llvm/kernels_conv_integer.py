@@ -1,0 +1,301 @@
+"""ConvInteger on AVX-512 VNNI: a channels-last conv of uint8 activations by int8 weights,
+summed exactly in int32 (``vpdpbusd``: four byte products per 32-bit lane per instruction,
+four times a float FMA's work).
+
+The structure is the float direct conv's (``kernels_conv``): a micro-tile of ``mr`` positions
+along an output row by 32 output channels keeps its sums in two vectors per position over all
+of K; A comes straight from the image, four channels (one 32-bit broadcast) at a time, and B
+from the weights packed at compile time as byte quads (``PanelSpec.quads``: each 32-bit lane
+holds four consecutive K rows of one column). A tap's channels are padded to a multiple of
+four with zero weights; the image is copied into scratch with its border filled with the zero
+point (ConvInteger's padding) wherever it has pads or such channel padding, else read in
+place. The zero point itself comes off as a constant per column block:
+``sum (x - z) w = sum x w - z sum w``, the second sum taken by the same instruction over the
+packed weights once per block.
+
+Each output row's sums go either to the int32 output or, in a fused group, to a row buffer
+in the thread's scratch, from which the group's pointwise tail (the scale, bias and next
+QuantizeLinear the ``integer_convs`` pass leaves) writes the group's output while it is in L1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import llvmlite.ir as ir
+
+from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
+from kiln.backends.llvm.emit import I8, I32, PTR, Panels, View, const_i64, entry_alloca, for_range
+from kiln.backends.llvm.kernels_conv import SHARED_WEIGHTS, Geometry, _row_start, _tap_offset, geometry
+from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, _unflatten, micro_rows
+from kiln.backends.llvm.parallel import parallel_rows
+from kiln.config import num_threads
+from kiln.errors import KilnError
+from kiln.ir.dtypes import DType
+
+LANES = 16  # int32 sums per vector
+NR = 2 * LANES  # output channels per column block
+QUAD = 4  # K bytes one 32-bit lane sums per instruction
+I32X16 = ir.VectorType(I32, LANES)
+MASK = ir.VectorType(ir.IntType(1), LANES)
+
+
+def available() -> bool:
+    """Whether this machine has AVX-512 VNNI (the integer_convs pass runs only where it does)."""
+    from kiln.backends.llvm.target import host_cpu
+
+    return {"avx512f", "avx512vnni"} <= host_cpu().feature_set
+
+
+def applies(node) -> bool:
+    """A channels-last, ungrouped ConvInteger of uint8 by int8 with no weight zero point and a
+    scalar (or no) activation zero point, on a VNNI machine."""
+    if node.op.name != "ConvInteger" or node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1:
+        return False
+    x, w = node.inputs[0].type, node.inputs[1].type
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    weight_zero = node.inputs[3] if len(node.inputs) > 3 else None
+    return x.dtype == DType.uint8 and w.dtype == DType.int8 and weight_zero is None and (zero is None or zero.type.numel == 1) and available()
+
+
+def _quads(c: int) -> int:
+    return -(-c // QUAD) * QUAD
+
+
+def _geometry(node) -> tuple[Geometry, bool]:
+    """The conv's geometry over the image it reads (channels padded to a multiple of four),
+    and whether that image is a scratch copy (pads, or channel padding)."""
+    g = geometry(node)
+    return dataclasses.replace(g, c=_quads(g.c)), g.has_pads or g.c % QUAD != 0
+
+
+def _panels(node, i: int) -> PanelSpec | None:
+    if i != 1 or not applies(node):
+        return None
+    w = node.inputs[1].type
+    return PanelSpec(math.prod(w.shape[:-1]), w.shape[-1], NR, quads=w.shape[-2])
+
+
+def _image_bytes(node) -> int:
+    g, copied = _geometry(node)
+    return -(-math.prod(g.padded) * g.c // 64) * 64 if copied else 0
+
+
+def _scratch(node) -> int:
+    """The padded image, then one output row of int32 sums per thread (a fused tail's source)."""
+    g, _ = _geometry(node)
+    return _image_bytes(node) + num_threads() * g.ow * NR * 4
+
+
+@kernel("ConvInteger", scratch=_scratch, panels=_panels)
+def conv_integer(ctx: KernelContext) -> None:
+    if not applies(ctx.node):
+        raise KilnError(f"node {ctx.node.name!r}: ConvInteger has an LLVM kernel only channels-last, uint8 by int8 without a weight zero point, on AVX-512 VNNI (the decompose lowering takes the others)")
+    emit(ctx)
+
+
+def emit(ctx: KernelContext, epilogue=None) -> None:
+    """y = ConvInteger(x, w, z) in int32, or with ``epilogue`` (a ``kernels_conv.Epilogue``)
+    the group's output from each row of sums."""
+    node = ctx.node
+    g, copied = _geometry(node)
+    xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    zero = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    if not isinstance(wv, Panels):
+        raise KilnError(f"node {node.name!r}: ConvInteger's LLVM kernel needs constant weights (packed at compile time)")
+    b = ctx.b
+    original = geometry(node)
+    blocks = -(-g.m // NR)
+    image_in, image_out = math.prod(original.size) * original.c, math.prod(g.out) * g.m
+    by_rows = g.kk * blocks * NR <= SHARED_WEIGHTS and g.rows >= 2 * num_threads()
+    items = g.rows if by_rows else blocks * g.rows
+    threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1
+    operands = epilogue.operands if epilogue else []
+    out_ty = ir.IntType(8 * y.dtype.itemsize)
+    with for_range(b, xv.shape[0], name="img") as img:
+        x_img = b.gep(xv.ptr, [b.add(const_i64(xv.offset), b.mul(img, const_i64(image_in)))], source_etype=I8)
+        y_img = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(img, const_i64(image_out)))], source_etype=out_ty)
+        source = x_img
+        if copied:
+            _pad_image(ctx, x_img, ctx.scratch, original, g, zero)
+            source = ctx.scratch
+        rows = b.gep(ctx.scratch, [const_i64(_image_bytes(node))], source_etype=I8)
+        starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(math.prod(g.out) * v.strides[0])))], source_etype=ir.IntType(8 * v.dtype.itemsize)) for v in operands]
+        pointers = [source, wv.ptr, y_img, zero.ptr if zero is not None else y_img, rows, *starts]
+
+        def work(emitting, ptrs, lo, hi, block):
+            eb = emitting.b
+            row_buffer = eb.gep(ptrs[4], [const_i64(block * g.ow * NR * 4)], source_etype=I8) if epilogue else None
+            here = [View(p, v.dtype, v.shape, v.strides) for v, p in zip(operands, ptrs[5:])]
+            zero_point = eb.load(ptrs[3], typ=I8) if zero is not None else None
+            tiles = _Tiles(emitting, g, ptrs[0], ptrs[1], ptrs[2], y.dtype, zero_point, row_buffer, epilogue, here)
+            if by_rows:  # output rows [lo, hi), every column block
+                with for_range(eb, blocks, name="jb") as jb:
+                    tiles.segment(jb, const_i64(lo), const_i64(hi))
+                return
+            (jb0, oy0), (jb1, oy1) = divmod(lo, g.rows), divmod(hi - 1, g.rows)  # block major
+            with for_range(eb, jb1 + 1, start=jb0, name="jb") as jb:
+                first = eb.select(eb.icmp_unsigned("==", jb, const_i64(jb0)), const_i64(oy0), const_i64(0))
+                last = eb.select(eb.icmp_unsigned("==", jb, const_i64(jb1)), const_i64(oy1 + 1), const_i64(g.rows))
+                tiles.segment(jb, first, last)
+
+        parallel_rows(ctx, items, threads, pointers, work)
+
+
+def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, original: Geometry, g: Geometry, zero: View | None) -> None:
+    """dst = x's image with ``g.c`` channels (the extra ones any value: their weights are 0)
+    inside a border of the zero point, its rows split over the pool."""
+    rows_total = math.prod(g.padded[:-1])
+    row_len = g.padded[-1] * g.c
+
+    def rows(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        fill = b.load(ptrs[2], typ=I8) if zero is not None else ir.Constant(I8, 0)
+        with for_range(b, const_i64(hi), start=const_i64(lo), name="prow") as r:
+            out_row = b.gep(ptrs[1], [b.mul(r, const_i64(row_len))], source_etype=I8)
+            with for_range(b, row_len, name="pz") as j:
+                b.store(fill, b.gep(out_row, [j], source_etype=I8))
+            inside, source_row = ir.Constant(ir.IntType(1), 1), const_i64(0)
+            for axis, coord in enumerate(_unflatten(b, r, g.padded[:-1])):
+                at = b.sub(coord, const_i64(g.before[axis]))
+                inside = b.and_(inside, b.and_(b.icmp_signed(">=", at, const_i64(0)), b.icmp_signed("<", at, const_i64(g.size[axis]))))
+                source_row = b.add(b.mul(source_row, const_i64(g.size[axis])), at)
+            with b.if_then(inside):
+                src_row = b.gep(ptrs[0], [b.mul(source_row, const_i64(g.size[-1] * original.c))], source_etype=I8)
+                dst_row = b.gep(out_row, [const_i64(g.before[-1] * g.c)], source_etype=I8)
+                if original.c == g.c:  # one contiguous run
+                    with for_range(b, g.size[-1] * g.c, name="pc") as j:
+                        b.store(b.load(b.gep(src_row, [j], source_etype=I8), typ=I8), b.gep(dst_row, [j], source_etype=I8))
+                else:
+                    with for_range(b, g.size[-1], name="px") as px:
+                        with for_range(b, original.c, name="pc") as ch:
+                            value = b.load(b.gep(src_row, [b.add(b.mul(px, const_i64(original.c)), ch)], source_etype=I8), typ=I8)
+                            b.store(value, b.gep(dst_row, [b.add(b.mul(px, const_i64(g.c)), ch)], source_etype=I8))
+
+    threads = min(num_threads(), rows_total) if rows_total * row_len >= 1 << 17 else 1
+    parallel_rows(ctx, rows_total, threads, [x_img, dst, zero.ptr if zero is not None else dst], rows)
+
+
+class _Tiles:
+    """The micro-tiles of one block of the pool's split: (column block, output rows) segments."""
+
+    def __init__(self, emitting, g: Geometry, source: ir.Value, panels: ir.Value, out: ir.Value, out_dtype: DType, zero_point, row_buffer, epilogue, operands: list[View]):
+        self.b, self.module, self.g = emitting.b, emitting.module, g
+        self.source, self.panels, self.out, self.out_dtype = source, panels, out, out_dtype
+        self.zero_point, self.row_buffer, self.epilogue, self.operands = zero_point, row_buffer, epilogue, operands
+        self.mr = micro_rows(g.ow)
+        self.quads = g.run // QUAD  # per tap
+        self.taps = math.prod(g.tap_shape)
+        self.panel_bytes = self.taps * self.quads * NR * QUAD
+        self.dot = self.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", (), ir.FunctionType(I32X16, [I32X16] * 3))
+        self.store_masked = self.module.declare_intrinsic("llvm.masked.store.v16i32.p0", (), ir.FunctionType(ir.VoidType(), [I32X16, PTR, I32, MASK]))
+
+    def splat(self, value: ir.Value) -> ir.Value:
+        b = self.b
+        one = b.insert_element(ir.Constant(I32X16, ir.Undefined), value, ir.Constant(I32, 0))
+        return b.shuffle_vector(one, ir.Constant(I32X16, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+
+    def segment(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value) -> None:
+        """Output rows [oy0, oy1) of column block ``jb`` (the last block may be partial)."""
+        b, g = self.b, self.g
+        full, blocks = g.m // NR, -(-g.m // NR)
+        if full == blocks or full == 0:
+            self._rows(jb, oy0, oy1, min(NR, g.m))
+            return
+        with b.if_else(b.icmp_unsigned("<", jb, const_i64(full))) as (whole, last):
+            with whole:
+                self._rows(jb, oy0, oy1, NR)
+            with last:
+                self._rows(jb, oy0, oy1, g.m - full * NR)
+
+    def _starts(self, panel: ir.Value) -> list[ir.Value]:
+        """Each sum's start: ``-z * (the column's weight sum)``, or 0 without a zero point."""
+        b = self.b
+        zero = ir.Constant(I32X16, [0] * LANES)
+        if self.zero_point is None:
+            return [zero, zero]
+        quad = b.mul(b.zext(self.zero_point, I32), ir.Constant(I32, 0x01010101))  # z in each byte
+        zs = self.splat(quad)
+        sums = [entry_alloca(b, I32X16) for _ in range(2)]
+        for s in sums:
+            b.store(zero, s)
+        with for_range(b, self.taps * self.quads, name="zq") as q:
+            at = b.gep(panel, [b.mul(q, const_i64(NR * QUAD))], source_etype=I8)
+            for h, s in enumerate(sums):
+                weights = b.load(b.gep(at, [const_i64(h * LANES * QUAD)], source_etype=I8), typ=I32X16, align=64)
+                b.store(b.call(self.dot, [b.load(s, typ=I32X16), zs, weights]), s)
+        return [b.sub(zero, b.load(s, typ=I32X16)) for s in sums]
+
+    def _rows(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value, cols: int) -> None:
+        b, g = self.b, self.g
+        masks = [self._mask(min(LANES, cols - h * LANES)) for h in range(2)]
+        panel = b.gep(self.panels, [b.mul(jb, const_i64(self.panel_bytes))], source_etype=I8)
+        starts = self._starts(panel)
+        j0 = b.mul(jb, const_i64(NR))
+        with for_range(b, oy1, start=oy0, name="oy") as oy:
+            in_row = _row_start(b, g, _unflatten(b, oy, g.out[:-1]))
+            if self.row_buffer is not None:  # sums to the thread's row buffer, (ow, NR)
+                target, pitch = self.row_buffer, NR
+            else:  # sums straight to the int32 output's row
+                target = b.gep(self.out, [b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)], source_etype=I32)
+                pitch = g.m
+
+            def tile(ox0: ir.Value, rows: int) -> None:
+                first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
+                self._tile(first, rows, panel, starts, b.gep(target, [b.mul(ox0, const_i64(pitch))], source_etype=I32), pitch, masks)
+
+            whole, rest = divmod(g.ow, self.mr)
+            if whole:
+                with for_range(b, whole, name="tile") as t:
+                    tile(b.mul(t, const_i64(self.mr)), self.mr)
+            if rest:
+                tile(const_i64(g.ow - rest), rest)
+            if self.row_buffer is not None:
+                self._tail(oy, j0, cols)
+
+    def _mask(self, count: int) -> ir.Constant | None:
+        return None if count >= LANES else ir.Constant(MASK, [1] * max(count, 0) + [0] * (LANES - max(count, 0)))
+
+    def _tile(self, first: ir.Value, rows: int, panel: ir.Value, starts: list, out: ir.Value, pitch: int, masks: list) -> None:
+        """``rows`` positions from image element ``first``: every tap's quads into the sums,
+        then the sums stored ``pitch`` int32s apart from ``out``."""
+        b, g = self.b, self.g
+        accs = [[entry_alloca(b, I32X16) for _ in range(2)] for _ in range(rows)]
+        for row in accs:
+            for h, slot in enumerate(row):
+                b.store(starts[h], slot)
+        step = g.strides[-1] * g.c
+        with for_range(b, self.taps, name="tap") as tap:
+            window = b.add(first, _tap_offset(b, g, _unflatten(b, tap, g.tap_shape)))
+            with for_range(b, self.quads, name="q") as q:
+                at = b.gep(panel, [b.mul(b.add(b.mul(tap, const_i64(self.quads)), q), const_i64(NR * QUAD))], source_etype=I8)
+                weights = [b.load(b.gep(at, [const_i64(h * LANES * QUAD)], source_etype=I8), typ=I32X16, align=64) for h in range(2)]
+                a_at = b.gep(self.source, [b.add(window, b.mul(q, const_i64(QUAD)))], source_etype=I8)
+                for r in range(rows):
+                    a = self.splat(b.load(b.gep(a_at, [const_i64(r * step)], source_etype=I8), typ=I32, align=1))
+                    for h in range(2):
+                        b.store(b.call(self.dot, [b.load(accs[r][h], typ=I32X16), a, weights[h]]), accs[r][h])
+        for r in range(rows):
+            for h, mask in enumerate(masks):
+                if mask is not None and not any(mask.constant):
+                    continue
+                at = b.gep(out, [const_i64(r * pitch + h * LANES)], source_etype=I32)
+                value = b.load(accs[r][h], typ=I32X16)
+                if mask is None:
+                    b.store(value, at, align=4)
+                else:
+                    b.call(self.store_masked, [value, at, ir.Constant(I32, 4), mask])
+
+    def _tail(self, oy: ir.Value, j0: ir.Value, cols: int) -> None:
+        """The fused tail over this output row's (ow, cols) block, from the row buffer."""
+        b, g = self.b, self.g
+        first_row = b.mul(oy, const_i64(g.ow))
+
+        def block(view: View) -> View:
+            at = b.add(const_i64(view.offset), b.add(b.mul(first_row, const_i64(view.strides[0])), b.mul(j0, const_i64(view.strides[1]))))
+            return View(b.gep(view.ptr, [at], source_etype=ir.IntType(8 * view.dtype.itemsize)), view.dtype, (g.ow, cols), view.strides)
+
+        out = block(View(self.out, self.out_dtype, (math.prod(g.out), g.m), (g.m, 1)))
+        sums = View(self.row_buffer, DType.int32, (g.ow, cols), (NR, 1))
+        self.epilogue.run(b, self.module, out, [block(v) for v in self.operands], source=sums)

@@ -1,0 +1,113 @@
+"""integer_convs: a float convolution of dequantized 8-bit operands computes in integers.
+
+A QDQ model (onnxruntime's ``quantize_static``, a quantization-aware export) writes a quantized
+conv as ``Conv(DequantizeLinear(xq), DequantizeLinear(wq), bias)``: float arithmetic on values
+that are integers times scales. With ``x = (xq - zx) * sx`` (one scale and zero point) and
+``w = wq * sw[m]`` (one scale per output channel or one for all, zero points 0)::
+
+    Conv(x, w)[m] = sx * sw[m] * ConvInteger(xq, wq, zx)[m]
+
+since ConvInteger subtracts ``zx`` and pads with it (a border of float zeros). Each such Conv
+(group 1, 2-D, float32; ``xq`` uint8 with constant scale and zero point; ``wq`` a constant int8
+weight) becomes a channels-last ConvInteger between transposes, its int32 sums cast to float,
+times the constant ``sx * sw``, plus the bias. The layout passes sink the transposes; fusion
+makes the tail (scale, bias, activation, the next QuantizeLinear) one kernel with the integer
+conv, which reads 8-bit activations and writes the next layer's (llvm: ``kernels_conv_integer``).
+
+The integer sums are exact where the float conv rounds, so an output next to a rounding
+boundary of the following QuantizeLinear can land one step away from the float model's.
+
+Preconditions: DequantizeLinear not yet folded or decomposed (the llvm backend runs this pass
+first among its lowering passes). Postconditions: outputs unchanged up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from kiln.ir.dtypes import DType
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.ops.nn import to_channels_first, to_channels_last, weight_to_spatial_first
+from kiln.passes.autodiff import GradBuilder
+from kiln.passes.base import Pass, register_pass
+from kiln.passes.rewrite import replace_node
+
+
+def _dequantized(graph: Graph, value: Value, dtype: DType) -> tuple[Value, np.ndarray, np.ndarray | None, int] | None:
+    """(the 8-bit value, its scale, its zero point or None, the axis) where ``value`` is a
+    DequantizeLinear of ``dtype`` values with constant scale and zero point, else None."""
+    node = value.producer
+    if node is None or node.op.name != "DequantizeLinear" or node.attrs["block_size"]:
+        return None
+    q, scale, zero = (list(node.inputs) + [None])[:3]
+    if q.type.dtype != dtype or scale not in graph.params or (zero is not None and zero not in graph.params):
+        return None
+    return q, graph.params[scale], graph.params[zero] if zero is not None else None, node.attrs["axis"] % q.type.rank
+
+
+def integer_form(graph: Graph, node: Node) -> tuple | None:
+    """The operands of ``node``'s integer form, or None where it has none: (xq, x scale, x zero
+    point param or None, the int8 weight, its per-channel scales)."""
+    if node.op.name != "Conv" or node.attrs["layout"] != "NCHW" or node.attrs["group"] != 1:
+        return None
+    x, w = node.inputs[:2]
+    if x.type.rank != 4 or x.type.dtype != DType.float32:
+        return None
+    xs = _dequantized(graph, x, DType.uint8)
+    ws = _dequantized(graph, w, DType.int8)
+    if xs is None or ws is None:
+        return None
+    xq, x_scale, x_zero, _ = xs
+    wq, w_scale, w_zero, axis = ws
+    m = w.type.shape[0]
+    if x_scale.size != 1 or (x_zero is not None and x_zero.size != 1) or wq not in graph.params:
+        return None
+    if w_scale.size not in (1, m) or (w_scale.size == m > 1 and axis != 0) or (w_zero is not None and w_zero.any()):
+        return None
+    zero_param = x.producer.inputs[2] if len(x.producer.inputs) > 2 and x_zero is not None and x_zero.any() else None
+    return xq, x_scale.reshape(()), zero_param, graph.params[wq], np.broadcast_to(w_scale.reshape(-1), (m,))
+
+
+def rewrite(graph: Graph, node: Node, form: tuple) -> None:
+    """Replace ``node`` by its integer form (``integer_form``)."""
+    xq, x_scale, zero, wq, w_scale = form
+    where = node.name or node.op.name
+    start = len(graph.nodes)
+    b = GradBuilder(graph, where)
+    weight = graph.add_param(graph.fresh_name(f"{where}.weight_nhwc"), np.ascontiguousarray(wq.transpose(weight_to_spatial_first(4))))
+    attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
+    operands = [b.op("Transpose", xq, perm=to_channels_last(4)), weight, *([zero] if zero is not None else [])]
+    (sums,) = b.ops("ConvInteger", operands, group=1, layout="NHWC", **attrs)
+    y = b.op("Cast", b.op("Transpose", sums, perm=to_channels_first(4)), to="f32")
+    m = wq.shape[0]
+    scale = (x_scale.astype(np.float64) * w_scale.astype(np.float64)).astype(np.float32).reshape(1, m, 1, 1)
+    y = b.op("Mul", y, graph.add_param(graph.fresh_name(f"{where}.scale"), scale))
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None:
+        y = b.op("Add", y, b.reshape(bias, [1, m, 1, 1]))
+    replace_node(graph, node, [y], start)
+
+
+class IntegerConvs(Pass):
+    """Conv(DequantizeLinear(u8), DequantizeLinear(int8 weight)) -> a channels-last ConvInteger
+    and its float scale and bias (module docstring); ``enabled()`` False leaves every conv
+    (a backend without an integer conv kernel for this machine)."""
+
+    name = "integer_convs"
+
+    def __init__(self, enabled: Callable[[], bool] = lambda: True):
+        self.enabled = enabled
+
+    def run(self, graph: Graph) -> Graph:
+        if not self.enabled():
+            return graph
+        for node in list(graph.nodes):
+            form = integer_form(graph, node)
+            if form is not None:
+                rewrite(graph, node, form)
+        return graph
+
+
+register_pass(IntegerConvs())
