@@ -234,10 +234,10 @@ def _by_rows(view: View) -> View | None:
     """An NHWC-shaped view as (images * positions, channels) rows, where its images and
     positions step evenly (a dense tensor; a per-channel one steps by 0)."""
     *outer, channels = view.shape
-    steps = view.strides[:-1]
-    if any(steps[i] != steps[i + 1] * outer[i + 1] for i in range(len(outer) - 1)):
+    steps = [(n, s) for n, s in zip(outer, view.strides[:-1]) if n != 1]  # a size-1 axis's stride is never used
+    if any(steps[i][1] != steps[i + 1][1] * steps[i + 1][0] for i in range(len(steps) - 1)):
         return None
-    return View(view.ptr, view.dtype, (math.prod(outer), channels), (steps[-1], view.strides[-1]), view.offset)
+    return View(view.ptr, view.dtype, (math.prod(outer), channels), (steps[-1][1] if steps else 0, view.strides[-1]), view.offset)
 
 
 def geometry(node) -> Geometry:
