@@ -106,7 +106,11 @@ class IntegerConvs(Pass):
         for node in list(graph.nodes):
             form = integer_form(graph, node)
             if form is not None:
+                dequantized = [v.producer for v in node.inputs[:2]]
                 rewrite(graph, node, form)
+                read = {id(v) for n in graph.nodes for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
+                graph.remove_nodes([n for n in dequantized if id(n.outputs[0]) not in read])
+        graph.remove_unread_params()
         return graph
 
 

@@ -1,0 +1,128 @@
+"""The llvm backend's VNNI ConvInteger: channels-last uint8 by int8 sums, bit for bit the
+reference's, alone and under a fused requantizing tail (a QDQ model through integer_convs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.backends.llvm import LLVMBackend
+from kiln.backends.llvm.codegen import PanelSpec, pack_panels
+from kiln.backends.llvm.kernels_conv_integer import available
+from kiln.ir.dtypes import DType
+from kiln.ir.graph import Graph
+from kiln.ir.types import TensorType
+
+needs_vnni = pytest.mark.skipif(not available(), reason="this CPU has no AVX-512 VNNI: ConvInteger decomposes to a float64 conv here, which the reference tests cover")
+
+
+def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0):
+    """float x -> QuantizeLinear -> DequantizeLinear -> Conv (per-channel int8 weights) ->
+    Relu -> QuantizeLinear -> DequantizeLinear: what onnxruntime's quantize_static writes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c, m, k, h = 5, 40, 3, 11
+    inits = {
+        "sx": np.array(0.03, np.float32), "zx": np.array(zx, np.uint8),
+        "wq": rng.integers(-127, 128, (m, c, k, k)).astype(np.int8), "sw": (rng.random(m) * 0.01 + 0.002).astype(np.float32), "zw": np.zeros(m, np.int8),
+        "b": rng.standard_normal(m).astype(np.float32), "sy": np.array(0.04, np.float32), "zy": np.array(0, np.uint8),
+    }
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[pads] * 4, strides=[stride] * 2),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"]),
+    ]
+    out = (h + 2 * pads - k) // stride + 1
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, h, h])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, m, out, out])],
+        [numpy_helper.from_array(a, name) for name, a in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), rng.standard_normal((2, c, h, h)).astype(np.float32)
+
+
+@pytest.mark.parametrize("zx, pads, stride", [(0, 1, 1), (128, 1, 2), (17, 0, 1)])
+def test_the_integer_form_agrees_with_the_float_model_within_one_output_step(zx, pads, stride):
+    """Sums exact in int32 against float sums that round: a requantized output next to a
+    rounding boundary may move one step (0.04), no further, and few do."""
+    model, x = _qdq_model(zx, pads, stride)
+    want = kiln.compile(model).run({"x": x})["y"]
+    integer = kiln.optimize(model, "O0", passes=["integer_convs"])
+    assert "ConvInteger" in [n.op.name for n in integer.nodes]
+    got = kiln.compile(integer).run({"x": x})["y"]
+    assert np.abs(got - want).max() <= 0.04 + 1e-6
+    assert np.mean(got != want) < 0.01
+
+
+def test_quad_panels_hold_four_k_rows_per_column_with_each_taps_channels_padded():
+    w = np.arange(2 * 3 * 5, dtype=np.int8).reshape(2, 3, 5)  # 2 taps of 3 channels, 5 columns
+    packed = pack_panels(w, PanelSpec(6, 5, 4, quads=3))
+    assert packed.shape == (2, 2, 4, 4)  # (panels, K padded to 2 x 4 / 4, nr, 4)
+    padded = np.zeros((2, 4, 8), np.int8)
+    padded[:, :3, :5] = w
+    rows = padded.reshape(8, 8)  # K rows (tap, channel), columns
+    for panel in range(2):
+        for quad in range(2):
+            for j in range(4):
+                np.testing.assert_array_equal(packed[panel, quad, j], rows[4 * quad : 4 * quad + 4, panel * 4 + j])
+
+
+def _conv_integer(n, c, h, m, k, stride, pads, dilation=1, zero=7, seed=0):
+    rng = np.random.default_rng(seed)
+    g = Graph("conv_integer")
+    x = g.add_input("x", TensorType((n, h, h, c), DType.uint8))
+    inputs = [x, g.add_param("w", rng.integers(-128, 128, (k, k, c, m), dtype=np.int8))]
+    if zero is not None:
+        inputs.append(g.add_param("z", np.array(zero, np.uint8)))
+    attrs = {"strides": [stride] * 2, "pads": [pads] * 4, "dilations": [dilation] * 2, "group": 1, "layout": "NHWC"}
+    g.outputs = [g.add_node("ConvInteger", inputs, attrs, name="conv").outputs[0]]
+    return g, rng.integers(0, 256, (n, h, h, c), dtype=np.uint8)
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    "n, c, h, m, k, stride, pads, dilation, zero",
+    [
+        (1, 64, 8, 64, 3, 1, 1, 1, 7),  # a ResNet 3x3
+        (1, 3, 20, 40, 7, 2, 3, 1, 120),  # a stem: 3 channels padded to 4, a partial column block
+        (2, 16, 9, 33, 1, 1, 0, 1, None),  # 1x1 read in place, two images, 33 columns
+        (1, 32, 10, 16, 1, 2, 0, 1, 7),  # a strided 1x1 (a downsample)
+        (1, 8, 12, 70, 3, 1, 2, 2, 255),  # dilated; the largest zero point
+        (1, 256, 7, 96, 3, 1, 1, 1, 0),  # K of 2304: sums far past 16 bits
+    ],
+)
+def test_the_vnni_kernel_gives_the_references_int32_sums(n, c, h, m, k, stride, pads, dilation, zero):
+    graph, x = _conv_integer(n, c, h, m, k, stride, pads, dilation, zero)
+    want = kiln.compile(graph).run({"x": x})
+    got = kiln.compile(graph, target="llvm").run({"x": x})
+    name = graph.outputs[0].name
+    assert got[name].dtype == np.int32
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+@needs_vnni
+def test_extreme_bytes_sum_without_saturating():
+    """255 x -128 over K = 2304 is -75M: vpdpbusd adds its four products in 32 bits, no 16-bit step."""
+    graph, _ = _conv_integer(1, 256, 5, 32, 3, 1, 1, zero=None)
+    graph.params[list(graph.params)[0]][...] = -128
+    x = np.full((1, 5, 5, 256), 255, np.uint8)
+    got = kiln.compile(graph, target="llvm").run({"x": x})[graph.outputs[0].name]
+    assert got[0, 2, 2, 0] == 255 * -128 * 9 * 256
+    np.testing.assert_array_equal(got, kiln.compile(graph).run({"x": x})[graph.outputs[0].name])
+
+
+@needs_vnni
+def test_a_qdq_model_compiles_to_integer_convs_with_their_tails_fused():
+    model, x = _qdq_model(zx=128, pads=1, stride=2)
+    lowered = kiln.optimize(model, "O2", lowering=LLVMBackend.lowering, layout="auto")
+    fused = [n for n in lowered.nodes if n.op.name == "Fused" and n.attrs["body"].nodes[0].op.name == "ConvInteger"]
+    assert len(fused) == 1 and fused[0].outputs[0].type.dtype == DType.float32  # through the requantization to the last DequantizeLinear
+    want = kiln.compile(model).run({"x": x})["y"]
+    got = kiln.compile(model, target="llvm").run({"x": x})["y"]
+    assert np.abs(got - want).max() <= 0.04 + 1e-6  # one output step (module docstring of integer_convs)
+    assert np.mean(got != want) < 0.01

@@ -1,0 +1,64 @@
+"""integer_convs: a Conv of dequantized uint8 activations and int8 weights becomes a
+channels-last ConvInteger, its int32 sums scaled back to float; convs it cannot express stay."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.ir import parse_graph
+from kiln.passes import run_passes
+
+QDQ_CONV = """
+    graph g(%xq: u8[1,2,3,3]) {{
+      param %sx: f32[] = [0.5]
+      param %zx: {zx_type} = [3]
+      param %wq: i8[2,2,1,1] = [1, -2, 3, 4]
+      param %sw: f32[2] = [0.25, 0.125]
+      param %zw: i8[2] = {zw}
+      param %b: f32[2] = [1.0, -1.0]
+      %x: f32[1,2,3,3] = DequantizeLinear(%xq, %sx, %zx) {{axis=1, block_size=0, output_dtype=null}}
+      %w: f32[2,2,1,1] = DequantizeLinear(%wq, %sw, %zw) {{axis=0, block_size=0, output_dtype=null}}
+      %y: f32[1,2,3,3] = Conv(%x, %w, %b) {{strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group={group}}}
+      return %y
+    }}"""
+
+
+def test_a_dequantized_conv_becomes_a_channels_last_integer_conv_and_its_scale(rewrites):
+    """The weight goes to (kernel, C, M) order, the scale is x's times each channel's, the bias
+    is added after; the DequantizeLinear nodes it read go."""
+    rewrites(
+        ["integer_convs"],
+        QDQ_CONV.format(zx_type="u8[]", zw="[0, 0]", group=1),
+        """
+        graph g(%xq: u8[1,2,3,3]) {
+          param %zx: u8[] = [3]
+          param %b: f32[2] = [1.0, -1.0]
+          param %wt: i8[1,1,2,2] = [1, 3, -2, 4]
+          param %scale: f32[1,2,1,1] = [0.125, 0.0625]
+          %t: u8[1,3,3,2] = Transpose(%xq) {perm=[0, 2, 3, 1]}
+          %sums: i32[1,3,3,2] = ConvInteger(%t, %wt, %zx) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1, layout="NHWC"}
+          %back: i32[1,2,3,3] = Transpose(%sums) {perm=[0, 3, 1, 2]}
+          %f: f32[1,2,3,3] = Cast(%back) {to="f32"}
+          %scaled: f32[1,2,3,3] = Mul(%f, %scale)
+          %bias: f32[1,2,1,1] = Reshape(%b) {shape=[1, 2, 1, 1]}
+          %y: f32[1,2,3,3] = Add(%scaled, %bias)
+          return %y
+        }""",
+    )
+
+
+@pytest.mark.parametrize(
+    "zx_type, zw, group, why",
+    [
+        ("i8[]", "[0, 0]", 1, "int8 activations (vpdpbusd multiplies unsigned by signed bytes)"),
+        ("u8[]", "[0, 1]", 1, "a weight zero point (its row sums would be a run-time correction)"),
+        ("u8[]", "[0, 0]", 2, "a grouped conv"),
+    ],
+)
+def test_convs_without_an_integer_form_stay(zx_type, zw, group, why):
+    text = QDQ_CONV.format(zx_type=zx_type, zw=zw, group=group).replace("%xq: u8", f"%xq: {zx_type[:2]}")
+    if group == 2:
+        text = text.replace("i8[2,2,1,1] = [1, -2, 3, 4]", "i8[2,1,1,1] = [1, -2]").replace("%w: f32[2,2,1,1]", "%w: f32[2,1,1,1]")
+    graph = run_passes(parse_graph(text), ["integer_convs"])
+    assert [n.op.name for n in graph.nodes].count("Conv") == 1, why
+    assert "ConvInteger" not in [n.op.name for n in graph.nodes], why
