@@ -5,7 +5,8 @@
 Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
 (batch 1, 224x224), light_resnet50 (batch 1), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
 (hidden 256, 32 steps, batch 16) and a GRU of the same size, a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
-224x224: transposed and dilated convolutions). Zoo models are built with seeded weights and exported to
+224x224: transposed and dilated convolutions), and ResNet-18 quantized to int8 (onnxruntime's
+quantize_static: QDQ, per-channel int8 weights, uint8 activations). Zoo models are built with seeded weights and exported to
 ONNX first, so every runtime (onnxruntime too) runs the same file. Ratios are taken side by side
 in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
 """
@@ -39,7 +40,9 @@ STANDARD = {
     "unet-w32/128": ("unet", {"width": 32}, (1, 3, 128, 128)),
     "fcn8s/b1": ("fcn", {}, (1, 3, 224, 224)),
     "deeplabv3/b1": ("deeplabv3", {}, (1, 3, 224, 224)),
+    "resnet18-int8/b1": ("resnet18", {}, (1, 3, 224, 224)),
 }
+INT8 = {"resnet18-int8/b1"}  # quantized after export (``quantized``)
 
 
 def model_file(label: str, folder: Path) -> str:
@@ -50,7 +53,27 @@ def model_file(label: str, folder: Path) -> str:
     name, kwargs, shape = spec
     path = folder / f"{name}.onnx"
     kiln.export_onnx(zoo.build(name, **kwargs), path, [np.zeros(shape, np.float32)], input_names=["input"])
-    return str(path)
+    return quantized(path, shape) if label in INT8 else str(path)
+
+
+def quantized(path: Path, shape) -> str:
+    """``path`` quantized the way onnxruntime's tools do for CPU inference: BatchNorm folded
+    (``quant_pre_process``), then QDQ with per-channel int8 weights and uint8 activations,
+    calibrated on 8 seeded normal inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Inputs(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter({"input": np.random.default_rng(i).standard_normal(shape).astype(np.float32)} for i in range(8))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    prepared, out = path.with_suffix(".pre.onnx"), path.with_suffix(".int8.onnx")
+    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(out), Inputs(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return str(out)
 
 
 def geomean(values: list[float]) -> float:
