@@ -19,7 +19,7 @@ def node_macs(node: Node) -> int:
     out = node.outputs[0].type
     if op == "Fused":
         return graph_macs(node.attrs["body"])
-    if op == "Conv":  # each output element: one MAC per weight of its output channel
+    if op in ("Conv", "ConvInteger"):  # each output element: one MAC per weight of its output channel
         w = ins[1]
         channels = w.shape[-1] if node.attrs["layout"] == "NHWC" else w.shape[0]
         return out.numel * (w.numel // channels)

@@ -84,8 +84,8 @@ def _filled(value: Value) -> bool:
 
 
 def mostly_wide(graph: Graph) -> bool:
-    """Whether convolutions ``to_nhwc`` converts with >= WIDE_CHANNELS output channels do >= 90%
-    of the conv work.
+    """Whether convolutions ``to_nhwc`` converts with >= WIDE_CHANNELS output channels, and those
+    already channels-last, do >= 90% of the conv work.
 
     Channels-last puts the output channels on the GEMM's vectorized side: ResNet-18 runs 1.7x
     faster in NHWC on llvm, LeNet-5 (6 and 16 channels) 4x slower, so ``auto`` converts only
@@ -96,10 +96,12 @@ def mostly_wide(graph: Graph) -> bool:
 
     total = wide = 0
     for node in graph.nodes:
-        if node.op.name in ("Conv", "ConvTranspose"):
+        if node.op.name in ("Conv", "ConvTranspose", "ConvInteger"):
             macs = node_macs(node)
             total += macs
-            if _convertible(node) and node.outputs[0].type.shape[1] >= WIDE_CHANNELS:
+            if node.attrs["layout"] == "NHWC":  # already channels-last (integer_convs makes them so)
+                wide += macs
+            elif _convertible(node) and node.outputs[0].type.shape[1] >= WIDE_CHANNELS:
                 wide += macs
     return total > 0 and wide >= WIDE_SHARE * total
 

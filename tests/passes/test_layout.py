@@ -230,3 +230,25 @@ def test_auto_keeps_channels_first_where_convs_that_stay_so_do_the_work(light_mo
     convs = [b for n in converted.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])) if b.op.name == "Conv"]
     assert convs and all(c.attrs["layout"] == "NHWC" for c in convs)
     assert [n.op.name for n in converted.nodes].count("Transpose") == 1
+
+
+def test_channels_last_integer_convs_count_as_wide_work():
+    """integer_convs leaves a QDQ model's convs channels-last already: to_nhwc_if_wide must still
+    convert the pools between them (a MaxPool left NCHW costs two transposes)."""
+    from kiln.passes.layout import mostly_wide
+
+    graph = parse_graph(
+        """
+        graph g(%x: u8[1,8,8,32]) {
+          param %w: i8[1,1,32,32] = dense<sha256:fdafb67e020cf2c5607f6498ce4960cfb06c16aaca33d4b8c37a3d2e0a21fb97>
+          %y: i32[1,8,8,32] = ConvInteger(%x, %w) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1, layout="NHWC"}
+          %t: i32[1,32,8,8] = Transpose(%y) {perm=[0, 3, 1, 2]}
+          %f: f32[1,32,8,8] = Cast(%t) {to="f32"}
+          %p: f32[1,32,4,4] = MaxPool(%f) {kernel_shape=[2, 2], strides=[2, 2]}
+          return %p
+        }""",
+        params={"w": np.ones((1, 1, 32, 32), np.int8)},
+    )
+    assert mostly_wide(graph)
+    converted = run_passes(graph, ["to_nhwc_if_wide", "sink_transposes", "fold_transpose_chains", "remove_noops", "eliminate_dead_code"])
+    assert [n.op.name for n in converted.nodes] == ["ConvInteger", "Cast", "MaxPool", "Transpose"]
