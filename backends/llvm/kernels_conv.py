@@ -134,7 +134,7 @@ def fused_conv(ctx: KernelContext, body) -> bool:
     pointwise = all(n.op.kind is OpKind.ELEMENTWISE and n.op.compute is not None and len(n.outputs) == 1 and n.outputs[0].type.shape == shape for n in chain)
     if not pointwise or len(body.outputs) != 1 or body.outputs[0] is not chain[-1].outputs[0]:
         return False
-    if not integer and body.outputs[0].type.dtype != conv.outputs[0].type.dtype:  # the tail rewrites the conv's output in place
+    if not integer and not depthwise_nhwc and body.outputs[0].type.dtype != conv.outputs[0].type.dtype:  # the tail rewrites the conv's output in place
         return False
     outer = {v: view for v, view in zip(body.inputs, ctx.inputs)}
     operands = list(dict.fromkeys(v for n in chain for v in n.inputs if v is not None and v in outer))

@@ -184,9 +184,15 @@ def applies_nhwc(node) -> bool:
 
 
 def nhwc_scratch_bytes(node) -> int:
-    """One input row of zeros: what a window row above or below the image reads."""
+    """One input row of zeros (what a window row above or below the image reads), then an
+    output row per thread (where a fused tail that changes the dtype reads the conv's row)."""
+    x, y = node.inputs[0].type, node.outputs[0].type
+    return _zeros_bytes(node) + num_threads() * y.shape[2] * y.shape[3] * y.dtype.itemsize
+
+
+def _zeros_bytes(node) -> int:
     x = node.inputs[0].type
-    return x.shape[2] * x.shape[3] * x.dtype.itemsize
+    return -(-x.shape[2] * x.shape[3] * x.dtype.itemsize // 64) * 64
 
 
 POSITIONS = 8  # output positions of a row whose windows every channel block takes in turn
@@ -199,7 +205,9 @@ def emit_nhwc(ctx, epilogue=None) -> None:
     by them. A kernel row above or below the image reads a row of zeros; positions whose
     window leaves the row at its ends (the first and last few) leave out those taps, decided
     when the code is built, and the rest run in a loop with no test. ``epilogue`` (a fused
-    group's pointwise tail) runs on each output row while it is in cache."""
+    group's pointwise tail) runs on each output row while it is in cache: in place, or, where
+    it changes the dtype (a requantization to 8 bits), from the row computed into the
+    thread's scratch."""
     from kiln.backends.llvm.kernels_conv import geometry
     from kiln.backends.llvm.kernels_nn import vector_width
 
@@ -218,6 +226,7 @@ def emit_nhwc(ctx, epilogue=None) -> None:
     full = sum(1 for _, n in blocks if n == lanes)
     operands = epilogue.operands if epilogue is not None else []
     views = [ctx.inputs[0], ctx.inputs[1], ctx.outputs[0], *([bias] if bias is not None else []), *operands]
+    retyped = epilogue is not None and ctx.outputs[0].dtype != x_type.dtype  # the row goes to scratch first
     b = ctx.b
     zeros = ctx.scratch
     with for_range(b, width * c, name="zero") as i:
@@ -225,9 +234,10 @@ def emit_nhwc(ctx, epilogue=None) -> None:
     inside = [0 <= ox * sw + kx * dw - left < width for ox in range(ow) for kx in range(kw)]
     first_in, last_in = _inside([all(inside[ox * kw : (ox + 1) * kw]) for ox in range(ow)])
 
-    def rows(emitting, ptrs, lo, hi, _):
+    def rows(emitting, ptrs, lo, hi, block):
         eb = emitting.b
         V, at, (xv, wv, yv), bv, tails = _block(emitting, views, ptrs, len(operands), x_type.dtype, lanes)
+        row_buffer = eb.gep(ptrs[-1], [const_i64(_zeros_bytes(node) + block * ow * c * x_type.dtype.itemsize)], source_etype=ir.IntType(8)) if retyped else None
 
         with for_range(eb, hi, start=lo, name="item") as item:
             img, oy = eb.udiv(item, const_i64(oh)), eb.urem(item, const_i64(oh))
@@ -237,7 +247,7 @@ def emit_nhwc(ctx, epilogue=None) -> None:
                 iy = eb.sub(eb.add(eb.mul(oy, const_i64(sh)), const_i64(ky * dh)), const_i64(top))
                 valid = eb.and_(eb.icmp_signed(">=", iy, const_i64(0)), eb.icmp_signed("<", iy, const_i64(height)))
                 window_rows.append(eb.select(valid, at(image, eb.mul(iy, const_i64(width * c))), ptrs[-1]))
-            out_row = at(yv.ptr, eb.add(const_i64(yv.offset), eb.mul(item, const_i64(ow * c))))
+            out_row = row_buffer if retyped else at(yv.ptr, eb.add(const_i64(yv.offset), eb.mul(item, const_i64(ow * c))))
 
             def channel_block(c0: ir.Value, count: int, middle: tuple | None) -> None:
                 """Channels [c0, c0 + count): the border positions (``middle`` None) or the
@@ -287,8 +297,11 @@ def emit_nhwc(ctx, epilogue=None) -> None:
                     offset = eb.add(const_i64(view.offset), eb.mul(first, const_i64(view.strides[0])))
                     return View(eb.gep(ptr, [offset], source_etype=llvm_type(view.dtype)), view.dtype, (ow, c), view.strides)
 
-                out = View(out_row, x_type.dtype, (ow, c), (c, 1))
-                epilogue.run(eb, emitting.module, out, [block(v.ptr, v) for v in tails])
+                if retyped:
+                    out = block(yv.ptr, View(yv.ptr, yv.dtype, (x_type.shape[0] * oh * ow, c), (c, 1), yv.offset))
+                    epilogue.run(eb, emitting.module, out, [block(v.ptr, v) for v in tails], source=View(out_row, x_type.dtype, (ow, c), (c, 1)))
+                else:
+                    epilogue.run(eb, emitting.module, View(out_row, x_type.dtype, (ow, c), (c, 1)), [block(v.ptr, v) for v in tails])
 
     items = x_type.shape[0] * oh
     threads = min(num_threads(), items) if items * ow * c * kh * kw >= PARALLEL_TAPS else 1

@@ -17,30 +17,36 @@ from kiln.ir.types import TensorType
 needs_vnni = pytest.mark.skipif(not available(), reason="this CPU has no AVX-512 VNNI: ConvInteger decomposes to a float64 conv here, which the reference tests cover")
 
 
-def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0):
+def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool = False):
     """float x -> QuantizeLinear -> DequantizeLinear -> Conv (per-channel int8 weights) ->
-    Relu -> QuantizeLinear -> DequantizeLinear: what onnxruntime's quantize_static writes."""
+    Relu -> QuantizeLinear -> DequantizeLinear, as onnxruntime's quantize_static writes it;
+    ``depthwise``: a 3x3 depthwise conv of 32 channels, then a QDQ 1x1 conv to 40."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    c, m, k, h = 5, 40, 3, 11
-    inits = {
-        "sx": np.array(0.03, np.float32), "zx": np.array(zx, np.uint8),
-        "wq": rng.integers(-127, 128, (m, c, k, k)).astype(np.int8), "sw": (rng.random(m) * 0.01 + 0.002).astype(np.float32), "zw": np.zeros(m, np.int8),
-        "b": rng.standard_normal(m).astype(np.float32), "sy": np.array(0.04, np.float32), "zy": np.array(0, np.uint8),
-    }
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-        helper.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[pads] * 4, strides=[stride] * 2),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["yq"]),
-        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"]),
-    ]
-    out = (h + 2 * pads - k) // stride + 1
+    c, h = (32, 11) if depthwise else (5, 11)
+    layers = [(32, 3, 32), (40, 1, 1)] if depthwise else [(40, 3, 1)]  # (output channels, kernel, group)
+    inits = {"s0": np.array(0.03, np.float32), "z0": np.array(zx, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s0", "z0"], ["q0"])]
+    channels, size = c, h
+    for i, (m, k, group) in enumerate(layers):
+        p = pads if k > 1 else 0
+        inits.update({
+            f"w{i}": rng.integers(-127, 128, (m, channels // group, k, k)).astype(np.int8), f"sw{i}": (rng.random(m) * 0.01 + 0.002).astype(np.float32),
+            f"zw{i}": np.zeros(m, np.int8), f"b{i}": rng.standard_normal(m).astype(np.float32), f"s{i + 1}": np.array(0.04, np.float32), f"z{i + 1}": np.array(0, np.uint8),
+        })
+        nodes += [
+            helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"]),
+            helper.make_node("DequantizeLinear", [f"w{i}", f"sw{i}", f"zw{i}"], [f"wd{i}"], axis=0),
+            helper.make_node("Conv", [f"d{i}", f"wd{i}", f"b{i}"], [f"c{i}"], pads=[p] * 4, strides=[stride] * 2, group=group),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
+            helper.make_node("QuantizeLinear", [f"r{i}", f"s{i + 1}", f"z{i + 1}"], [f"q{i + 1}"]),
+        ]
+        channels, size = m, (size + 2 * p - k) // stride + 1
+    last = len(layers)
+    nodes.append(helper.make_node("DequantizeLinear", [f"q{last}", f"s{last}", f"z{last}"], ["y"]))
     graph = helper.make_graph(
-        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, h, h])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, m, out, out])],
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, h, h])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, channels, size, size])],
         [numpy_helper.from_array(a, name) for name, a in inits.items()],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), rng.standard_normal((2, c, h, h)).astype(np.float32)
@@ -125,4 +131,24 @@ def test_a_qdq_model_compiles_to_integer_convs_with_their_tails_fused():
     want = kiln.compile(model).run({"x": x})["y"]
     got = kiln.compile(model, target="llvm").run({"x": x})["y"]
     assert np.abs(got - want).max() <= 0.04 + 1e-6  # one output step (module docstring of integer_convs)
+    assert np.mean(got != want) < 0.01
+
+
+def test_a_depthwise_conv_takes_its_requantizing_tail_fused(monkeypatch):
+    """integer_convs leaves a depthwise conv in float; its tail still ends in 8 bits (what the
+    next, integer, conv reads), which the channels-last depthwise kernel writes from each row
+    computed in scratch."""
+    from kiln.backends.llvm import kernels_conv
+
+    taken = []
+    original = kernels_conv.fused_conv
+    monkeypatch.setattr(kernels_conv, "fused_conv", lambda ctx, body: taken.append((body.nodes[0].op.name, original(ctx, body))) or taken[-1][1])
+    model, x = _qdq_model(zx=3, pads=1, stride=1, depthwise=True)
+    lowered = kiln.optimize(model, "O2", lowering=LLVMBackend.lowering, layout="auto")
+    (fused,) = [n for n in lowered.nodes if n.op.name == "Fused" and n.attrs["body"].nodes[0].op.name == "Conv"]
+    assert fused.attrs["body"].nodes[0].attrs["layout"] == "NHWC" and fused.outputs[0].type.dtype == DType.uint8
+    want = kiln.compile(model).run({"x": x})["y"]
+    got = kiln.compile(model, target="llvm").run({"x": x})["y"]
+    assert ("Conv", True) in taken  # one kernel, not the group's body op by op
+    np.testing.assert_allclose(got, want, atol=0.04 + 1e-6)  # float sums in another order: at most one step
     assert np.mean(got != want) < 0.01
