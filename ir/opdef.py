@@ -61,7 +61,7 @@ class OpDef:
     # folded from parameters by canonicalize whatever its size (not only up to
     # KILN_FOLD_ELEMENTS): what it makes is a weight the model would otherwise rebuild every run
     # (a dequantized int8 weight). The importer keeps it a node, for the passes that compute on
-    # the integers under it (integer_convs).
+    # the integers under it (integer_products).
     folds_any_size: bool = False
     vjp: Callable | None = None  # filled by the autodiff issue
     compute: Any = None  # lowering description, filled by the backends

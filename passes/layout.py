@@ -99,7 +99,7 @@ def mostly_wide(graph: Graph) -> bool:
         if node.op.name in ("Conv", "ConvTranspose", "ConvInteger"):
             macs = node_macs(node)
             total += macs
-            if node.attrs["layout"] == "NHWC":  # already channels-last (integer_convs makes them so)
+            if node.attrs["layout"] == "NHWC":  # already channels-last (integer_products makes them so)
                 wide += macs
             elif _convertible(node) and node.outputs[0].type.shape[1] >= WIDE_CHANNELS:
                 wide += macs

@@ -22,12 +22,12 @@ from kiln import config
 from kiln.backends.llvm import pool
 from kiln.backends.cache import cache_key, load_entry, store_entry
 from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, donated_outputs, generate, pack_panels, written_outputs
-from kiln.backends.llvm.kernels_conv_integer import available as integer_convs_run_here
+from kiln.backends.llvm.kernels_integer import available as integer_products_run_here
 from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
 from kiln.passes.decompose import Decompose
-from kiln.passes.integer_convs import IntegerConvs
+from kiln.passes.integer_products import IntegerProducts
 
 ALIGN = 64
 
@@ -242,7 +242,7 @@ class LLVMBackend:
     # a transposed A, as in x^T g, it reads in place)
     # (QDQ models' convs first computed in integers where the CPU has VNNI, while their
     # DequantizeLinear nodes still show the 8-bit operands)
-    lowering = [IntegerConvs(enabled=integer_convs_run_here), Decompose(when=decomposes), "decompose_rnn", "row_major_gemm"]
+    lowering = [IntegerProducts(enabled=integer_products_run_here), Decompose(when=decomposes), "decompose_rnn", "row_major_gemm"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()

@@ -118,12 +118,12 @@ def fused_conv(ctx: KernelContext, body) -> bool:
     runs on each block of conv output while it is in cache, instead of as passes over the whole
     output. Returns False (nothing emitted) where the conv cannot (``_takes_tail``) or an
     operand is not laid out by rows."""
-    from kiln.backends.llvm import kernels_conv_integer, kernels_depthwise
+    from kiln.backends.llvm import kernels_integer, kernels_depthwise
 
     conv, *chain = body.nodes
     if conv.op.name not in ("Conv", "ConvInteger") or not chain:
         return False
-    integer = kernels_conv_integer.applies(conv)  # sums to a row buffer: the tail may change the dtype
+    integer = kernels_integer.applies(conv)  # sums to a row buffer: the tail may change the dtype
     if conv.op.name == "ConvInteger" and not integer:
         return False
     depthwise = not integer and kernels_depthwise.applies(conv)  # NCHW: the tail runs on each output plane
@@ -150,7 +150,7 @@ def fused_conv(ctx: KernelContext, body) -> bool:
 
     conv_ctx = KernelContext(ctx.b, ctx.module, conv, [outer[v] if v is not None else None for v in conv.inputs], ctx.outputs, ctx.scratch, ctx.codegen)
     if integer:
-        kernel = kernels_conv_integer.emit
+        kernel = kernels_integer.emit
     else:
         kernel = kernels_depthwise.emit if depthwise else kernels_depthwise.emit_nhwc if depthwise_nhwc else emit if applies(conv) else emit_pointwise_conv
     kernel(conv_ctx, Epilogue(rows, apply))

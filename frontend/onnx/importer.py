@@ -249,7 +249,7 @@ class Importer:
         node = self.graph.add_node(opdef, inputs, attrs, name=name, num_outputs=num_outputs)
         params = self.graph.params
         cap = config.flags().fold_elements
-        # a DequantizeLinear of a weight (``folds_any_size``) stays a node: the integer_convs
+        # a DequantizeLinear of a weight (``folds_any_size``) stays a node: the integer_products
         # pass reads the 8-bit weight under it, and canonicalize folds what is left
         foldable = (
             opdef.deterministic

@@ -219,6 +219,6 @@ def _qlinear_conv(attrs, x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias
 
 register(OpDef("MatMulInteger", OpKind.HEAVY, _matmul_integer_infer, _matmul_integer, num_inputs=(2, 4)))
 register(OpDef("QLinearMatMul", OpKind.HEAVY, _qlinear_matmul_infer, _qlinear_matmul, num_inputs=(8, 8)))
-# channels-last too (``layout="NHWC"``, weight (*kernel, C, M)): the integer_convs pass makes it
+# channels-last too (``layout="NHWC"``, weight (*kernel, C, M)): the integer_products pass makes it
 register(OpDef("ConvInteger", OpKind.HEAVY, *channels_last(_conv_integer_infer, _conv_integer, conv_weight_to_first), {**CONV_ATTRS, "layout": "NCHW"}, num_inputs=(2, 4)))
 register(OpDef("QLinearConv", OpKind.HEAVY, _qlinear_conv_infer, _qlinear_conv, dict(CONV_ATTRS), num_inputs=(8, 9)))

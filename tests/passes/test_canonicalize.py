@@ -46,7 +46,7 @@ def test_fold_constants_respects_the_fold_cap():
 def test_dequantized_weights_fold_whatever_their_size():
     """A DequantizeLinear of parameters is a float weight (a QDQ model's): folded past the cap,
     by the pass and by the decompose lowering, so it is not rebuilt every run; an Exp is not.
-    The ONNX importer keeps it a node, for integer_convs to read the int8 weight under it."""
+    The ONNX importer keeps it a node, for integer_products to read the int8 weight under it."""
     from kiln.passes.decompose import Decompose
     from onnx import helper, numpy_helper
 

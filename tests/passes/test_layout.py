@@ -233,7 +233,7 @@ def test_auto_keeps_channels_first_where_convs_that_stay_so_do_the_work(light_mo
 
 
 def test_channels_last_integer_convs_count_as_wide_work():
-    """integer_convs leaves a QDQ model's convs channels-last already: to_nhwc_if_wide must still
+    """integer_products leaves a QDQ model's convs channels-last already: to_nhwc_if_wide must still
     convert the pools between them (a MaxPool left NCHW costs two transposes)."""
     from kiln.passes.layout import mostly_wide
 

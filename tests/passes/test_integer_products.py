@@ -1,4 +1,4 @@
-"""integer_convs: a Conv of dequantized uint8 activations and int8 weights becomes a
+"""integer_products: a Conv of dequantized uint8 activations and int8 weights becomes a
 channels-last ConvInteger, its int32 sums scaled back to float; convs it cannot express stay."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_a_dequantized_conv_becomes_a_channels_last_integer_conv_and_its_scale(r
     """The weight goes to (kernel, C, M) order, the scale is x's times each channel's, the bias
     is added after; the DequantizeLinear nodes it read go."""
     rewrites(
-        ["integer_convs"],
+        ["integer_products"],
         QDQ_CONV.format(zx_type="u8[]", zw="[0, 0]", group=1),
         """
         graph g(%xq: u8[1,2,3,3]) {
@@ -59,6 +59,6 @@ def test_convs_without_an_integer_form_stay(zx_type, zw, group, why):
     text = QDQ_CONV.format(zx_type=zx_type, zw=zw, group=group).replace("%xq: u8", f"%xq: {zx_type[:2]}")
     if group == 2:
         text = text.replace("i8[2,2,1,1] = [1, -2, 3, 4]", "i8[2,1,1,1] = [1, -2]").replace("%w: f32[2,2,1,1]", "%w: f32[2,1,1,1]")
-    graph = run_passes(parse_graph(text), ["integer_convs"])
+    graph = run_passes(parse_graph(text), ["integer_products"])
     assert [n.op.name for n in graph.nodes].count("Conv") == 1, why
     assert "ConvInteger" not in [n.op.name for n in graph.nodes], why

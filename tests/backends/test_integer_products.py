@@ -1,5 +1,5 @@
 """The llvm backend's VNNI ConvInteger: channels-last uint8 by int8 sums, bit for bit the
-reference's, alone and under a fused requantizing tail (a QDQ model through integer_convs)."""
+reference's, alone and under a fused requantizing tail (a QDQ model through integer_products)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import kiln
 from kiln.backends.llvm import LLVMBackend
 from kiln.backends.llvm.codegen import PanelSpec, pack_panels
-from kiln.backends.llvm.kernels_conv_integer import available
+from kiln.backends.llvm.kernels_integer import available
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
@@ -58,7 +58,7 @@ def test_the_integer_form_agrees_with_the_float_model_within_one_output_step(zx,
     rounding boundary may move one step (0.04), no further, and few do."""
     model, x = _qdq_model(zx, pads, stride)
     want = kiln.compile(model).run({"x": x})["y"]
-    integer = kiln.optimize(model, "O0", passes=["integer_convs"])
+    integer = kiln.optimize(model, "O0", passes=["integer_products"])
     assert "ConvInteger" in [n.op.name for n in integer.nodes]
     got = kiln.compile(integer).run({"x": x})["y"]
     assert np.abs(got - want).max() <= 0.04 + 1e-6
@@ -130,12 +130,12 @@ def test_a_qdq_model_compiles_to_integer_convs_with_their_tails_fused():
     assert len(fused) == 1 and fused[0].outputs[0].type.dtype == DType.float32  # through the requantization to the last DequantizeLinear
     want = kiln.compile(model).run({"x": x})["y"]
     got = kiln.compile(model, target="llvm").run({"x": x})["y"]
-    assert np.abs(got - want).max() <= 0.04 + 1e-6  # one output step (module docstring of integer_convs)
+    assert np.abs(got - want).max() <= 0.04 + 1e-6  # one output step (module docstring of integer_products)
     assert np.mean(got != want) < 0.01
 
 
 def test_a_depthwise_conv_takes_its_requantizing_tail_fused(monkeypatch):
-    """integer_convs leaves a depthwise conv in float; its tail still ends in 8 bits (what the
+    """integer_products leaves a depthwise conv in float; its tail still ends in 8 bits (what the
     next, integer, conv reads), which the channels-last depthwise kernel writes from each row
     computed in scratch."""
     from kiln.backends.llvm import kernels_conv

@@ -15,7 +15,7 @@ packed weights once per block.
 
 Each output row's sums go either to the int32 output or, in a fused group, to a row buffer
 in the thread's scratch, from which the group's pointwise tail (the scale, bias and next
-QuantizeLinear the ``integer_convs`` pass leaves) writes the group's output while it is in L1.
+QuantizeLinear the ``integer_products`` pass leaves) writes the group's output while it is in L1.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ MASK = ir.VectorType(ir.IntType(1), LANES)
 
 
 def available() -> bool:
-    """Whether this machine has AVX-512 VNNI (the integer_convs pass runs only where it does)."""
+    """Whether this machine has AVX-512 VNNI (the integer_products pass runs only where it does)."""
     from kiln.backends.llvm.target import host_cpu
 
     return {"avx512f", "avx512vnni"} <= host_cpu().feature_set

@@ -1,4 +1,4 @@
-"""integer_convs: a float convolution of dequantized 8-bit operands computes in integers.
+"""integer_products: a float convolution of dequantized 8-bit operands computes in integers.
 
 A QDQ model (onnxruntime's ``quantize_static``, a quantization-aware export) writes a quantized
 conv as ``Conv(DequantizeLinear(xq), DequantizeLinear(wq), bias)``: float arithmetic on values
@@ -90,12 +90,12 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
     replace_node(graph, node, [y], start)
 
 
-class IntegerConvs(Pass):
+class IntegerProducts(Pass):
     """Conv(DequantizeLinear(u8), DequantizeLinear(int8 weight)) -> a channels-last ConvInteger
     and its float scale and bias (module docstring); ``enabled()`` False leaves every conv
     (a backend without an integer conv kernel for this machine)."""
 
-    name = "integer_convs"
+    name = "integer_products"
 
     def __init__(self, enabled: Callable[[], bool] = lambda: True):
         self.enabled = enabled
@@ -114,4 +114,4 @@ class IntegerConvs(Pass):
         return graph
 
 
-register_pass(IntegerConvs())
+register_pass(IntegerProducts())
