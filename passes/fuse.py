@@ -26,7 +26,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.opdef import OpKind, get_op
 from kiln.passes.base import graph_pass
 
-EPILOGUE_ANCHORS = frozenset({"Conv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul"})
+EPILOGUE_ANCHORS = frozenset({"Conv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger"})
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""integer_products: a float convolution of dequantized 8-bit operands computes in integers.
+"""integer_products: float convolutions and matrix products of dequantized 8-bit operands
+compute in integers.
 
 A QDQ model (onnxruntime's ``quantize_static``, a quantization-aware export) writes a quantized
 conv as ``Conv(DequantizeLinear(xq), DequantizeLinear(wq), bias)``: float arithmetic on values
@@ -10,12 +11,16 @@ that are integers times scales. With ``x = (xq - zx) * sx`` (one scale and zero 
 since ConvInteger subtracts ``zx`` and pads with it (a border of float zeros). Each such Conv
 (group 1, 2-D, float32; ``xq`` uint8 with constant scale and zero point; ``wq`` a constant int8
 weight) becomes a channels-last ConvInteger between transposes, its int32 sums cast to float,
-times the constant ``sx * sw``, plus the bias. The layout passes sink the transposes; fusion
-makes the tail (scale, bias, activation, the next QuantizeLinear) one kernel with the integer
-conv, which reads 8-bit activations and writes the next layer's (llvm: ``kernels_conv_integer``).
+times the constant ``sx * sw``, plus the bias. The layout passes sink the transposes. A MatMul
+(or Gemm, without transA) of such operands, the weight a constant (K, N) matrix (Gemm's
+transposed one transposed now) with one scale per column or one for all, becomes
+``MatMulInteger(xq, wq, zx)`` the same way, Gemm's alpha in the scale and beta * C the bias.
 
-The integer sums are exact where the float conv rounds, so an output next to a rounding
-boundary of the following QuantizeLinear can land one step away from the float model's.
+Fusion makes the tail (scale, bias, activation, the next QuantizeLinear) one kernel with the
+integer product, which reads 8-bit activations and writes the next layer's (llvm:
+``kernels_integer``). The integer sums are exact where the float ones round, so an output next
+to a rounding boundary of the following QuantizeLinear can land one step away from the float
+model's.
 
 Preconditions: DequantizeLinear not yet folded or decomposed (the llvm backend runs this pass
 first among its lowering passes). Postconditions: outputs unchanged up to float rounding.
@@ -47,13 +52,11 @@ def _dequantized(graph: Graph, value: Value, dtype: DType) -> tuple[Value, np.nd
     return q, graph.params[scale], graph.params[zero] if zero is not None else None, node.attrs["axis"] % q.type.rank
 
 
-def integer_form(graph: Graph, node: Node) -> tuple | None:
-    """The operands of ``node``'s integer form, or None where it has none: (xq, x scale, x zero
-    point param or None, the int8 weight, its per-channel scales)."""
-    if node.op.name != "Conv" or node.attrs["layout"] != "NCHW" or node.attrs["group"] != 1:
-        return None
-    x, w = node.inputs[:2]
-    if x.type.rank != 4 or x.type.dtype != DType.float32:
+def _operands(graph: Graph, node: Node, x: Value, w: Value, weight_axis: int) -> tuple | None:
+    """(xq, x scale, x zero point param or None, the int8 weight, its scales along
+    ``weight_axis``, one per output channel or column) where ``x`` and ``w`` dequantize uint8
+    activations (one scale and zero point) and a constant int8 weight (zero points 0), else None."""
+    if x.type.dtype != DType.float32:
         return None
     xs = _dequantized(graph, x, DType.uint8)
     ws = _dequantized(graph, w, DType.int8)
@@ -61,13 +64,33 @@ def integer_form(graph: Graph, node: Node) -> tuple | None:
         return None
     xq, x_scale, x_zero, _ = xs
     wq, w_scale, w_zero, axis = ws
-    m = w.type.shape[0]
+    outputs = w.type.shape[weight_axis]
     if x_scale.size != 1 or (x_zero is not None and x_zero.size != 1) or wq not in graph.params:
         return None
-    if w_scale.size not in (1, m) or (w_scale.size == m > 1 and axis != 0) or (w_zero is not None and w_zero.any()):
+    if w_scale.size not in (1, outputs) or (w_scale.size == outputs > 1 and axis != weight_axis) or (w_zero is not None and w_zero.any()):
         return None
     zero_param = x.producer.inputs[2] if len(x.producer.inputs) > 2 and x_zero is not None and x_zero.any() else None
-    return xq, x_scale.reshape(()), zero_param, graph.params[wq], np.broadcast_to(w_scale.reshape(-1), (m,))
+    return xq, x_scale.reshape(()), zero_param, graph.params[wq], np.broadcast_to(w_scale.reshape(-1), (outputs,))
+
+
+def integer_form(graph: Graph, node: Node) -> tuple | None:
+    """The operands of ``node``'s integer form (``_operands``), or None where it has none."""
+    op = node.op.name
+    if op == "Conv":
+        if node.attrs["layout"] != "NCHW" or node.attrs["group"] != 1 or node.inputs[0].type.rank != 4:
+            return None
+        return _operands(graph, node, node.inputs[0], node.inputs[1], 0)
+    if op == "MatMul" and node.inputs[1].type.rank == 2 and node.inputs[0].type.rank >= 2:
+        return _operands(graph, node, node.inputs[0], node.inputs[1], 1)
+    if op == "Gemm" and not node.attrs["transA"]:
+        return _operands(graph, node, node.inputs[0], node.inputs[1], 0 if node.attrs["transB"] else 1)
+    return None
+
+
+def _scale(graph: Graph, where: str, x_scale: np.ndarray, w_scale: np.ndarray, shape: list[int], factor: float = 1.0) -> Value:
+    """The constant ``x scale * w scale`` (times ``factor``), in float64 then float32, as ``shape``."""
+    scale = (x_scale.astype(np.float64) * w_scale.astype(np.float64) * factor).astype(np.float32).reshape(shape)
+    return graph.add_param(graph.fresh_name(f"{where}.scale"), scale)
 
 
 def rewrite(graph: Graph, node: Node, form: tuple) -> None:
@@ -76,24 +99,35 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
     where = node.name or node.op.name
     start = len(graph.nodes)
     b = GradBuilder(graph, where)
-    weight = graph.add_param(graph.fresh_name(f"{where}.weight_nhwc"), np.ascontiguousarray(wq.transpose(weight_to_spatial_first(4))))
-    attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
-    operands = [b.op("Transpose", xq, perm=to_channels_last(4)), weight, *([zero] if zero is not None else [])]
-    (sums,) = b.ops("ConvInteger", operands, group=1, layout="NHWC", **attrs)
-    y = b.op("Cast", b.op("Transpose", sums, perm=to_channels_first(4)), to="f32")
-    m = wq.shape[0]
-    scale = (x_scale.astype(np.float64) * w_scale.astype(np.float64)).astype(np.float32).reshape(1, m, 1, 1)
-    y = b.op("Mul", y, graph.add_param(graph.fresh_name(f"{where}.scale"), scale))
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None:
-        y = b.op("Add", y, b.reshape(bias, [1, m, 1, 1]))
+    zero_point = [zero] if zero is not None else []
+    if node.op.name == "Conv":
+        weight = graph.add_param(graph.fresh_name(f"{where}.weight_nhwc"), np.ascontiguousarray(wq.transpose(weight_to_spatial_first(4))))
+        attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
+        (sums,) = b.ops("ConvInteger", [b.op("Transpose", xq, perm=to_channels_last(4)), weight, *zero_point], group=1, layout="NHWC", **attrs)
+        m = wq.shape[0]
+        y = b.op("Mul", b.op("Cast", b.op("Transpose", sums, perm=to_channels_first(4)), to="f32"), _scale(graph, where, x_scale, w_scale, [1, m, 1, 1]))
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None:
+            y = b.op("Add", y, b.reshape(bias, [1, m, 1, 1]))
+    else:  # MatMul, Gemm: y = x @ w (K, N)
+        gemm = node.op.name == "Gemm"
+        matrix = wq.T if gemm and node.attrs["transB"] else wq
+        weight = graph.add_param(graph.fresh_name(f"{where}.weight_kn"), np.ascontiguousarray(matrix))
+        (sums,) = b.ops("MatMulInteger", [xq, weight, *zero_point])
+        alpha = float(node.attrs["alpha"]) if gemm else 1.0
+        y = b.op("Mul", b.op("Cast", sums, to="f32"), _scale(graph, where, x_scale, w_scale, [matrix.shape[1]], alpha))
+        bias = node.inputs[2] if gemm and len(node.inputs) > 2 else None
+        if bias is not None:
+            beta = float(node.attrs["beta"])
+            y = b.op("Add", y, bias if beta == 1.0 else b.op("Mul", bias, b.const(beta, bias)))
     replace_node(graph, node, [y], start)
 
 
 class IntegerProducts(Pass):
-    """Conv(DequantizeLinear(u8), DequantizeLinear(int8 weight)) -> a channels-last ConvInteger
-    and its float scale and bias (module docstring); ``enabled()`` False leaves every conv
-    (a backend without an integer conv kernel for this machine)."""
+    """Conv, MatMul or Gemm of DequantizeLinear(u8) by DequantizeLinear(int8 weight) ->
+    ConvInteger (channels-last) or MatMulInteger, then its float scale and bias (module
+    docstring); ``enabled()`` False leaves every node (a backend without integer kernels for
+    this machine)."""
 
     name = "integer_products"
 

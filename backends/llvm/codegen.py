@@ -111,7 +111,7 @@ def lacks_kernel(node: Node) -> bool:
     """Whether no kernel runs ``node`` (the backend's ``decompose`` lowering expresses it through others)."""
     if node.op.name == "BatchNormalization":
         return bool(node.attrs["training_mode"]) or len(node.outputs) > 1
-    if node.op.name == "ConvInteger":  # channels-last uint8 by int8 on VNNI; the rest decompose
+    if node.op.name in ("ConvInteger", "MatMulInteger"):  # uint8 by int8 on VNNI; the rest decompose
         from kiln.backends.llvm.kernels_integer import applies
 
         return not applies(node)
@@ -343,7 +343,7 @@ def runtime_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:
         for i, v in enumerate(node.inputs):
             if v is None or v in graph.params or v.type.rank != 2 or (spec := panel_spec(node, i)) is None:
                 continue
-            if spec.transpose or (spec.k, spec.n) != tuple(v.type.shape):
+            if spec.transpose or spec.quads or (spec.k, spec.n) != tuple(v.type.shape):
                 continue
             count = readers.get((id(v), spec), (v, 0))[1]
             readers[(id(v), spec)] = (v, count + 1)

@@ -121,10 +121,10 @@ def fused_conv(ctx: KernelContext, body) -> bool:
     from kiln.backends.llvm import kernels_integer, kernels_depthwise
 
     conv, *chain = body.nodes
-    if conv.op.name not in ("Conv", "ConvInteger") or not chain:
+    if conv.op.name not in ("Conv", "ConvInteger", "MatMulInteger") or not chain:
         return False
     integer = kernels_integer.applies(conv)  # sums to a row buffer: the tail may change the dtype
-    if conv.op.name == "ConvInteger" and not integer:
+    if conv.op.name != "Conv" and not integer:
         return False
     depthwise = not integer and kernels_depthwise.applies(conv)  # NCHW: the tail runs on each output plane
     depthwise_nhwc = not integer and kernels_depthwise.applies_nhwc(conv)

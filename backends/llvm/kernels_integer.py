@@ -49,9 +49,14 @@ def available() -> bool:
 
 
 def applies(node) -> bool:
-    """A channels-last, ungrouped ConvInteger of uint8 by int8 with no weight zero point and a
-    scalar (or no) activation zero point, on a VNNI machine."""
-    if node.op.name != "ConvInteger" or node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1:
+    """A channels-last, ungrouped ConvInteger, or a MatMulInteger by a (K, N) matrix, of uint8
+    by int8 with no weight zero point and a scalar (or no) activation zero point, on a VNNI
+    machine."""
+    op = node.op.name
+    if op == "ConvInteger":
+        if node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1:
+            return False
+    elif op != "MatMulInteger" or node.inputs[1].type.rank != 2:
         return False
     x, w = node.inputs[0].type, node.inputs[1].type
     zero = node.inputs[2] if len(node.inputs) > 2 else None
@@ -63,10 +68,26 @@ def _quads(c: int) -> int:
     return -(-c // QUAD) * QUAD
 
 
+ROW_POSITIONS = 64  # a matrix product's rows go in "output rows" of at most this many (a row buffer each)
+
+
+def _original(node) -> Geometry:
+    """A conv's geometry; a matrix product's as a 1x1 conv over its rows, taken as a 2-D image
+    of rows of at most ROW_POSITIONS positions (the largest such divisor of the row count)."""
+    if node.op.name == "ConvInteger":
+        return geometry(node)
+    (k, n), rows = node.inputs[1].type.shape, math.prod(node.inputs[0].type.shape[:-1])
+    width = max(d for d in range(1, min(rows, ROW_POSITIONS) + 1) if rows % d == 0)
+    if width < 8 and rows > ROW_POSITIONS:  # no good divisor: one long row
+        width = rows
+    out = (rows // width, width)
+    return Geometry(k, n, (1, 1), (1, 1), (1, 1), out, out, (0, 0), out)
+
+
 def _geometry(node) -> tuple[Geometry, bool]:
-    """The conv's geometry over the image it reads (channels padded to a multiple of four),
+    """The geometry over the image the kernel reads (channels padded to a multiple of four),
     and whether that image is a scratch copy (pads, or channel padding)."""
-    g = geometry(node)
+    g = _original(node)
     return dataclasses.replace(g, c=_quads(g.c)), g.has_pads or g.c % QUAD != 0
 
 
@@ -88,24 +109,25 @@ def _scratch(node) -> int:
     return _image_bytes(node) + num_threads() * g.ow * NR * 4
 
 
-@kernel("ConvInteger", scratch=_scratch, panels=_panels)
-def conv_integer(ctx: KernelContext) -> None:
+@kernel("ConvInteger", "MatMulInteger", scratch=_scratch, panels=_panels)
+def integer_product(ctx: KernelContext) -> None:
     if not applies(ctx.node):
-        raise KilnError(f"node {ctx.node.name!r}: ConvInteger has an LLVM kernel only channels-last, uint8 by int8 without a weight zero point, on AVX-512 VNNI (the decompose lowering takes the others)")
+        raise KilnError(f"node {ctx.node.name!r}: {ctx.node.op.name} has an LLVM kernel only for uint8 by int8 without a weight zero point (ConvInteger channels-last), on AVX-512 VNNI (the decompose lowering takes the others)")
     emit(ctx)
 
 
 def emit(ctx: KernelContext, epilogue=None) -> None:
-    """y = ConvInteger(x, w, z) in int32, or with ``epilogue`` (a ``kernels_conv.Epilogue``)
-    the group's output from each row of sums."""
+    """y = ConvInteger(x, w, z) or MatMulInteger(x, w, z) in int32, or with ``epilogue`` (a
+    ``kernels_conv.Epilogue``) the group's output from each row of sums."""
     node = ctx.node
     g, copied = _geometry(node)
     xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     zero = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     if not isinstance(wv, Panels):
-        raise KilnError(f"node {node.name!r}: ConvInteger's LLVM kernel needs constant weights (packed at compile time)")
+        raise KilnError(f"node {node.name!r}: the LLVM kernel of {node.op.name} needs constant weights (packed at compile time)")
     b = ctx.b
-    original = geometry(node)
+    original = _original(node)
+    images = xv.shape[0] if node.op.name == "ConvInteger" else 1  # a matrix product's rows are one image
     blocks = -(-g.m // NR)
     image_in, image_out = math.prod(original.size) * original.c, math.prod(g.out) * g.m
     by_rows = g.kk * blocks * NR <= SHARED_WEIGHTS and g.rows >= 2 * num_threads()
@@ -113,7 +135,7 @@ def emit(ctx: KernelContext, epilogue=None) -> None:
     threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1
     operands = epilogue.operands if epilogue else []
     out_ty = ir.IntType(8 * y.dtype.itemsize)
-    with for_range(b, xv.shape[0], name="img") as img:
+    with for_range(b, images, name="img") as img:
         x_img = b.gep(xv.ptr, [b.add(const_i64(xv.offset), b.mul(img, const_i64(image_in)))], source_etype=I8)
         y_img = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(img, const_i64(image_out)))], source_etype=out_ty)
         source = x_img

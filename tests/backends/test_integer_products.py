@@ -1,5 +1,6 @@
-"""The llvm backend's VNNI ConvInteger: channels-last uint8 by int8 sums, bit for bit the
-reference's, alone and under a fused requantizing tail (a QDQ model through integer_products)."""
+"""The llvm backend's VNNI integer products: channels-last ConvInteger and MatMulInteger of
+uint8 by int8, bit for bit the reference's int32 sums, alone and under a fused requantizing
+tail (QDQ models through integer_products)."""
 
 from __future__ import annotations
 
@@ -152,3 +153,70 @@ def test_a_depthwise_conv_takes_its_requantizing_tail_fused(monkeypatch):
     assert ("Conv", True) in taken  # one kernel, not the group's body op by op
     np.testing.assert_allclose(got, want, atol=0.04 + 1e-6)  # float sums in another order: at most one step
     assert np.mean(got != want) < 0.01
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    "shape, n, zero",
+    [
+        ((64, 784), 512, 3),  # an MLP layer: rows in 64-position rows
+        ((3, 37, 20), 70, None),  # batched: 111 rows as 3 rows of 37 positions; K padded to 24
+        ((128, 768), 3072, 128),  # a transformer's feed-forward: weights past 2 MB, split by column blocks
+        ((5, 6), 33, 0),
+    ],
+)
+def test_the_vnni_matmul_gives_the_references_int32_sums(shape, n, zero):
+    rng = np.random.default_rng(1)
+    g = Graph("matmul_integer")
+    x = g.add_input("x", TensorType(shape, DType.uint8))
+    inputs = [x, g.add_param("w", rng.integers(-128, 128, (shape[-1], n), dtype=np.int8))]
+    if zero is not None:
+        inputs.append(g.add_param("z", np.array(zero, np.uint8)))
+    g.outputs = [g.add_node("MatMulInteger", inputs, name="mm").outputs[0]]
+    feed = {"x": rng.integers(0, 256, shape, dtype=np.uint8)}
+    name = g.outputs[0].name
+    np.testing.assert_array_equal(kiln.compile(g, target="llvm").run(feed)[name], kiln.compile(g).run(feed)[name])
+
+
+def _qdq_mlp(seed: int = 0):
+    """A quantize_static MLP: Gemm(DequantizeLinear(u8), DequantizeLinear(int8 (N, K) per row),
+    DequantizeLinear(int32 bias)) {transB=1}, then Relu and QuantizeLinear, twice."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    sizes = [48, 40, 10]
+    inits = {"s0": np.array(0.05, np.float32), "z0": np.array(128, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s0", "z0"], ["q0"])]
+    for i, (k, n) in enumerate(zip(sizes, sizes[1:])):
+        sw = (rng.random(n) * 0.01 + 0.002).astype(np.float32)
+        inits.update({
+            f"w{i}": rng.integers(-127, 128, (n, k)).astype(np.int8), f"sw{i}": sw, f"zw{i}": np.zeros(n, np.int8),
+            f"b{i}": rng.integers(-2000, 2000, n).astype(np.int32), f"sb{i}": (sw * inits[f"s{i}"]).astype(np.float32), f"zb{i}": np.zeros(n, np.int32),
+            f"s{i + 1}": np.array(0.05, np.float32), f"z{i + 1}": np.array(0, np.uint8),
+        })
+        nodes += [
+            helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"]),
+            helper.make_node("DequantizeLinear", [f"w{i}", f"sw{i}", f"zw{i}"], [f"wd{i}"], axis=0),
+            helper.make_node("DequantizeLinear", [f"b{i}", f"sb{i}", f"zb{i}"], [f"bd{i}"], axis=0),
+            helper.make_node("Gemm", [f"d{i}", f"wd{i}", f"bd{i}"], [f"g{i}"], transB=1),
+            helper.make_node("Relu", [f"g{i}"], [f"r{i}"]),
+            helper.make_node("QuantizeLinear", [f"r{i}", f"s{i + 1}", f"z{i + 1}"], [f"q{i + 1}"]),
+        ]
+    nodes.append(helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "qdq_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, sizes[0]])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, sizes[-1]])],
+        [numpy_helper.from_array(a, name) for name, a in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), rng.standard_normal((16, sizes[0])).astype(np.float32) * 3
+
+
+@needs_vnni
+def test_a_qdq_mlp_runs_its_gemms_as_integer_products_with_their_tails_fused():
+    model, x = _qdq_mlp()
+    lowered = kiln.optimize(model, "O2", lowering=LLVMBackend.lowering)
+    anchors = [n.attrs["body"].nodes[0].op.name for n in lowered.nodes if n.op.name == "Fused"]
+    assert anchors.count("MatMulInteger") == 2 and "Gemm" not in anchors
+    want = kiln.compile(model).run({"x": x})["y"]
+    got = kiln.compile(model, target="llvm").run({"x": x})["y"]
+    assert np.abs(got - want).max() <= 0.05 + 1e-6  # one output step
+    assert np.mean(got != want) < 0.02

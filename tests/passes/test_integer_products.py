@@ -1,5 +1,6 @@
-"""integer_products: a Conv of dequantized uint8 activations and int8 weights becomes a
-channels-last ConvInteger, its int32 sums scaled back to float; convs it cannot express stay."""
+"""integer_products: a Conv, MatMul or Gemm of dequantized uint8 activations and int8 weights
+becomes a channels-last ConvInteger or a MatMulInteger, its int32 sums scaled back to float;
+nodes it cannot express stay."""
 
 from __future__ import annotations
 
@@ -62,3 +63,56 @@ def test_convs_without_an_integer_form_stay(zx_type, zw, group, why):
     graph = run_passes(parse_graph(text), ["integer_products"])
     assert [n.op.name for n in graph.nodes].count("Conv") == 1, why
     assert "ConvInteger" not in [n.op.name for n in graph.nodes], why
+
+
+QDQ_GEMM = """
+    graph g(%xq: u8[2,3]) {{
+      param %sx: f32[] = [0.5]
+      param %zx: u8[] = [3]
+      param %wq: i8[{w_shape}] = [1, -2, 3, 4, -5, 6]
+      param %sw: f32[2] = [0.25, 0.125]
+      param %c: f32[2] = [1.0, -1.0]
+      %x: f32[2,3] = DequantizeLinear(%xq, %sx, %zx) {{axis=1, block_size=0, output_dtype=null}}
+      %w: f32[{w_shape}] = DequantizeLinear(%wq, %sw) {{axis={axis}, block_size=0, output_dtype=null}}
+      %y: f32[2,2] = {product}
+      return %y
+    }}"""
+
+
+def test_a_dequantized_matmul_becomes_matmul_integer_and_its_column_scales(rewrites):
+    rewrites(
+        ["integer_products"],
+        QDQ_GEMM.format(w_shape="3,2", axis=1, product="MatMul(%x, %w)"),
+        """
+        graph g(%xq: u8[2,3]) {
+          param %zx: u8[] = [3]
+          param %wq: i8[3,2] = [1, -2, 3, 4, -5, 6]
+          param %scale: f32[2] = [0.125, 0.0625]
+          %sums: i32[2,2] = MatMulInteger(%xq, %wq, %zx)
+          %f: f32[2,2] = Cast(%sums) {to="f32"}
+          %y: f32[2,2] = Mul(%f, %scale)
+          return %y
+        }""",
+    )
+
+
+def test_a_dequantized_gemm_takes_its_transposed_weight_alpha_and_beta(rewrites):
+    """Gemm's (N, K) weight is stored (K, N); alpha joins the scale, beta * C is the bias."""
+    rewrites(
+        ["integer_products"],
+        QDQ_GEMM.format(w_shape="2,3", axis=0, product="Gemm(%x, %w, %c) {alpha=2.0, beta=0.5, transA=0, transB=1}"),
+        """
+        graph g(%xq: u8[2,3]) {
+          param %zx: u8[] = [3]
+          param %c: f32[2] = [1.0, -1.0]
+          param %wt: i8[3,2] = [1, 4, -2, -5, 3, 6]
+          param %scale: f32[2] = [0.25, 0.125]
+          param %half: f32[] = [0.5]
+          %sums: i32[2,2] = MatMulInteger(%xq, %wt, %zx)
+          %f: f32[2,2] = Cast(%sums) {to="f32"}
+          %scaled: f32[2,2] = Mul(%f, %scale)
+          %bias: f32[2] = Mul(%c, %half)
+          %y: f32[2,2] = Add(%scaled, %bias)
+          return %y
+        }""",
+    )
