@@ -5,8 +5,8 @@
 Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
 (batch 1, 224x224), light_resnet50 (batch 1), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
 (hidden 256, 32 steps, batch 16) and a GRU of the same size, a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
-224x224: transposed and dilated convolutions), and ResNet-18 quantized to int8 (onnxruntime's
-quantize_static: QDQ, per-channel int8 weights, uint8 activations). Zoo models are built with seeded weights and exported to
+224x224: transposed and dilated convolutions), and the MLP, ResNet-18 and MobileNetV2 quantized
+to int8 (onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations). Zoo models are built with seeded weights and exported to
 ONNX first, so every runtime (onnxruntime too) runs the same file. Ratios are taken side by side
 in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
 """
@@ -40,9 +40,11 @@ STANDARD = {
     "unet-w32/128": ("unet", {"width": 32}, (1, 3, 128, 128)),
     "fcn8s/b1": ("fcn", {}, (1, 3, 224, 224)),
     "deeplabv3/b1": ("deeplabv3", {}, (1, 3, 224, 224)),
+    "mlp-int8/b64": ("mlp", {"hidden": (512, 256)}, (64, 784)),
     "resnet18-int8/b1": ("resnet18", {}, (1, 3, 224, 224)),
+    "mobilenet_v2-int8/b1": ("mobilenet_v2", {}, (1, 3, 224, 224)),
 }
-INT8 = {"resnet18-int8/b1"}  # quantized after export (``quantized``)
+INT8 = {"mlp-int8/b64", "resnet18-int8/b1", "mobilenet_v2-int8/b1"}  # quantized after export (``quantized``)
 
 
 def model_file(label: str, folder: Path) -> str:
