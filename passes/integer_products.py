@@ -9,7 +9,7 @@ that are integers times scales. With ``x = (xq - zx) * sx`` (one scale and zero 
     Conv(x, w)[m] = sx * sw[m] * ConvInteger(xq, wq, zx)[m]
 
 since ConvInteger subtracts ``zx`` and pads with it (a border of float zeros). Each such Conv
-(group 1, 2-D, float32; ``xq`` uint8 with constant scale and zero point; ``wq`` a constant int8
+(group 1, 2-D, float32; ``xq`` 8-bit with constant scale and zero point; ``wq`` a constant int8
 weight) becomes a channels-last ConvInteger between transposes, its int32 sums cast to float,
 times the constant ``sx * sw``, plus the bias. The layout passes sink the transposes. A MatMul
 (or Gemm, without transA) of such operands, the weight a constant (K, N) matrix (Gemm's
@@ -40,26 +40,26 @@ from kiln.passes.base import Pass, register_pass
 from kiln.passes.rewrite import replace_node
 
 
-def _dequantized(graph: Graph, value: Value, dtype: DType) -> tuple[Value, np.ndarray, np.ndarray | None, int] | None:
+def _dequantized(graph: Graph, value: Value, dtypes: tuple[DType, ...]) -> tuple[Value, np.ndarray, np.ndarray | None, int] | None:
     """(the 8-bit value, its scale, its zero point or None, the axis) where ``value`` is a
-    DequantizeLinear of ``dtype`` values with constant scale and zero point, else None."""
+    DequantizeLinear of values of one of ``dtypes`` with constant scale and zero point, else None."""
     node = value.producer
     if node is None or node.op.name != "DequantizeLinear" or node.attrs["block_size"]:
         return None
     q, scale, zero = (list(node.inputs) + [None])[:3]
-    if q.type.dtype != dtype or scale not in graph.params or (zero is not None and zero not in graph.params):
+    if q.type.dtype not in dtypes or scale not in graph.params or (zero is not None and zero not in graph.params):
         return None
     return q, graph.params[scale], graph.params[zero] if zero is not None else None, node.attrs["axis"] % q.type.rank
 
 
 def _operands(graph: Graph, node: Node, x: Value, w: Value, weight_axis: int) -> tuple | None:
     """(xq, x scale, x zero point param or None, the int8 weight, its scales along
-    ``weight_axis``, one per output channel or column) where ``x`` and ``w`` dequantize uint8
+    ``weight_axis``, one per output channel or column) where ``x`` and ``w`` dequantize 8-bit
     activations (one scale and zero point) and a constant int8 weight (zero points 0), else None."""
     if x.type.dtype != DType.float32:
         return None
-    xs = _dequantized(graph, x, DType.uint8)
-    ws = _dequantized(graph, w, DType.int8)
+    xs = _dequantized(graph, x, (DType.uint8, DType.int8))
+    ws = _dequantized(graph, w, (DType.int8,))
     if xs is None or ws is None:
         return None
     xq, x_scale, x_zero, _ = xs
@@ -124,7 +124,7 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
 
 
 class IntegerProducts(Pass):
-    """Conv, MatMul or Gemm of DequantizeLinear(u8) by DequantizeLinear(int8 weight) ->
+    """Conv, MatMul or Gemm of DequantizeLinear(8-bit) by DequantizeLinear(int8 weight) ->
     ConvInteger (channels-last) or MatMulInteger, then its float scale and bias (module
     docstring); ``enabled()`` False leaves every node (a backend without integer kernels for
     this machine)."""

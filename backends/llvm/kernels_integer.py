@@ -61,7 +61,13 @@ def applies(node) -> bool:
     x, w = node.inputs[0].type, node.inputs[1].type
     zero = node.inputs[2] if len(node.inputs) > 2 else None
     weight_zero = node.inputs[3] if len(node.inputs) > 3 else None
-    return x.dtype == DType.uint8 and w.dtype == DType.int8 and weight_zero is None and (zero is None or zero.type.numel == 1) and available()
+    return x.dtype in (DType.uint8, DType.int8) and w.dtype == DType.int8 and weight_zero is None and (zero is None or zero.type.numel == 1) and available()
+
+
+def _signed(node) -> bool:
+    """int8 activations: the copy of the image adds 128 to each (flips its top bit), making the
+    unsigned bytes vpdpbusd multiplies, and the zero point moves by 128 with them."""
+    return node.inputs[0].type.dtype == DType.int8
 
 
 def _quads(c: int) -> int:
@@ -88,7 +94,7 @@ def _geometry(node) -> tuple[Geometry, bool]:
     """The geometry over the image the kernel reads (channels padded to a multiple of four),
     and whether that image is a scratch copy (pads, or channel padding)."""
     g = _original(node)
-    return dataclasses.replace(g, c=_quads(g.c)), g.has_pads or g.c % QUAD != 0
+    return dataclasses.replace(g, c=_quads(g.c)), g.has_pads or g.c % QUAD != 0 or _signed(node)
 
 
 def _panels(node, i: int) -> PanelSpec | None:
@@ -140,7 +146,7 @@ def emit(ctx: KernelContext, epilogue=None) -> None:
         y_img = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(img, const_i64(image_out)))], source_etype=out_ty)
         source = x_img
         if copied:
-            _pad_image(ctx, x_img, ctx.scratch, original, g, zero)
+            _pad_image(ctx, x_img, ctx.scratch, original, g, zero, _signed(node))
             source = ctx.scratch
         rows = b.gep(ctx.scratch, [const_i64(_image_bytes(node))], source_etype=I8)
         starts = [b.gep(v.ptr, [b.add(const_i64(v.offset), b.mul(img, const_i64(math.prod(g.out) * v.strides[0])))], source_etype=ir.IntType(8 * v.dtype.itemsize)) for v in operands]
@@ -151,6 +157,8 @@ def emit(ctx: KernelContext, epilogue=None) -> None:
             row_buffer = eb.gep(ptrs[4], [const_i64(block * g.ow * NR * 4)], source_etype=I8) if epilogue else None
             here = [View(p, v.dtype, v.shape, v.strides) for v, p in zip(operands, ptrs[5:])]
             zero_point = eb.load(ptrs[3], typ=I8) if zero is not None else None
+            if _signed(node):  # the image's bytes moved up by 128: so does the zero point
+                zero_point = eb.xor(zero_point if zero_point is not None else ir.Constant(I8, 0), ir.Constant(I8, 0x80))
             tiles = _Tiles(emitting, g, ptrs[0], ptrs[1], ptrs[2], y.dtype, zero_point, row_buffer, epilogue, here)
             if by_rows:  # output rows [lo, hi), every column block
                 with for_range(eb, blocks, name="jb") as jb:
@@ -165,15 +173,17 @@ def emit(ctx: KernelContext, epilogue=None) -> None:
         parallel_rows(ctx, items, threads, pointers, work)
 
 
-def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, original: Geometry, g: Geometry, zero: View | None) -> None:
+def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, original: Geometry, g: Geometry, zero: View | None, flip: bool) -> None:
     """dst = x's image with ``g.c`` channels (the extra ones any value: their weights are 0)
-    inside a border of the zero point, its rows split over the pool."""
+    inside a border of the zero point, its rows split over the pool; ``flip``: every byte
+    (the border's too) with its top bit flipped, int8 made uint8 plus 128."""
     rows_total = math.prod(g.padded[:-1])
     row_len = g.padded[-1] * g.c
 
     def rows(emitting, ptrs, lo, hi, _):
         b = emitting.b
-        fill = b.load(ptrs[2], typ=I8) if zero is not None else ir.Constant(I8, 0)
+        top = ir.Constant(I8, 0x80 if flip else 0)
+        fill = b.xor(b.load(ptrs[2], typ=I8) if zero is not None else ir.Constant(I8, 0), top)
         with for_range(b, const_i64(hi), start=const_i64(lo), name="prow") as r:
             out_row = b.gep(ptrs[1], [b.mul(r, const_i64(row_len))], source_etype=I8)
             with for_range(b, row_len, name="pz") as j:
@@ -188,11 +198,11 @@ def _pad_image(ctx: KernelContext, x_img: ir.Value, dst: ir.Value, original: Geo
                 dst_row = b.gep(out_row, [const_i64(g.before[-1] * g.c)], source_etype=I8)
                 if original.c == g.c:  # one contiguous run
                     with for_range(b, g.size[-1] * g.c, name="pc") as j:
-                        b.store(b.load(b.gep(src_row, [j], source_etype=I8), typ=I8), b.gep(dst_row, [j], source_etype=I8))
+                        b.store(b.xor(b.load(b.gep(src_row, [j], source_etype=I8), typ=I8), top), b.gep(dst_row, [j], source_etype=I8))
                 else:
                     with for_range(b, g.size[-1], name="px") as px:
                         with for_range(b, original.c, name="pc") as ch:
-                            value = b.load(b.gep(src_row, [b.add(b.mul(px, const_i64(original.c)), ch)], source_etype=I8), typ=I8)
+                            value = b.xor(b.load(b.gep(src_row, [b.add(b.mul(px, const_i64(original.c)), ch)], source_etype=I8), typ=I8), top)
                             b.store(value, b.gep(dst_row, [b.add(b.mul(px, const_i64(g.c)), ch)], source_etype=I8))
 
     threads = min(num_threads(), rows_total) if rows_total * row_len >= 1 << 17 else 1

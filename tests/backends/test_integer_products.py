@@ -18,23 +18,24 @@ from kiln.ir.types import TensorType
 needs_vnni = pytest.mark.skipif(not available(), reason="this CPU has no AVX-512 VNNI: ConvInteger decomposes to a float64 conv here, which the reference tests cover")
 
 
-def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool = False):
+def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool = False, activations=np.uint8):
     """float x -> QuantizeLinear -> DequantizeLinear -> Conv (per-channel int8 weights) ->
-    Relu -> QuantizeLinear -> DequantizeLinear, as onnxruntime's quantize_static writes it;
-    ``depthwise``: a 3x3 depthwise conv of 32 channels, then a QDQ 1x1 conv to 40."""
+    Relu -> QuantizeLinear -> DequantizeLinear, as onnxruntime's quantize_static writes it
+    (``activations``: uint8, or int8 as its defaults make them); ``depthwise``: a 3x3
+    depthwise conv of 32 channels, then a QDQ 1x1 conv to 40."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     c, h = (32, 11) if depthwise else (5, 11)
     layers = [(32, 3, 32), (40, 1, 1)] if depthwise else [(40, 3, 1)]  # (output channels, kernel, group)
-    inits = {"s0": np.array(0.03, np.float32), "z0": np.array(zx, np.uint8)}
+    inits = {"s0": np.array(0.03, np.float32), "z0": np.array(zx, activations)}
     nodes = [helper.make_node("QuantizeLinear", ["x", "s0", "z0"], ["q0"])]
     channels, size = c, h
     for i, (m, k, group) in enumerate(layers):
         p = pads if k > 1 else 0
         inits.update({
             f"w{i}": rng.integers(-127, 128, (m, channels // group, k, k)).astype(np.int8), f"sw{i}": (rng.random(m) * 0.01 + 0.002).astype(np.float32),
-            f"zw{i}": np.zeros(m, np.int8), f"b{i}": rng.standard_normal(m).astype(np.float32), f"s{i + 1}": np.array(0.04, np.float32), f"z{i + 1}": np.array(0, np.uint8),
+            f"zw{i}": np.zeros(m, np.int8), f"b{i}": rng.standard_normal(m).astype(np.float32), f"s{i + 1}": np.array(0.04, np.float32), f"z{i + 1}": np.array(0, activations),
         })
         nodes += [
             helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"]),
@@ -53,11 +54,11 @@ def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool =
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), rng.standard_normal((2, c, h, h)).astype(np.float32)
 
 
-@pytest.mark.parametrize("zx, pads, stride", [(0, 1, 1), (128, 1, 2), (17, 0, 1)])
-def test_the_integer_form_agrees_with_the_float_model_within_one_output_step(zx, pads, stride):
+@pytest.mark.parametrize("zx, pads, stride, activations", [(0, 1, 1, np.uint8), (128, 1, 2, np.uint8), (17, 0, 1, np.uint8), (-5, 1, 1, np.int8), (0, 0, 2, np.int8)])
+def test_the_integer_form_agrees_with_the_float_model_within_one_output_step(zx, pads, stride, activations):
     """Sums exact in int32 against float sums that round: a requantized output next to a
     rounding boundary may move one step (0.04), no further, and few do."""
-    model, x = _qdq_model(zx, pads, stride)
+    model, x = _qdq_model(zx, pads, stride, activations=activations)
     want = kiln.compile(model).run({"x": x})["y"]
     integer = kiln.optimize(model, "O0", passes=["integer_products"])
     assert "ConvInteger" in [n.op.name for n in integer.nodes]
@@ -79,16 +80,17 @@ def test_quad_panels_hold_four_k_rows_per_column_with_each_taps_channels_padded(
                 np.testing.assert_array_equal(packed[panel, quad, j], rows[4 * quad : 4 * quad + 4, panel * 4 + j])
 
 
-def _conv_integer(n, c, h, m, k, stride, pads, dilation=1, zero=7, seed=0):
+def _conv_integer(n, c, h, m, k, stride, pads, dilation=1, zero=7, seed=0, activations=np.uint8):
     rng = np.random.default_rng(seed)
     g = Graph("conv_integer")
-    x = g.add_input("x", TensorType((n, h, h, c), DType.uint8))
+    x = g.add_input("x", TensorType((n, h, h, c), DType.from_numpy(activations)))
     inputs = [x, g.add_param("w", rng.integers(-128, 128, (k, k, c, m), dtype=np.int8))]
     if zero is not None:
-        inputs.append(g.add_param("z", np.array(zero, np.uint8)))
+        inputs.append(g.add_param("z", np.array(zero, activations)))
     attrs = {"strides": [stride] * 2, "pads": [pads] * 4, "dilations": [dilation] * 2, "group": 1, "layout": "NHWC"}
     g.outputs = [g.add_node("ConvInteger", inputs, attrs, name="conv").outputs[0]]
-    return g, rng.integers(0, 256, (n, h, h, c), dtype=np.uint8)
+    info = np.iinfo(activations)
+    return g, rng.integers(info.min, info.max + 1, (n, h, h, c), dtype=activations)
 
 
 @needs_vnni
@@ -110,6 +112,16 @@ def test_the_vnni_kernel_gives_the_references_int32_sums(n, c, h, m, k, stride, 
     name = graph.outputs[0].name
     assert got[name].dtype == np.int32
     np.testing.assert_array_equal(got[name], want[name])
+
+
+@needs_vnni
+@pytest.mark.parametrize("c, h, m, k, stride, pads, zero", [(64, 8, 64, 3, 1, 1, -7), (3, 20, 40, 7, 2, 3, None), (16, 9, 33, 1, 1, 0, 5)])
+def test_int8_activations_give_the_references_sums(c, h, m, k, stride, pads, zero):
+    """Signed activations are copied 128 higher (their top bit flipped) and the zero point with
+    them: the sums are the same."""
+    graph, x = _conv_integer(2, c, h, m, k, stride, pads, zero=zero, activations=np.int8)
+    name = graph.outputs[0].name
+    np.testing.assert_array_equal(kiln.compile(graph, target="llvm").run({"x": x})[name], kiln.compile(graph).run({"x": x})[name])
 
 
 @needs_vnni

@@ -51,7 +51,6 @@ def test_a_dequantized_conv_becomes_a_channels_last_integer_conv_and_its_scale(r
 @pytest.mark.parametrize(
     "zx_type, zw, group, why",
     [
-        ("i8[]", "[0, 0]", 1, "int8 activations (vpdpbusd multiplies unsigned by signed bytes)"),
         ("u8[]", "[0, 1]", 1, "a weight zero point (its row sums would be a run-time correction)"),
         ("u8[]", "[0, 0]", 2, "a grouped conv"),
     ],
