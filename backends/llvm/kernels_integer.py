@@ -1,6 +1,7 @@
-"""ConvInteger on AVX-512 VNNI: a channels-last conv of uint8 activations by int8 weights,
-summed exactly in int32 (``vpdpbusd``: four byte products per 32-bit lane per instruction,
-four times a float FMA's work).
+"""ConvInteger and MatMulInteger on AVX-512 VNNI: a channels-last conv, or a product by a
+(K, N) matrix taken as a 1x1 conv over its rows, of 8-bit activations by int8 weights, summed
+exactly in int32 (``vpdpbusd``: four byte products per 32-bit lane per instruction, four times
+a float FMA's work).
 
 The structure is the float direct conv's (``kernels_conv``): a micro-tile of ``mr`` positions
 along an output row by 32 output channels keeps its sums in two vectors per position over all
@@ -9,7 +10,9 @@ from the weights packed at compile time as byte quads (``PanelSpec.quads``: each
 holds four consecutive K rows of one column). A tap's channels are padded to a multiple of
 four with zero weights; the image is copied into scratch with its border filled with the zero
 point (ConvInteger's padding) wherever it has pads or such channel padding, else read in
-place. The zero point itself comes off as a constant per column block:
+place. vpdpbusd multiplies unsigned bytes by signed ones, so int8 activations are copied with
+each byte's top bit flipped (x + 128), their zero point moved by 128 with them. The zero point
+itself comes off as a constant per column block:
 ``sum (x - z) w = sum x w - z sum w``, the second sum taken by the same instruction over the
 packed weights once per block.
 
@@ -118,7 +121,7 @@ def _scratch(node) -> int:
 @kernel("ConvInteger", "MatMulInteger", scratch=_scratch, panels=_panels)
 def integer_product(ctx: KernelContext) -> None:
     if not applies(ctx.node):
-        raise KilnError(f"node {ctx.node.name!r}: {ctx.node.op.name} has an LLVM kernel only for uint8 by int8 without a weight zero point (ConvInteger channels-last), on AVX-512 VNNI (the decompose lowering takes the others)")
+        raise KilnError(f"node {ctx.node.name!r}: {ctx.node.op.name} has an LLVM kernel only for 8-bit activations by int8 weights without a weight zero point (ConvInteger channels-last), on AVX-512 VNNI (the decompose lowering takes the others)")
     emit(ctx)
 
 
