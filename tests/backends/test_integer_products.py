@@ -232,3 +232,17 @@ def test_a_qdq_mlp_runs_its_gemms_as_integer_products_with_their_tails_fused():
     got = kiln.compile(model, target="llvm").run({"x": x})["y"]
     assert np.abs(got - want).max() <= 0.05 + 1e-6  # one output step
     assert np.mean(got != want) < 0.02
+
+
+@needs_vnni
+def test_an_int8_artifact_loads_its_packed_quads_without_compiling(tmp_path, monkeypatch):
+    import kiln.backends.llvm as llvm_backend
+
+    model, x = _qdq_mlp()
+    module = kiln.compile(model, target="llvm")
+    path = tmp_path / "mlp_int8.kiln"
+    module.save(path)
+    monkeypatch.setattr(llvm_backend, "compile_object", lambda *args, **kwargs: pytest.fail("kiln.load compiled again"))
+    loaded = kiln.load(path)
+    assert any(p["quads"] for p in loaded.executable.layout["panels"])
+    np.testing.assert_array_equal(loaded.run({"x": x})["y"], module.run({"x": x})["y"])
