@@ -382,7 +382,7 @@ def _shifted(b: GradBuilder, x: Value, zero_point: Value | None, per: Sequence[i
     return b.op("Sub", v, z)
 
 
-def _requantized(b: GradBuilder, acc: Value, ratio: Value, zero_point: Value, out: DType) -> Value:
+def requantized(b: GradBuilder, acc: Value, ratio: Value, zero_point: Value, out: DType) -> Value:
     """``acc * ratio + zero point`` in float64, rounded half to even, saturated, cast to ``out``."""
     d = b.op("Mul", acc, _as(b, ratio, DType.float64))
     d = b.op("Round", b.op("Add", d, _as(b, b.reshape(zero_point, []), DType.float64)))
@@ -390,7 +390,7 @@ def _requantized(b: GradBuilder, acc: Value, ratio: Value, zero_point: Value, ou
     return b.op("Cast", b.op("Min", b.op("Max", d, b.const(float(info.min), d)), b.const(float(info.max), d)), to=out.short)
 
 
-def _scale_ratio(b: GradBuilder, x_scale: Value, w_scale: Value, y_scale: Value, per: Sequence[int]) -> Value:
+def scale_ratio(b: GradBuilder, x_scale: Value, w_scale: Value, y_scale: Value, per: Sequence[int]) -> Value:
     """``x_scale * w_scale / y_scale`` in the scales' own precision (as the reference), the
     middle one per column or output channel when it has several entries."""
     w = b.reshape(w_scale, per if w_scale.type.numel > 1 else [])
@@ -409,7 +409,7 @@ def _qlinear_matmul(b: GradBuilder, node: Node):
     a, a_scale, a_zp, bm, b_scale, b_zp, y_scale, y_zp = node.inputs
     columns = [bm.type.shape[-1]]
     acc = b.op("MatMul", _shifted(b, a, a_zp), _shifted(b, bm, b_zp, columns))
-    return [_requantized(b, acc, _scale_ratio(b, a_scale, b_scale, y_scale, columns), y_zp, y_zp.type.dtype)]
+    return [requantized(b, acc, scale_ratio(b, a_scale, b_scale, y_scale, columns), y_zp, y_zp.type.dtype)]
 
 
 def _conv_attrs(node: Node) -> dict:
@@ -431,8 +431,8 @@ def _qlinear_conv(b: GradBuilder, node: Node):
     m, rank = w.type.shape[0], w.type.rank
     shifted_w = _shifted(b, w, w_zp, [m] + [1] * (rank - 1))
     acc = b.op("Conv", _shifted(b, x, x_zp), shifted_w, _as(b, bias, DType.float64) if bias is not None else None, **_conv_attrs(node))
-    ratio = _scale_ratio(b, x_scale, w_scale, y_scale, [1, m] + [1] * (rank - 2))
-    return [_requantized(b, acc, ratio, y_zp, y_zp.type.dtype)]
+    ratio = scale_ratio(b, x_scale, w_scale, y_scale, [1, m] + [1] * (rank - 2))
+    return [requantized(b, acc, ratio, y_zp, y_zp.type.dtype)]
 
 
 # -- Dropout ----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.ops.nn import to_channels_first, to_channels_last, weight_to_spatial_first
 from kiln.passes.autodiff import GradBuilder
 from kiln.passes.base import Pass, register_pass
+from kiln.passes.decompose import requantized, scale_ratio
 from kiln.passes.rewrite import replace_node
 
 
@@ -93,6 +94,17 @@ def _scale(graph: Graph, where: str, x_scale: np.ndarray, w_scale: np.ndarray, s
     return graph.add_param(graph.fresh_name(f"{where}.scale"), scale)
 
 
+def _conv_sums(b: GradBuilder, node: Node, xq: Value, wq: np.ndarray, zero: Value | None) -> Value:
+    """ConvInteger(xq, wq, zero) of ``node``'s strides, pads and dilations, channels-last
+    between transposes (the weight transposed now): the int32 sums, NCHW."""
+    graph, where = b.graph, b.where
+    weight = graph.add_param(graph.fresh_name(f"{where}.weight_nhwc"), np.ascontiguousarray(wq.transpose(weight_to_spatial_first(4))))
+    attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
+    operands = [b.op("Transpose", xq, perm=to_channels_last(4)), weight, *([zero] if zero is not None else [])]
+    (sums,) = b.ops("ConvInteger", operands, group=1, layout="NHWC", **attrs)
+    return b.op("Transpose", sums, perm=to_channels_first(4))
+
+
 def rewrite(graph: Graph, node: Node, form: tuple) -> None:
     """Replace ``node`` by its integer form (``integer_form``)."""
     xq, x_scale, zero, wq, w_scale = form
@@ -101,11 +113,8 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
     b = GradBuilder(graph, where)
     zero_point = [zero] if zero is not None else []
     if node.op.name == "Conv":
-        weight = graph.add_param(graph.fresh_name(f"{where}.weight_nhwc"), np.ascontiguousarray(wq.transpose(weight_to_spatial_first(4))))
-        attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
-        (sums,) = b.ops("ConvInteger", [b.op("Transpose", xq, perm=to_channels_last(4)), weight, *zero_point], group=1, layout="NHWC", **attrs)
         m = wq.shape[0]
-        y = b.op("Mul", b.op("Cast", b.op("Transpose", sums, perm=to_channels_first(4)), to="f32"), _scale(graph, where, x_scale, w_scale, [1, m, 1, 1]))
+        y = b.op("Mul", b.op("Cast", _conv_sums(b, node, xq, wq, zero), to="f32"), _scale(graph, where, x_scale, w_scale, [1, m, 1, 1]))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:
             y = b.op("Add", y, b.reshape(bias, [1, m, 1, 1]))
@@ -123,6 +132,64 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
     replace_node(graph, node, [y], start)
 
 
+# -- the integer nodes themselves: QOperator models (QLinearConv, QLinearMatMul) and dynamic
+# quantization's ConvInteger/MatMulInteger, onto the same kernels
+def _int8_weight(graph: Graph, w: Value, zero: Value | None) -> np.ndarray | None:
+    """A constant int8 weight whose zero points (if given) are constant zeros, else None."""
+    if w not in graph.params or w.type.dtype != DType.int8:
+        return None
+    if zero is not None and (zero not in graph.params or graph.params[zero].any()):
+        return None
+    return graph.params[w]
+
+
+def _kept_zero_point(graph: Graph, zero: Value | None) -> Value | None | bool:
+    """An activation zero point as the kernels take it: None where absent or a constant 0, the
+    value where it is one scalar, False where it is several (the kernels take one)."""
+    if zero is None or (zero in graph.params and not graph.params[zero].any()):
+        return None
+    return zero if zero.type.numel == 1 else False
+
+
+def rewrite_integer_node(graph: Graph, node: Node) -> bool:
+    """QLinearConv and ConvInteger (2-D, group 1) -> the channels-last ConvInteger; QLinearMatMul
+    and MatMulInteger by a (K, N) matrix -> MatMulInteger without its weight zero point; each
+    with a constant int8 weight whose zero points are 0 and 8-bit activations with one zero
+    point. The QLinear ops then requantize as their decomposition does (float64, the
+    reference's rounding), so the result is theirs bit for bit. Returns whether it rewrote."""
+    op = node.op.name
+    if op not in ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"):
+        return False
+    qlinear = op.startswith("QLinear")
+    x, w = node.inputs[0], node.inputs[3 if qlinear else 1]
+    x_zero = node.inputs[2] if len(node.inputs) > 2 else None
+    w_zero = node.inputs[5 if qlinear else 3] if len(node.inputs) > (5 if qlinear else 3) else None
+    conv = op.endswith("Conv") or op == "ConvInteger"
+    if conv and (node.attrs.get("layout", "NCHW") != "NCHW" or node.attrs["group"] != 1 or x.type.rank != 4):
+        return False
+    if not conv and (w.type.rank != 2 or x.type.rank < 2 or (op == "MatMulInteger" and w_zero is None)):
+        return False  # (a MatMulInteger without a weight zero point is the kernel's already)
+    wq, zero = _int8_weight(graph, w, w_zero), _kept_zero_point(graph, x_zero)
+    if wq is None or zero is False or x.type.dtype not in (DType.uint8, DType.int8):
+        return False
+    start = len(graph.nodes)
+    b = GradBuilder(graph, node.name or op)
+    if conv:
+        sums = _conv_sums(b, node, x, wq, zero)
+    else:
+        (sums,) = b.ops("MatMulInteger", [x, w, *([zero] if zero is not None else [])])
+    y = sums
+    if qlinear:
+        _, x_scale, _, _, w_scale, _, y_scale, y_zero, *bias = node.inputs
+        per = [1, wq.shape[0], 1, 1] if conv else [wq.shape[1]]
+        acc = b.op("Cast", sums, to="f64")
+        if bias and bias[0] is not None:
+            acc = b.op("Add", acc, b.reshape(b.op("Cast", bias[0], to="f64"), per))
+        y = requantized(b, acc, scale_ratio(b, x_scale, w_scale, y_scale, per), y_zero, y_zero.type.dtype)
+    replace_node(graph, node, [y], start)
+    return True
+
+
 class IntegerProducts(Pass):
     """Conv, MatMul or Gemm of DequantizeLinear(8-bit) by DequantizeLinear(int8 weight) ->
     ConvInteger (channels-last) or MatMulInteger, then its float scale and bias (module
@@ -138,6 +205,8 @@ class IntegerProducts(Pass):
         if not self.enabled():
             return graph
         for node in list(graph.nodes):
+            if rewrite_integer_node(graph, node):
+                continue
             form = integer_form(graph, node)
             if form is not None:
                 dequantized = [v.producer for v in node.inputs[:2]]

@@ -60,23 +60,35 @@ def dtype_from_onnx(elem_type: int, where: str) -> DType:
 
 Converter = Callable[["NodeContext"], Sequence["Value | None"]]
 CONVERTERS: dict[str, Converter] = {}
+MICROSOFT = "com.microsoft"  # onnxruntime's contrib domain: its quantized ops (QOperator models)
+CONTRIB_CONVERTERS: dict[str, Converter] = {}
 
 
-def converter(*op_types: str) -> Callable[[Converter], Converter]:
-    """Register the decorated function as the converter of ONNX ``op_types`` (default domain)."""
+def converter(*op_types: str, domain: str = "") -> Callable[[Converter], Converter]:
+    """Register the decorated function as the converter of ONNX ``op_types`` (the default
+    domain, or ``domain="com.microsoft"`` for onnxruntime's contrib ops)."""
+    table = CONTRIB_CONVERTERS if domain == MICROSOFT else CONVERTERS
+    if domain not in (*ONNX_DOMAINS, MICROSOFT):
+        raise ValueError(f"converters are for the ONNX and {MICROSOFT} domains, not {domain!r}")
 
     def wrap(fn: Converter) -> Converter:
         for op in op_types:
-            if op in CONVERTERS:
+            if op in table:
                 raise ValueError(f"two converters for ONNX op {op}")
-            CONVERTERS[op] = fn
+            table[op] = fn
         return fn
 
     return wrap
 
 
+def converter_of(domain: str, op_type: str) -> Converter | None:
+    if domain in ONNX_DOMAINS:
+        return CONVERTERS.get(op_type)
+    return CONTRIB_CONVERTERS.get(op_type) if domain == MICROSOFT else None
+
+
 def _load_converters() -> None:
-    from kiln.frontend.onnx import convert_control, convert_elementwise, convert_nn, convert_shape, convert_signal  # noqa: F401
+    from kiln.frontend.onnx import convert_contrib, convert_control, convert_elementwise, convert_nn, convert_shape, convert_signal  # noqa: F401
 
 
 def supported_ops() -> list[str]:
@@ -182,7 +194,7 @@ class Importer:
             for i, node in enumerate(graph.node):
                 domain = node.domain or ""
                 known = (
-                    (domain in ONNX_DOMAINS and node.op_type in CONVERTERS)
+                    converter_of(domain, node.op_type) is not None
                     or (domain, node.op_type) in self.local_functions
                     or has_schema_function(node.op_type, domain, self.opsets.get(domain, 1))
                 )
@@ -346,8 +358,9 @@ class Importer:
         """Dispatch one node: its converter, else a model-local function, else its ONNX function body."""
         node = ctx.node
         domain = node.domain or ""
-        if domain in ONNX_DOMAINS and node.op_type in CONVERTERS:
-            return list(CONVERTERS[node.op_type](ctx))
+        convert = converter_of(domain, node.op_type)
+        if convert is not None:
+            return list(convert(ctx))
         local = self.local_functions.get((domain, node.op_type))
         if local is not None:
             body, names = instantiate(local, node)

@@ -246,3 +246,50 @@ def test_an_int8_artifact_loads_its_packed_quads_without_compiling(tmp_path, mon
     loaded = kiln.load(path)
     assert any(p["quads"] for p in loaded.executable.layout["panels"])
     np.testing.assert_array_equal(loaded.run({"x": x})["y"], module.run({"x": x})["y"])
+
+
+def _qoperator_model(activations=np.uint8):
+    """QLinearConv (int8 weights per channel, int32 bias) -> QLinearMatMul after a reshape, as
+    QOperator models write them; MatMulInteger and ConvInteger with zero weight zero points, as
+    dynamic quantization does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    zero = 3 if activations == np.uint8 else -3
+    inits = {
+        "xs": np.array(0.05, np.float32), "xz": np.array(zero, activations), "w": rng.integers(-127, 128, (16, 5, 3, 3)).astype(np.int8),
+        "ws": (rng.random(16) * 0.01 + 0.005).astype(np.float32), "wz": np.zeros(16, np.int8), "ys": np.array(0.2, np.float32), "yz": np.array(zero, activations),
+        "bias": rng.integers(-3000, 3000, 16).astype(np.int32), "shape": np.array([2, 16 * 36], np.int64),
+        "m": rng.integers(-127, 128, (16 * 36, 10)).astype(np.int8), "ms": np.array(0.004, np.float32), "mz": np.array(0, np.int8),
+        "os": np.array(0.3, np.float32), "oz": np.array(zero, activations), "mz2": np.zeros(10, np.int8),
+    }
+    nodes = [
+        helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "bias"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Reshape", ["c", "shape"], ["flat"]),
+        helper.make_node("QLinearMatMul", ["flat", "ys", "yz", "m", "ms", "mz", "os", "oz"], ["q"]),
+        helper.make_node("MatMulInteger", ["flat", "m", "yz", "mz2"], ["sums"]),
+        helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["ci"], pads=[1, 1, 1, 1], strides=[2, 2]),
+    ]
+    t = helper.np_dtype_to_tensor_dtype(np.dtype(activations))
+    graph = helper.make_graph(
+        nodes, "qoperator", [helper.make_tensor_value_info("x", t, [2, 5, 12, 12])],
+        [helper.make_tensor_value_info(name, type_, shape) for name, type_, shape in [("q", t, [2, 10]), ("sums", TensorProto.INT32, [2, 10]), ("ci", TensorProto.INT32, [2, 16, 6, 6])]],
+        [numpy_helper.from_array(a, name) for name, a in inits.items()],
+    )
+    info = np.iinfo(activations)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), rng.integers(info.min, info.max + 1, (2, 5, 12, 12), dtype=activations)
+
+
+@needs_vnni
+@pytest.mark.parametrize("activations", [np.uint8, np.int8])
+def test_qoperator_nodes_run_on_the_vnni_kernels_bit_for_bit(activations):
+    """QLinearConv, QLinearMatMul and MatMulInteger become the integer kernels' products with
+    the reference's float64 requantization: the same integers, not one step off."""
+    model, x = _qoperator_model(activations)
+    lowered = kiln.optimize(model, "O0", lowering=LLVMBackend.lowering)
+    ops = [n.op.name for n in lowered.nodes]
+    assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 2 and "Conv" not in ops and "MatMul" not in ops
+    want = kiln.compile(model).run({"x": x})
+    got = kiln.compile(model, target="llvm").run({"x": x})
+    for name in ("q", "sums", "ci"):
+        np.testing.assert_array_equal(got[name], want[name])
