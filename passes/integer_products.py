@@ -37,7 +37,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.ops.nn import to_channels_first, to_channels_last, weight_to_spatial_first
 from kiln.passes.autodiff import GradBuilder
 from kiln.passes.base import Pass, register_pass
-from kiln.passes.decompose import requantized, scale_ratio
+from kiln.passes.decompose import decompose_node, requantized, scale_ratio
 from kiln.passes.rewrite import replace_node
 
 
@@ -193,8 +193,10 @@ def rewrite_integer_node(graph: Graph, node: Node) -> bool:
 class IntegerProducts(Pass):
     """Conv, MatMul or Gemm of DequantizeLinear(8-bit) by DequantizeLinear(int8 weight) ->
     ConvInteger (channels-last) or MatMulInteger, then its float scale and bias (module
-    docstring); ``enabled()`` False leaves every node (a backend without integer kernels for
-    this machine)."""
+    docstring); the QOperator and integer nodes onto the same ops (``rewrite_integer_node``),
+    and those with run-time weights decomposed, since the kernels pack weights at compile
+    time. ``enabled()`` False leaves every node (a backend without integer kernels for this
+    machine)."""
 
     name = "integer_products"
 
@@ -206,6 +208,9 @@ class IntegerProducts(Pass):
             return graph
         for node in list(graph.nodes):
             if rewrite_integer_node(graph, node):
+                continue
+            if node.op.name in ("ConvInteger", "MatMulInteger") and node.inputs[1] not in graph.params:
+                decompose_node(graph, node)  # the integer kernels pack their weights at compile time
                 continue
             form = integer_form(graph, node)
             if form is not None:
