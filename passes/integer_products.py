@@ -9,7 +9,7 @@ that are integers times scales. With ``x = (xq - zx) * sx`` (one scale and zero 
     Conv(x, w)[m] = sx * sw[m] * ConvInteger(xq, wq, zx)[m]
 
 since ConvInteger subtracts ``zx`` and pads with it (a border of float zeros). Each such Conv
-(group 1, 2-D, float32; ``xq`` 8-bit with constant scale and zero point; ``wq`` a constant int8
+(group 1 or depthwise, 2-D, float32; ``xq`` 8-bit with constant scale and zero point; ``wq`` a constant int8
 weight) becomes a channels-last ConvInteger between transposes, its int32 sums cast to float,
 times the constant ``sx * sw``, plus the bias. The layout passes sink the transposes. A MatMul
 (or Gemm, without transA) of such operands, the weight a constant (K, N) matrix (Gemm's
@@ -74,11 +74,17 @@ def _operands(graph: Graph, node: Node, x: Value, w: Value, weight_axis: int) ->
     return xq, x_scale.reshape(()), zero_param, graph.params[wq], np.broadcast_to(w_scale.reshape(-1), (outputs,))
 
 
+def _one_or_depthwise(group: int, x: Value, w: Value) -> bool:
+    """An ungrouped conv, or a depthwise one (a channel per group, in and out)."""
+    return group == 1 or (group == x.type.shape[1] == w.type.shape[0] and w.type.shape[1] == 1)
+
+
 def integer_form(graph: Graph, node: Node) -> tuple | None:
     """The operands of ``node``'s integer form (``_operands``), or None where it has none."""
     op = node.op.name
     if op == "Conv":
-        if node.attrs["layout"] != "NCHW" or node.attrs["group"] != 1 or node.inputs[0].type.rank != 4:
+        x, w = node.inputs[:2]
+        if node.attrs["layout"] != "NCHW" or x.type.rank != 4 or not _one_or_depthwise(node.attrs["group"], x, w):
             return None
         return _operands(graph, node, node.inputs[0], node.inputs[1], 0)
     if op == "MatMul" and node.inputs[1].type.rank == 2 and node.inputs[0].type.rank >= 2:
@@ -95,13 +101,13 @@ def _scale(graph: Graph, where: str, x_scale: np.ndarray, w_scale: np.ndarray, s
 
 
 def _conv_sums(b: GradBuilder, node: Node, xq: Value, wq: np.ndarray, zero: Value | None) -> Value:
-    """ConvInteger(xq, wq, zero) of ``node``'s strides, pads and dilations, channels-last
+    """ConvInteger(xq, wq, zero) of ``node``'s strides, pads, dilations and group, channels-last
     between transposes (the weight transposed now): the int32 sums, NCHW."""
     graph, where = b.graph, b.where
     weight = graph.add_param(graph.fresh_name(f"{where}.weight_nhwc"), np.ascontiguousarray(wq.transpose(weight_to_spatial_first(4))))
     attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
     operands = [b.op("Transpose", xq, perm=to_channels_last(4)), weight, *([zero] if zero is not None else [])]
-    (sums,) = b.ops("ConvInteger", operands, group=1, layout="NHWC", **attrs)
+    (sums,) = b.ops("ConvInteger", operands, group=node.attrs["group"], layout="NHWC", **attrs)
     return b.op("Transpose", sums, perm=to_channels_first(4))
 
 
@@ -165,7 +171,7 @@ def rewrite_integer_node(graph: Graph, node: Node) -> bool:
     x_zero = node.inputs[2] if len(node.inputs) > 2 else None
     w_zero = node.inputs[5 if qlinear else 3] if len(node.inputs) > (5 if qlinear else 3) else None
     conv = op.endswith("Conv") or op == "ConvInteger"
-    if conv and (node.attrs.get("layout", "NCHW") != "NCHW" or node.attrs["group"] != 1 or x.type.rank != 4):
+    if conv and (node.attrs.get("layout", "NCHW") != "NCHW" or x.type.rank != 4 or not _one_or_depthwise(node.attrs["group"], x, w)):
         return False
     if not conv and (w.type.rank != 2 or x.type.rank < 2 or (op == "MatMulInteger" and w_zero is None)):
         return False  # (a MatMulInteger without a weight zero point is the kernel's already)

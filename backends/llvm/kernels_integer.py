@@ -57,7 +57,7 @@ def applies(node) -> bool:
     machine."""
     op = node.op.name
     if op == "ConvInteger":
-        if node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1:
+        if node.attrs["layout"] != "NHWC" or (node.attrs["group"] != 1 and not depthwise(node)):
             return False
     elif op != "MatMulInteger" or node.inputs[1].type.rank != 2:
         return False
@@ -65,6 +65,12 @@ def applies(node) -> bool:
     zero = node.inputs[2] if len(node.inputs) > 2 else None
     weight_zero = node.inputs[3] if len(node.inputs) > 3 else None
     return x.dtype in (DType.uint8, DType.int8) and w.dtype == DType.int8 and weight_zero is None and (zero is None or zero.type.numel == 1) and available()
+
+
+def depthwise(node) -> bool:
+    """A 2-D channels-last ConvInteger with one input and one output channel per group."""
+    x, w = node.inputs[0].type, node.inputs[1].type
+    return node.op.name == "ConvInteger" and x.rank == 4 and node.attrs["group"] == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
 
 
 def _signed(node) -> bool:
@@ -101,7 +107,7 @@ def _geometry(node) -> tuple[Geometry, bool]:
 
 
 def _panels(node, i: int) -> PanelSpec | None:
-    if i != 1 or not applies(node):
+    if i != 1 or not applies(node) or depthwise(node):
         return None
     w = node.inputs[1].type
     return PanelSpec(math.prod(w.shape[:-1]), w.shape[-1], NR, quads=w.shape[-2])
@@ -113,8 +119,12 @@ def _image_bytes(node) -> int:
 
 
 def _scratch(node) -> int:
-    """The padded image, then one output row of int32 sums per thread (a fused tail's source)."""
+    """The padded image, then one output row of int32 sums per thread (a fused tail's source);
+    a depthwise conv's: a pixel of zero points (what taps off the image read), then a whole
+    output row per thread."""
     g, _ = _geometry(node)
+    if depthwise(node):
+        return 64 + num_threads() * g.ow * g.m * 4
     return _image_bytes(node) + num_threads() * g.ow * NR * 4
 
 
@@ -129,6 +139,9 @@ def emit(ctx: KernelContext, epilogue=None) -> None:
     """y = ConvInteger(x, w, z) or MatMulInteger(x, w, z) in int32, or with ``epilogue`` (a
     ``kernels_conv.Epilogue``) the group's output from each row of sums."""
     node = ctx.node
+    if depthwise(node):
+        emit_depthwise(ctx, epilogue)
+        return
     g, copied = _geometry(node)
     xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     zero = ctx.inputs[2] if len(ctx.inputs) > 2 else None
@@ -334,3 +347,114 @@ class _Tiles:
         out = block(View(self.out, self.out_dtype, (math.prod(g.out), g.m), (g.m, 1)))
         sums = View(self.row_buffer, DType.int32, (g.ow, cols), (NR, 1))
         self.epilogue.run(b, self.module, out, [block(v) for v in self.operands], source=sums)
+
+
+# -- depthwise: one channel per group, vectors along the channels -------------------------------
+F32X16 = ir.VectorType(ir.FloatType(), LANES)
+I8X16 = ir.VectorType(I8, LANES)
+
+
+def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
+    """y[img, oy, ox, c] = sum over taps of (x - z) * w[ky, kx, 0, c], 16 channels a vector:
+    the bytes widened to float, whose multiply-adds are exact here (every partial sum of at
+    most 513 byte products is an integer below 2^24), and the zero point's share
+    ``z * sum w`` taken off once per channel block. A tap off the image reads a pixel of zero
+    points, so it adds nothing. Each (image, output row) is one item of the pool's split; its
+    sums go to the int32 output or, fused, to the thread's row buffer, then the tail."""
+    node = ctx.node
+    g = geometry(node)
+    (sh, sw), (dh, dw), (oh, ow) = g.strides, g.dilations, g.out
+    kh, kw = g.kernel
+    height, width = g.size
+    top, left = g.before
+    c = g.c
+    xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    zero = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    signed = _signed(node)
+    operands = epilogue.operands if epilogue is not None else []
+    b = ctx.b
+    outside = ctx.scratch  # one pixel of zero points
+    fill = b.load(zero.ptr, typ=I8) if zero is not None else ir.Constant(I8, 0)
+    with for_range(b, c, name="zfill") as i:
+        b.store(fill, b.gep(outside, [i], source_etype=I8))
+    items = xv.shape[0] * oh
+    views = [xv, wv, y, *operands]
+
+    def rows(emitting, ptrs, lo, hi, block):
+        eb = emitting.b
+        x_ptr, w_ptr, y_ptr, *rest = ptrs[: len(views)]
+        outside_ptr = ptrs[len(views)]
+        here = [View(p, v.dtype, v.shape, v.strides) for v, p in zip(operands, rest)]
+        row_buffer = eb.gep(outside_ptr, [const_i64(64 + block * ow * c * 4)], source_etype=I8) if epilogue is not None else None
+        z = eb.load(outside_ptr, typ=I8)
+        z_float = eb.sitofp(z, ir.FloatType()) if signed else eb.uitofp(z, ir.FloatType())
+
+        def widen(address: ir.Value, count: int, is_signed: bool) -> ir.Value:
+            """``count`` bytes from ``address`` as floats (the lanes past count: 0)."""
+            if count == LANES:
+                raw = eb.load(address, typ=I8X16, align=1)
+            else:
+                raw = ir.Constant(I8X16, [0] * LANES)
+                for lane in range(count):
+                    raw = eb.insert_element(raw, eb.load(eb.gep(address, [const_i64(lane)], source_etype=I8), typ=I8), ir.Constant(I32, lane))
+            return eb.sitofp(raw, F32X16) if is_signed else eb.uitofp(raw, F32X16)
+
+        with for_range(eb, hi, start=lo, name="item") as item:
+            img, oy = eb.udiv(item, const_i64(oh)), eb.urem(item, const_i64(oh))
+            image = eb.gep(x_ptr, [eb.mul(img, const_i64(height * width * c))], source_etype=I8)
+            sums = row_buffer if row_buffer is not None else eb.gep(y_ptr, [eb.mul(item, const_i64(ow * c))], source_etype=I32)
+            in_rows = []
+            for ky in range(kh):
+                iy = eb.sub(eb.add(eb.mul(oy, const_i64(sh)), const_i64(ky * dh)), const_i64(top))
+                in_rows.append((eb.and_(eb.icmp_signed(">=", iy, const_i64(0)), eb.icmp_signed("<", iy, const_i64(height))), iy))
+
+            def block_of(c0: ir.Value, count: int) -> None:
+                weights = [widen(eb.gep(w_ptr, [eb.add(const_i64(t * c), c0)], source_etype=I8), count, True) for t in range(kh * kw)]
+                total = weights[0]
+                for wt in weights[1:]:
+                    total = eb.fadd(total, wt)
+                start = eb.fmul(eb.fneg(total), _splat_f32(eb, z_float))  # -z * sum w
+                with for_range(eb, ow, name="ox") as ox:
+                    acc = start
+                    for ky in range(kh):
+                        row_ok, iy = in_rows[ky]
+                        for kx in range(kw):
+                            ix = eb.sub(eb.add(eb.mul(ox, const_i64(sw)), const_i64(kx * dw)), const_i64(left))
+                            ok = eb.and_(row_ok, eb.and_(eb.icmp_signed(">=", ix, const_i64(0)), eb.icmp_signed("<", ix, const_i64(width))))
+                            inside = eb.gep(image, [eb.add(eb.mul(eb.add(eb.mul(iy, const_i64(width)), ix), const_i64(c)), c0)], source_etype=I8)
+                            address = eb.select(ok, inside, eb.gep(outside_ptr, [c0], source_etype=I8))
+                            acc = eb.call(_fma(emitting.module), [widen(address, count, signed), weights[ky * kw + kx], acc])
+                    out = eb.fptosi(acc, I32X16)
+                    at = eb.gep(sums, [eb.add(eb.mul(ox, const_i64(c)), c0)], source_etype=I32)
+                    if count == LANES:
+                        eb.store(out, at, align=4)
+                    else:
+                        for lane in range(count):
+                            eb.store(eb.extract_element(out, ir.Constant(I32, lane)), eb.gep(at, [const_i64(lane)], source_etype=I32))
+
+            if c // LANES:  # whole blocks in a loop (a 960-channel layer unrolled made a 12 s compile)
+                with for_range(eb, c // LANES, name="cb") as cb:
+                    block_of(eb.mul(cb, const_i64(LANES)), LANES)
+            if c % LANES:
+                block_of(const_i64(c - c % LANES), c % LANES)
+            if epilogue is not None:
+                first = eb.mul(item, const_i64(ow))
+
+                def block(view: View) -> View:
+                    at = eb.add(const_i64(view.offset), eb.mul(first, const_i64(view.strides[0])))
+                    return View(eb.gep(view.ptr, [at], source_etype=ir.IntType(8 * view.dtype.itemsize)), view.dtype, (ow, c), view.strides)
+
+                out = block(View(y_ptr, y.dtype, (items * ow, c), (c, 1)))
+                epilogue.run(eb, emitting.module, out, [block(v) for v in here], source=View(row_buffer, DType.int32, (ow, c), (c, 1)))
+
+    threads = min(num_threads(), items) if items * ow * c * kh * kw >= PARALLEL_MACS // 4 else 1
+    parallel_rows(ctx, items, threads, [v.ptr for v in views] + [outside], rows)
+
+
+def _splat_f32(b: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    one = b.insert_element(ir.Constant(F32X16, ir.Undefined), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(one, ir.Constant(F32X16, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+
+
+def _fma(module: ir.Module) -> ir.Function:
+    return module.declare_intrinsic("llvm.fma.v16f32", (), ir.FunctionType(F32X16, [F32X16] * 3))

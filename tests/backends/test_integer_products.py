@@ -18,11 +18,12 @@ from kiln.ir.types import TensorType
 needs_vnni = pytest.mark.skipif(not available(), reason="this CPU has no AVX-512 VNNI: ConvInteger decomposes to a float64 conv here, which the reference tests cover")
 
 
-def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool = False, activations=np.uint8):
+def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool = False, activations=np.uint8, weight_zero: int = 0):
     """float x -> QuantizeLinear -> DequantizeLinear -> Conv (per-channel int8 weights) ->
     Relu -> QuantizeLinear -> DequantizeLinear, as onnxruntime's quantize_static writes it
     (``activations``: uint8, or int8 as its defaults make them); ``depthwise``: a 3x3
-    depthwise conv of 32 channels, then a QDQ 1x1 conv to 40."""
+    depthwise conv of 32 channels (its weights' zero point ``weight_zero``), then a QDQ 1x1
+    conv to 40."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -35,7 +36,7 @@ def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool =
         p = pads if k > 1 else 0
         inits.update({
             f"w{i}": rng.integers(-127, 128, (m, channels // group, k, k)).astype(np.int8), f"sw{i}": (rng.random(m) * 0.01 + 0.002).astype(np.float32),
-            f"zw{i}": np.zeros(m, np.int8), f"b{i}": rng.standard_normal(m).astype(np.float32), f"s{i + 1}": np.array(0.04, np.float32), f"z{i + 1}": np.array(0, activations),
+            f"zw{i}": np.full(m, weight_zero if i == 0 else 0, np.int8), f"b{i}": rng.standard_normal(m).astype(np.float32), f"s{i + 1}": np.array(0.04, np.float32), f"z{i + 1}": np.array(0, activations),
         })
         nodes += [
             helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"]),
@@ -147,22 +148,25 @@ def test_a_qdq_model_compiles_to_integer_convs_with_their_tails_fused():
     assert np.mean(got != want) < 0.01
 
 
-def test_a_depthwise_conv_takes_its_requantizing_tail_fused(monkeypatch):
-    """integer_products leaves a depthwise conv in float; its tail still ends in 8 bits (what the
-    next, integer, conv reads), which the channels-last depthwise kernel writes from each row
-    computed in scratch."""
+@pytest.mark.parametrize("weight_zero, anchor", [(0, "ConvInteger"), (1, "Conv")])
+def test_a_depthwise_conv_takes_its_requantizing_tail_fused(monkeypatch, weight_zero, anchor):
+    """A depthwise QDQ conv is a depthwise ConvInteger (bytes widened to float, whose sums are
+    exact); with a weight zero point it stays a float conv, whose tail still ends in 8 bits (what
+    the next, integer, conv reads), written from each row computed in scratch. Either way one
+    kernel, whose output is the 1x1 conv's uint8 input."""
     from kiln.backends.llvm import kernels_conv
 
     taken = []
     original = kernels_conv.fused_conv
     monkeypatch.setattr(kernels_conv, "fused_conv", lambda ctx, body: taken.append((body.nodes[0].op.name, original(ctx, body))) or taken[-1][1])
-    model, x = _qdq_model(zx=3, pads=1, stride=1, depthwise=True)
+    model, x = _qdq_model(zx=3, pads=1, stride=1, depthwise=True, weight_zero=weight_zero)
     lowered = kiln.optimize(model, "O2", lowering=LLVMBackend.lowering, layout="auto")
-    (fused,) = [n for n in lowered.nodes if n.op.name == "Fused" and n.attrs["body"].nodes[0].op.name == "Conv"]
-    assert fused.attrs["body"].nodes[0].attrs["layout"] == "NHWC" and fused.outputs[0].type.dtype == DType.uint8
+    first = next(n for n in lowered.nodes if n.op.name == "Fused" and n.attrs["body"].nodes[0].op.name.startswith("Conv"))
+    conv = first.attrs["body"].nodes[0]
+    assert conv.op.name == anchor and conv.attrs["group"] == 32 and conv.attrs["layout"] == "NHWC" and first.outputs[0].type.dtype == DType.uint8
     want = kiln.compile(model).run({"x": x})["y"]
     got = kiln.compile(model, target="llvm").run({"x": x})["y"]
-    assert ("Conv", True) in taken  # one kernel, not the group's body op by op
+    assert (anchor, True) in taken  # one kernel, not the group's body op by op
     np.testing.assert_allclose(got, want, atol=0.04 + 1e-6)  # float sums in another order: at most one step
     assert np.mean(got != want) < 0.01
 
@@ -293,3 +297,28 @@ def test_qoperator_nodes_run_on_the_vnni_kernels_bit_for_bit(activations):
     got = kiln.compile(model, target="llvm").run({"x": x})
     for name in ("q", "sums", "ci"):
         np.testing.assert_array_equal(got[name], want[name])
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    "n, c, h, k, stride, pads, zero, activations",
+    [
+        (1, 32, 9, 3, 1, 1, 7, np.uint8),
+        (2, 40, 8, 3, 2, 1, None, np.uint8),  # a partial channel block, two images
+        (1, 16, 7, 5, 1, 2, -3, np.int8),
+        (1, 144, 14, 3, 1, 1, 255, np.uint8),
+    ],
+)
+def test_the_depthwise_integer_kernel_gives_the_references_sums(n, c, h, k, stride, pads, zero, activations):
+    rng = np.random.default_rng(4)
+    g = Graph("depthwise_integer")
+    x = g.add_input("x", TensorType((n, h, h, c), DType.from_numpy(activations)))
+    inputs = [x, g.add_param("w", rng.integers(-128, 128, (k, k, 1, c), dtype=np.int8))]
+    if zero is not None:
+        inputs.append(g.add_param("z", np.array(zero, activations)))
+    attrs = {"strides": [stride] * 2, "pads": [pads] * 4, "dilations": [1, 1], "group": c, "layout": "NHWC"}
+    g.outputs = [g.add_node("ConvInteger", inputs, attrs, name="dw").outputs[0]]
+    info = np.iinfo(activations)
+    feed = {"x": rng.integers(info.min, info.max + 1, (n, h, h, c), dtype=activations)}
+    name = g.outputs[0].name
+    np.testing.assert_array_equal(kiln.compile(g, target="llvm").run(feed)[name], kiln.compile(g).run(feed)[name])

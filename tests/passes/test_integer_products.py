@@ -52,13 +52,13 @@ def test_a_dequantized_conv_becomes_a_channels_last_integer_conv_and_its_scale(r
     "zx_type, zw, group, why",
     [
         ("u8[]", "[0, 1]", 1, "a weight zero point (its row sums would be a run-time correction)"),
-        ("u8[]", "[0, 0]", 2, "a grouped conv"),
+        ("u8[]", "[0, 0]", 2, "a grouped conv that is not depthwise"),
     ],
 )
 def test_convs_without_an_integer_form_stay(zx_type, zw, group, why):
     text = QDQ_CONV.format(zx_type=zx_type, zw=zw, group=group).replace("%xq: u8", f"%xq: {zx_type[:2]}")
-    if group == 2:
-        text = text.replace("i8[2,2,1,1] = [1, -2, 3, 4]", "i8[2,1,1,1] = [1, -2]").replace("%w: f32[2,2,1,1]", "%w: f32[2,1,1,1]")
+    if group == 2:  # 4 channels in 2 groups of 2
+        text = text.replace("u8[1,2,3,3]", "u8[1,4,3,3]").replace("%x: f32[1,2,3,3]", "%x: f32[1,4,3,3]")
     graph = run_passes(parse_graph(text), ["integer_products"])
     assert [n.op.name for n in graph.nodes].count("Conv") == 1, why
     assert "ConvInteger" not in [n.op.name for n in graph.nodes], why
