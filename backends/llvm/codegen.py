@@ -89,7 +89,7 @@ def kernel(*ops: str, scratch: ScratchRule | None = None, panels: PanelRule | No
 
 
 def _load_kernels() -> None:
-    from kiln.backends.llvm import kernels_integer, kernels_conv_transpose, kernels_data, kernels_elementwise, kernels_image, kernels_index, kernels_linalg, kernels_nn  # noqa: F401
+    from kiln.backends.llvm import kernels_conv_transpose, kernels_data, kernels_elementwise, kernels_image, kernels_index, kernels_integer, kernels_linalg, kernels_nn  # noqa: F401
 
 
 def kernel_rule(node: Node) -> KernelRule | None:
@@ -111,7 +111,7 @@ def lacks_kernel(node: Node) -> bool:
     """Whether no kernel runs ``node`` (the backend's ``decompose`` lowering expresses it through others)."""
     if node.op.name == "BatchNormalization":
         return bool(node.attrs["training_mode"]) or len(node.outputs) > 1
-    if node.op.name in ("ConvInteger", "MatMulInteger"):  # uint8 by int8 on VNNI; the rest decompose
+    if node.op.name in ("ConvInteger", "MatMulInteger"):  # 8-bit by int8 on VNNI; the rest decompose
         from kiln.backends.llvm.kernels_integer import applies
 
         return not applies(node)

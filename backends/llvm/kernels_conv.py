@@ -118,7 +118,7 @@ def fused_conv(ctx: KernelContext, body) -> bool:
     runs on each block of conv output while it is in cache, instead of as passes over the whole
     output. Returns False (nothing emitted) where the conv cannot (``_takes_tail``) or an
     operand is not laid out by rows."""
-    from kiln.backends.llvm import kernels_integer, kernels_depthwise
+    from kiln.backends.llvm import kernels_depthwise, kernels_integer
 
     conv, *chain = body.nodes
     if conv.op.name not in ("Conv", "ConvInteger", "MatMulInteger") or not chain:
