@@ -230,6 +230,17 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
     parallel_rows(ctx, count, threads, [v.ptr for v in views], part, align=align)
 
 
+def over_tiles(b: ir.IRBuilder, ow: int, mr: int, tile: Callable[[ir.Value, int], None]) -> None:
+    """``tile(first position, count)`` along a row of ``ow`` positions: tiles of ``mr`` in a
+    loop, then one of the ``ow % mr`` left."""
+    full, rest = divmod(ow, mr)
+    if full:
+        with for_range(b, full, name="tile") as t:
+            tile(b.mul(t, const_i64(mr)), mr)
+    if rest:
+        tile(const_i64(ow - rest), rest)
+
+
 def _by_rows(view: View) -> View | None:
     """An NHWC-shaped view as (images * positions, channels) rows, where its images and
     positions step evenly (a dense tensor; a per-channel one steps by 0)."""
@@ -493,12 +504,7 @@ class _Tiles:
                     live = self._live_taps(coords, ox0, rows)
                     self._tile(first, rows, panel, b_row, b_masks, k_range, begin, starts, b.add(out_row, b.mul(ox0, const_i64(g.m))), masks, live)
 
-                full, rest = divmod(g.ow, self.mr)
-                if full:
-                    with for_range(b, full, name="tile") as t:
-                        tile(b.mul(t, const_i64(self.mr)), self.mr)
-                if rest:
-                    tile(const_i64(g.ow - rest), rest)
+                over_tiles(b, g.ow, self.mr, tile)
         if epilogue is not None:
             with for_range(b, oy1, start=oy0, name="eoy") as oy:
                 self._epilogue(oy, j0, cols, epilogue, operands)

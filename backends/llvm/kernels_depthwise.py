@@ -186,7 +186,7 @@ def applies_nhwc(node) -> bool:
 def nhwc_scratch_bytes(node) -> int:
     """One input row of zeros (what a window row above or below the image reads), then an
     output row per thread (where a fused tail that changes the dtype reads the conv's row)."""
-    x, y = node.inputs[0].type, node.outputs[0].type
+    y = node.outputs[0].type
     return _zeros_bytes(node) + num_threads() * y.shape[2] * y.shape[3] * y.dtype.itemsize
 
 

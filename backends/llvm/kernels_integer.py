@@ -30,7 +30,7 @@ import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
 from kiln.backends.llvm.emit import I8, I32, PTR, Panels, View, const_i64, entry_alloca, for_range
-from kiln.backends.llvm.kernels_conv import SHARED_WEIGHTS, Geometry, _row_start, _tap_offset, geometry
+from kiln.backends.llvm.kernels_conv import SHARED_WEIGHTS, Geometry, _row_start, _tap_offset, geometry, over_tiles
 from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, _unflatten, micro_rows
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
@@ -293,12 +293,7 @@ class _Tiles:
                 first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
                 self._tile(first, rows, panel, starts, b.gep(target, [b.mul(ox0, const_i64(pitch))], source_etype=I32), pitch, masks)
 
-            whole, rest = divmod(g.ow, self.mr)
-            if whole:
-                with for_range(b, whole, name="tile") as t:
-                    tile(b.mul(t, const_i64(self.mr)), self.mr)
-            if rest:
-                tile(const_i64(g.ow - rest), rest)
+            over_tiles(b, g.ow, self.mr, tile)
             if self.row_buffer is not None:
                 self._tail(oy, j0, cols)
 
