@@ -124,7 +124,7 @@ def _scratch(node) -> int:
     output row per thread."""
     g, _ = _geometry(node)
     if depthwise(node):
-        return 64 + num_threads() * g.ow * g.m * 4
+        return _zero_row_bytes(node) + num_threads() * g.ow * g.m * 4
     return _image_bytes(node) + num_threads() * g.ow * NR * 4
 
 
@@ -349,13 +349,24 @@ F32X16 = ir.VectorType(ir.FloatType(), LANES)
 I8X16 = ir.VectorType(I8, LANES)
 
 
+def _zero_row_bytes(node) -> int:
+    """An input row of zero points: what a window row above or below the image reads."""
+    x = node.inputs[0].type
+    return -(-x.shape[2] * x.shape[3] // 64) * 64
+
+
 def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
     """y[img, oy, ox, c] = sum over taps of (x - z) * w[ky, kx, 0, c], 16 channels a vector:
     the bytes widened to float, whose multiply-adds are exact here (every partial sum of at
     most 513 byte products is an integer below 2^24), and the zero point's share
-    ``z * sum w`` taken off once per channel block. A tap off the image reads a pixel of zero
-    points, so it adds nothing. Each (image, output row) is one item of the pool's split; its
-    sums go to the int32 output or, fused, to the thread's row buffer, then the tail."""
+    ``z * sum w`` taken off once per channel block. A tap off the image reads a row of zero
+    points, so it adds nothing: a window row above or below the image reads that row instead
+    (chosen once per output row), and only the positions whose windows leave the row at its
+    ends (decided when the code is built) pick each tap's column. Each (image, output row) is
+    one item of the pool's split; its sums go to the int32 output or, fused, to the thread's
+    row buffer, then the tail."""
+    from kiln.backends.llvm.kernels_depthwise import _inside
+
     node = ctx.node
     g = geometry(node)
     (sh, sw), (dh, dw), (oh, ow) = g.strides, g.dilations, g.out
@@ -368,10 +379,12 @@ def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
     signed = _signed(node)
     operands = epilogue.operands if epilogue is not None else []
     b = ctx.b
-    outside = ctx.scratch  # one pixel of zero points
+    outside = ctx.scratch  # an input row of zero points
     fill = b.load(zero.ptr, typ=I8) if zero is not None else ir.Constant(I8, 0)
-    with for_range(b, c, name="zfill") as i:
+    with for_range(b, width * c, name="zfill") as i:
         b.store(fill, b.gep(outside, [i], source_etype=I8))
+    inside = [0 <= ox * sw + kx * dw - left < width for ox in range(ow) for kx in range(kw)]
+    first_in, last_in = _inside([all(inside[ox * kw : (ox + 1) * kw]) for ox in range(ow)])
     items = xv.shape[0] * oh
     views = [xv, wv, y, *operands]
 
@@ -380,7 +393,7 @@ def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
         x_ptr, w_ptr, y_ptr, *rest = ptrs[: len(views)]
         outside_ptr = ptrs[len(views)]
         here = [View(p, v.dtype, v.shape, v.strides) for v, p in zip(operands, rest)]
-        row_buffer = eb.gep(outside_ptr, [const_i64(64 + block * ow * c * 4)], source_etype=I8) if epilogue is not None else None
+        row_buffer = eb.gep(outside_ptr, [const_i64(_zero_row_bytes(node) + block * ow * c * 4)], source_etype=I8) if epilogue is not None else None
         z = eb.load(outside_ptr, typ=I8)
         z_float = eb.sitofp(z, ir.FloatType()) if signed else eb.uitofp(z, ir.FloatType())
 
@@ -398,10 +411,11 @@ def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
             img, oy = eb.udiv(item, const_i64(oh)), eb.urem(item, const_i64(oh))
             image = eb.gep(x_ptr, [eb.mul(img, const_i64(height * width * c))], source_etype=I8)
             sums = row_buffer if row_buffer is not None else eb.gep(y_ptr, [eb.mul(item, const_i64(ow * c))], source_etype=I32)
-            in_rows = []
+            window_rows = []  # each kernel row's input row, or the row of zero points
             for ky in range(kh):
                 iy = eb.sub(eb.add(eb.mul(oy, const_i64(sh)), const_i64(ky * dh)), const_i64(top))
-                in_rows.append((eb.and_(eb.icmp_signed(">=", iy, const_i64(0)), eb.icmp_signed("<", iy, const_i64(height))), iy))
+                valid = eb.and_(eb.icmp_signed(">=", iy, const_i64(0)), eb.icmp_signed("<", iy, const_i64(height)))
+                window_rows.append(eb.select(valid, eb.gep(image, [eb.mul(iy, const_i64(width * c))], source_etype=I8), outside_ptr))
 
             def block_of(c0: ir.Value, count: int) -> None:
                 weights = [widen(eb.gep(w_ptr, [eb.add(const_i64(t * c), c0)], source_etype=I8), count, True) for t in range(kh * kw)]
@@ -409,15 +423,18 @@ def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
                 for wt in weights[1:]:
                     total = eb.fadd(total, wt)
                 start = eb.fmul(eb.fneg(total), _splat_f32(eb, z_float))  # -z * sum w
-                with for_range(eb, ow, name="ox") as ox:
+
+                def position(ox: ir.Value, columns: list[bool] | None) -> None:
+                    """Output position ``ox``; ``columns``: which kernel columns read the image
+                    (a border position's), None for all (an interior one)."""
                     acc = start
                     for ky in range(kh):
-                        row_ok, iy = in_rows[ky]
                         for kx in range(kw):
-                            ix = eb.sub(eb.add(eb.mul(ox, const_i64(sw)), const_i64(kx * dw)), const_i64(left))
-                            ok = eb.and_(row_ok, eb.and_(eb.icmp_signed(">=", ix, const_i64(0)), eb.icmp_signed("<", ix, const_i64(width))))
-                            inside = eb.gep(image, [eb.add(eb.mul(eb.add(eb.mul(iy, const_i64(width)), ix), const_i64(c)), c0)], source_etype=I8)
-                            address = eb.select(ok, inside, eb.gep(outside_ptr, [c0], source_etype=I8))
+                            if columns is None or columns[kx]:
+                                ix = eb.sub(eb.add(eb.mul(ox, const_i64(sw)), const_i64(kx * dw)), const_i64(left))
+                                address = eb.gep(window_rows[ky], [eb.add(eb.mul(ix, const_i64(c)), c0)], source_etype=I8)
+                            else:
+                                address = eb.gep(outside_ptr, [c0], source_etype=I8)
                             acc = eb.call(_fma(emitting.module), [widen(address, count, signed), weights[ky * kw + kx], acc])
                     out = eb.fptosi(acc, I32X16)
                     at = eb.gep(sums, [eb.add(eb.mul(ox, const_i64(c)), c0)], source_etype=I32)
@@ -426,6 +443,12 @@ def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
                     else:
                         for lane in range(count):
                             eb.store(eb.extract_element(out, ir.Constant(I32, lane)), eb.gep(at, [const_i64(lane)], source_etype=I32))
+
+                for ox in [*range(first_in), *range(last_in, ow)]:
+                    position(const_i64(ox), inside[ox * kw : (ox + 1) * kw])
+                if last_in > first_in:
+                    with for_range(eb, last_in, start=first_in, name="ox") as ox:
+                        position(ox, None)
 
             if c // LANES:  # whole blocks in a loop (a 960-channel layer unrolled made a 12 s compile)
                 with for_range(eb, c // LANES, name="cb") as cb:
