@@ -28,7 +28,9 @@ class EagerBackend:
     name = "eager"
     default_pipeline = "O0"  # the oracle runs the graph as imported
     preferred_layout = "nchw"
-    lowering: list[str] = []  # every op has its reference: nothing to express through others
+    # every op has its reference: nothing to express through others; the weights' dequantization
+    # the importer keeps (for llvm's integer_products) is folded, as the importer used to
+    lowering: list[str] = ["fold_dequantized_weights"]
 
     def build(self, graph: Graph) -> EagerExecutable:
         return EagerExecutable(graph)

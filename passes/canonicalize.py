@@ -33,6 +33,16 @@ def fold_constants(graph: Graph) -> Graph:
     return graph
 
 
+@graph_pass("fold_dequantized_weights")
+def fold_dequantized_weights(graph: Graph) -> Graph:
+    """Fold each node that folds whatever its size (a weight's DequantizeLinear) whose inputs
+    are all parameters: what the importer leaves for integer_products, folded for targets that
+    run the graph as imported (eager would otherwise dequantize every weight every run)."""
+    for node in [n for n in graph.nodes if n.op.folds_any_size and all(v is None or v in graph.params for v in n.inputs)]:
+        fold_node(graph, node)
+    return graph
+
+
 def fold_node(graph: Graph, node: Node) -> None:
     """Replace ``node``, whose inputs are all parameters, by parameters holding its outputs."""
     arrays = node.op.run_eager(node.attrs, [graph.params[v] if v is not None else None for v in node.inputs])
