@@ -38,9 +38,15 @@ def fold_dequantized_weights(graph: Graph) -> Graph:
     """Fold each node that folds whatever its size (a weight's DequantizeLinear) whose inputs
     are all parameters: what the importer leaves for integer_products, folded for targets that
     run the graph as imported (eager would otherwise dequantize every weight every run)."""
-    for node in [n for n in graph.nodes if n.op.folds_any_size and all(v is None or v in graph.params for v in n.inputs)]:
+    for node in [n for n in graph.nodes if folds_at_any_size(graph, n)]:
         fold_node(graph, node)
     return graph
+
+
+def folds_at_any_size(graph: Graph, node: Node) -> bool:
+    """A node of an op that folds whatever its size (a weight's DequantizeLinear) whose inputs
+    are all parameters."""
+    return node.op.folds_any_size and all(v is None or v in graph.params for v in node.inputs)
 
 
 def fold_node(graph: Graph, node: Node) -> None:

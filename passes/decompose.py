@@ -58,11 +58,11 @@ class Decompose(Pass):
         self.when = when
 
     def run(self, graph: Graph) -> Graph:
-        from kiln.passes.canonicalize import fold_node
+        from kiln.passes.canonicalize import fold_node, folds_at_any_size
 
         load_rules()
         for node in [n for n in graph.nodes if n.op.name in RULES and self.when(n)]:
-            if node.op.folds_any_size and all(v is None or v in graph.params for v in node.inputs):
+            if folds_at_any_size(graph, node):
                 fold_node(graph, node)  # a weight's DequantizeLinear: its rule's nodes would fold only up to KILN_FOLD_ELEMENTS
             else:
                 decompose_node(graph, node)

@@ -53,7 +53,7 @@ def _dequantized(graph: Graph, value: Value, dtypes: tuple[DType, ...]) -> tuple
     return q, graph.params[scale], graph.params[zero] if zero is not None else None, node.attrs["axis"] % q.type.rank
 
 
-def _operands(graph: Graph, node: Node, x: Value, w: Value, weight_axis: int) -> tuple | None:
+def _operands(graph: Graph, x: Value, w: Value, weight_axis: int) -> tuple | None:
     """(xq, x scale, x zero point param or None, the int8 weight, its scales along
     ``weight_axis``, one per output channel or column) where ``x`` and ``w`` dequantize 8-bit
     activations (one scale and zero point) and a constant int8 weight (zero points 0), else None."""
@@ -86,11 +86,11 @@ def integer_form(graph: Graph, node: Node) -> tuple | None:
         x, w = node.inputs[:2]
         if node.attrs["layout"] != "NCHW" or x.type.rank != 4 or not _one_or_depthwise(node.attrs["group"], x, w):
             return None
-        return _operands(graph, node, node.inputs[0], node.inputs[1], 0)
+        return _operands(graph, x, w, 0)
     if op == "MatMul" and node.inputs[1].type.rank == 2 and node.inputs[0].type.rank >= 2:
-        return _operands(graph, node, node.inputs[0], node.inputs[1], 1)
+        return _operands(graph, node.inputs[0], node.inputs[1], 1)
     if op == "Gemm" and not node.attrs["transA"]:
-        return _operands(graph, node, node.inputs[0], node.inputs[1], 0 if node.attrs["transB"] else 1)
+        return _operands(graph, node.inputs[0], node.inputs[1], 0 if node.attrs["transB"] else 1)
     return None
 
 
@@ -158,7 +158,7 @@ def _kept_zero_point(graph: Graph, zero: Value | None) -> Value | None | bool:
 
 
 def rewrite_integer_node(graph: Graph, node: Node) -> bool:
-    """QLinearConv and ConvInteger (2-D, group 1) -> the channels-last ConvInteger; QLinearMatMul
+    """QLinearConv and ConvInteger (2-D, group 1 or depthwise) -> the channels-last ConvInteger; QLinearMatMul
     and MatMulInteger by a (K, N) matrix -> MatMulInteger without its weight zero point; each
     with a constant int8 weight whose zero points are 0 and 8-bit activations with one zero
     point. The QLinear ops then requantize as their decomposition does (float64, the
@@ -212,6 +212,7 @@ class IntegerProducts(Pass):
     def run(self, graph: Graph) -> Graph:
         if not self.enabled():
             return graph
+        dequantized: list[Node] = []  # the DequantizeLinear nodes rewritten products read
         for node in list(graph.nodes):
             if rewrite_integer_node(graph, node):
                 continue
@@ -220,10 +221,10 @@ class IntegerProducts(Pass):
                 continue
             form = integer_form(graph, node)
             if form is not None:
-                dequantized = [v.producer for v in node.inputs[:2]]
+                dequantized += [v.producer for v in node.inputs[:2]]
                 rewrite(graph, node, form)
-                read = {id(v) for n in graph.nodes for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
-                graph.remove_nodes([n for n in dequantized if id(n.outputs[0]) not in read])
+        read = {id(v) for n in graph.nodes for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
+        graph.remove_nodes(list({id(n): n for n in dequantized if id(n.outputs[0]) not in read}.values()))
         graph.remove_unread_params()
         return graph
 
