@@ -12,6 +12,11 @@ outputs zeros. The reverse direction then runs forward over each row's prefix re
 Every attribute is expressed: the activations ONNX lists (with their alpha/beta), clip on
 the gates' pre-activations, LSTM's input_forget and peepholes.
 
+DynamicQuantizeLSTM unrolls as LSTM does, its two products in integers: the input sequence
+quantized once (DynamicQuantize's range over every step up to the longest sequence, as
+ReduceMin/ReduceMax), each step's state quantized again, each product a MatMulInteger by the
+8-bit weights scaled back to float (the llvm backend's VNNI kernel where it has one).
+
 Preconditions: none. Postconditions: no LSTM/GRU/RNN node remains; outputs keep their names, so graph outputs are unchanged.
 """
 
@@ -24,7 +29,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.ops.rnn import DEFAULT_ACTIVATIONS, DEFAULT_ALPHA, DEFAULT_BETA
 from kiln.passes.base import graph_pass
 
-RECURRENT = {"LSTM": 4, "GRU": 3, "RNN": 1}
+RECURRENT = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 
 
 class _Unroller:
@@ -36,6 +41,9 @@ class _Unroller:
         self.count = 0
         self.peep: list[Value] | None = None  # LSTM peephole weights of the direction being unrolled
         self.direction_index = 0  # which direction's activations apply
+        self.kind = "LSTM" if node.op.name == "DynamicQuantizeLSTM" else node.op.name
+        self.quantized = node.op.name == "DynamicQuantizeLSTM"
+        self.h_scale = None  # a quantized op's current recurrent weights' scale (and zero point)
 
     def fresh(self, hint: str) -> str:
         name = self.g.fresh_name(hint)
@@ -71,23 +79,31 @@ class _Unroller:
         return self.reshape(self.slice_rows(v, 0, d, d + 1), shape)
 
     def run(self) -> list[Value]:
-        node, op = self.node, self.node.op.name
+        node, op = self.node, self.kind
         a = node.attrs
-        ins = node.inputs + [None] * (8 - len(node.inputs))
+        ins = node.inputs + [None] * (12 - len(node.inputs))
         x, w, r, b, lens, h0, c0 = ins[:7]
-        if a["layout"]:
+        if a.get("layout"):
             x = self.one("Transpose", [x], {"perm": [1, 0, 2]})
             h0 = self.one("Transpose", [h0], {"perm": [1, 0, 2]}) if h0 is not None else None
             c0 = self.one("Transpose", [c0], {"perm": [1, 0, 2]}) if c0 is not None else None
         seq, batch, width = x.type.shape
-        hidden, gates = r.type.shape[-1], RECURRENT[op]
+        hidden, gates = r.type.shape[1 if self.quantized else 2], RECURRENT[op]
         dirs = w.type.shape[0]
         dtype = x.type.dtype.numpy
         x2 = self.reshape(x, [seq * batch, width])
+        if self.quantized:  # one range for every direction: the steps up to the longest sequence
+            x_scale, x_zero = self.dynamic_range(self.longest_steps(x, lens) if lens is not None else x)
         ys, hs, cs = [], [], []
         for d in range(dirs):
-            wd = self.direction(w, d, [gates * hidden, width])
-            rd = self.direction(r, d, [gates * hidden, hidden])
+            if self.quantized:
+                wd, rd = self.direction(w, d, [width, gates * hidden]), self.direction(r, d, [hidden, gates * hidden])
+                w_scale, r_scale = (self.direction(ins[k], d, [ins[k].type.numel // dirs]) for k in (8, 10))
+                w_zero, r_zero = (self.direction(ins[k], d, [ins[k].type.numel // dirs]) if ins[k] is not None else None for k in (9, 11))
+                self.h_scale = (r_scale, r_zero)
+            else:
+                wd = self.direction(w, d, [gates * hidden, width])
+                rd = self.direction(r, d, [gates * hidden, hidden])
             if b is not None:
                 bd = self.direction(b, d, [2 * gates * hidden])
                 wb, rb = self.slice_rows(bd, 0, 0, gates * hidden), self.slice_rows(bd, 0, gates * hidden, 2 * gates * hidden)
@@ -99,7 +115,11 @@ class _Unroller:
             reverse = a["direction"] == "reverse" or d == 1
             flip = reverse and lens is not None  # each row's prefix reversed, then walked forwards
             xd = self.reshape(self.one("ReverseSequence", [x, lens], {"batch_axis": 1, "time_axis": 0}), [seq * batch, width]) if flip else x2
-            proj = self.one("Gemm", [xd, wd, wb], {"transB": 1})
+            if self.quantized:
+                xq = self.one("QuantizeLinear", [xd, x_scale, x_zero])
+                proj = self.one("Add", [self.scaled_sums(xq, x_scale, x_zero, wd, w_scale, w_zero), wb])
+            else:
+                proj = self.one("Gemm", [xd, wd, wb], {"transB": 1})
             steps = self.emit("Split", [proj], {"axis": 0, "split": [batch] * seq}) if seq > 1 else [proj]
             h = self.initial(h0, d, batch, hidden, dtype)
             c = self.initial(c0, d, batch, hidden, dtype) if op == "LSTM" else None
@@ -110,11 +130,13 @@ class _Unroller:
                 self.peep = [self.slice_rows(pd, 0, k * hidden, (k + 1) * hidden) for k in range(3)]
             outs: list[Value | None] = [None] * seq
             for t in (reversed(range(seq)) if reverse and not flip else range(seq)):
+                if self.quantized:
+                    self.h_rows = h if lens is None or t == 0 else self.where_active(t - 1, lens, batch, h)
                 h_new, c_new = self.step(op, steps[t], h, c, rd, rb, hidden)
                 if lens is None:
                     h, c, out = h_new, c_new, h_new
                 else:  # rows past their length keep their state and output zeros
-                    active = self.reshape(self.one("Less", [self.add_param(f"t{t}", np.array(t, lens.type.dtype.numpy)), lens]), [batch, 1])
+                    active = self.active(t, lens, batch)
                     h = self.one("Where", [active, h_new, h])
                     c = self.one("Where", [active, c_new, c]) if c is not None else None
                     out = self.one("Where", [active, h_new, self.add_param("zero_out", np.zeros((1, 1), dtype))])
@@ -129,11 +151,53 @@ class _Unroller:
         join = lambda vs, axis: vs[0] if len(vs) == 1 else self.one("Concat", vs, {"axis": axis})  # noqa: E731
         y, y_h = join(ys, 1), join(hs, 0)
         y_c = join(cs, 0) if cs else None
-        if a["layout"]:
+        if a.get("layout"):
             y = self.one("Transpose", [y], {"perm": [2, 0, 1, 3]})
             y_h = self.one("Transpose", [y_h], {"perm": [1, 0, 2]})
             y_c = self.one("Transpose", [y_c], {"perm": [1, 0, 2]}) if y_c is not None else None
         return [y, y_h, y_c][: len(node.outputs)]
+
+    def active(self, t: int, lens: Value, batch: int) -> Value:
+        """Which batch rows step ``t`` reaches: (batch, 1) booleans."""
+        return self.reshape(self.one("Less", [self.add_param(f"t{t}", np.array(t, lens.type.dtype.numpy)), lens]), [batch, 1])
+
+    def where_active(self, t: int, lens: Value, batch: int, h: Value) -> Value:
+        """``h`` with the rows step ``t`` does not reach as zeros."""
+        return self.one("Where", [self.active(t, lens, batch), h, self.add_param("zero_out", np.zeros((1, 1), h.type.dtype.numpy))])
+
+    def longest_steps(self, x: Value, lens: Value) -> Value:
+        """``x`` (seq, batch, input) with the steps past the longest sequence as zeros."""
+        seq = x.type.shape[0]
+        steps = self.add_param("steps", np.arange(seq, dtype=lens.type.dtype.numpy).reshape(seq, 1, 1))
+        longest = self.one("ReduceMax", [lens], {"axes": [0], "keepdims": 1})
+        zero = self.add_param("zero_in", np.zeros((1, 1, 1), x.type.dtype.numpy))
+        return self.one("Where", [self.one("Less", [steps, longest]), x, zero])
+
+    def dynamic_range(self, v: Value) -> tuple[Value, Value]:
+        """onnxruntime's dynamic uint8 quantization of ``v`` (ir.ops.rnn.dynamic_quantized):
+        the scale (1 where the range [min(v, 0), max(v, 0)] is empty) and the zero point."""
+        everything = {"axes": list(range(v.type.rank)), "keepdims": 0}
+        zero, one = self.const(0.0), self.const(1.0)
+        lo = self.one("Min", [self.one("ReduceMin", [v], everything), zero])
+        hi = self.one("Max", [self.one("ReduceMax", [v], everything), zero])
+        span = self.one("Sub", [hi, lo])
+        scale = self.one("Where", [self.one("Equal", [span, zero]), one, self.one("Div", [span, self.const(255.0)])])
+        point = self.one("Clip", [self.one("Sub", [zero, self.one("Div", [lo, scale])]), zero, self.const(255.0)])
+        return scale, self.one("Cast", [self.one("Round", [point])], {"to": "u8"})
+
+    def scaled_sums(self, aq: Value, a_scale: Value, a_zero: Value, weight: Value, w_scale: Value, w_zero: Value | None) -> Value:
+        """``(aq - a_zero) @ (weight - w_zero)`` in integers, times ``a_scale * w_scale``."""
+        sums = self.one("MatMulInteger", [aq, weight, a_zero, *([w_zero] if w_zero is not None else [])])
+        return self.one("Mul", [self.one("Cast", [sums], {"to": "f32"}), self.one("Mul", [a_scale, w_scale])])
+
+    def recurrent(self, h: Value, rd: Value, c: Value) -> Value:
+        """``c + h @ R'`` (the recurrent weights of this direction); a quantized op quantizes
+        the state first, its rows that ended before the last step as zeros (``self.h_rows``)."""
+        if not self.quantized:
+            return self.one("Gemm", [h, rd, c], {"transB": 1})
+        scale, zero = self.dynamic_range(self.h_rows)
+        hq = self.one("QuantizeLinear", [self.h_rows, scale, zero])
+        return self.one("Add", [self.scaled_sums(hq, scale, zero, rd, *self.h_scale), c])
 
     def initial(self, state: Value | None, d: int, batch: int, hidden: int, dtype) -> Value:
         if state is None:
@@ -149,7 +213,7 @@ class _Unroller:
         a = self.node.attrs
         if clip and a["clip"] is not None:
             x = self.one("Clip", [x, self.const(-a["clip"]), self.const(a["clip"])])
-        defaults = DEFAULT_ACTIVATIONS[self.node.op.name]
+        defaults = DEFAULT_ACTIVATIONS[self.kind]
         k = self.direction_index * len(defaults) + slot
         name = (a["activations"] or defaults * 2)[k]
         alphas, betas = list(a["activation_alpha"] or []), list(a["activation_beta"] or [])
@@ -170,7 +234,7 @@ class _Unroller:
         if op == "RNN":
             return self.activate(0, self.one("Gemm", [h, rd, gx], {"transB": 1})), None
         if op == "LSTM":
-            pre = self.one("Gemm", [h, rd, gx], {"transB": 1})
+            pre = self.recurrent(h, rd, gx)
             gi, go, gf, gc = self.emit("Split", [pre], {"axis": 1, "split": [hidden] * 4})
             if self.peep is not None:
                 gi = self.one("Add", [gi, self.one("Mul", [self.peep[0], c])])

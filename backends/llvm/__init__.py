@@ -240,9 +240,10 @@ class LLVMBackend:
     # ops without a kernel expressed through others before any pipeline runs; GEMM operands
     # B made row-major (the micro-kernel streams rows of B: training's g W^T comes transposed;
     # a transposed A, as in x^T g, it reads in place)
-    # (QDQ models' convs first computed in integers where the CPU has VNNI, while their
-    # DequantizeLinear nodes still show the 8-bit operands)
-    lowering = [IntegerProducts(enabled=integer_products_run_here), Decompose(when=decomposes), "decompose_rnn", "row_major_gemm"]
+    # (recurrent ops unrolled first, so the integer products of a quantized LSTM meet the
+    # passes after; QDQ models' convs computed in integers where the CPU has VNNI, while
+    # their DequantizeLinear nodes still show the 8-bit operands)
+    lowering = ["decompose_rnn", IntegerProducts(enabled=integer_products_run_here), Decompose(when=decomposes), "row_major_gemm"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()

@@ -211,8 +211,9 @@ class TVMBackend:
 
     default_pipeline = "O2"
     preferred_layout = "nchw"
-    # ops without a lowering expressed through others; recurrent ops become GEMMs and gate math, as on llvm
-    lowering = [Decompose(when=lambda node: not _has_lowering(node)), "decompose_rnn"]
+    # recurrent ops become GEMMs and gate math, as on llvm; then ops without a lowering are
+    # expressed through others
+    lowering = ["decompose_rnn", Decompose(when=lambda node: not _has_lowering(node))]
 
     def __init__(self, kind: str, arch: str | None = None, tune: int | None = None):
         self.kind = kind

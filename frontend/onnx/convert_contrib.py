@@ -7,6 +7,7 @@ elementwise ops and pools fuse into the integer products' tails.
 
 from __future__ import annotations
 
+from kiln.frontend.onnx.convert_elementwise import passthrough
 from kiln.frontend.onnx.convert_nn import _pool_attrs
 from kiln.frontend.onnx.importer import MICROSOFT, NodeContext, converter
 from kiln.ir.graph import Value
@@ -89,3 +90,11 @@ def _qgemm(ctx: NodeContext):
     attrs = {"alpha": alpha, "beta": alpha, "transA": ctx.attr("transA", 0), "transB": trans_b}
     y = ctx.emit("Gemm", inputs, attrs)[0]
     return [_quantized(ctx, y, 7) if ctx.has_input(7) else y]
+
+
+@converter("DynamicQuantizeLSTM", domain=MICROSOFT)
+def _dynamic_quantize_lstm(ctx: NodeContext):
+    """LSTM's inputs and attributes with 8-bit, transposed W and R and their scales and zero
+    points (inputs 8-11): what onnxruntime's ``quantize_dynamic`` makes of an LSTM. It stays one
+    node (kiln's op of the same name): each product quantizes its operand as it runs."""
+    return passthrough(ctx)

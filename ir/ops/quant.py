@@ -133,7 +133,7 @@ def _requantize(acc: np.ndarray, ratio: np.ndarray, zp: np.ndarray | None, out: 
     return np.clip(np.rint(d), info.min, info.max).astype(out)
 
 
-def _integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The exact product of two zero-point-shifted 8-bit operands, through float64 BLAS: every
     product is below 2^17 in size, so sums of fewer than 2^36 of them are exact (numpy's own
     int64 matmul has no BLAS and is ~100x slower)."""
@@ -150,7 +150,7 @@ def _matmul_integer_infer(attrs, types):
 
 
 def _matmul_integer(attrs, a, b, a_zp=None, b_zp=None):
-    return _integer_matmul(_shifted(a, a_zp), _shifted(b, b_zp, (-1,))).astype(np.int32)
+    return integer_matmul(_shifted(a, a_zp), _shifted(b, b_zp, (-1,))).astype(np.int32)
 
 
 def _check_qlinear(types, names: tuple[str, ...], per: Callable[[TensorType], int], along: str) -> tuple[TensorType, TensorType, TensorType]:
@@ -179,7 +179,7 @@ def _qlinear_matmul_infer(attrs, types):
 
 
 def _qlinear_matmul(attrs, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp):
-    acc = _integer_matmul(_shifted(a, a_zp), _shifted(b, b_zp, (-1,)))
+    acc = integer_matmul(_shifted(a, a_zp), _shifted(b, b_zp, (-1,)))
     return _requantize(acc, a_scale.reshape(()) * b_scale.reshape(-1) / y_scale.reshape(()), y_zp.reshape(()), y_zp.dtype)
 
 

@@ -1,4 +1,5 @@
-"""Recurrent layers: RNN, GRU and LSTM with ONNX's gate layouts, directions and sequence lengths.
+"""Recurrent layers: RNN, GRU and LSTM with ONNX's gate layouts, directions and sequence lengths,
+and onnxruntime's DynamicQuantizeLSTM (an LSTM whose products are 8-bit).
 
 Gate blocks in W/R/B follow ONNX: LSTM ``i, o, f, c``; GRU ``z, r, h``; RNN one block.
 The eager reference runs in float64, one time step at a time.
@@ -10,8 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from kiln.ir.dtypes import FLOATS
+from kiln.ir.dtypes import FLOATS, DType
 from kiln.ir.opdef import OpDef, OpKind, register
+from kiln.ir.ops.quant import integer_matmul
 from kiln.ir.ops.rules import check_dtype, fail, present
 from kiln.ir.types import TensorType
 
@@ -83,7 +85,13 @@ def _rnn_infer(op: str):
     return infer
 
 
-def _run_rnn(op: str, a, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None):
+def _float_products(x: np.ndarray, w: np.ndarray, r: np.ndarray):
+    """The two products of direction d, in float64: every time step's input projection
+    (seq, batch, gates * hidden) and the recurrent one of a state."""
+    return (lambda d: x @ w[d].astype(np.float64).T), (lambda d, h: h @ r[d].astype(np.float64).T)
+
+
+def _run_rnn(op: str, a, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None, products=_float_products):
     dirs = _directions(a)
     g = GATES[op]
     dtype = x.dtype
@@ -93,7 +101,7 @@ def _run_rnn(op: str, a, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=Non
         h0 = h0.transpose(1, 0, 2) if h0 is not None else None
         c0 = c0.transpose(1, 0, 2) if c0 is not None else None
     seq, batch, _ = x.shape
-    hidden = r.shape[-1]
+    hidden = a["hidden_size"] or r.shape[-1]
     names = a["activations"] or DEFAULT_ACTIVATIONS[op] * dirs
     alphas = list(a["activation_alpha"] or [])
     betas = list(a["activation_beta"] or [])
@@ -107,12 +115,14 @@ def _run_rnn(op: str, a, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=Non
     def clipped(v: np.ndarray) -> np.ndarray:
         return np.clip(v, -clip, clip) if clip is not None else v
 
+    project_x, project_h = products(x, w, r)
     y = np.zeros((seq, dirs, batch, hidden))
     y_h = np.zeros((dirs, batch, hidden))
     y_c = np.zeros((dirs, batch, hidden))
     for d in range(dirs):
         f = fns[d * per_dir : (d + 1) * per_dir]
-        wd, rd = w[d].astype(np.float64), r[d].astype(np.float64)
+        rd = r[d].astype(np.float64) if op == "GRU" else None
+        gx_all = project_x(d)
         bd = b[d].astype(np.float64) if b is not None else np.zeros(2 * g * hidden)
         wb, rb = bd[: g * hidden], bd[g * hidden :]
         h = h0[d].astype(np.float64) if h0 is not None else np.zeros((batch, hidden))
@@ -124,9 +134,10 @@ def _run_rnn(op: str, a, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=Non
             t = lens - 1 - step if reverse else np.full(batch, step)
             active = step < lens
             tt = np.clip(t, 0, seq - 1)
-            xt = x[tt, np.arange(batch)]
-            gx = xt @ wd.T + wb
-            gh = h @ rd.T
+            gx = gx_all[tt, np.arange(batch)] + wb
+            # a row past its length by the last step enters the product as zeros (the float
+            # product's rows are dropped either way; a quantized one's range is onnxruntime's)
+            gh = project_h(d, np.where((step - 1 < lens)[:, None], h, 0))
             if op == "RNN":
                 h_new = f[0](clipped(gx + gh + rb))
                 c_new = c
@@ -181,4 +192,82 @@ def _register(op: str, extra: dict, max_inputs: int) -> None:
 _register("RNN", {}, 6)
 _register("GRU", {"linear_before_reset": 0}, 6)
 _register("LSTM", {"input_forget": 0}, 8)
+
+
+# DynamicQuantizeLSTM (com.microsoft): LSTM's inputs, but W (dirs, input, 4 * hidden) and R
+# (dirs, hidden, 4 * hidden) are 8-bit, transposed, and dequantized by inputs 8-11: W_scale,
+# W_zero_point, R_scale, R_zero_point (per direction, or per direction and gate column). Each
+# product quantizes its float operand to uint8 as it runs, as onnxruntime does on one thread:
+# the input projection once over every time step up to the longest sequence, the recurrent one
+# once per step over the state of every batch row, rows that ended before the last step as
+# zeros. (onnxruntime on several threads quantizes each thread's block of batch rows apart.)
+QUANTIZED_LSTM_INPUTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P", "W_scale", "W_zero_point", "R_scale", "R_zero_point")
+
+
+def _quantized_lstm_infer(attrs, types):
+    types = list(types) + [None] * (12 - len(types))
+    w, r = present(types, 1, "W"), present(types, 2, "R")
+    for t, what in ((w, "W"), (r, "R")):
+        check_dtype(t, (DType.int8, DType.uint8), what)
+        if t.rank != 3:
+            raise fail(f"{what} {t} must be 3-D: (directions, inputs, 4 * hidden)")
+    for scale, zero, weight, what in ((types[8], types[9], w, "W"), (types[10], types[11], r, "R")):
+        if scale is None:
+            raise fail(f"{what}_scale is required")
+        check_dtype(scale, FLOATS, f"{what}_scale")
+        if scale.shape not in ((weight.shape[0],), (weight.shape[0], weight.shape[2])):
+            raise fail(f"{what}_scale {scale} must have shape ({weight.shape[0]},) or ({weight.shape[0]}, {weight.shape[2]})")
+        if zero is not None and (zero.dtype != weight.dtype or zero.shape != scale.shape):
+            raise fail(f"{what}_zero_point {zero} must have {what}'s dtype {weight.dtype.short} and {what}_scale's shape {scale.shape}")
+    as_float = [t.with_dtype(DType.float32) for t in (w, r)]
+    lstm_types = [types[0], *(t.with_shape((t.shape[0], t.shape[2], t.shape[1])) for t in as_float), *types[3:8]]
+    return _rnn_infer("LSTM")({**attrs, "layout": 0}, lstm_types)
+
+
+def dynamic_quantized(a: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
+    """onnxruntime's dynamic quantization of a float tensor to uint8, in float32: the range
+    [min(a, 0), max(a, 0)] over 255 steps (scale 1 where it is empty), the zero point that range's
+    rounded image of 0. Returns (the bytes, the scale, the zero point)."""
+    a = a.astype(np.float32)
+    lo, hi = np.float32(min(a.min(initial=0), 0)), np.float32(max(a.max(initial=0), 0))
+    scale = np.float32(1) if hi == lo else np.float32((hi - lo) / np.float32(255))
+    zero = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)).astype(np.float32)
+    return np.clip(np.rint(a / scale) + zero, 0, 255).astype(np.uint8), scale, zero
+
+
+def _quantized_products(seq_lens, w_scale, w_zero, r_scale, r_zero):
+    """DynamicQuantizeLSTM's two products: each float operand quantized by ``dynamic_quantized``,
+    the exact integer sums scaled by the float32 product of the two scales."""
+
+    def scaled_sums(aq, a_scale, a_zero, q, scale, zero, d):
+        wd = q[d].astype(np.int64) - (zero[d].astype(np.int64) if zero is not None else 0)
+        sums = integer_matmul(aq.astype(np.int64) - np.int64(a_zero), wd)
+        return sums * (a_scale * scale[d].astype(np.float32)).astype(np.float64)
+
+    def products(x, w, r):
+        steps = int(seq_lens.max(initial=0)) if seq_lens is not None else x.shape[0]
+        _, x_scale, x_zero = dynamic_quantized(x[:steps])  # the longest sequence's steps set the range
+        xq = np.clip(np.rint(x.astype(np.float32) / x_scale) + x_zero, 0, 255)
+        project_x = lambda d: scaled_sums(xq, x_scale, x_zero, w, w_scale, w_zero, d)  # noqa: E731
+        return project_x, lambda d, h: scaled_sums(*dynamic_quantized(h), r, r_scale, r_zero, d)
+
+    return products
+
+
+def _run_quantized_lstm(a, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None, w_scale=None, w_zero=None, r_scale=None, r_zero=None):
+    products = _quantized_products(seq_lens, w_scale, w_zero, r_scale, r_zero)
+    return _run_rnn("LSTM", {**a, "layout": 0, "hidden_size": r.shape[1]}, x, w, r, b, seq_lens, h0, c0, p, products=products)
+
+
+register(
+    OpDef(
+        "DynamicQuantizeLSTM",
+        OpKind.HEAVY,
+        _quantized_lstm_infer,
+        _run_quantized_lstm,
+        {**{k: v for k, v in RNN_ATTRS.items() if k != "layout"}, "input_forget": 0},
+        num_inputs=(11, 12),
+        num_outputs=(1, 3),
+    )
+)
 

@@ -1,0 +1,113 @@
+"""onnxruntime's DynamicQuantizeLSTM (com.microsoft, what ``quantize_dynamic`` makes of an LSTM):
+kiln's eager reference and its unrolled form on llvm agree with onnxruntime on one thread (on
+several, onnxruntime quantizes each thread's batch rows apart).
+
+One step agrees to float rounding. Over several steps, a state element that lands next to a
+rounding boundary of its quantization can go one step either way: the three compute the gates
+in different precisions (float64, float32, onnxruntime's approximations), and the step moves the
+rows it feeds by up to ~0.01 from there on."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import kiln
+from kiln.ir.ops.rnn import dynamic_quantized
+
+BATCH, INPUT, HIDDEN = 5, 12, 16
+
+
+def _model(direction: str, per_column: bool, lens: bool, weights=np.int8, SEQ=7):
+    dirs = 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(1)
+    info = np.iinfo(weights)
+    scale_shape = (dirs, 4 * HIDDEN) if per_column else (dirs,)
+    consts = {
+        "W": rng.integers(info.min, info.max + 1, (dirs, INPUT, 4 * HIDDEN), dtype=weights),
+        "R": rng.integers(info.min, info.max + 1, (dirs, HIDDEN, 4 * HIDDEN), dtype=weights),
+        "B": (rng.standard_normal((dirs, 8 * HIDDEN)) * 0.1).astype(np.float32),
+        "W_scale": (rng.random(scale_shape) * 0.01 + 0.002).astype(np.float32),
+        "W_zero": np.full(scale_shape, 0 if weights == np.int8 else 128, weights),
+        "R_scale": (rng.random(scale_shape) * 0.01 + 0.002).astype(np.float32),
+        "R_zero": np.full(scale_shape, 0 if weights == np.int8 else 128, weights),
+    }
+    inputs = ["X", "W", "R", "B", "lens" if lens else "", "h0", "c0", "", "W_scale", "W_zero", "R_scale", "R_zero"]
+    node = helper.make_node("DynamicQuantizeLSTM", inputs, ["Y", "Y_h", "Y_c"], domain="com.microsoft", hidden_size=HIDDEN, direction=direction)
+    fed = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [SEQ, BATCH, INPUT])]
+    fed += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [dirs, BATCH, HIDDEN]) for n in ("h0", "c0")]
+    if lens:
+        fed.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [BATCH]))
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Y_h", "Y_c")]
+    graph = helper.make_graph([node], "qlstm", fed, outs, [numpy_helper.from_array(a, n) for n, a in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {
+        "X": rng.standard_normal((SEQ, BATCH, INPUT)).astype(np.float32),
+        "h0": (rng.standard_normal((dirs, BATCH, HIDDEN)) * 0.3).astype(np.float32),
+        "c0": (rng.standard_normal((dirs, BATCH, HIDDEN)) * 0.3).astype(np.float32),
+        **({"lens": np.array([7, 3, 5, 7, 1], np.int32).clip(max=SEQ)} if lens else {}),
+    }
+    return model, feeds
+
+
+def _onnxruntime(model, feeds) -> dict:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return dict(zip(("Y", "Y_h", "Y_c"), session.run(None, feeds)))
+
+
+CASES = [("forward", False, False), ("reverse", True, False), ("bidirectional", False, True), ("bidirectional", True, True), ("reverse", False, True)]
+
+
+@pytest.mark.parametrize("direction,per_column,lens", CASES)
+def test_one_step_agrees_with_onnxruntime_to_rounding(direction, per_column, lens):
+    model, feeds = _model(direction, per_column, lens, SEQ=1)
+    want = _onnxruntime(model, feeds)
+    for target in ("eager", "llvm"):
+        got = kiln.compile(model, target=target).run(feeds)
+        for name, expected in want.items():
+            np.testing.assert_allclose(got[name], expected, atol=1e-6, err_msg=f"{target} {name}")
+
+
+@pytest.mark.parametrize("direction,per_column,lens", CASES)
+def test_a_sequence_agrees_with_onnxruntime_but_for_single_quantization_steps(direction, per_column, lens):
+    model, feeds = _model(direction, per_column, lens)
+    want = _onnxruntime(model, feeds)
+    for target in ("eager", "llvm"):
+        got = kiln.compile(model, target=target).run(feeds)
+        for name, expected in want.items():
+            assert np.abs(got[name] - expected).max() < 0.02, f"{target} {name}"
+        moved = np.abs(got["Y"] - want["Y"]) > 2e-6  # the rows after a step that went the other way
+        assert moved.mean() < 0.25, f"{target}: {moved.mean():.1%} of Y moved"
+
+
+def test_uint8_weights_with_a_zero_point_agree_with_onnxruntime():
+    model, feeds = _model("forward", False, False, weights=np.uint8, SEQ=1)
+    want = _onnxruntime(model, feeds)
+    for target in ("eager", "llvm"):
+        np.testing.assert_allclose(kiln.compile(model, target=target).run(feeds)["Y"], want["Y"], atol=1e-6)
+
+
+def test_the_quantized_lstm_differs_from_its_float_twin():
+    """The products are quantized: a float LSTM of the dequantized weights is measurably off
+    (so the agreement above is not the float math agreeing with itself)."""
+    model, feeds = _model("forward", False, False)
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    w = (consts["W"].astype(np.float32) * consts["W_scale"][:, None, None]).transpose(0, 2, 1)
+    r = (consts["R"].astype(np.float32) * consts["R_scale"][:, None, None]).transpose(0, 2, 1)
+    node = helper.make_node("LSTM", ["X", "W", "R", "B", "", "h0", "c0"], ["Y"], hidden_size=HIDDEN)
+    graph = helper.make_graph([node], "lstm", list(model.graph.input), [model.graph.output[0]],
+                              [numpy_helper.from_array(a, n) for n, a in (("W", w), ("R", r), ("B", consts["B"]))])
+    float_twin = kiln.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).run(feeds)["Y"]
+    quantized = kiln.compile(model).run(feeds)["Y"]
+    assert np.abs(float_twin - quantized).max() > 1e-3
+
+
+def test_dynamic_quantization_takes_zero_into_the_range_and_survives_an_empty_one():
+    q, scale, zero = dynamic_quantized(np.array([0.5, 1.5, 2.0], np.float32))  # 63.75, 191.25, 255 steps
+    assert zero == 0 and scale == np.float32(2.0 / 255) and q.tolist() == [64, 191, 255]
+    q, scale, zero = dynamic_quantized(np.zeros(4, np.float32))
+    assert scale == 1 and zero == 0 and not q.any()
