@@ -38,6 +38,9 @@ def node_macs(node: Node) -> int:
         steps_times_batch = x[0] * x[1]
         dirs, hidden = w[0], r[2]
         return steps_times_batch * dirs * gates * hidden * (w[2] + hidden)
+    if op == "DynamicQuantizeLSTM":  # W (dirs, input, 4 * hidden), R (dirs, hidden, 4 * hidden)
+        x, w, r = ins[0].shape, ins[1].shape, ins[2].shape
+        return x[0] * x[1] * w[0] * w[2] * (w[1] + r[1])
     return 0
 
 

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln.errors import KilnError
 from kiln.fileio import write_atomic
+from kiln.frontend.onnx.importer import MICROSOFT
 from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Node, Value
 
@@ -48,6 +49,7 @@ ATTR_INPUTS: dict[str, list[tuple[str, int, Any]]] = {
 }
 SCALAR_INPUTS = {("CumSum", "axis"), ("CumProd", "axis"), ("Trilu", "k"), ("Dropout", "ratio"), ("Dropout", "training_mode"), ("DFT", "length"), ("DFT", "axis")}
 DTYPE_ATTRS = {"Cast": "to", "BitCast": "to", "QuantizeLinear": "output_dtype", "DequantizeLinear": "output_dtype"}
+CONTRIB_OPS = {"DynamicQuantizeLSTM"}  # onnxruntime's ops that kiln keeps as nodes: written in its domain
 NOT_EXPORTABLE = {"MaxUnpool": "kiln's MaxUnpool keeps the unpooled shape, not ONNX's kernel attributes"}
 
 
@@ -118,7 +120,8 @@ class _Exporter:
         while inputs and inputs[-1] == "":
             inputs.pop()
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        return helper.make_node(op, inputs, [names[v] for v in node.outputs], name=label, **attrs)
+        domain = MICROSOFT if op in CONTRIB_OPS else None
+        return helper.make_node(op, inputs, [names[v] for v in node.outputs], name=label, domain=domain, **attrs)
 
     def fix_attrs(self, node: Node, attrs: dict) -> None:
         """The attributes whose ONNX spelling differs from kiln's."""
@@ -147,7 +150,7 @@ class _Exporter:
 def required_opset(ops: set[str]) -> int:
     """The lowest opset >= BASE_OPSET at which every op in ``ops`` exists."""
     opset = BASE_OPSET
-    for op in ops:
+    for op in ops - CONTRIB_OPS:
         try:
             onnx.defs.get_schema(op, BASE_OPSET)
         except onnx.defs.SchemaError:
@@ -182,7 +185,7 @@ def graph_to_onnx(graph: Graph, producer: str = "kiln") -> onnx.ModelProto:
 
     model = helper.make_model(
         onnx_graph,
-        opset_imports=[helper.make_opsetid("", required_opset(exporter.ops))],
+        opset_imports=[helper.make_opsetid("", required_opset(exporter.ops))] + [helper.make_opsetid(MICROSOFT, 1)] * bool(exporter.ops & CONTRIB_OPS),
         producer_name=producer,
         producer_version=__version__,
     )

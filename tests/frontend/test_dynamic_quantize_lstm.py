@@ -111,3 +111,18 @@ def test_dynamic_quantization_takes_zero_into_the_range_and_survives_an_empty_on
     assert zero == 0 and scale == np.float32(2.0 / 255) and q.tolist() == [64, 191, 255]
     q, scale, zero = dynamic_quantized(np.zeros(4, np.float32))
     assert scale == 1 and zero == 0 and not q.any()
+
+
+def test_exports_in_onnxruntimes_domain_and_runs_there_the_same():
+    model, feeds = _model("bidirectional", True, True)
+    exported = kiln.frontend.onnx.export.graph_to_onnx(kiln.driver.to_graph(model))
+    assert [(n.domain, n.op_type) for n in exported.graph.node] == [("com.microsoft", "DynamicQuantizeLSTM")]
+    again, first = _onnxruntime(exported, feeds), _onnxruntime(model, feeds)
+    for name in first:
+        np.testing.assert_array_equal(again[name], first[name])
+
+
+def test_macs_count_both_products():
+    model, _ = _model("bidirectional", False, False)
+    (node,) = kiln.driver.to_graph(model).nodes
+    assert kiln.ir.cost.node_macs(node) == 7 * BATCH * 2 * 4 * HIDDEN * (INPUT + HIDDEN)
