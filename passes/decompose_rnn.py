@@ -186,9 +186,11 @@ class _Unroller:
         return scale, self.one("Cast", [self.one("Round", [point])], {"to": "u8"})
 
     def scaled_sums(self, aq: Value, a_scale: Value, a_zero: Value, weight: Value, w_scale: Value, w_zero: Value | None) -> Value:
-        """``(aq - a_zero) @ (weight - w_zero)`` in integers, times ``a_scale * w_scale``."""
+        """``(aq - a_zero) @ (weight - w_zero)`` in integers, times ``a_scale * w_scale`` (that
+        product first: the rest then fuses into the integer product's kernel)."""
+        scale = self.one("Mul", [a_scale, w_scale])
         sums = self.one("MatMulInteger", [aq, weight, a_zero, *([w_zero] if w_zero is not None else [])])
-        return self.one("Mul", [self.one("Cast", [sums], {"to": "f32"}), self.one("Mul", [a_scale, w_scale])])
+        return self.one("Mul", [self.one("Cast", [sums], {"to": "f32"}), scale])
 
     def recurrent(self, h: Value, rd: Value, c: Value) -> Value:
         """``c + h @ R'`` (the recurrent weights of this direction); a quantized op quantizes
