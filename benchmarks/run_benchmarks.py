@@ -5,8 +5,10 @@
 Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
 (batch 1, 224x224), light_resnet50 (batch 1), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
 (hidden 256, 32 steps, batch 16) and a GRU of the same size, a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
-224x224: transposed and dilated convolutions), and the MLP, ResNet-18 and MobileNetV2 quantized
-to int8 (onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations). Zoo models are built with seeded weights and exported to
+224x224: transposed and dilated convolutions), the MLP, ResNet-18 and MobileNetV2 quantized
+to int8 (onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations), and
+the MLP and the LSTM quantized dynamically (onnxruntime's quantize_dynamic: int8 weights, each
+product's activations quantized as it runs; the LSTM becomes DynamicQuantizeLSTM). Zoo models are built with seeded weights and exported to
 ONNX first, so every runtime (onnxruntime too) runs the same file. Ratios are taken side by side
 in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
 """
@@ -43,11 +45,16 @@ STANDARD = {
     "mlp-int8/b64": ("mlp", {"hidden": (512, 256)}, (64, 784)),
     "resnet18-int8/b1": ("resnet18", {}, (1, 3, 224, 224)),
     "mobilenet_v2-int8/b1": ("mobilenet_v2", {}, (1, 3, 224, 224)),
+    "mlp-dynamic-int8/b64": ("mlp", {"hidden": (512, 256)}, (64, 784)),
+    "lstm-dynamic-int8/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
 }
 INT8 = {"mlp-int8/b64", "resnet18-int8/b1", "mobilenet_v2-int8/b1"}  # quantized after export (``quantized``)
+DYNAMIC_INT8 = {"mlp-dynamic-int8/b64", "lstm-dynamic-int8/b16"}  # ... or ``dynamically_quantized``
 INT8_NOTE = (
     "int8 models: kiln (on AVX-512 VNNI) and onnxruntime sum exactly in integers where eager sums dequantized floats, "
-    "so an output next to a rounding boundary can differ from eager's by one quantization step, and 'outputs match' reads NO."
+    "so an output next to a rounding boundary can differ from eager's by one quantization step, and 'outputs match' reads NO. "
+    "The dynamically quantized LSTM quantizes its state every step, so such a step moves the steps after it; onnxruntime on "
+    "two threads also quantizes each thread's batch rows apart (kiln and eager quantize them together, as onnxruntime on one)."
 )
 
 
@@ -59,6 +66,8 @@ def model_file(label: str, folder: Path) -> str:
     name, kwargs, shape = spec
     path = folder / f"{name}.onnx"
     kiln.export_onnx(zoo.build(name, **kwargs), path, [np.zeros(shape, np.float32)], input_names=["input"])
+    if label in DYNAMIC_INT8:
+        return dynamically_quantized(path)
     return quantized(path, shape) if label in INT8 else str(path)
 
 
@@ -79,6 +88,15 @@ def quantized(path: Path, shape) -> str:
     prepared, out = path.with_suffix(".pre.onnx"), path.with_suffix(".int8.onnx")
     quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(out), Inputs(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return str(out)
+
+
+def dynamically_quantized(path: Path) -> str:
+    """``path`` through onnxruntime's ``quantize_dynamic`` with int8 weights (its default)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_suffix(".dynamic-int8.onnx")
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
     return str(out)
 
 
@@ -116,7 +134,7 @@ def main() -> int:
         )
         print(lines[-1], flush=True)
     lines += ["", f"Geomean speedup over eager: {geomean(speedups):.2f}x; geomean onnxruntime_ms / kiln_ms: {geomean(ort_ratios):.2f}.", ""]
-    if INT8 & set(args.models):
+    if (INT8 | DYNAMIC_INT8) & set(args.models):
         lines += [INT8_NOTE, ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
