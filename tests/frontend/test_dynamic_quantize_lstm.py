@@ -126,3 +126,32 @@ def test_macs_count_both_products():
     model, _ = _model("bidirectional", False, False)
     (node,) = kiln.driver.to_graph(model).nodes
     assert kiln.ir.cost.node_macs(node) == 7 * BATCH * 2 * 4 * HIDDEN * (INPUT + HIDDEN)
+
+
+def test_tvm_llvm_agrees_with_onnxruntime_on_one_step():
+    model, feeds = _model("bidirectional", True, True, SEQ=1)
+    want = _onnxruntime(model, feeds)
+    got = kiln.compile(model, target="tvm-llvm").run(feeds)
+    for name, expected in want.items():
+        np.testing.assert_allclose(got[name], expected, atol=1e-6, err_msg=name)
+
+
+def test_the_zoo_lstm_through_quantize_dynamic_runs_on_llvm(tmp_path):
+    """The file onnxruntime's own tool writes (DynamicQuantizeLSTM, DynamicQuantizeLinear and
+    MatMulInteger for the head) compiles, and llvm follows eager but for single steps."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from kiln.models import zoo
+
+    shape = (4, 6, 8)
+    path = tmp_path / "lstm.onnx"
+    kiln.export_onnx(zoo.build("lstm_classifier", input_size=8, hidden_size=16, num_layers=2), path, [np.zeros(shape, np.float32)], input_names=["input"])
+    quantized = tmp_path / "lstm.int8.onnx"
+    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+    graph = kiln.driver.to_graph(str(quantized))
+    assert sum(n.op.name == "DynamicQuantizeLSTM" for n in graph.nodes) == 2
+    feeds = {"input": np.random.default_rng(3).standard_normal(shape).astype(np.float32)}
+    eager = kiln.compile(str(quantized), target="eager").run(feeds)
+    llvm = kiln.compile(str(quantized), target="llvm").run(feeds)
+    (name,) = eager
+    assert np.abs(llvm[name] - eager[name]).max() < 0.02
