@@ -336,21 +336,40 @@ EXACT_INTEGER_BITS = {DType.float16: 11, DType.float32: 24, DType.float64: 53}
 
 @decomposition("QuantizeLinear")
 def _quantize(b: GradBuilder, node: Node):
+    x, scale, zero_point = padded_inputs(node, 3)
+    return [quantized(b, x, scale, zero_point, node.outputs[0].type.dtype, node.attrs)]
+
+
+def quantized(b: GradBuilder, x: Value, scale: Value, zero_point: Value | None, out: DType, attrs) -> Value:
     """round(x / scale) (half to even, divided in x's precision) + zero point, saturated. The
     sum and the clamp stay in x's float type where it holds every integer of twice the output's
     range (an 8-bit output from float32): a sum that rounds is far outside the range and
     saturates the same; else they run in float64."""
-    x, scale, zero_point = padded_inputs(node, 3)
-    out = node.outputs[0].type.dtype
     info = np.iinfo(out.numpy)
     work = x.type.dtype if x.type.dtype.is_float else DType.float64
-    q = b.op("Round", b.op("Div", _as(b, x, work), _as(b, _quant_param(b, scale, x, node.attrs), work)))
+    q = b.op("Round", b.op("Div", _as(b, x, work), _as(b, _quant_param(b, scale, x, attrs), work)))
     if 2 * max(-int(info.min), int(info.max)) > 2 ** EXACT_INTEGER_BITS[work]:
         q = _as(b, q, DType.float64)
     if zero_point is not None:
-        q = b.op("Add", q, _as(b, _quant_param(b, zero_point, x, node.attrs), q.type.dtype))
+        q = b.op("Add", q, _as(b, _quant_param(b, zero_point, x, attrs), q.type.dtype))
     saturated = b.op("Min", b.op("Max", q, b.const(float(info.min), q)), b.const(float(info.max), q))
-    return [b.op("Cast", saturated, to=out.short)]
+    return b.op("Cast", saturated, to=out.short)
+
+
+@decomposition("DynamicQuantizeLinear")
+def _dynamic_quantize(b: GradBuilder, node: Node):
+    """onnxruntime's rule (``ir.ops.quant.dynamic_quantized``) in float32 ops: the range
+    [min(x, 0), max(x, 0)] over 255 steps (scale 1 where it is empty), the zero point that
+    range's rounded image of 0, x quantized by them."""
+    (x,) = node.inputs
+    everything = {"axes": list(range(x.type.rank)), "keepdims": 0}
+    zero = b.const(0.0, x)
+    lo = b.op("Min", b.op("ReduceMin", x, **everything), zero)
+    hi = b.op("Max", b.op("ReduceMax", x, **everything), zero)
+    span = b.op("Sub", hi, lo)
+    scale = b.op("Where", b.op("Equal", span, zero), b.const(1.0, x), b.op("Div", span, b.const(255.0, x)))
+    point = b.op("Cast", b.op("Round", b.op("Clip", b.op("Sub", zero, b.op("Div", lo, scale)), zero, b.const(255.0, x))), to="u8")
+    return [quantized(b, x, scale, point, DType.uint8, {"axis": 1, "block_size": 0}), scale, point]
 
 
 @decomposition("DequantizeLinear")

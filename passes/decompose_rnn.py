@@ -13,9 +13,9 @@ Every attribute is expressed: the activations ONNX lists (with their alpha/beta)
 the gates' pre-activations, LSTM's input_forget and peepholes.
 
 DynamicQuantizeLSTM unrolls as LSTM does, its two products in integers: the input sequence
-quantized once (DynamicQuantize's range over every step up to the longest sequence, as
-ReduceMin/ReduceMax), each step's state quantized again, each product a MatMulInteger by the
-8-bit weights scaled back to float (the llvm backend's VNNI kernel where it has one).
+quantized once (DynamicQuantizeLinear over every step up to the longest sequence), each step's
+state quantized again, each product a MatMulInteger by the 8-bit weights scaled back to float
+(the llvm backend's VNNI kernel where it has one).
 
 Preconditions: none. Postconditions: no LSTM/GRU/RNN node remains; outputs keep their names, so graph outputs are unchanged.
 """
@@ -91,9 +91,8 @@ class _Unroller:
         hidden, gates = r.type.shape[1 if self.quantized else 2], RECURRENT[op]
         dirs = w.type.shape[0]
         dtype = x.type.dtype.numpy
-        x2 = self.reshape(x, [seq * batch, width])
         if self.quantized:  # one range for every direction: the steps up to the longest sequence
-            x_scale, x_zero = self.dynamic_range(self.longest_steps(x, lens) if lens is not None else x)
+            xq, x_scale, x_zero = self.emit("DynamicQuantizeLinear", [self.longest_steps(x, lens) if lens is not None else x])
         ys, hs, cs = [], [], []
         for d in range(dirs):
             if self.quantized:
@@ -114,10 +113,10 @@ class _Unroller:
                 wb, rb = self.one("Add", [wb, rb]), None  # both biases go into the input projection
             reverse = a["direction"] == "reverse" or d == 1
             flip = reverse and lens is not None  # each row's prefix reversed, then walked forwards
-            xd = self.reshape(self.one("ReverseSequence", [x, lens], {"batch_axis": 1, "time_axis": 0}), [seq * batch, width]) if flip else x2
+            source = xq if self.quantized else x
+            xd = self.reshape(self.one("ReverseSequence", [source, lens], {"batch_axis": 1, "time_axis": 0}) if flip else source, [seq * batch, width])
             if self.quantized:
-                xq = self.one("QuantizeLinear", [xd, x_scale, x_zero])
-                proj = self.one("Add", [self.scaled_sums(xq, x_scale, x_zero, wd, w_scale, w_zero), wb])
+                proj = self.one("Add", [self.scaled_sums(xd, x_scale, x_zero, wd, w_scale, w_zero), wb])
             else:
                 proj = self.one("Gemm", [xd, wd, wb], {"transB": 1})
             steps = self.emit("Split", [proj], {"axis": 0, "split": [batch] * seq}) if seq > 1 else [proj]
@@ -166,24 +165,13 @@ class _Unroller:
         return self.one("Where", [self.active(t, lens, batch), h, self.add_param("zero_out", np.zeros((1, 1), h.type.dtype.numpy))])
 
     def longest_steps(self, x: Value, lens: Value) -> Value:
-        """``x`` (seq, batch, input) with the steps past the longest sequence as zeros."""
+        """``x`` (seq, batch, input) with the steps past the longest sequence as zeros (those
+        steps' products are never read: only the range changes)."""
         seq = x.type.shape[0]
         steps = self.add_param("steps", np.arange(seq, dtype=lens.type.dtype.numpy).reshape(seq, 1, 1))
         longest = self.one("ReduceMax", [lens], {"axes": [0], "keepdims": 1})
         zero = self.add_param("zero_in", np.zeros((1, 1, 1), x.type.dtype.numpy))
         return self.one("Where", [self.one("Less", [steps, longest]), x, zero])
-
-    def dynamic_range(self, v: Value) -> tuple[Value, Value]:
-        """onnxruntime's dynamic uint8 quantization of ``v`` (ir.ops.rnn.dynamic_quantized):
-        the scale (1 where the range [min(v, 0), max(v, 0)] is empty) and the zero point."""
-        everything = {"axes": list(range(v.type.rank)), "keepdims": 0}
-        zero, one = self.const(0.0), self.const(1.0)
-        lo = self.one("Min", [self.one("ReduceMin", [v], everything), zero])
-        hi = self.one("Max", [self.one("ReduceMax", [v], everything), zero])
-        span = self.one("Sub", [hi, lo])
-        scale = self.one("Where", [self.one("Equal", [span, zero]), one, self.one("Div", [span, self.const(255.0)])])
-        point = self.one("Clip", [self.one("Sub", [zero, self.one("Div", [lo, scale])]), zero, self.const(255.0)])
-        return scale, self.one("Cast", [self.one("Round", [point])], {"to": "u8"})
 
     def scaled_sums(self, aq: Value, a_scale: Value, a_zero: Value, weight: Value, w_scale: Value, w_zero: Value | None) -> Value:
         """``(aq - a_zero) @ (weight - w_zero)`` in integers, times ``a_scale * w_scale`` (that
@@ -197,8 +185,7 @@ class _Unroller:
         the state first, its rows that ended before the last step as zeros (``self.h_rows``)."""
         if not self.quantized:
             return self.one("Gemm", [h, rd, c], {"transB": 1})
-        scale, zero = self.dynamic_range(self.h_rows)
-        hq = self.one("QuantizeLinear", [self.h_rows, scale, zero])
+        hq, scale, zero = self.emit("DynamicQuantizeLinear", [self.h_rows])
         return self.one("Add", [self.scaled_sums(hq, scale, zero, rd, *self.h_scale), c])
 
     def initial(self, state: Value | None, d: int, batch: int, hidden: int, dtype) -> Value:

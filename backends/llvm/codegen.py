@@ -89,7 +89,7 @@ def kernel(*ops: str, scratch: ScratchRule | None = None, panels: PanelRule | No
 
 
 def _load_kernels() -> None:
-    from kiln.backends.llvm import kernels_conv_transpose, kernels_data, kernels_elementwise, kernels_image, kernels_index, kernels_integer, kernels_linalg, kernels_nn  # noqa: F401
+    from kiln.backends.llvm import kernels_conv_transpose, kernels_data, kernels_elementwise, kernels_image, kernels_index, kernels_integer, kernels_linalg, kernels_nn, kernels_quant  # noqa: F401
 
 
 def kernel_rule(node: Node) -> KernelRule | None:

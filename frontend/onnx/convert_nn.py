@@ -307,6 +307,13 @@ def _attention(ctx: NodeContext):
     return ctx.emit("Attention", ctx.inputs(), attrs, num_outputs=len(ctx.node.output))
 
 
+@converter("DynamicQuantizeLinear")
+def _dynamic_quantize(ctx: NodeContext):
+    """kiln's op (onnxruntime's rule: scale 1 for an empty range, where ONNX's function body
+    divides by 0), so llvm runs it as one kernel."""
+    return passthrough(ctx)
+
+
 @converter("QuantizeLinear", "DequantizeLinear")
 def _quantize(ctx: NodeContext):
     attrs = {"axis": ctx.attr("axis", 1), "block_size": ctx.attr("block_size", 0)}

@@ -90,8 +90,33 @@ def _dequantize(a, x, scale, zp=None):
     return (v * _expand(scale, x.shape, a).astype(np.float64)).astype(out)
 
 
+def dynamic_quantized(a: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
+    """onnxruntime's dynamic quantization of a float tensor to uint8, in float32: the range
+    [min(a, 0), max(a, 0)] over 255 steps (scale 1 where it is empty: ONNX's function body
+    divides by 0 there), the zero point that range's rounded image of 0. Returns (the bytes,
+    the scale, the zero point)."""
+    a = a.astype(np.float32)
+    lo, hi = np.float32(min(a.min(initial=0), 0)), np.float32(max(a.max(initial=0), 0))
+    scale = np.float32(1) if hi == lo else np.float32((hi - lo) / np.float32(255))
+    zero = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)).astype(np.float32)
+    return np.clip(np.rint(a / scale) + zero, 0, 255).astype(np.uint8), scale, zero
+
+
+def _dynamic_quantize_infer(attrs, types):
+    x = present(types, 0, "x")
+    check_dtype(x, {DType.float32}, "x")
+    return [x.with_dtype(DType.uint8), TensorType((), DType.float32), TensorType((), DType.uint8)]
+
+
+def _dynamic_quantize(attrs, x):
+    q, scale, zero = dynamic_quantized(x)
+    return q, np.array(scale, np.float32), np.array(zero, np.uint8)
+
+
 register(OpDef("QuantizeLinear", OpKind.ELEMENTWISE, _quantize_infer, _quantize, QUANT_ATTRS, num_inputs=(2, 3)))
 register(OpDef("DequantizeLinear", OpKind.ELEMENTWISE, _dequantize_infer, _dequantize, QUANT_ATTRS, num_inputs=(2, 3), folds_any_size=True))
+# x -> (uint8 x, its scale, its zero point): the range, then the quantization (llvm: one kernel)
+register(OpDef("DynamicQuantizeLinear", OpKind.OPAQUE, _dynamic_quantize_infer, _dynamic_quantize, num_inputs=(1, 1), num_outputs=(3, 3)))
 
 
 # -- integer and quantized products ----------------------------------------------------------

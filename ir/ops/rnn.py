@@ -13,7 +13,7 @@ import numpy as np
 
 from kiln.ir.dtypes import FLOATS, DType
 from kiln.ir.opdef import OpDef, OpKind, register
-from kiln.ir.ops.quant import integer_matmul
+from kiln.ir.ops.quant import dynamic_quantized, integer_matmul
 from kiln.ir.ops.rules import check_dtype, fail, present
 from kiln.ir.types import TensorType
 
@@ -222,17 +222,6 @@ def _quantized_lstm_infer(attrs, types):
     as_float = [t.with_dtype(DType.float32) for t in (w, r)]
     lstm_types = [types[0], *(t.with_shape((t.shape[0], t.shape[2], t.shape[1])) for t in as_float), *types[3:8]]
     return _rnn_infer("LSTM")({**attrs, "layout": 0}, lstm_types)
-
-
-def dynamic_quantized(a: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
-    """onnxruntime's dynamic quantization of a float tensor to uint8, in float32: the range
-    [min(a, 0), max(a, 0)] over 255 steps (scale 1 where it is empty), the zero point that range's
-    rounded image of 0. Returns (the bytes, the scale, the zero point)."""
-    a = a.astype(np.float32)
-    lo, hi = np.float32(min(a.min(initial=0), 0)), np.float32(max(a.max(initial=0), 0))
-    scale = np.float32(1) if hi == lo else np.float32((hi - lo) / np.float32(255))
-    zero = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)).astype(np.float32)
-    return np.clip(np.rint(a / scale) + zero, 0, 255).astype(np.uint8), scale, zero
 
 
 def _quantized_products(seq_lens, w_scale, w_zero, r_scale, r_zero):

@@ -1,6 +1,8 @@
-"""onnxruntime's DynamicQuantizeLSTM (com.microsoft, what ``quantize_dynamic`` makes of an LSTM):
-kiln's eager reference and its unrolled form on llvm agree with onnxruntime on one thread (on
-several, onnxruntime quantizes each thread's batch rows apart).
+"""Dynamic quantization, as onnxruntime's ``quantize_dynamic`` writes it: DynamicQuantizeLinear
+(kiln's op, one kernel on llvm) agrees with onnxruntime bit for bit on every target, and
+DynamicQuantizeLSTM (com.microsoft: an LSTM of 8-bit products) on eager and unrolled on llvm
+agrees with onnxruntime on one thread (on several, onnxruntime quantizes each thread's batch
+rows apart).
 
 One step agrees to float rounding. Over several steps, a state element that lands next to a
 rounding boundary of its quantization can go one step either way: the three compute the gates
@@ -18,6 +20,40 @@ import kiln
 from kiln.ir.ops.rnn import dynamic_quantized
 
 BATCH, INPUT, HIDDEN = 5, 12, 16
+
+
+def _dynamic_quantize_model(shape):
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "y_scale", "y_zero_point"])
+    outs = [helper.make_tensor_value_info(n, t, None) for n, t in (("y", TensorProto.UINT8), ("y_scale", TensorProto.FLOAT), ("y_zero_point", TensorProto.UINT8))]
+    graph = helper.make_graph([node], "dql", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))], outs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _inputs(shape):
+    rng = np.random.default_rng(7)
+    yield "normal", rng.standard_normal(shape).astype(np.float32)
+    yield "positive", (rng.random(shape) + 0.5).astype(np.float32)  # the range is [0, max]
+    yield "negative", -(rng.random(shape) + 0.5).astype(np.float32)  # zero point 255
+    yield "zeros", np.zeros(shape, np.float32)  # an empty range: onnxruntime's scale is 1
+
+
+# (3, 5): one short vector; (64, 784): the range's four chains, the quantization over the pool
+@pytest.mark.parametrize("shape", [(3, 5), (2, 67), (64, 784)])
+@pytest.mark.parametrize("target", ["eager", "llvm", "tvm-llvm"])
+def test_dynamic_quantize_linear_is_onnxruntimes_to_the_bit(shape, target):
+    model = _dynamic_quantize_model(shape)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    compiled = kiln.compile(model, target=target)
+    for what, x in _inputs(shape):
+        want = dict(zip(("y", "y_scale", "y_zero_point"), session.run(None, {"x": x})))
+        got = compiled.run({"x": x})
+        for name, expected in want.items():
+            assert got[name].dtype == expected.dtype and np.array_equal(got[name], expected), f"{what} {name}"
+
+
+def test_dynamic_quantize_linear_is_one_kernel_on_llvm():
+    graph = kiln.compile(_dynamic_quantize_model((4, 4)), target="llvm").graph
+    assert [n.op.name for n in graph.nodes] == ["DynamicQuantizeLinear"]
 
 
 def _model(direction: str, per_column: bool, lens: bool, weights=np.int8, SEQ=7):
