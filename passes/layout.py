@@ -176,6 +176,8 @@ class _Sinker:
             return None
         if _transpose_of(value) == perm:
             return value.producer.inputs[0]
+        if value.type.numel == 1 and value.type.rank <= rank:
+            return value  # one element broadcasts the same in any layout (a run-time scale too)
         if insert and value not in self.graph.params and value.type.rank == rank:
             where = f"{node.name or node.op.name}/to_match"
             matched = _insert(self.graph, node, "Transpose", [value], {"perm": inverse_perm(perm)}, where)
@@ -183,8 +185,6 @@ class _Sinker:
             return matched
         if value in self.graph.params:
             array = self.graph.params[value]
-            if array.ndim == 0:
-                return value  # scalars broadcast the same in any layout
             full = array.reshape((1,) * (rank - array.ndim) + array.shape)
             new = np.ascontiguousarray(np.transpose(full, inverse_perm(perm)))
             return self.graph.add_param(self.graph.fresh_name(f"{value.name}.t"), new)
@@ -201,6 +201,8 @@ class _Sinker:
 
     def sink(self, node: Node) -> bool:
         op = node.op.name
+        if op == "DynamicQuantizeLinear":
+            return self.sink_dynamic_quantize(node)
         if len(node.outputs) != 1:
             return False
         sources = [v for v in node.inputs if v is not None and v.producer is not None and id(v.producer) not in self.inserted]
@@ -251,6 +253,20 @@ class _Sinker:
         self.replace(node, node.op, inputs, attrs, perm)
         return True
 
+
+    def sink_dynamic_quantize(self, node: Node) -> bool:
+        """DynamicQuantizeLinear's range is over every element, so it quantizes the transpose's
+        input as it would its output: the bytes come out transposed, the scale and zero point
+        as they are."""
+        perm = _transpose_of(node.inputs[0])
+        if perm is None or id(node.inputs[0].producer) in self.inserted:
+            return False
+        g = self.graph
+        inner = g.add_node(node.op, [node.inputs[0].producer.inputs[0]], node.attrs, name=node.name, index=g.nodes.index(node))
+        back = _insert(g, node, "Transpose", [inner.outputs[0]], {"perm": perm}, f"{node.name or node.op.name}/sunk")
+        if all([substitute(g, old, new) for old, new in zip(node.outputs, [back, *inner.outputs[1:]])]):
+            g.remove_nodes([node])
+        return True
 
     def batchnorm_as_affine(self, node: Node, perm: list[int]) -> bool:
         """Inference BatchNormalization with constant statistics on channels-last data:

@@ -252,3 +252,30 @@ def test_channels_last_integer_convs_count_as_wide_work():
     assert mostly_wide(graph)
     converted = run_passes(graph, ["to_nhwc_if_wide", "sink_transposes", "fold_transpose_chains", "remove_noops", "eliminate_dead_code"])
     assert [n.op.name for n in converted.nodes] == ["ConvInteger", "Cast", "MaxPool", "Transpose"]
+
+
+def test_transposes_sink_through_a_run_time_scale_and_dynamic_quantization(rewrites):
+    """What onnxruntime's quantize_dynamic writes after a conv: a Mul by the product of two
+    scales, one of them computed at run time, then the next DynamicQuantizeLinear (whose range
+    is over every element, so it quantizes the channels-last data the same)."""
+    rewrites(
+        ["to_nhwc", "sink_transposes"],
+        """
+        graph g(%x: f32[1,2,3,3], %s: f32[]) {
+          param %w: f32[2,2,1,1] = [1.0, -1.0, 0.5, 2.0]
+          %c: f32[1,2,3,3] = Conv(%x, %w) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
+          %m: f32[1,2,3,3] = Mul(%c, %s)
+          %q: u8[1,2,3,3], %qs: f32[], %qz: u8[] = DynamicQuantizeLinear(%m)
+          return %q, %qs, %qz
+        }""",
+        f"""
+        graph g(%x: f32[1,2,3,3], %s: f32[]) {{
+          param %wt: f32[1,1,2,2] = [1.0, 0.5, -1.0, 2.0]
+          %t: f32[1,3,3,2] = Transpose(%x) {{perm=[0, 2, 3, 1]}}
+          %c: f32[1,3,3,2] = Conv(%t, %wt) {CONV_NHWC}
+          %m: f32[1,3,3,2] = Mul(%c, %s)
+          %bytes: u8[1,3,3,2], %qs: f32[], %qz: u8[] = DynamicQuantizeLinear(%m)
+          %q: u8[1,2,3,3] = Transpose(%bytes) {{perm=[0, 3, 1, 2]}}
+          return %q, %qs, %qz
+        }}""",
+    )
