@@ -15,6 +15,9 @@ times the constant ``sx * sw``, plus the bias. The layout passes sink the transp
 (or Gemm, without transA) of such operands, the weight a constant (K, N) matrix (Gemm's
 transposed one transposed now) with one scale per column or one for all, becomes
 ``MatMulInteger(xq, wq, zx)`` the same way, Gemm's alpha in the scale and beta * C the bias.
+A matrix product's weight may also be uint8 or have zero points (onnxruntime's QUInt8): ``wq -
+zw`` is an int8 weight less a shift per column (uint8 moves down by 128), and the product by
+the shift is each row's sum of ``xq - zx`` times it, in int32.
 
 Fusion makes the tail (scale, bias, activation, the next QuantizeLinear) one kernel with the
 integer product, which reads 8-bit activations and writes the next layer's (llvm:
@@ -53,14 +56,16 @@ def _dequantized(graph: Graph, value: Value, dtypes: tuple[DType, ...]) -> tuple
     return q, graph.params[scale], graph.params[zero] if zero is not None else None, node.attrs["axis"] % q.type.rank
 
 
-def _operands(graph: Graph, x: Value, w: Value, weight_axis: int) -> tuple | None:
+def _operands(graph: Graph, x: Value, w: Value, weight_axis: int, shifts: bool) -> tuple | None:
     """(xq, x scale, x zero point param or None, the int8 weight, its scales along
-    ``weight_axis``, one per output channel or column) where ``x`` and ``w`` dequantize 8-bit
-    activations (one scale and zero point) and a constant int8 weight (zero points 0), else None."""
+    ``weight_axis``, one per output channel or column, its shift or None: ``_signed_weight``)
+    where ``x`` and ``w`` dequantize 8-bit activations (one scale and zero point) and a
+    constant weight: int8 with zero points 0, or (where ``shifts``) 8-bit with any constant
+    zero points along ``weight_axis``; else None."""
     if x.type.dtype != DType.float32:
         return None
     xs = _dequantized(graph, x, (DType.uint8, DType.int8))
-    ws = _dequantized(graph, w, (DType.int8,))
+    ws = _dequantized(graph, w, (DType.int8, DType.uint8) if shifts else (DType.int8,))
     if xs is None or ws is None:
         return None
     xq, x_scale, x_zero, _ = xs
@@ -68,10 +73,39 @@ def _operands(graph: Graph, x: Value, w: Value, weight_axis: int) -> tuple | Non
     outputs = w.type.shape[weight_axis]
     if x_scale.size != 1 or (x_zero is not None and x_zero.size != 1) or wq not in graph.params:
         return None
-    if w_scale.size not in (1, outputs) or (w_scale.size == outputs > 1 and axis != weight_axis) or (w_zero is not None and w_zero.any()):
+    per_output = lambda a: a.size == 1 or (a.size == outputs and axis == weight_axis)  # noqa: E731
+    if not per_output(w_scale) or (w_zero is not None and not per_output(w_zero)):
+        return None
+    weight, shift = _signed_weight(graph.params[wq], w_zero, outputs)
+    if shift is not None and not shifts:
         return None
     zero_param = x.producer.inputs[2] if len(x.producer.inputs) > 2 and x_zero is not None and x_zero.any() else None
-    return xq, x_scale.reshape(()), zero_param, graph.params[wq], np.broadcast_to(w_scale.reshape(-1), (outputs,))
+    return xq, x_scale.reshape(()), zero_param, weight, np.broadcast_to(w_scale.reshape(-1), (outputs,)), shift
+
+
+def _signed_weight(w: np.ndarray, zero: np.ndarray | None, outputs: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``w - zero`` (8-bit, zero points per output or one) as ``int8 weight - shift``: uint8
+    weights move down by 128 (exactly, into int8) and their shift up by it. The shift, one per
+    output as int32, is None where it is 0 (the kernels' case)."""
+    shift = np.zeros(outputs, np.int64) if zero is None else np.broadcast_to(zero.astype(np.int64).reshape(-1), (outputs,))
+    if w.dtype == np.uint8:
+        w, shift = (w.astype(np.int16) - 128).astype(np.int8), shift - 128
+    return w, (shift.astype(np.int32) if shift.any() else None)
+
+
+def _shifted_sums(b: GradBuilder, xq: Value, weight: Value, zero: Value | None, shift: np.ndarray | None) -> Value:
+    """MatMulInteger(xq, weight, zero) less ``shift`` times each row's sum of (xq - zero): the
+    products by the weight less its shift, in int32 (exact). The row sums are a reduction of
+    xq made first, so the correction fuses into the product's tail."""
+    correction = None
+    if shift is not None:
+        rows = b.op("ReduceSum", b.op("Cast", xq, to="i32"), axes=[-1], keepdims=1)
+        if zero is not None:
+            k = b.graph.add_param(b.graph.fresh_name(f"{b.where}.k"), np.array(xq.type.shape[-1], np.int32))
+            rows = b.op("Sub", rows, b.op("Mul", b.reshape(b.op("Cast", zero, to="i32"), []), k))
+        correction = b.op("Mul", rows, b.graph.add_param(b.graph.fresh_name(f"{b.where}.shift"), shift))
+    (sums,) = b.ops("MatMulInteger", [xq, weight, *([zero] if zero is not None else [])])
+    return sums if correction is None else b.op("Sub", sums, correction)
 
 
 def _one_or_depthwise(group: int, x: Value, w: Value) -> bool:
@@ -86,11 +120,11 @@ def integer_form(graph: Graph, node: Node) -> tuple | None:
         x, w = node.inputs[:2]
         if node.attrs["layout"] != "NCHW" or x.type.rank != 4 or not _one_or_depthwise(node.attrs["group"], x, w):
             return None
-        return _operands(graph, x, w, 0)
+        return _operands(graph, x, w, 0, shifts=False)
     if op == "MatMul" and node.inputs[1].type.rank == 2 and node.inputs[0].type.rank >= 2:
-        return _operands(graph, node.inputs[0], node.inputs[1], 1)
+        return _operands(graph, node.inputs[0], node.inputs[1], 1, shifts=True)
     if op == "Gemm" and not node.attrs["transA"]:
-        return _operands(graph, node.inputs[0], node.inputs[1], 0 if node.attrs["transB"] else 1)
+        return _operands(graph, node.inputs[0], node.inputs[1], 0 if node.attrs["transB"] else 1, shifts=True)
     return None
 
 
@@ -113,11 +147,10 @@ def _conv_sums(b: GradBuilder, node: Node, xq: Value, wq: np.ndarray, zero: Valu
 
 def rewrite(graph: Graph, node: Node, form: tuple) -> None:
     """Replace ``node`` by its integer form (``integer_form``)."""
-    xq, x_scale, zero, wq, w_scale = form
+    xq, x_scale, zero, wq, w_scale, shift = form
     where = node.name or node.op.name
     start = len(graph.nodes)
     b = GradBuilder(graph, where)
-    zero_point = [zero] if zero is not None else []
     if node.op.name == "Conv":
         m = wq.shape[0]
         y = b.op("Mul", b.op("Cast", _conv_sums(b, node, xq, wq, zero), to="f32"), _scale(graph, where, x_scale, w_scale, [1, m, 1, 1]))
@@ -128,7 +161,7 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
         gemm = node.op.name == "Gemm"
         matrix = wq.T if gemm and node.attrs["transB"] else wq
         weight = graph.add_param(graph.fresh_name(f"{where}.weight_kn"), np.ascontiguousarray(matrix))
-        (sums,) = b.ops("MatMulInteger", [xq, weight, *zero_point])
+        sums = _shifted_sums(b, xq, weight, zero, shift)
         alpha = float(node.attrs["alpha"]) if gemm else 1.0
         y = b.op("Mul", b.op("Cast", sums, to="f32"), _scale(graph, where, x_scale, w_scale, [matrix.shape[1]], alpha))
         bias = node.inputs[2] if gemm and len(node.inputs) > 2 else None
@@ -140,13 +173,14 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
 
 # -- the integer nodes themselves: QOperator models (QLinearConv, QLinearMatMul) and dynamic
 # quantization's ConvInteger/MatMulInteger, onto the same kernels
-def _int8_weight(graph: Graph, w: Value, zero: Value | None) -> np.ndarray | None:
-    """A constant int8 weight whose zero points (if given) are constant zeros, else None."""
-    if w not in graph.params or w.type.dtype != DType.int8:
+def _int8_weight(graph: Graph, w: Value, zero: Value | None, shifts: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A constant 8-bit weight with constant zero points as ``_signed_weight`` gives it: the
+    int8 weight and its shift (None where it is 0); None where the weight or its zero points
+    are not constants, or it has a shift and ``shifts`` is False."""
+    if w not in graph.params or zero is not None and zero not in graph.params:
         return None
-    if zero is not None and (zero not in graph.params or graph.params[zero].any()):
-        return None
-    return graph.params[w]
+    signed = _signed_weight(graph.params[w], graph.params[zero] if zero is not None else None, w.type.shape[-1] if shifts else w.type.shape[0])
+    return signed if shifts or signed[1] is None else None
 
 
 def _kept_zero_point(graph: Graph, zero: Value | None) -> Value | None | bool:
@@ -160,8 +194,8 @@ def _kept_zero_point(graph: Graph, zero: Value | None) -> Value | None | bool:
 def rewrite_integer_node(graph: Graph, node: Node) -> bool:
     """QLinearConv and ConvInteger (2-D, group 1 or depthwise) -> the channels-last ConvInteger; QLinearMatMul
     and MatMulInteger by a (K, N) matrix -> MatMulInteger without its weight zero point; each
-    with a constant int8 weight whose zero points are 0 and 8-bit activations with one zero
-    point. The QLinear ops then requantize as their decomposition does (float64, the
+    with a constant weight (the convs' int8 with zero points 0; the matrices' 8-bit with any
+    constant zero points, ``_signed_weight``) and 8-bit activations with one zero point. The QLinear ops then requantize as their decomposition does (float64, the
     reference's rounding), so the result is theirs bit for bit. Returns whether it rewrote."""
     op = node.op.name
     if op not in ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"):
@@ -173,17 +207,19 @@ def rewrite_integer_node(graph: Graph, node: Node) -> bool:
     conv = op.endswith("Conv") or op == "ConvInteger"
     if conv and (node.attrs.get("layout", "NCHW") != "NCHW" or x.type.rank != 4 or not _one_or_depthwise(node.attrs["group"], x, w)):
         return False
-    if not conv and (w.type.rank != 2 or x.type.rank < 2 or (op == "MatMulInteger" and w_zero is None)):
-        return False  # (a MatMulInteger without a weight zero point is the kernel's already)
-    wq, zero = _int8_weight(graph, w, w_zero), _kept_zero_point(graph, x_zero)
-    if wq is None or zero is False or x.type.dtype not in (DType.uint8, DType.int8):
+    if not conv and (w.type.rank != 2 or x.type.rank < 2 or (op == "MatMulInteger" and w_zero is None and w.type.dtype == DType.int8)):
+        return False  # (a MatMulInteger by int8 without a weight zero point is the kernel's already)
+    signed, zero = _int8_weight(graph, w, w_zero, shifts=not conv), _kept_zero_point(graph, x_zero)
+    if signed is None or zero is False or x.type.dtype not in (DType.uint8, DType.int8):
         return False
+    wq, shift = signed
     start = len(graph.nodes)
     b = GradBuilder(graph, node.name or op)
     if conv:
         sums = _conv_sums(b, node, x, wq, zero)
     else:
-        (sums,) = b.ops("MatMulInteger", [x, w, *([zero] if zero is not None else [])])
+        weight = w if shift is None and w.type.dtype == DType.int8 else graph.add_param(graph.fresh_name(f"{b.where}.weight_s8"), wq)
+        sums = _shifted_sums(b, x, weight, zero, shift)
     y = sums
     if qlinear:
         _, x_scale, _, _, w_scale, _, y_scale, y_zero, *bias = node.inputs

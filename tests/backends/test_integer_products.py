@@ -194,9 +194,41 @@ def test_the_vnni_matmul_gives_the_references_int32_sums(shape, n, zero):
     np.testing.assert_array_equal(kiln.compile(g, target="llvm").run(feed)[name], kiln.compile(g).run(feed)[name])
 
 
-def _qdq_mlp(seed: int = 0):
+# weights with zero points: int8 less its shift by each row's sum (uint8 moved down by 128)
+@needs_vnni
+@pytest.mark.parametrize(
+    "weights, w_zero, x_zero",
+    [
+        (np.uint8, 127, 3),  # quantize_dynamic's QUInt8 weights
+        (np.uint8, "per column", None),
+        (np.uint8, None, 200),  # no zero point: a shift of -128 everywhere
+        (np.int8, -3, 128),
+        (np.int8, "per column", 0),
+    ],
+)
+def test_matmul_integer_by_weights_with_zero_points_gives_the_references_sums(weights, w_zero, x_zero):
+    rng = np.random.default_rng(2)
+    info = np.iinfo(weights)
+    g = Graph("matmul_integer")
+    x = g.add_input("x", TensorType((24, 40), DType.uint8))
+    inputs = [x, g.add_param("w", rng.integers(info.min, info.max + 1, (40, 36), dtype=weights))]
+    inputs.append(g.add_param("zx", np.array(x_zero, np.uint8)) if x_zero is not None else None)
+    if w_zero is not None:
+        zero = rng.integers(info.min, info.max + 1, 36) if w_zero == "per column" else w_zero
+        inputs.append(g.add_param("zw", np.array(zero, weights)))
+    g.outputs = [g.add_node("MatMulInteger", inputs, name="mm").outputs[0]]
+    lowered = kiln.optimize(g, "O2", lowering=LLVMBackend.lowering)
+    products = [n for n in lowered.nodes if n.op.name == "Fused" and n.attrs["body"].nodes[0].op.name == "MatMulInteger"]
+    assert len(products) == 1 and len(products[0].attrs["body"].nodes[0].inputs) <= 3  # no weight zero point left
+    feed = {"x": rng.integers(0, 256, (24, 40), dtype=np.uint8)}
+    name = g.outputs[0].name
+    np.testing.assert_array_equal(kiln.compile(g, target="llvm").run(feed)[name], kiln.compile(g).run(feed)[name])
+
+
+def _qdq_mlp(seed: int = 0, weights=np.int8):
     """A quantize_static MLP: Gemm(DequantizeLinear(u8), DequantizeLinear(int8 (N, K) per row),
-    DequantizeLinear(int32 bias)) {transB=1}, then Relu and QuantizeLinear, twice."""
+    DequantizeLinear(int32 bias)) {transB=1}, then Relu and QuantizeLinear, twice (``weights``
+    uint8: per-row zero points around 128, as onnxruntime's QUInt8 weights)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -207,6 +239,7 @@ def _qdq_mlp(seed: int = 0):
         sw = (rng.random(n) * 0.01 + 0.002).astype(np.float32)
         inits.update({
             f"w{i}": rng.integers(-127, 128, (n, k)).astype(np.int8), f"sw{i}": sw, f"zw{i}": np.zeros(n, np.int8),
+            **({f"w{i}": rng.integers(0, 256, (n, k)).astype(np.uint8), f"zw{i}": rng.integers(120, 136, n).astype(np.uint8)} if weights == np.uint8 else {}),
             f"b{i}": rng.integers(-2000, 2000, n).astype(np.int32), f"sb{i}": (sw * inits[f"s{i}"]).astype(np.float32), f"zb{i}": np.zeros(n, np.int32),
             f"s{i + 1}": np.array(0.05, np.float32), f"z{i + 1}": np.array(0, np.uint8),
         })
@@ -227,8 +260,9 @@ def _qdq_mlp(seed: int = 0):
 
 
 @needs_vnni
-def test_a_qdq_mlp_runs_its_gemms_as_integer_products_with_their_tails_fused():
-    model, x = _qdq_mlp()
+@pytest.mark.parametrize("weights", [np.int8, np.uint8])
+def test_a_qdq_mlp_runs_its_gemms_as_integer_products_with_their_tails_fused(weights):
+    model, x = _qdq_mlp(weights=weights)
     lowered = kiln.optimize(model, "O2", lowering=LLVMBackend.lowering)
     anchors = [n.attrs["body"].nodes[0].op.name for n in lowered.nodes if n.op.name == "Fused"]
     assert anchors.count("MatMulInteger") == 2 and "Gemm" not in anchors
