@@ -380,7 +380,8 @@ def _conv_scratch(node) -> int:
 def _conv_panels(node, i: int) -> PanelSpec | None:
     """An NHWC conv multiplies by its weights (*kernel, C, M) as a (kernel * C, M) matrix."""
     w = node.inputs[1].type
-    if i != 1 or node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1:
+    # (a one-channel conv is depthwise too, and the depthwise kernel reads its weight as it is)
+    if i != 1 or node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1 or kernels_depthwise.applies_nhwc(node):
         return None
     return _panel(math.prod(w.shape[:-1]), w.shape[-1], w.dtype)
 

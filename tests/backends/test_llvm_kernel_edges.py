@@ -257,3 +257,20 @@ def test_softmax_rows_match_eager_with_nan_infinities_and_short_tails(op, dtype)
             got = kiln.compile(graph, target="llvm").run({"x": x})["y"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 if dtype == "f32" else 1e-12)  # sums in another order
         assert np.isnan(got[3]).all() and np.isnan(got[4]).all() and np.isnan(got[6]).all()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_one_channel_conv_channels_last_reads_its_weight_unpacked(stride):
+    """One channel in and out: depthwise as much as ungrouped, so the depthwise kernel runs,
+    and its weight must not be packed into GEMM panels (it was: every output read zeros)."""
+    rng = np.random.default_rng(stride)
+    text = f"""graph g(%x: f32[2,1,9,9]) {{
+  param %w: f32[1,1,3,3] = {rng.standard_normal(9).round(3).tolist()}
+  %y: f32[2,1,{(9 + 2 - 3) // stride + 1},{(9 + 2 - 3) // stride + 1}] = Conv(%x, %w) {{strides=[{stride}, {stride}], pads=[1, 1, 1, 1], dilations=[1, 1], group=1}}
+  return %y
+}}"""
+    graph = parse_graph(text)
+    x = rng.standard_normal((2, 1, 9, 9)).astype(np.float32)
+    want = kiln.compile(graph).run({"x": x})["y"]
+    got = kiln.compile(graph, target="llvm", layout="nhwc").run({"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
