@@ -48,32 +48,51 @@ def is_training_batchnorm(node: Node) -> bool:
     return node.op.name == "BatchNormalization" and bool(node.attrs["training_mode"])
 
 
-def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users: dict, outputs: set[int]) -> bool:
+def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users: dict, outputs: set[int], group_of: dict) -> list[Node] | None:
+    """Whether ``node`` may join ``group`` through its input ``via``: None where it may not,
+    else the nodes that join with it (``_pulled``)."""
     fans_out = len(users.get(via, [])) != 1 or id(via) in outputs
     # an elementwise group may fan out (a value read outside leaves it as an extra output)
     if fans_out and not (group.anchor is None and node.op.kind is OpKind.ELEMENTWISE and _one_shape(group, node)):
-        return False
+        return None
     # values leaving the group are defined where its Fused node goes, at its new end: every
     # outside reader must come after that (whatever joins later, reduction or not)
     members = {id(n) for n in group.nodes}
     for member in group.nodes:
         for v in member.outputs:
             if any(id(u) not in members and u is not node and index[id(u)] < index[id(node)] for u in users.get(v, [])):
-                return False
+                return None
     if group.anchor is not None and is_training_batchnorm(group.anchor):
         # the statistics leave the group where its last node stands: no reader may come earlier
         stats = group.anchor.outputs[1:]
         if any(index[id(user)] < index[id(node)] for v in stats for user in users.get(v, [])):
-            return False
+            return None
     kind = node.op.kind
     if kind is OpKind.REDUCTION and group.anchor is not None:
-        return False
+        return None
+    pulled = []
     for v in node.inputs:
         if v is None or v is via or v.producer is None or any(v.producer is n for n in group.nodes):
             continue
-        if index[id(v.producer)] >= group.start:
-            return False  # defined after the group starts: fusing could make a cycle
-    return True
+        if index[id(v.producer)] >= group.start:  # defined after the group starts: fusing could make a cycle
+            if not _pulled(v, node, group, index, users, outputs, group_of):
+                return None
+            pulled.append(v.producer)
+    return pulled
+
+
+def _pulled(v: Value, node: Node, group: Group, index: dict[int, int], users: dict, outputs: set[int], group_of: dict) -> bool:
+    """Whether the producer of ``v``, made after ``group`` starts, joins a heavy op's group
+    with ``node``, its one reader: an elementwise op alone in its group, of ``node``'s shape,
+    on values all made before the group starts (a quantized conv's weight-shift correction,
+    the outer product of each window's sum and a shift per channel, computed in the tail)."""
+    p = v.producer
+    if group.anchor is None or group.anchor.op.kind is not OpKind.HEAVY or p.op.kind is not OpKind.ELEMENTWISE or not p.op.deterministic:
+        return False
+    alone = group_of.get(id(p))
+    if alone is None or alone.nodes != [p] or len(users.get(v, [])) != 1 or id(v) in outputs or v.type.shape != node.outputs[0].type.shape:
+        return False
+    return all(w is None or w.producer is None or index[id(w.producer)] < group.start for w in p.inputs)
 
 
 def find_groups(graph: Graph) -> list[Group]:
@@ -93,8 +112,13 @@ def find_groups(graph: Graph) -> list[Group]:
                 group = group_of[id(v.producer)]
                 if group.anchor is not None and group.anchor.op.kind is OpKind.HEAVY and kind is OpKind.REDUCTION:
                     continue
-                if _can_join(node, group, v, index, users, outputs):
+                pulled = _can_join(node, group, v, index, users, outputs, group_of)
+                if pulled is not None:
                     joined = group
+                    for p in pulled:  # out of their own (one-node) groups, into this one, in order
+                        groups.remove(group_of[id(p)])
+                        group_of[id(p)] = group
+                    group.nodes = sorted([*group.nodes, *pulled], key=lambda n: index[id(n)])
                     break
         if joined is None:
             joined = Group(start=i)

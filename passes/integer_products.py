@@ -120,7 +120,7 @@ def integer_form(graph: Graph, node: Node) -> tuple | None:
         x, w = node.inputs[:2]
         if node.attrs["layout"] != "NCHW" or x.type.rank != 4 or not _one_or_depthwise(node.attrs["group"], x, w):
             return None
-        return _operands(graph, x, w, 0, shifts=False)
+        return _operands(graph, x, w, 0, shifts=node.attrs["group"] == 1 and _shifts_exact(w.type.shape))
     if op == "MatMul" and node.inputs[1].type.rank == 2 and node.inputs[0].type.rank >= 2:
         return _operands(graph, node.inputs[0], node.inputs[1], 1, shifts=True)
     if op == "Gemm" and not node.attrs["transA"]:
@@ -134,15 +134,43 @@ def _scale(graph: Graph, where: str, x_scale: np.ndarray, w_scale: np.ndarray, s
     return graph.add_param(graph.fresh_name(f"{where}.scale"), scale)
 
 
-def _conv_sums(b: GradBuilder, node: Node, xq: Value, wq: np.ndarray, zero: Value | None) -> Value:
+def _conv_sums(b: GradBuilder, node: Node, xq: Value, wq: np.ndarray, zero: Value | None, shift: np.ndarray | None = None) -> Value:
     """ConvInteger(xq, wq, zero) of ``node``'s strides, pads, dilations and group, channels-last
-    between transposes (the weight transposed now): the int32 sums, NCHW."""
+    between transposes (the weight transposed now): the int32 sums, NCHW; less ``shift`` (one
+    per output channel, a group-1 conv's) times each window's sum of ``xq - zero``, as
+    ``_shifted_sums`` does for a matrix."""
     graph, where = b.graph, b.where
+    if shift is not None:  # channels-last too (a reshape: one channel), so the tail takes it
+        windows = _window_sums(b, node, xq, zero, wq.shape)
+        windows = b.reshape(windows, [windows.type.shape[0], *windows.type.shape[2:], 1])
     weight = graph.add_param(graph.fresh_name(f"{where}.weight_nhwc"), np.ascontiguousarray(wq.transpose(weight_to_spatial_first(4))))
     attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
     operands = [b.op("Transpose", xq, perm=to_channels_last(4)), weight, *([zero] if zero is not None else [])]
     (sums,) = b.ops("ConvInteger", operands, group=node.attrs["group"], layout="NHWC", **attrs)
+    if shift is not None:
+        sums = b.op("Sub", sums, b.op("Mul", windows, graph.add_param(graph.fresh_name(f"{where}.shift"), shift)))
     return b.op("Transpose", sums, perm=to_channels_first(4))
+
+
+def _window_sums(b: GradBuilder, node: Node, xq: Value, zero: Value | None, shape: tuple[int, ...]) -> Value:
+    """Each output position's sum of ``xq - zero`` over its window and every channel, int32
+    (N, 1, OH, OW): the channels summed, then a ones-kernel conv of the conv's geometry, in
+    float32, exact (``_shifts_exact``: every sum below 2^24); pads add 0, as ConvInteger's
+    zero-point border does."""
+    graph = b.graph
+    shifted = b.op("Cast", xq, to="f32")
+    if zero is not None:
+        shifted = b.op("Sub", shifted, b.reshape(b.op("Cast", zero, to="f32"), []))
+    channels = b.op("ReduceSum", shifted, axes=[1], keepdims=1)
+    ones = graph.add_param(graph.fresh_name(f"{b.where}.window"), np.ones((1, 1, *shape[2:]), np.float32))
+    attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations")}
+    return b.op("Cast", b.op("Conv", channels, ones, group=1, **attrs), to="i32")
+
+
+def _shifts_exact(wq_shape: tuple[int, ...]) -> bool:
+    """Whether a window's sum of 8-bit values less their zero point (each below 2^8 in size)
+    stays exact in float32: fewer than 2^16 of them."""
+    return int(np.prod(wq_shape[1:])) < 1 << 16
 
 
 def rewrite(graph: Graph, node: Node, form: tuple) -> None:
@@ -153,7 +181,7 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
     b = GradBuilder(graph, where)
     if node.op.name == "Conv":
         m = wq.shape[0]
-        y = b.op("Mul", b.op("Cast", _conv_sums(b, node, xq, wq, zero), to="f32"), _scale(graph, where, x_scale, w_scale, [1, m, 1, 1]))
+        y = b.op("Mul", b.op("Cast", _conv_sums(b, node, xq, wq, zero, shift), to="f32"), _scale(graph, where, x_scale, w_scale, [1, m, 1, 1]))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:
             y = b.op("Add", y, b.reshape(bias, [1, m, 1, 1]))
@@ -173,13 +201,13 @@ def rewrite(graph: Graph, node: Node, form: tuple) -> None:
 
 # -- the integer nodes themselves: QOperator models (QLinearConv, QLinearMatMul) and dynamic
 # quantization's ConvInteger/MatMulInteger, onto the same kernels
-def _int8_weight(graph: Graph, w: Value, zero: Value | None, shifts: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+def _int8_weight(graph: Graph, w: Value, zero: Value | None, shifts: bool, outputs: int) -> tuple[np.ndarray, np.ndarray | None] | None:
     """A constant 8-bit weight with constant zero points as ``_signed_weight`` gives it: the
     int8 weight and its shift (None where it is 0); None where the weight or its zero points
     are not constants, or it has a shift and ``shifts`` is False."""
     if w not in graph.params or zero is not None and zero not in graph.params:
         return None
-    signed = _signed_weight(graph.params[w], graph.params[zero] if zero is not None else None, w.type.shape[-1] if shifts else w.type.shape[0])
+    signed = _signed_weight(graph.params[w], graph.params[zero] if zero is not None else None, outputs)
     return signed if shifts or signed[1] is None else None
 
 
@@ -209,14 +237,15 @@ def rewrite_integer_node(graph: Graph, node: Node) -> bool:
         return False
     if not conv and (w.type.rank != 2 or x.type.rank < 2 or (op == "MatMulInteger" and w_zero is None and w.type.dtype == DType.int8)):
         return False  # (a MatMulInteger by int8 without a weight zero point is the kernel's already)
-    signed, zero = _int8_weight(graph, w, w_zero, shifts=not conv), _kept_zero_point(graph, x_zero)
+    shifts = not conv or (node.attrs["group"] == 1 and _shifts_exact(w.type.shape))
+    signed, zero = _int8_weight(graph, w, w_zero, shifts, w.type.shape[0] if conv else w.type.shape[-1]), _kept_zero_point(graph, x_zero)
     if signed is None or zero is False or x.type.dtype not in (DType.uint8, DType.int8):
         return False
     wq, shift = signed
     start = len(graph.nodes)
     b = GradBuilder(graph, node.name or op)
     if conv:
-        sums = _conv_sums(b, node, x, wq, zero)
+        sums = _conv_sums(b, node, x, wq, zero, shift)
     else:
         weight = w if shift is None and w.type.dtype == DType.int8 else graph.add_param(graph.fresh_name(f"{b.where}.weight_s8"), wq)
         sums = _shifted_sums(b, x, weight, zero, shift)

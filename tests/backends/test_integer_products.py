@@ -18,12 +18,13 @@ from kiln.ir.types import TensorType
 needs_vnni = pytest.mark.skipif(not available(), reason="this CPU has no AVX-512 VNNI: ConvInteger decomposes to a float64 conv here, which the reference tests cover")
 
 
-def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool = False, activations=np.uint8, weight_zero: int = 0):
+def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool = False, activations=np.uint8, weight_zero: int = 0, weights=np.int8):
     """float x -> QuantizeLinear -> DequantizeLinear -> Conv (per-channel int8 weights) ->
     Relu -> QuantizeLinear -> DequantizeLinear, as onnxruntime's quantize_static writes it
     (``activations``: uint8, or int8 as its defaults make them); ``depthwise``: a 3x3
     depthwise conv of 32 channels (its weights' zero point ``weight_zero``), then a QDQ 1x1
-    conv to 40."""
+    conv to 40; ``weights`` uint8: the first conv's, with zero points around 128, as
+    onnxruntime's QUInt8 weights)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -38,6 +39,8 @@ def _qdq_model(zx: int, pads: int, stride: int, seed: int = 0, depthwise: bool =
             f"w{i}": rng.integers(-127, 128, (m, channels // group, k, k)).astype(np.int8), f"sw{i}": (rng.random(m) * 0.01 + 0.002).astype(np.float32),
             f"zw{i}": np.full(m, weight_zero if i == 0 else 0, np.int8), f"b{i}": rng.standard_normal(m).astype(np.float32), f"s{i + 1}": np.array(0.04, np.float32), f"z{i + 1}": np.array(0, activations),
         })
+        if i == 0 and weights == np.uint8:
+            inits.update({f"w{i}": rng.integers(0, 256, (m, channels // group, k, k)).astype(np.uint8), f"zw{i}": rng.integers(120, 136, m).astype(np.uint8)})
         nodes += [
             helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"]),
             helper.make_node("DequantizeLinear", [f"w{i}", f"sw{i}", f"zw{i}"], [f"wd{i}"], axis=0),
@@ -145,6 +148,20 @@ def test_a_qdq_model_compiles_to_integer_convs_with_their_tails_fused():
     want = kiln.compile(model).run({"x": x})["y"]
     got = kiln.compile(model, target="llvm").run({"x": x})["y"]
     assert np.abs(got - want).max() <= 0.04 + 1e-6  # one output step (module docstring of integer_products)
+    assert np.mean(got != want) < 0.01
+
+
+@needs_vnni
+def test_a_qdq_conv_by_uint8_weights_with_zero_points_is_one_integer_kernel():
+    """The shift's product (each window's sum, a ones-kernel conv of the channel sums) is made
+    before the integer conv and fuses into its tail."""
+    model, x = _qdq_model(zx=128, pads=1, stride=2, weights=np.uint8)
+    lowered = kiln.optimize(model, "O2", lowering=LLVMBackend.lowering, layout="auto")
+    fused = [n for n in lowered.nodes if n.op.name == "Fused" and n.attrs["body"].nodes[0].op.name == "ConvInteger"]
+    assert len(fused) == 1 and "Sub" in [n.op.name for n in fused[0].attrs["body"].nodes]
+    want = kiln.compile(model).run({"x": x})["y"]
+    got = kiln.compile(model, target="llvm").run({"x": x})["y"]
+    assert np.abs(got - want).max() <= 0.04 + 1e-6
     assert np.mean(got != want) < 0.01
 
 

@@ -48,11 +48,27 @@ def test_a_dequantized_conv_becomes_a_channels_last_integer_conv_and_its_scale(r
     )
 
 
+def test_a_weight_zero_point_becomes_a_shift_times_each_windows_sum():
+    """int8 weight less its zero point: the integer conv by the weight, less the zero point
+    times each window's sum of (xq - zx), a ones-kernel conv of the channel sums."""
+    import numpy as np
+
+    import kiln
+
+    text = QDQ_CONV.format(zx_type="u8[]", zw="[0, 1]", group=1).replace("pads=[0, 0, 0, 0]", "pads=[1, 0, 1, 0]").replace("%y: f32[1,2,3,3]", "%y: f32[1,2,5,3]")
+    graph = run_passes(parse_graph(text), ["integer_products"])
+    ops = [n.op.name for n in graph.nodes]
+    assert ops.count("ConvInteger") == 1 and ops.count("Conv") == 1 and "ReduceSum" in ops
+    xq = np.random.default_rng(0).integers(0, 256, (1, 2, 3, 3), dtype=np.uint8)
+    want = kiln.compile(parse_graph(text)).run({"xq": xq})["y"]
+    np.testing.assert_allclose(kiln.compile(graph).run({"xq": xq})["y"], want, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "zx_type, zw, group, why",
     [
-        ("u8[]", "[0, 1]", 1, "a weight zero point (its row sums would be a run-time correction)"),
         ("u8[]", "[0, 0]", 2, "a grouped conv that is not depthwise"),
+        ("u8[]", "[0, 1]", 2, "... with a weight zero point too"),
     ],
 )
 def test_convs_without_an_integer_form_stay(zx_type, zw, group, why):
