@@ -8,6 +8,9 @@ Rules, over the node order:
 - a training-mode BatchNormalization starts a ``normalize`` group: the activation and other
   elementwise ops after it join (its running statistics leave the group as extra outputs);
 - elementwise ops join the group of an input's producer, else start an ``elementwise`` group;
+- an elementwise op made after a heavy op's group starts, from values made before it, whose
+  one reader joins that group, joins with its reader (``_pulled``: a quantized conv's
+  correction, the outer product of per-position sums and per-channel shifts, in the tail);
 - never two heavy ops or two reductions in a group; every other op stays alone.
 
 An op joins a group only through a value nobody else reads (so nothing is computed twice and no
