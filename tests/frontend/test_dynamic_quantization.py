@@ -108,6 +108,22 @@ def test_one_step_agrees_with_onnxruntime_to_rounding(direction, per_column, len
             np.testing.assert_allclose(got[name], expected, atol=1e-6, err_msg=f"{target} {name}")
 
 
+@pytest.mark.parametrize("extra", ["input_forget", "clip", "peepholes"])
+def test_lstms_attributes_and_peepholes_agree_with_onnxruntime(extra):
+    model, feeds = _model("bidirectional", False, True, SEQ=1)
+    node = model.graph.node[0]
+    if extra == "peepholes":
+        node.input[7] = "P"
+        model.graph.initializer.append(numpy_helper.from_array((np.random.default_rng(5).standard_normal((2, 3 * HIDDEN)) * 0.3).astype(np.float32), "P"))
+    else:
+        node.attribute.append(helper.make_attribute(extra, 1 if extra == "input_forget" else 0.5))
+    want = _onnxruntime(model, feeds)
+    for target in ("eager", "llvm"):
+        got = kiln.compile(model, target=target).run(feeds)
+        for name, expected in want.items():
+            np.testing.assert_allclose(got[name], expected, atol=1e-6, err_msg=f"{target} {name}")
+
+
 @pytest.mark.parametrize("direction,per_column,lens", CASES)
 def test_a_sequence_agrees_with_onnxruntime_but_for_single_quantization_steps(direction, per_column, lens):
     model, feeds = _model(direction, per_column, lens)
