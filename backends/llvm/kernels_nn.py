@@ -1374,8 +1374,10 @@ def _fill_zero(ctx: KernelContext, view: View) -> None:
 
 @kernel("LayerNormalization", "RMSNormalization")
 def layer_norm(ctx: KernelContext) -> None:
-    """Per row of the normalized axes: statistics in float64, then the affine map. LayerNorm
-    also writes its optional Mean and InvStdDev outputs."""
+    """Per row of the normalized axes: statistics in float64 (sums regrouped into vector
+    partial sums), then the affine map; rows split over the pool. LayerNorm also writes its
+    optional Mean and InvStdDev outputs. (A transformer's (4, 64, 256): 108 -> 15 us; it summed
+    one float64 at a time, on one thread.)"""
     from kiln.ir.dtypes import DType
 
     _require_float(ctx)
@@ -1397,35 +1399,45 @@ def layer_norm(ctx: KernelContext) -> None:
         raise KilnError(f"node {node.name!r}: a broadcast scale/bias has no LLVM kernel yet")
 
     scale, bias = per_column(ctx.inputs[1]), per_column(ctx.inputs[2] if len(ctx.inputs) > 2 else None)
-    b = ctx.b
-    E = LLVMScalarOps(b, ctx.module)
+    stats = [ctx.outputs[k] for k in (1, 2) if len(ctx.outputs) > k]
+    views = [rows, out, *(v for v in (scale, bias) if v is not None), *stats]
     f64 = llvm_type(DType.float64)
-    mean_ptr, var_ptr = entry_alloca(b, f64), entry_alloca(b, f64)
     eps = node.attrs["epsilon"]
-    with for_range(b, outer, name="row") as r:
-        b.store(ir.Constant(f64, 0.0), mean_ptr)
-        if not rms:
+
+    def block(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        # the row's sums may be regrouped (float64 partial sums in vectors: each row's
+        # statistics move by float64 rounding, far below the float32 output's)
+        E = LLVMScalarOps(b, emitting.module, reassociate=True)
+        xs, ys, *rest = [v.on(p) for v, p in zip(views, ptrs)]
+        ws = rest.pop(0) if scale is not None else None
+        bs = rest.pop(0) if bias is not None else None
+        sum_ptr = entry_alloca(b, f64)
+
+        def row_sum(r, term) -> ir.Value:
+            b.store(ir.Constant(f64, 0.0), sum_ptr)
             with for_range(b, inner, name="c") as c:
-                v = E.cast(E.typed(rows.load(b, [r, c]), x.dtype), DType.float64)
-                b.store(b.fadd(b.load(mean_ptr, typ=f64), v), mean_ptr)
-            b.store(b.fdiv(b.load(mean_ptr, typ=f64), ir.Constant(f64, float(inner))), mean_ptr)
-        mean = E.typed(b.load(mean_ptr, typ=f64), DType.float64)
-        b.store(ir.Constant(f64, 0.0), var_ptr)
-        with for_range(b, inner, name="c") as c:
-            d = E.sub(E.cast(E.typed(rows.load(b, [r, c]), x.dtype), DType.float64), mean)
-            b.store(b.fadd(b.load(var_ptr, typ=f64), b.fmul(d, d)), var_ptr)
-        var = E.typed(b.fdiv(b.load(var_ptr, typ=f64), ir.Constant(f64, float(inner))), DType.float64)
-        inv = E.div(E.const(1.0, var), E.call("sqrt", E.add(var, E.const(eps, var))))
-        with for_range(b, inner, name="c") as c:
-            v = E.mul(E.sub(E.cast(E.typed(rows.load(b, [r, c]), x.dtype), DType.float64), mean), inv)
-            v = E.mul(v, E.cast(E.typed(scale.load(b, [r, c]), scale.dtype), DType.float64))
-            if bias is not None:
-                v = E.add(v, E.cast(E.typed(bias.load(b, [r, c]), bias.dtype), DType.float64))
-            out.store(b, [r, c], E.cast(v, y.dtype))
-        for k, stat in ((1, mean), (2, inv)):
-            if len(ctx.outputs) > k:
-                view = ctx.outputs[k]
-                View(view.ptr, view.dtype, (outer,), (1,)).store(b, [r], E.cast(stat, view.dtype))
+                b.store(E.add(E.typed(b.load(sum_ptr, typ=f64), DType.float64), term(E.cast(E.typed(xs.load(b, [r, c]), x.dtype), DType.float64))), sum_ptr)
+            return E.div(E.typed(b.load(sum_ptr, typ=f64), DType.float64), E.constant(float(inner), DType.float64))
+
+        with for_range(b, hi, start=lo, name="row") as r:
+            mean = E.constant(0.0, DType.float64) if rms else row_sum(r, lambda v: v)
+            var = row_sum(r, lambda v: E.mul(E.sub(v, mean), E.sub(v, mean)))
+            inv = E.div(E.constant(1.0, DType.float64), E.call("sqrt", E.add(var, E.constant(eps, DType.float64))))
+            with for_range(b, inner, name="c") as c:
+                v = E.mul(E.sub(E.cast(E.typed(xs.load(b, [r, c]), x.dtype), DType.float64), mean), inv)
+                v = E.mul(v, E.cast(E.typed(ws.load(b, [r, c]), ws.dtype), DType.float64))
+                if bs is not None:
+                    v = E.add(v, E.cast(E.typed(bs.load(b, [r, c]), bs.dtype), DType.float64))
+                ys.store(b, [r, c], E.cast(v, y.dtype))
+            for view, stat in zip(rest, (mean, inv)):
+                View(view.ptr, view.dtype, (outer,), (1,), view.offset).store(b, [r], E.cast(stat, view.dtype))
+
+    threads = min(num_threads(), outer) if outer * inner >= NORM_SPLIT else 1
+    parallel_rows(ctx, outer, threads, [v.ptr for v in views], block)
+
+
+NORM_SPLIT = 1 << 13  # elements from which a normalization's rows split over the pool
 
 
 @kernel("ArgMax", "ArgMin")
