@@ -4,7 +4,7 @@
     kiln.compile("unet", shapes={"input": (1, 3, 128, 128)})
 
 ``ZOO`` lists the DSL families (MLP, LeNet-5, ResNet-18/34/50, MobileNetV2, LSTM and GRU
-classifiers, FCN-8s, U-Net, DeepLabv3); ``builtin_models()`` the nine ``light_*`` ImageNet nets shipped
+classifiers, a transformer encoder classifier, FCN-8s, U-Net, DeepLabv3); ``builtin_models()`` the nine ``light_*`` ImageNet nets shipped
 inside the onnx wheel (small weights, real architectures).
 """
 
@@ -17,11 +17,12 @@ from kiln.models.mobilenet import mobilenet_v2
 from kiln.models.resnet import resnet18, resnet34, resnet50
 from kiln.models.rnn import gru_classifier, lstm_classifier
 from kiln.models.segmentation import deeplabv3, fcn, unet
+from kiln.models.transformer import transformer_classifier
 from kiln.models.zoo import ZOO, build, zoo_graph, zoo_onnx
 
 __all__ = [
     "ZOO", "build", "builtin_models", "deeplabv3", "fcn", "gru_classifier", "lenet5", "lstm_classifier",
-    "mlp", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "unet", "zoo_graph", "zoo_onnx",
+    "mlp", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "transformer_classifier", "unet", "zoo_graph", "zoo_onnx",
 ]
 
 

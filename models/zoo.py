@@ -20,6 +20,7 @@ from kiln.models.mobilenet import mobilenet_v2
 from kiln.models.resnet import resnet18, resnet34, resnet50
 from kiln.models.rnn import gru_classifier, lstm_classifier
 from kiln.models.segmentation import deeplabv3, fcn, unet
+from kiln.models.transformer import transformer_classifier
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ ZOO: dict[str, ZooModel] = {
                  {"input_size": 8, "hidden_size": 16, "bidirectional": True}, (2, 5, 8)),
         ZooModel("gru_classifier", gru_classifier, (1, 32, 64), "2-layer GRU (128 hidden) over 32 steps",
                  {"input_size": 8, "hidden_size": 16, "bidirectional": True}, (2, 5, 8)),
+        ZooModel("transformer_classifier", transformer_classifier, (1, 64, 64), "2-block transformer encoder (width 256, 4 heads) over 64 steps",
+                 {"input_size": 8, "width": 16, "heads": 2, "feed_forward": 32, "num_layers": 1}, (2, 5, 8)),
         ZooModel("fcn", fcn, (1, 3, 224, 224), "FCN-8s on a VGG-style backbone, 21 classes",
                  {"num_classes": 3, "width": 4}, (1, 3, 32, 32)),
         ZooModel("unet", unet, (1, 3, 256, 256), "U-Net, 4 levels, width 64, 2 classes",
