@@ -4,10 +4,11 @@
 
 Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
 (batch 1, 224x224), light_resnet50 (batch 1), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
-(hidden 256, 32 steps, batch 16) and a GRU of the same size, a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
+(hidden 256, 32 steps, batch 16) and a GRU of the same size, a transformer encoder (2 blocks of
+width 256, 4 heads, 64 steps, batch 4), a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
 224x224: transposed and dilated convolutions), the MLP, ResNet-18 and MobileNetV2 quantized
 to int8 (onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations), and
-the MLP and the LSTM quantized dynamically (onnxruntime's quantize_dynamic: int8 weights, each
+the MLP, the LSTM and the transformer quantized dynamically (onnxruntime's quantize_dynamic: int8 weights, each
 product's activations quantized as it runs; the LSTM becomes DynamicQuantizeLSTM). Zoo models are built with seeded weights and exported to
 ONNX first, so every runtime (onnxruntime too) runs the same file. Ratios are taken side by side
 in one run: speedup = eager_ms / kiln_ms, ort ratio = onnxruntime_ms / kiln_ms.
@@ -39,6 +40,7 @@ STANDARD = {
     "mobilenet_v2/b1": ("mobilenet_v2", {}, (1, 3, 224, 224)),
     "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
     "gru-2x256/b16": ("gru_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
+    "transformer-2x256/b4": ("transformer_classifier", {}, (4, 64, 64)),
     "unet-w32/128": ("unet", {"width": 32}, (1, 3, 128, 128)),
     "fcn8s/b1": ("fcn", {}, (1, 3, 224, 224)),
     "deeplabv3/b1": ("deeplabv3", {}, (1, 3, 224, 224)),
@@ -47,9 +49,10 @@ STANDARD = {
     "mobilenet_v2-int8/b1": ("mobilenet_v2", {}, (1, 3, 224, 224)),
     "mlp-dynamic-int8/b64": ("mlp", {"hidden": (512, 256)}, (64, 784)),
     "lstm-dynamic-int8/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
+    "transformer-dynamic-int8/b4": ("transformer_classifier", {}, (4, 64, 64)),
 }
 INT8 = {"mlp-int8/b64", "resnet18-int8/b1", "mobilenet_v2-int8/b1"}  # quantized after export (``quantized``)
-DYNAMIC_INT8 = {"mlp-dynamic-int8/b64", "lstm-dynamic-int8/b16"}  # ... or ``dynamically_quantized``
+DYNAMIC_INT8 = {"mlp-dynamic-int8/b64", "lstm-dynamic-int8/b16", "transformer-dynamic-int8/b4"}  # ... or ``dynamically_quantized``
 INT8_NOTE = (
     "int8 models: kiln (on AVX-512 VNNI) and onnxruntime sum exactly in integers where eager sums dequantized floats, "
     "so an output next to a rounding boundary can differ from eager's by one quantization step, and 'outputs match' reads NO. "
