@@ -203,6 +203,16 @@ class Vectors:
         return self.b.call(self._fma, [a, b, c])
 
 
+L1_WAYS, L1_SETS, LINE = 12, 64, 64  # the L1 data cache: 48 KB, 12 ways of 64 sets of 64-byte lines
+
+
+def rows_per_l1_set(rows: int, pitch: int) -> int:
+    """The most of ``rows`` rows ``pitch`` bytes apart whose first lines share one L1 set (rows
+    4 KB apart all do: past L1_WAYS of them, each evicts one still in use)."""
+    sets = [(r * pitch // LINE) % L1_SETS for r in range(rows)]
+    return max(sets.count(s) for s in set(sets))
+
+
 def entry_alloca(b: ir.IRBuilder, ty: ir.Type) -> ir.Value:
     """A stack slot made once in the function's entry block (never inside a loop)."""
     here = b.block

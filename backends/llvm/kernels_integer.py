@@ -29,7 +29,7 @@ import math
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
-from kiln.backends.llvm.emit import I8, I32, PTR, Panels, View, const_i64, entry_alloca, for_range
+from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, Panels, View, const_i64, entry_alloca, for_range, rows_per_l1_set
 from kiln.backends.llvm.kernels_conv import SHARED_WEIGHTS, Geometry, _row_start, _tap_offset, geometry, over_tiles
 from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, _unflatten, micro_rows
 from kiln.backends.llvm.parallel import parallel_rows
@@ -237,7 +237,7 @@ class _Tiles:
         # would crowd one L1 set (rows 4 KB apart, as a 1024-column float product's: 512 x 64
         # x 1024 with its Cast, 0.86 -> 0.11 ms; MobileNetV2's convs keep whole rows: 2.17 ms
         # against 2.23 by tiles)
-        self.tail_by_tiles = _rows_per_l1_set(g.ow, g.m * out_dtype.itemsize) > L1_WAYS // 2
+        self.tail_by_tiles = rows_per_l1_set(g.ow, g.m * out_dtype.itemsize) > L1_WAYS // 2
         self.quads = g.run // QUAD  # per tap
         self.taps = math.prod(g.tap_shape)
         self.panel_bytes = self.taps * self.quads * NR * QUAD
@@ -355,15 +355,6 @@ class _Tiles:
 # -- depthwise: one channel per group, vectors along the channels -------------------------------
 F32X16 = ir.VectorType(ir.FloatType(), LANES)
 I8X16 = ir.VectorType(I8, LANES)
-
-
-L1_WAYS, L1_SETS, LINE = 12, 64, 64
-
-
-def _rows_per_l1_set(rows: int, pitch: int) -> int:
-    """The most of ``rows`` rows ``pitch`` bytes apart whose first lines share one L1 set."""
-    sets = [(r * pitch // LINE) % L1_SETS for r in range(rows)]
-    return max(sets.count(s) for s in set(sets))
 
 
 def _zero_row_bytes(node) -> int:
