@@ -4,7 +4,9 @@ the CPU, side by side in one run; writes a markdown table.
     python benchmarks/train_bench.py [--target llvm] [--repeat 30] [--out benchmarks/train-report.md]
 
 Models: MLP 784-512-256-10 at batch 64, LeNet-5 at batch 64, the 2-layer LSTM classifier
-(hidden 256, 32 steps of 64 features) at batch 16. kiln's step is the Trainer's (arrays in,
+(hidden 256, 32 steps of 64 features) at batch 16, the transformer encoder classifier (2 blocks
+of width 256, 4 heads, 64 steps) at batch 4 (torch's twin: nn.MultiheadAttention, whose packed
+in-projection does the same products). kiln's step is the Trainer's (arrays in,
 arrays out, the next parameters copied back); torch's is zero_grad, forward, loss, backward,
 optimizer step. Medians after warm-up; torch uses as many threads as kiln (KILN_NUM_THREADS).
 """
@@ -28,6 +30,7 @@ MODELS = {
     "mlp-512-256/b64": ("mlp", {"hidden": (512, 256)}, (64, 784), 10),
     "lenet5/b64": ("lenet5", {}, (64, 1, 32, 32), 10),
     "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64), 10),
+    "transformer-2x256/b4": ("transformer_classifier", {}, (4, 64, 64), 10),
 }
 
 
@@ -46,6 +49,9 @@ def _torch_model(name: str, kwargs: dict):
             tnn.Flatten(), tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10),
         )  # fmt: skip
 
+    if name == "transformer_classifier":
+        return _torch_transformer(tnn)
+
     class LSTMClassifier(tnn.Module):
         def __init__(self):
             super().__init__()
@@ -57,6 +63,32 @@ def _torch_model(name: str, kwargs: dict):
             return self.fc(y[:, -1])
 
     return LSTMClassifier()
+
+
+def _torch_transformer(tnn):
+    """kiln's zoo transformer_classifier at its standard size (post-norm blocks, GELU)."""
+    import torch
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = tnn.MultiheadAttention(256, 4, batch_first=True)
+            self.norm1, self.norm2 = tnn.LayerNorm(256), tnn.LayerNorm(256)
+            self.up, self.down = tnn.Linear(256, 1024), tnn.Linear(1024, 256)
+
+        def forward(self, x):
+            x = self.norm1(x + self.attention(x, x, x, need_weights=False)[0])
+            return self.norm2(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+    class TransformerClassifier(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.blocks, self.fc = tnn.Linear(64, 256), tnn.Sequential(Block(), Block()), tnn.Linear(256, 10)
+
+        def forward(self, x):
+            return self.fc(self.blocks(self.embed(x)).mean(1))
+
+    return TransformerClassifier()
 
 
 def _median_ms(fn, warmup: int, repeat: int) -> float:
