@@ -44,6 +44,7 @@ class _Unroller:
         self.kind = "LSTM" if node.op.name == "DynamicQuantizeLSTM" else node.op.name
         self.quantized = node.op.name == "DynamicQuantizeLSTM"
         self.h_scale = None  # a quantized op's current recurrent weights' scale (and zero point)
+        self.h_rows: Value | None = None  # ... and the state its step quantizes
 
     def fresh(self, hint: str) -> str:
         name = self.g.fresh_name(hint)
