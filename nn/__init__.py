@@ -10,6 +10,7 @@ The implementation lives in ``kiln.frontend.dsl``; this package is its public fa
 """
 
 from kiln.frontend.dsl import functional, init
+from kiln.frontend.dsl.attention import MultiheadAttention, TransformerEncoderLayer
 from kiln.frontend.dsl.layers import (
     GELU,
     GRU,
@@ -41,6 +42,6 @@ from kiln.frontend.dsl.module import Module, ModuleList, Parameter, Sequential
 __all__ = [
     "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "ConvTranspose2d", "Dropout",
     "Embedding", "Flatten", "GELU", "GRU", "GroupNorm", "Identity", "LSTM", "LayerNorm",
-    "LeakyReLU", "Linear", "MaxPool2d", "Module", "ModuleList", "Parameter", "ReLU", "ReLU6",
-    "Sequential", "SiLU", "Sigmoid", "Softmax", "Tanh", "Upsample", "functional", "init",
+    "LeakyReLU", "Linear", "MaxPool2d", "Module", "ModuleList", "MultiheadAttention", "Parameter", "ReLU", "ReLU6",
+    "Sequential", "SiLU", "Sigmoid", "Softmax", "Tanh", "TransformerEncoderLayer", "Upsample", "functional", "init",
 ]
