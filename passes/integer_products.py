@@ -15,9 +15,10 @@ times the constant ``sx * sw``, plus the bias. The layout passes sink the transp
 (or Gemm, without transA) of such operands, the weight a constant (K, N) matrix (Gemm's
 transposed one transposed now) with one scale per column or one for all, becomes
 ``MatMulInteger(xq, wq, zx)`` the same way, Gemm's alpha in the scale and beta * C the bias.
-A matrix product's weight may also be uint8 or have zero points (onnxruntime's QUInt8): ``wq -
-zw`` is an int8 weight less a shift per column (uint8 moves down by 128), and the product by
-the shift is each row's sum of ``xq - zx`` times it, in int32.
+A matrix product's or a group-1 conv's weight may also be uint8 or have zero points
+(onnxruntime's QUInt8): ``wq - zw`` is an int8 weight less a shift per output (uint8 moves down
+by 128), and the product by the shift is each row's (or window's) sum of ``xq - zx`` times it,
+in int32.
 
 Fusion makes the tail (scale, bias, activation, the next QuantizeLinear) one kernel with the
 integer product, which reads 8-bit activations and writes the next layer's (llvm:
@@ -222,9 +223,10 @@ def _kept_zero_point(graph: Graph, zero: Value | None) -> Value | None | bool:
 def rewrite_integer_node(graph: Graph, node: Node) -> bool:
     """QLinearConv and ConvInteger (2-D, group 1 or depthwise) -> the channels-last ConvInteger; QLinearMatMul
     and MatMulInteger by a (K, N) matrix -> MatMulInteger without its weight zero point; each
-    with a constant weight (the convs' int8 with zero points 0; the matrices' 8-bit with any
-    constant zero points, ``_signed_weight``) and 8-bit activations with one zero point. The QLinear ops then requantize as their decomposition does (float64, the
-    reference's rounding), so the result is theirs bit for bit. Returns whether it rewrote."""
+    with a constant weight (a depthwise conv's int8 with zero points 0; the others' 8-bit with
+    any constant zero points, ``_signed_weight``) and 8-bit activations with one zero point.
+    The QLinear ops then requantize as their decomposition does (float64, the reference's
+    rounding), so the result is theirs bit for bit. Returns whether it rewrote."""
     op = node.op.name
     if op not in ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"):
         return False

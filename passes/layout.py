@@ -191,12 +191,13 @@ class _Sinker:
         return False
 
     def replace(self, node: Node, op, inputs, attrs, perm: list[int]) -> None:
-        """``node`` becomes ``Transpose(op(inputs, attrs), perm)``."""
+        """``node`` becomes ``Transpose(op(inputs, attrs), perm)`` (its first output: any others,
+        as DynamicQuantizeLinear's scale and zero point, are the new node's as they are)."""
         g = self.graph
         where = node.name or node.op.name
-        inner = g.add_node(op, inputs, attrs, name=node.name, num_outputs=1, index=g.nodes.index(node))
+        inner = g.add_node(op, inputs, attrs, name=node.name, num_outputs=len(node.outputs), index=g.nodes.index(node))
         back = _insert(g, node, "Transpose", [inner.outputs[0]], {"perm": perm}, f"{where}/sunk")
-        if substitute(g, node.outputs[0], back):
+        if all([substitute(g, old, new) for old, new in zip(node.outputs, [back, *inner.outputs[1:]])]):
             g.remove_nodes([node])
 
     def sink(self, node: Node) -> bool:
@@ -261,11 +262,7 @@ class _Sinker:
         perm = _transpose_of(node.inputs[0])
         if perm is None or id(node.inputs[0].producer) in self.inserted:
             return False
-        g = self.graph
-        inner = g.add_node(node.op, [node.inputs[0].producer.inputs[0]], node.attrs, name=node.name, index=g.nodes.index(node))
-        back = _insert(g, node, "Transpose", [inner.outputs[0]], {"perm": perm}, f"{node.name or node.op.name}/sunk")
-        if all([substitute(g, old, new) for old, new in zip(node.outputs, [back, *inner.outputs[1:]])]):
-            g.remove_nodes([node])
+        self.replace(node, node.op, [node.inputs[0].producer.inputs[0]], node.attrs, perm)
         return True
 
     def batchnorm_as_affine(self, node: Node, perm: list[int]) -> bool:

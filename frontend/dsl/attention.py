@@ -55,7 +55,7 @@ class MultiheadAttention(Module):
                 attn_mask = F.where(attn_mask, Tensor(np.array(-np.inf, np.float32)), Tensor(np.array(0.0, np.float32)))
             scores = scores + attn_mask
         weights = F.softmax(scores, axis=-1)
-        n, _, length, size = q.shape
+        n, _, length, _ = q.shape
         out = self.out_proj(F.reshape(F.permute(self.dropout(weights) @ v, 0, 2, 1, 3), n, length, self.embed_dim))
         if not self.batch_first:
             out = F.permute(out, 1, 0, 2)

@@ -234,10 +234,11 @@ def _quantized_products(seq_lens, w_scale, w_zero, r_scale, r_zero):
         return sums * (a_scale * scale[d].astype(np.float32)).astype(np.float64)
 
     def products(x, w, r):
+        # the steps past the longest sequence as zeros: the range is the longest sequence's steps'
+        # (0 is in it anyway), and no row reads those steps' products
         steps = int(seq_lens.max(initial=0)) if seq_lens is not None else x.shape[0]
-        _, x_scale, x_zero = dynamic_quantized(x[:steps])  # the longest sequence's steps set the range
-        xq = np.clip(np.rint(x.astype(np.float32) / x_scale) + x_zero, 0, 255)
-        project_x = lambda d: scaled_sums(xq, x_scale, x_zero, w, w_scale, w_zero, d)  # noqa: E731
+        quantized = dynamic_quantized(np.where(np.arange(x.shape[0])[:, None, None] < steps, x, 0))
+        project_x = lambda d: scaled_sums(*quantized, w, w_scale, w_zero, d)  # noqa: E731
         return project_x, lambda d, h: scaled_sums(*dynamic_quantized(h), r, r_scale, r_zero, d)
 
     return products
