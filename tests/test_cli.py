@@ -163,3 +163,15 @@ def test_train_names_bad_data(tmp_path):
     result = kiln_cmd("train", "mlp", "--data", str(tmp_path / "bad.npz"))
     assert result.returncode == 1
     assert "needs arrays x and y" in result.stderr and "missing ['y']" in result.stderr
+
+
+@pytest.mark.skipif(__import__("kiln.backends.tvm", fromlist=["x"]).cuda_available(), reason="checks what a machine without a GPU does")
+def test_a_cuda_artifact_compiles_here_and_running_it_names_the_missing_gpu(tmp_path, capsys):
+    """Issue 7's split: compile for the GPU machine on one without a GPU, run it there."""
+    artifact = tmp_path / "mlp.kiln"
+    assert main(["compile", "mlp", "-t", "tvm-cuda", "--arch", "sm_90", "-o", str(artifact)]) == 0
+    assert "(target tvm-cuda," in capsys.readouterr().out
+    assert main(["inspect", str(artifact)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(artifact)]) == 1
+    assert "no CUDA device is visible" in capsys.readouterr().err

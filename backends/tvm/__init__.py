@@ -11,6 +11,7 @@ library, so ``kiln.load`` never compiles again; compiles are cached like the llv
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -78,27 +79,40 @@ def present_arch() -> str:
 
 
 class TVMExecutable:
-    """A Relax VM over the compiled library; parameters uploaded once."""
+    """A Relax VM over the compiled library; parameters uploaded once.
+
+    The VM starts where the target's device is: at once on the CPU or where a GPU is visible (so
+    a library that does not load says so at ``kiln.load``), else at the first run, so a
+    ``tvm-cuda`` build is compiled and saved on a machine without a GPU."""
 
     def __init__(self, graph: Graph, target: TVMTarget, library: bytes):
-        tvm = _tvm()
-        from tvm import relax
-
         self.graph = graph
         self.target = target
         self.library = library
-        self.device = target.device()
+        if target.kind != "cuda" or cuda_available():
+            self._vm  # noqa: B018 - starts it
+
+    @functools.cached_property
+    def _vm(self) -> tuple:
+        """(device, the VM's main, the parameters on the device)."""
+        tvm = _tvm()
+        from tvm import relax
+
+        device = self.target.device()
         with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as folder:
             path = os.path.join(folder, "model.so")
             with open(path, "wb") as fh:
-                fh.write(library)
+                fh.write(self.library)
             try:
                 module = tvm.runtime.load_module(path)
             except Exception as err:  # noqa: BLE001 - TVM raises its own error types
                 raise ArtifactError(f"the TVM library does not load here ({str(err).splitlines()[0]})") from None
-        self._vm = relax.VirtualMachine(module, self.device)
-        self._main = self._vm["main"]
-        self._params = [tvm.runtime.tensor(np.require(a, requirements="C"), self.device) for a in graph.params.values()]
+        params = [tvm.runtime.tensor(np.require(a, requirements="C"), device) for a in self.graph.params.values()]
+        return device, relax.VirtualMachine(module, device)["main"], params
+
+    @property
+    def device(self):
+        return self._vm[0]
 
     def to_device(self, array: Any):
         """A TVM tensor on this executable's device: from numpy, or from any DLPack tensor."""
@@ -111,7 +125,8 @@ class TVMExecutable:
 
     def run_device(self, inputs: Sequence[Any]) -> list:
         """Run on device tensors (or numpy arrays); the outputs stay on the device (DLPack)."""
-        result = self._main(*[self.to_device(a) for a in inputs], *self._params)
+        _, main, params = self._vm
+        result = main(*[self.to_device(a) for a in inputs], *params)
         return list(result)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -139,13 +154,13 @@ def compile_library(graph: Graph, target: TVMTarget, tune_trials: int | None = N
     tvm_target = target.tvm_target()
     module = legalize(to_relax(graph), tvm_target)
     if not tune_trials:
-        return _build(graph, module, target, relax_pipeline(target.kind, tvm_target))
+        return _build(graph, module, target)
     from kiln.backends.tvm import tune
 
     tune.check_requirements(target)
     with tune.database(target) as db:
         tune.tune(module, target, tune_trials, db)
-        return _build(graph, module, target, relax_pipeline(target.kind, tvm_target, db))
+        return _build(graph, module, target, db)
 
 
 def legalize(module, tvm_target):
@@ -158,12 +173,20 @@ def legalize(module, tvm_target):
         return tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()])(module)
 
 
-def _build(graph: Graph, module, target: TVMTarget, pipeline) -> bytes:
+def _build(graph: Graph, module, target: TVMTarget, database=None) -> bytes:
+    """The exported library of the legalized ``module``. On CUDA a failed build is tried once
+    more with every kernel's schedule checked alone first (``gpu_schedule``), so a dlight rule
+    whose schedule does not lower gives way to the next rule."""
     tvm = _tvm()
-    try:
-        executable = tvm.compile(module, target=target.tvm_target(), relax_pipeline=pipeline)
-    except Exception as err:  # noqa: BLE001 - TVM's errors carry its C++ stack
-        raise KilnError(f"internal error: TVM could not build {graph.name!r} for {target.name}: {_first_line(err)}") from None
+    tvm_target = target.tvm_target()
+    for checked in (False, True) if target.kind == "cuda" else (False,):
+        try:
+            executable = tvm.compile(module, target=tvm_target, relax_pipeline=relax_pipeline(target.kind, tvm_target, database, checked))
+            break
+        except Exception as err:  # noqa: BLE001 - TVM's errors carry its C++ stack
+            failure = _first_line(err)
+    else:
+        raise KilnError(f"internal error: TVM could not build {graph.name!r} for {target.name}: {failure}")
     with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as folder:
         path = os.path.join(folder, "model.so")
         executable.export_library(path)
@@ -171,11 +194,11 @@ def _build(graph: Graph, module, target: TVMTarget, pipeline) -> bytes:
             return fh.read()
 
 
-def relax_pipeline(kind: str, tvm_target, database=None):
+def relax_pipeline(kind: str, tvm_target, database=None, checked: bool = False):
     """TVM's default Relax pipeline for the (legalized) module without its FuseOps/FuseTIR:
     kiln's passes chose the groups, each already one PrimFunc. A tuning ``database`` schedules
     the kernels it holds; on CUDA dlight's default GPU rules schedule the rest (matmul, GEMV,
-    reductions, then a fallback)."""
+    reductions, then a fallback: ``gpu_schedule``, ``checked`` as there)."""
     import tvm
     from tvm import relax
 
@@ -191,10 +214,9 @@ def relax_pipeline(kind: str, tvm_target, database=None):
             if database is not None:  # reads the target and the database from the context
                 passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
             if kind == "cuda":
-                from tvm.s_tir import dlight as dl
+                from kiln.backends.tvm.gpu_schedule import default_schedule
 
-                rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-                passes.append(dl.ApplyDefaultSchedule(*rules))
+                passes.append(default_schedule(tvm_target, checked))
             passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
             return tvm.transform.Sequential(passes)(mod)
 

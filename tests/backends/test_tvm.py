@@ -150,10 +150,18 @@ def test_unlowered_ops_are_named_and_arch_is_checked():
         kiln.compile(build(GRAPHS["mlp"]), target="llvm", arch="sm_90")
 
 
-@pytest.mark.skipif(cuda_available(), reason="checks the message given where no GPU is visible")
-def test_running_cuda_code_without_a_gpu_says_so():
-    with pytest.raises(KilnError, match="no CUDA device is visible"):
-        kiln.compile(build(GRAPHS["mlp"]), target="tvm-cuda", arch="sm_90")
+@pytest.mark.skipif(cuda_available(), reason="checks what happens where no GPU is visible")
+def test_cuda_modules_compile_and_save_without_a_gpu_and_say_so_when_run(tmp_path):
+    """The artifact of a GPU-less compile holds the CUDA library; running it here (compiled or
+    loaded) names the missing device."""
+    module = kiln.compile(build(GRAPHS["mlp"]), target="tvm-cuda", arch="sm_90")
+    module.save(tmp_path / "mlp.kiln")
+    loaded = kiln.load(tmp_path / "mlp.kiln")
+    assert loaded.executable.library == module.executable.library
+    feeds = _feeds(module.graph, 2)
+    for runnable in (module, loaded):
+        with pytest.raises(KilnError, match="no CUDA device is visible"):
+            runnable.run(feeds)
 
 
 @pytest.mark.parametrize("target", TARGETS)
