@@ -57,13 +57,20 @@ class KilnRep(BackendRep):
             self._modules[key] = module
             return module
 
-    def run(self, inputs: Any, **kwargs: Any) -> list[np.ndarray]:
+    def _feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        """``inputs`` (a dict, a list in the graph's input order, or one array) by name."""
         if isinstance(inputs, dict):
-            feeds = {k: np.asarray(v) for k, v in inputs.items()}
-        else:
-            if isinstance(inputs, np.ndarray):
-                inputs = [inputs]
-            feeds = {n: np.asarray(a) for n, a in zip(self.input_names, inputs)}
+            return {k: np.asarray(v) for k, v in inputs.items()}
+        if isinstance(inputs, np.ndarray):
+            inputs = [inputs]
+        return {n: np.asarray(a) for n, a in zip(self.input_names, inputs)}
+
+    def module(self, inputs: Any):
+        """The compiled Module that runs on ``inputs`` (compiled now unless one already does)."""
+        return self._module(self._feeds(inputs))
+
+    def run(self, inputs: Any, **kwargs: Any) -> list[np.ndarray]:
+        feeds = self._feeds(inputs)
         module = self._module(feeds)
         outputs = module.run({n: a for n, a in feeds.items() if n not in self.static_inputs})
         return [outputs[n] for n in self.output_names]

@@ -183,6 +183,18 @@ def test_bad_targets_and_settings_are_named():
         kiln.train.Trainer(zoo.build("mlp"), loss="hinge", target="eager")
 
 
+@pytest.mark.parametrize("name", ["lenet5", "lstm_classifier", "transformer_classifier"])
+def test_training_steps_build_for_cuda_on_any_machine(name):
+    """The step a GPU trains with (gradients, Adam's update) is scheduled and generated for CUDA
+    without a GPU; running it there is test_lenet5_learns_handwritten_digits's tvm-cuda case."""
+    entry = zoo.ZOO[name]
+    x = np.zeros((4, *entry.small_shape[1:]), np.float32)
+    trainer = kiln.train.Trainer(zoo.build(name, **entry.small_kwargs), loss="ce", optimizer=Adam(lr=3e-3), target="tvm-cuda", arch="sm_90")
+    step, module = trainer._step_module(x)
+    assert module.target == "tvm-cuda" and module.executable.library[:4] == b"\x7fELF"
+    assert set(step.next_names.values()) <= {v.name for v in module.graph.outputs}, name  # every update is returned
+
+
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_every_zoo_model_trains(name):
     """Six Adam steps on one batch (eager): every zoo model's loss falls, segmentation nets'
