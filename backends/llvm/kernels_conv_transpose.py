@@ -35,6 +35,8 @@ def _conv_t_scratch(node) -> int:
     x, w = node.inputs[0].type, node.inputs[1].type
     if node.attrs["layout"] == "NHWC":  # columns (P_in, K * M)
         return math.prod(x.shape[1:-1]) * math.prod(w.shape[1:]) * x.dtype.itemsize
+    if _batched(node):  # a chunk's input (C, images * P_in) and its columns (M * K, images * P_in)
+        return (x.shape[1] + math.prod(w.shape[1:])) * _chunk_images(node) * math.prod(x.shape[2:]) * x.dtype.itemsize
     if _columns_per_channel(node):  # one channel's columns per thread
         return num_threads() * math.prod(w.shape[2:]) * math.prod(x.shape[2:]) * x.dtype.itemsize
     per_group_out = w.shape[1] * math.prod(w.shape[2:])
@@ -58,6 +60,60 @@ def _columns_per_channel(node) -> bool:
     return w.shape[1] * taps * inner * x.dtype.itemsize > CHANNEL_COLUMNS and taps >= 16 and per_group_in * inner * x.dtype.itemsize <= SHARED_INPUT
 
 
+def _batched(node) -> bool:
+    """A 2-D NCHW ConvTranspose with few input positions per image (a ResNet's input gradient
+    in its last stage on small images, 2x2): one column GEMM per image would run nearly empty
+    and read all of W per image (9.4 MB for 512 channels by 3x3), so the images of a chunk go
+    side by side into one GEMM, as the batched conv does (``kernels_conv_batched``)."""
+    from kiln.backends.llvm.kernels_conv_batched import BATCHED_POSITIONS
+
+    x = node.inputs[0].type
+    return node.attrs["group"] == 1 and x.rank == 4 and x.shape[0] > 1 and math.prod(x.shape[2:]) < BATCHED_POSITIONS and not _columns_per_channel(node)
+
+
+def _chunk_images(node) -> int:
+    from kiln.backends.llvm.kernels_conv_batched import CHUNK_COLUMNS
+
+    x = node.inputs[0].type
+    return max(1, min(x.shape[0], CHUNK_COLUMNS // math.prod(x.shape[2:])))
+
+
+def _batched_conv_transpose(ctx: KernelContext) -> None:
+    """Per chunk of images: their inputs side by side (C, images * P_in), one column GEMM by
+    W^T, then each image's output planes from its columns (``_sum_taps_by_rows``)."""
+    node = ctx.node
+    x, w, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
+    bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+    strides, dilations, pads = _spatial_attrs(node.attrs, 2)
+    n, c, in_sp = x.shape[0], x.shape[1], x.shape[2:]
+    m, kernel_shape, out_sp = w.shape[1], w.shape[2:], y.shape[2:]
+    rows, inner = m * math.prod(kernel_shape), math.prod(in_sp)
+    per_chunk = _chunk_images(node)
+    pitch = per_chunk * inner
+    b = ctx.b
+    ty = _t(y)
+    inputs = ctx.scratch
+    columns = b.gep(ctx.scratch, [const_i64(c * pitch)], source_etype=ty)
+    wt = View(w.ptr, w.dtype, (rows, c), (1, rows))
+    bias_ptr = b.gep(bias.ptr, [const_i64(bias.offset)], source_etype=_t(bias)) if bias is not None else None
+
+    def chunk(img0: ir.Value, count: int) -> None:
+        with loop_nest(b, (count, c, inner), name="bx") as (j, ch, q):  # x[img0 + j, ch, q]
+            value = b.load(b.gep(x.ptr, [b.add(b.mul(b.add(b.mul(b.add(img0, j), const_i64(c)), ch), const_i64(inner)), q)], source_etype=_t(x)), typ=_t(x))
+            b.store(value, b.gep(inputs, [b.add(b.add(b.mul(ch, const_i64(pitch)), b.mul(j, const_i64(inner))), q)], source_etype=ty))
+        emit_gemm(ctx, wt, View(inputs, x.dtype, (c, count * inner), (pitch, 1)), View(columns, y.dtype, (rows, count * inner), (pitch, 1)))
+        with for_range(b, count, name="bimg") as j:
+            image_columns = b.gep(columns, [b.mul(j, const_i64(inner))], source_etype=ty)
+            y_image = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(b.add(img0, j), const_i64(m * math.prod(out_sp))))], source_etype=ty)
+            _sum_taps_by_rows(ctx, image_columns, y_image, bias_ptr, y.dtype, m, kernel_shape, in_sp, out_sp, strides, dilations, pads, pitch=pitch)
+
+    if n // per_chunk:
+        with for_range(b, n // per_chunk, name="chunk") as index:
+            chunk(b.mul(index, const_i64(per_chunk)), per_chunk)
+    if n % per_chunk:
+        chunk(const_i64(n - n % per_chunk), n % per_chunk)
+
+
 @kernel("ConvTranspose", scratch=_conv_t_scratch)
 def conv_transpose(ctx: KernelContext) -> None:
     """Columns = W_g^T @ x_g per image and group, then the output from them (the module docstring)."""
@@ -65,6 +121,9 @@ def conv_transpose(ctx: KernelContext) -> None:
     node = ctx.node
     if node.attrs["layout"] == "NHWC":
         _nhwc_conv_transpose(ctx)
+        return
+    if _batched(node):
+        _batched_conv_transpose(ctx)
         return
     x, w, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
@@ -111,7 +170,7 @@ def conv_transpose(ctx: KernelContext) -> None:
         emit_pointwise(b, ctx.module, y, [y, channel_bias], lambda E, xs: E.add(xs[0], xs[1]))
 
 
-def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.Value | None, dtype: DType, channels: int, kernel_shape, in_sp, out_sp, strides, dilations, pads, product: tuple[View, View] | None = None) -> None:
+def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.Value | None, dtype: DType, channels: int, kernel_shape, in_sp, out_sp, strides, dilations, pads, product: tuple[View, View] | None = None, pitch: int | None = None) -> None:
     """A 2-D ConvTranspose's output planes from the columns (channel, tap row, tap column) x
     input positions, output row by output row: the row starts from the bias, then every tap
     row that lands on it adds each tap column's column-matrix row at stride ``sx`` (the range
@@ -121,8 +180,11 @@ def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.
     separate passes, the scatter on one thread).
 
     ``product`` (W^T, x): the columns are not made yet; each channel's are, into its thread's
-    part of ``cols``, just before they are summed (``_columns_per_channel``)."""
+    part of ``cols``, just before they are summed (``_columns_per_channel``). ``pitch``: the
+    elements from one column-matrix row to the next (the batched columns' images side by side),
+    else ``ih * iw``."""
     (kh, kw), (ih, iw), (oh, ow) = kernel_shape, in_sp, out_sp
+    pitch = pitch or ih * iw
     sx = strides[1]
     ty = llvm_type(dtype)
     taps = kh * kw
@@ -133,7 +195,7 @@ def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.
         y_p = ptrs[1]
         with for_range(b, hi, start=lo, name="tch") as ch:
             if product is None:  # this channel's rows of the whole column matrix
-                cols_p = b.gep(ptrs[0], [b.mul(ch, const_i64(taps * ih * iw))], source_etype=ty)
+                cols_p = b.gep(ptrs[0], [b.mul(ch, const_i64(taps * pitch))], source_etype=ty)
             else:  # made now: W^T's rows for this channel times x, into this thread's scratch
                 wt, xg = product
                 cols_p = b.gep(ptrs[0], [const_i64(block * taps * ih * iw)], source_etype=ty)
@@ -147,7 +209,7 @@ def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.
 
                 def add_taps(iy, ky, kx, ix0, ix1, shift):
                     tap = b.add(b.mul(ky, const_i64(kw)), kx)
-                    source = b.gep(cols_p, [b.add(b.mul(tap, const_i64(ih * iw)), b.mul(iy, const_i64(iw)))], source_etype=ty)
+                    source = b.gep(cols_p, [b.add(b.mul(tap, const_i64(pitch)), b.mul(iy, const_i64(iw)))], source_etype=ty)
                     with for_range(b, ix1, start=ix0, name="tix") as ix:
                         target = b.gep(row, [b.add(b.mul(ix, const_i64(sx)), shift)], source_etype=ty)
                         added = E.add(E.typed(b.load(target, typ=ty), dtype), E.typed(b.load(b.gep(source, [ix], source_etype=ty), typ=ty), dtype))

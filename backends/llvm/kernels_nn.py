@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import numpy as np
 
-from kiln.backends.llvm import kernels_depthwise
+from kiln.backends.llvm import kernels_conv_batched, kernels_depthwise
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
 from kiln.backends.llvm.emit import I32, I64, PTR, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
@@ -367,13 +367,13 @@ def _image_threads(node) -> int:
 def _conv_scratch(node) -> int:
     if node.attrs["layout"] == "NHWC":
         return _nhwc_conv_scratch(node)
+    if kernels_depthwise.applies(node) or _dot_shaped(node) or _row_shaped(node):  # reads in place
+        return 0
+    if kernels_conv_batched.applies(node):
+        return kernels_conv_batched.scratch_bytes(node)
     if _direct(node):
         return 0
-    if kernels_depthwise.applies(node):  # reads its planes in place
-        return 0
     x, w, nd, *_, out = _conv_geometry(node)
-    if _dot_shaped(node) or _row_shaped(node):  # reads its windows in place
-        return 0
     return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize * _image_threads(node)
 
 
@@ -414,6 +414,9 @@ def conv(ctx: KernelContext) -> None:
         return
     if kernels_depthwise.applies(node):  # one plane per channel: its rows in vectors
         kernels_depthwise.emit(ctx)
+        return
+    if kernels_conv_batched.applies(node):  # few positions per image: images share a GEMM
+        kernels_conv_batched.emit(ctx)
         return
 
     def images(emitting, ptrs, lo, hi, block):

@@ -1,6 +1,6 @@
 """llvm kernels against eager on the cases the conformance suite leaves out: top-k with NaN,
 ties and unsigned keys; scatters with repeated and negative indices; MaxPool's indices in
-both layouts and integer types; integer reductions."""
+both layouts and integer types; integer reductions; convs with few positions per image."""
 
 from __future__ import annotations
 
@@ -207,6 +207,60 @@ def test_convs_with_few_outputs_and_long_sums_run_as_dot_products(text, threads)
     with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
         got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a ResNet's last stage at 64 pixels: 2x2 positions per image, 9.4 MB of weights
+        "graph g(%x: f32[8,512,2,2], %w: f32[512,512,3,3]) {\n %y: f32[8,512,2,2] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
+        # its weight gradient: 64 channel "images" of 3x3 "positions" (chunks of 14, a tail of 8)
+        "graph g(%x: f32[64,8,16,16], %w: f32[64,8,16,16]) {\n %y: f32[64,64,3,3] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
+        # strides and a bias; a 1x1 conv; 1-D with dilation; 3-D
+        "graph g(%x: f32[9,16,7,7], %w: f32[24,16,3,3], %b: f32[24]) {\n %y: f32[9,24,4,4] = Conv(%x, %w, %b) {strides=[2, 2], pads=[1, 1, 1, 1]}\n return %y\n}",
+        "graph g(%x: f32[100,16,2,2], %w: f32[8,16,1,1], %b: f32[8]) {\n %y: f32[100,8,2,2] = Conv(%x, %w, %b) {}\n return %y\n}",
+        "graph g(%x: f32[5,3,6], %w: f32[7,3,3]) {\n %y: f32[5,7,4] = Conv(%x, %w) {pads=[1, 1], dilations=[2]}\n return %y\n}",
+        "graph g(%x: f32[3,4,3,4,5], %w: f32[6,4,2,2,2]) {\n %y: f32[3,6,2,4,5] = Conv(%x, %w) {pads=[0, 0, 0, 0, 1, 1]}\n return %y\n}",
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_convs_with_few_positions_per_image_share_one_gemm(text, threads):
+    from kiln import config
+    from kiln.backends.llvm import kernels_conv_batched
+
+    graph = parse_graph(text)
+    assert kernels_conv_batched.applies(graph.nodes[0])
+    rng = np.random.default_rng(5)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)["y"]
+    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a ResNet's last-stage input gradients at 64 pixels, stride 1 and 2 (output padding)
+        "graph g(%x: f32[8,512,2,2], %w: f32[512,512,3,3]) {\n %y: f32[8,512,2,2] = ConvTranspose(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
+        "graph g(%x: f32[8,512,2,2], %w: f32[512,256,3,3], %b: f32[256]) {\n %y: f32[8,256,4,4] = ConvTranspose(%x, %w, %b) {strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]}\n return %y\n}",
+        # uneven strides, pads and taps; a chunk and a tail of images
+        "graph g(%x: f32[37,6,3,5], %w: f32[6,4,3,2], %b: f32[4]) {\n %y: f32[37,4,7,5] = ConvTranspose(%x, %w, %b) {strides=[2, 1], pads=[0, 1, 1, 0], output_padding=[1, 0]}\n return %y\n}",
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_transposes_with_few_input_positions_share_one_gemm(text, threads):
+    from kiln import config
+    from kiln.backends.llvm.kernels_conv_transpose import _batched
+
+    graph = parse_graph(text)
+    assert _batched(graph.nodes[0])
+    rng = np.random.default_rng(6)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)["y"]
+    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_float16_sums_round_once_as_numpy_does():
