@@ -263,6 +263,23 @@ def test_conv_transposes_with_few_input_positions_share_one_gemm(text, threads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("images", [3, 4, 8])
+def test_nchw_convs_split_their_images_over_threads_when_they_share_out_evenly(images):
+    """8 or 4 images over 2 threads: each thread makes its own columns and runs its own GEMMs;
+    3 would leave one thread idle a third of the time, so each image's GEMM splits instead."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import _image_threads
+
+    graph = parse_graph(f"graph g(%x: f32[{images},16,20,20], %w: f32[24,16,3,3]) {{\n %y: f32[{images},24,20,20] = Conv(%x, %w) {{pads=[1, 1, 1, 1]}}\n return %y\n}}")
+    rng = np.random.default_rng(images)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)["y"]
+    with config.override(num_threads=2, cache_dir="off", check_bounds=True):
+        assert _image_threads(graph.nodes[0]) == (1 if images == 3 else 2)
+        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_float16_sums_round_once_as_numpy_does():
     """numpy sums float16 in float32 and rounds once (matmul's dot products, a row's sum);
     a float16 accumulator would be off by tens of ulps over 600 terms."""
