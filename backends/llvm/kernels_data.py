@@ -57,11 +57,14 @@ def _output_rows(pitch: int) -> int:
 
 @kernel("Transpose")
 def transpose(ctx: KernelContext) -> None:
-    """A copy from the permuted view. When the output's contiguous axis is not the source's,
-    the two axes are walked in TILE x TILE tiles, so both sides read and write whole cache
-    lines (a plain loop would miss the cache on every element of one side). Large transposes
-    split the source-contiguous axis's tiles over the worker pool."""
-    out, src = ctx.outputs[0], ctx.inputs[0].permuted(ctx.node.attrs["perm"])
+    emit_transpose(ctx, ctx.outputs[0], ctx.inputs[0].permuted(ctx.node.attrs["perm"]))
+
+
+def emit_transpose(ctx, out: View, src: View) -> None:
+    """``out`` = ``src`` (a permuted view). When the output's contiguous axis is not the
+    source's, the two axes are walked in TILE x TILE tiles, so both sides read and write whole
+    cache lines (a plain loop would miss the cache on every element of one side). Large
+    transposes split the source-contiguous axis's tiles over the worker pool."""
     shape, (o, x) = coalesce(out.shape, [out, src])
     inner = [a for a in range(len(shape) - 1) if x.strides[a] == 1]
     if len(shape) < 2 or x.strides[-1] == 1 or not inner or shape[inner[0]] < TILE or shape[-1] < TILE:

@@ -221,6 +221,9 @@ def test_convs_with_few_outputs_and_long_sums_run_as_dot_products(text, threads)
         "graph g(%x: f32[100,16,2,2], %w: f32[8,16,1,1], %b: f32[8]) {\n %y: f32[100,8,2,2] = Conv(%x, %w, %b) {}\n return %y\n}",
         "graph g(%x: f32[5,3,6], %w: f32[7,3,3]) {\n %y: f32[5,7,4] = Conv(%x, %w) {pads=[1, 1], dilations=[2]}\n return %y\n}",
         "graph g(%x: f32[3,4,3,4,5], %w: f32[6,4,2,2,2]) {\n %y: f32[3,6,2,4,5] = Conv(%x, %w) {pads=[0, 0, 0, 0, 1, 1]}\n return %y\n}",
+        # windows wider than the output rows, copied a row per position: 10 taps (a masked
+        # vector) over pads, a row stride and a dilated leading axis
+        "graph g(%x: f32[20,3,11,13], %w: f32[5,3,4,10], %b: f32[5]) {\n %y: f32[20,5,4,8] = Conv(%x, %w, %b) {strides=[2, 1], pads=[1, 2, 1, 2], dilations=[2, 1]}\n return %y\n}",
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
