@@ -1,12 +1,12 @@
 """One compiled training step (forward, cross-entropy, gradients, Adam) against PyTorch eager on
 the CPU, side by side in one run; writes a markdown table.
 
-    python benchmarks/train_bench.py [--target llvm] [--repeat 30] [--out benchmarks/train-report.md]
+    python benchmarks/train_bench.py [MODEL ...] [--target llvm] [--repeat 30] [--out benchmarks/train-report.md]
 
 Models: MLP 784-512-256-10 at batch 64, LeNet-5 at batch 64, the 2-layer LSTM classifier
 (hidden 256, 32 steps of 64 features) at batch 16, the transformer encoder classifier (2 blocks
 of width 256, 4 heads, 64 steps) at batch 4 (torch's twin: nn.MultiheadAttention, whose packed
-in-projection does the same products). kiln's step is the Trainer's (arrays in,
+in-projection does the same products), ResNet-18 (10 classes) on 64x64 images at batch 8. kiln's step is the Trainer's (arrays in,
 arrays out, the next parameters copied back); torch's is zero_grad, forward, loss, backward,
 optimizer step. Medians after warm-up; torch uses as many threads as kiln (KILN_NUM_THREADS).
 """
@@ -31,6 +31,7 @@ MODELS = {
     "lenet5/b64": ("lenet5", {}, (64, 1, 32, 32), 10),
     "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64), 10),
     "transformer-2x256/b4": ("transformer_classifier", {}, (4, 64, 64), 10),
+    "resnet18-64px/b8": ("resnet18", {"num_classes": 10}, (8, 3, 64, 64), 10),
 }
 
 
@@ -51,6 +52,8 @@ def _torch_model(name: str, kwargs: dict):
 
     if name == "transformer_classifier":
         return _torch_transformer(tnn)
+    if name == "resnet18":
+        return _torch_resnet18(tnn, kwargs["num_classes"])
 
     class LSTMClassifier(tnn.Module):
         def __init__(self):
@@ -91,6 +94,30 @@ def _torch_transformer(tnn):
     return TransformerClassifier()
 
 
+def _torch_resnet18(tnn, num_classes: int):
+    """kiln's zoo resnet18 (torchvision's: 7x7 stem, max pool, BasicBlocks, a 1x1 downsample)."""
+
+    def conv_bn(cin, cout, k, stride=1):
+        return [tnn.Conv2d(cin, cout, k, stride, k // 2, bias=False), tnn.BatchNorm2d(cout)]
+
+    class Block(tnn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = tnn.Sequential(*conv_bn(cin, cout, 3, stride), tnn.ReLU(), *conv_bn(cout, cout, 3))
+            self.skip = tnn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else tnn.Identity()
+
+        def forward(self, x):
+            return (self.body(x) + self.skip(x)).relu()
+
+    layers = [*conv_bn(3, 64, 7, 2), tnn.ReLU(), tnn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for i in range(4):
+        cout = 64 * 2**i
+        layers += [Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)]
+        cin = cout
+    return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, num_classes))
+
+
 def _median_ms(fn, warmup: int, repeat: int) -> float:
     for _ in range(warmup):
         fn()
@@ -104,11 +131,15 @@ def _median_ms(fn, warmup: int, repeat: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", metavar="MODEL", help=f"rows to run (default all): {', '.join(MODELS)}")
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/train-report.md"))
     args = ap.parse_args()
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; the rows are {', '.join(MODELS)}")
     try:
         import torch
     except ImportError:
@@ -124,7 +155,8 @@ def main() -> int:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     rng = np.random.default_rng(0)
-    for label, (name, kwargs, shape, classes) in MODELS.items():
+    for label in args.models or MODELS:
+        name, kwargs, shape, classes = MODELS[label]
         x = rng.standard_normal(shape).astype(np.float32)
         y = rng.integers(0, classes, shape[0])
         trainer = kiln.train.Trainer(zoo.build(name, **kwargs), loss="ce", optimizer=Adam(lr=1e-4), target=args.target)
