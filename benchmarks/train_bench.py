@@ -6,7 +6,8 @@ the CPU, side by side in one run; writes a markdown table.
 Models: MLP 784-512-256-10 at batch 64, LeNet-5 at batch 64, the 2-layer LSTM classifier
 (hidden 256, 32 steps of 64 features) at batch 16, the transformer encoder classifier (2 blocks
 of width 256, 4 heads, 64 steps) at batch 4 (torch's twin: nn.MultiheadAttention, whose packed
-in-projection does the same products), ResNet-18 (10 classes) on 64x64 images at batch 8. kiln's step is the Trainer's (arrays in,
+in-projection does the same products), ResNet-18 (10 classes) on 64x64 images at batch 8, and
+the U-Net (width 16, 3 classes, a class per pixel) on 64x64 images at batch 4. kiln's step is the Trainer's (arrays in,
 arrays out, the next parameters copied back); torch's is zero_grad, forward, loss, backward,
 optimizer step. Medians after warm-up; torch uses as many threads as kiln (KILN_NUM_THREADS).
 """
@@ -32,7 +33,9 @@ MODELS = {
     "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64), 10),
     "transformer-2x256/b4": ("transformer_classifier", {}, (4, 64, 64), 10),
     "resnet18-64px/b8": ("resnet18", {"num_classes": 10}, (8, 3, 64, 64), 10),
+    "unet-w16-64px/b4": ("unet", {"width": 16, "num_classes": 3}, (4, 3, 64, 64), 3),
 }
+PER_PIXEL = {"unet"}  # segmentation: a class index per pixel
 
 
 def _torch_model(name: str, kwargs: dict):
@@ -54,6 +57,8 @@ def _torch_model(name: str, kwargs: dict):
         return _torch_transformer(tnn)
     if name == "resnet18":
         return _torch_resnet18(tnn, kwargs["num_classes"])
+    if name == "unet":
+        return _torch_unet(tnn, kwargs["width"], kwargs["num_classes"])
 
     class LSTMClassifier(tnn.Module):
         def __init__(self):
@@ -118,6 +123,39 @@ def _torch_resnet18(tnn, num_classes: int):
     return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, num_classes))
 
 
+def _torch_unet(tnn, width: int, num_classes: int, depth: int = 4):
+    """kiln's zoo unet: conv-BN-ReLU pairs, max pools down, 2x2 transposed convs up, skips
+    concatenated."""
+    import torch
+
+    def pair(cin, cout):
+        return tnn.Sequential(*[m for a, b in ((cin, cout), (cout, cout)) for m in (tnn.Conv2d(a, b, 3, 1, 1, bias=False), tnn.BatchNorm2d(b), tnn.ReLU())])
+
+    class UNet(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            widths = [width * 2**i for i in range(depth)]
+            self.down = tnn.ModuleList(pair(a, b) for a, b in zip([3, *widths], widths))
+            self.bottom = pair(widths[-1], width * 2**depth)
+            ups = [width * 2**depth, *reversed(widths)]
+            self.up = tnn.ModuleList(tnn.ConvTranspose2d(a, b, 2, 2) for a, b in zip(ups, ups[1:]))
+            self.merge = tnn.ModuleList(pair(2 * c, c) for c in ups[1:])
+            self.head = tnn.Conv2d(width, num_classes, 1)
+
+        def forward(self, x):
+            skips = []
+            for block in self.down:
+                x = block(x)
+                skips.append(x)
+                x = torch.nn.functional.max_pool2d(x, 2)
+            x = self.bottom(x)
+            for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+                x = merge(torch.cat([skip, up(x)], 1))
+            return self.head(x)
+
+    return UNet()
+
+
 def _median_ms(fn, warmup: int, repeat: int) -> float:
     for _ in range(warmup):
         fn()
@@ -158,7 +196,7 @@ def main() -> int:
     for label in args.models or MODELS:
         name, kwargs, shape, classes = MODELS[label]
         x = rng.standard_normal(shape).astype(np.float32)
-        y = rng.integers(0, classes, shape[0])
+        y = rng.integers(0, classes, (shape[0], *shape[2:]) if name in PER_PIXEL else shape[0])
         trainer = kiln.train.Trainer(zoo.build(name, **kwargs), loss="ce", optimizer=Adam(lr=1e-4), target=args.target)
         start = time.perf_counter()
         trainer.step(x, y)
