@@ -22,7 +22,8 @@ from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 
 BATCHED_POSITIONS = 64  # output positions per image below which images share a GEMM
-CHUNK_COLUMNS = 128  # the columns (images x positions) a shared GEMM aims for
+CHUNK_COLUMNS = 128  # the columns (images x positions) a shared GEMM aims for ...
+CHUNK_BYTES = 1 << 20  # ... in a column matrix no larger than this (a core's L2 holds it)
 WINDOW_RUN = 8  # kernel widths from which a position's window rows are copied whole
 
 
@@ -36,8 +37,9 @@ def applies(node) -> bool:
 def _chunk_images(node) -> int:
     from kiln.backends.llvm.kernels_nn import _conv_geometry
 
-    x, *_, out = _conv_geometry(node)
-    return max(1, min(x.shape[0], CHUNK_COLUMNS // math.prod(out)))
+    x, w, *_, out = _conv_geometry(node)
+    p, k = math.prod(out), math.prod(w.shape[1:])
+    return max(1, min(x.shape[0], CHUNK_COLUMNS // p, CHUNK_BYTES // (p * k * x.dtype.itemsize)))
 
 
 def _threads(node) -> int:

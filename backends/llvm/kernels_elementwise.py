@@ -103,8 +103,10 @@ def elementwise(ctx: KernelContext) -> None:
 
 
 def _fused_scratch(node) -> int:
+    from kiln.backends.llvm import kernels_reduce_fused
+
     body = node.attrs["body"]
-    if _is_pointwise(body):
+    if _is_pointwise(body) or kernels_reduce_fused.applies(body):
         return 0
     return program_bytes(body, plan_memory(body))
 
@@ -137,6 +139,11 @@ def fused(ctx: KernelContext) -> None:
     from kiln.backends.llvm.kernels_conv import fused_conv
 
     if fused_conv(ctx, body):  # a conv and its pointwise tail: the tail applied per block of output
+        return
+    from kiln.backends.llvm import kernels_reduce_fused
+
+    if kernels_reduce_fused.applies(body):  # elementwise ops summed as they are computed
+        kernels_reduce_fused.emit(ctx, body)
         return
     # a group around a heavy op or a reduction: its body runs as a sub-program whose
     # intermediates live in scratch; its inputs and outputs are the Fused node's own buffers

@@ -1203,6 +1203,11 @@ def reduce(ctx: KernelContext) -> None:
     kept = [a for a in range(rank) if a not in axes]
     _, combine, finish = REDUCTIONS[node.op.name]
     count = math.prod(x.shape[a] for a in axes)
+    from kiln.backends.llvm import kernels_reduce_fused
+
+    if kernels_reduce_fused.reduces_along_rows(node):  # vectorized rows, outputs over the pool
+        kernels_reduce_fused.emit_reduction(ctx)
+        return
     inner = math.prod(x.shape[max(axes) + 1 :]) if axes else 1
     if axes and axes == list(range(axes[0], axes[-1] + 1)) and inner > 1 and x.strides == tuple(contiguous_strides(x.shape)):
         _reduce_into_rows(ctx, x, y, math.prod(x.shape[: axes[0]]), count, inner)

@@ -283,6 +283,37 @@ def test_nchw_convs_split_their_images_over_threads_when_they_share_out_evenly(i
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_elementwise_groups_ending_in_a_sum_are_summed_as_computed(threads):
+    """BatchNorm's training statistics: (x - mean)^2 averaged per channel while x - mean is
+    written out for a later reader; a lone per-channel ReduceSum and a last-axis ReduceMean."""
+    from kiln import config
+    from kiln.backends.llvm import kernels_reduce_fused
+
+    graph = parse_graph(
+        """graph g(%x: f32[4,16,12,20], %m: f32[1,16,1,1], %d: f32[4,16,12,20]) {
+  %c: f32[4,16,12,20] = Sub(%x, %m)
+  %s: f32[4,16,12,20] = Mul(%c, %c)
+  %v: f32[1,16,1,1] = ReduceMean(%s) {axes=[0, 2, 3], keepdims=1}
+  %k: f32[4,16,12,20] = Mul(%c, %d)
+  %t: f32[16] = ReduceSum(%d) {axes=[0, 2, 3], keepdims=0}
+  %r: f32[4,16,12] = ReduceMean(%x) {axes=[3], keepdims=0}
+  return %v, %k, %t, %r
+}"""
+    )
+    rng = np.random.default_rng(3)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)
+    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+        module = kiln.compile(graph, target="llvm")
+        got = module.run(feeds)
+    fused = [n for n in module.graph.nodes if n.op.name == "Fused" and kernels_reduce_fused.applies(n.attrs["body"])]
+    assert fused and len(fused[0].outputs) == 2  # the mean and x - mean, or its product
+    assert sum(kernels_reduce_fused.reduces_along_rows(n) for n in module.graph.nodes) == 2
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_float16_sums_round_once_as_numpy_does():
     """numpy sums float16 in float32 and rounds once (matmul's dot products, a row's sum);
     a float16 accumulator would be off by tens of ulps over 600 terms."""
