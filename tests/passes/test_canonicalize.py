@@ -128,16 +128,19 @@ def test_noops_go_but_outputs_keep_their_names(rewrites):
           %c: f32[2,3] = Transpose(%b) {perm=[0, 1]}
           %d: f32[2,3] = Cast(%c) {to="f32"}
           %e: f32[2,3] = Dropout(%d) {ratio=0.5, training_mode=0, seed=0}
-          %y: f32[2,3] = Exp(%e)
+          %f: f32[2,3] = Slice(%e) {starts=[0, 0], ends=[2, 3], axes=[0, 1], steps=null}
+          %y: f32[2,3] = Exp(%f)
           %z: f32[2,3] = Identity(%y)
           %same_as_input: f32[2,3] = Identity(%x)
-          return %z, %same_as_input
+          %reversed: f32[2,3] = Slice(%x) {starts=[-1], ends=[-10], axes=[1], steps=[-1]}
+          return %z, %same_as_input, %reversed
         }""",
         """
         graph g(%x: f32[2,3]) {
           %z: f32[2,3] = Exp(%x)
           %same_as_input: f32[2,3] = Identity(%x)
-          return %z, %same_as_input
+          %reversed: f32[2,3] = Slice(%x) {starts=[-1], ends=[-10], axes=[1], steps=[-1]}
+          return %z, %same_as_input, %reversed
         }""",
     )
 
