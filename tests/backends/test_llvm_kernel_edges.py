@@ -184,6 +184,18 @@ def test_grid_sample_reads_inside_and_far_outside_the_image(mode, padding, align
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-5)
 
 
+def _nchw_llvm_matches_eager(graph, threads: int, seed: int, atol: float | None = None) -> None:
+    """The graph on llvm (NCHW, ``threads`` threads, bounds checked) against eager."""
+    from kiln import config
+
+    rng = np.random.default_rng(seed)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs}
+    want = kiln.compile(graph).run(feeds)["y"]
+    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol if atol is not None else 1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -196,17 +208,11 @@ def test_grid_sample_reads_inside_and_far_outside_the_image(mode, padding, align
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_convs_with_few_outputs_and_long_sums_run_as_dot_products(text, threads):
-    from kiln import config
     from kiln.backends.llvm.kernels_nn import _dot_shaped
 
     graph = parse_graph(text)
     assert _dot_shaped(graph.nodes[0])
-    rng = np.random.default_rng(13)
-    feeds = {v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs}
-    want = kiln.compile(graph).run(feeds)["y"]
-    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
-        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    _nchw_llvm_matches_eager(graph, threads, 13, atol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -224,26 +230,6 @@ def test_convs_with_few_outputs_and_long_sums_run_as_dot_products(text, threads)
         # windows wider than the output rows, copied a row per position: 10 taps (a masked
         # vector) over pads, a row stride and a dilated leading axis
         "graph g(%x: f32[20,3,11,13], %w: f32[5,3,4,10], %b: f32[5]) {\n %y: f32[20,5,4,8] = Conv(%x, %w, %b) {strides=[2, 1], pads=[1, 2, 1, 2], dilations=[2, 1]}\n return %y\n}",
-    ],
-)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_convs_with_few_positions_per_image_share_one_gemm(text, threads):
-    from kiln import config
-    from kiln.backends.llvm import kernels_conv_batched
-
-    graph = parse_graph(text)
-    assert kernels_conv_batched.applies(graph.nodes[0])
-    rng = np.random.default_rng(5)
-    feeds = {v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs}
-    want = kiln.compile(graph).run(feeds)["y"]
-    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
-        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
         # a ResNet's last-stage input gradients at 64 pixels, stride 1 and 2 (output padding)
         "graph g(%x: f32[8,512,2,2], %w: f32[512,512,3,3]) {\n %y: f32[8,512,2,2] = ConvTranspose(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
         "graph g(%x: f32[8,512,2,2], %w: f32[512,256,3,3], %b: f32[256]) {\n %y: f32[8,256,4,4] = ConvTranspose(%x, %w, %b) {strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]}\n return %y\n}",
@@ -252,18 +238,14 @@ def test_convs_with_few_positions_per_image_share_one_gemm(text, threads):
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
-def test_conv_transposes_with_few_input_positions_share_one_gemm(text, threads):
-    from kiln import config
-    from kiln.backends.llvm.kernels_conv_transpose import _batched
+def test_convs_with_few_positions_per_image_share_one_gemm(text, threads):
+    """Conv and ConvTranspose (its input positions) put a chunk of images into one GEMM."""
+    from kiln.backends.llvm import kernels_conv_batched, kernels_conv_transpose
 
     graph = parse_graph(text)
-    assert _batched(graph.nodes[0])
-    rng = np.random.default_rng(6)
-    feeds = {v.name: rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy) for v in graph.inputs}
-    want = kiln.compile(graph).run(feeds)["y"]
-    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
-        got = kiln.compile(graph, target="llvm", layout="nchw").run(feeds)["y"]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    batched = kernels_conv_batched.applies if graph.nodes[0].op.name == "Conv" else kernels_conv_transpose._batched
+    assert batched(graph.nodes[0])
+    _nchw_llvm_matches_eager(graph, threads, 5)
 
 
 @pytest.mark.parametrize("images", [3, 4, 8])
