@@ -19,11 +19,11 @@ import llvmlite.binding as llvm
 import numpy as np
 
 from kiln import config
-from kiln.backends.llvm import pool
+from kiln.backends.llvm import pool, split
 from kiln.backends.cache import cache_key, load_entry, store_entry
 from kiln.backends.llvm.codegen import BOUNDS_ERROR, ENTRY, PROFILE, PanelSpec, decomposes, donated_outputs, generate, pack_panels, written_outputs
 from kiln.backends.llvm.kernels_integer import available as integer_products_run_here
-from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, optimize, target_machine
+from kiln.backends.llvm.target import CPU, check_runs_here, host_cpu, target_machine
 from kiln.errors import ArtifactError, KilnError
 from kiln.ir.graph import Graph
 from kiln.passes.decompose import Decompose
@@ -40,22 +40,20 @@ def compile_object(graph: Graph, cpu: CPU) -> tuple[bytes, dict]:
     machine = target_machine(cpu)
     module.triple = cpu.triple
     module.data_layout = str(machine.target_data)
-    try:
-        parsed = llvm.parse_assembly(str(module))
-        parsed.verify()
-    except RuntimeError as err:
-        raise KilnError(f"internal error: generated LLVM IR does not verify: {err}") from None
-    optimize(parsed, machine)
-    _check_symbols(parsed)
+    defined = {f.name for f in module.functions if not f.is_declaration}  # in one part or another
+    cpu_fields = {"triple": cpu.triple, "name": cpu.name, "features": cpu.features}
+    objects, declared = split.compile_parts(split.parts(module, ENTRY, config.num_threads()), cpu_fields)
+    _check_symbols(declared - defined)
     layout = {
         "arena_bytes": arena_bytes,
         "checked_nodes": [f"{n.name or n.op.name!r} ({n.op.name})" for n in graph.nodes] if config.flags().check_bounds else None,
         "profiled_nodes": [[n.name or n.op.name, _op_label(n)] for n in graph.nodes] if config.flags().profile else None,
         "outputs": [_output_location(graph, plan, v, donated, written) for v in graph.outputs],
         "panels": [{"param": list(graph.params).index(v), **spec.to_json()} for v, spec in panels],
-        "cpu": {"triple": cpu.triple, "name": cpu.name, "features": cpu.features},
+        "cpu": cpu_fields,
+        "object_sizes": [len(obj) for obj in objects],  # the parts (``split``), one after another
     }
-    return machine.emit_object(parsed), layout
+    return b"".join(objects), layout
 
 
 def _op_label(node) -> str:
@@ -75,15 +73,11 @@ class NodeTime:
     share: float  # of the time spent in kernels
 
 
-def _check_symbols(module: llvm.ModuleRef) -> None:
-    """Every function the code calls must exist in this process (libm, the worker pool), or
-    running would crash."""
+def _check_symbols(declared: set[str]) -> None:
+    """Every function the code calls (``declared`` after -O3, not defined in a part) must exist
+    in this process (libm, the worker pool), or running would crash."""
     pool.install()
-    missing = [
-        f.name
-        for f in module.functions
-        if f.is_declaration and not f.name.startswith("llvm.") and not llvm.address_of_symbol(f.name)
-    ]
+    missing = [name for name in declared if not name.startswith("llvm.") and not llvm.address_of_symbol(name)]
     if missing:
         raise KilnError(f"the generated code calls functions this process does not have: {', '.join(sorted(missing))}")
 
@@ -133,7 +127,10 @@ class LLVMExecutable:
         machine = target_machine(cpu)
         pool.install()  # the worker pool kernels call by name
         self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
-        self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        bounds = np.cumsum([0, *(layout.get("object_sizes") or [len(obj)])])
+        self._objects = [obj[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]  # kept while the engine lives
+        for part in self._objects:
+            self._engine.add_object_file(llvm.ObjectFileRef.from_data(part))
         self._engine.finalize_object()
         address = self._engine.get_function_address(ENTRY)
         if not address:

@@ -65,7 +65,8 @@ def target_machine(cpu: CPU) -> llvm.TargetMachine:
     # LLVM's tuning for AVX-512 CPUs vectorizes loops 256 bits wide; the full width measured
     # faster here: a 96x128x128 Softmax 0.97 -> 0.66 ms, the LSTM's gate kernels ~4%
     features = cpu.features + (",-prefer-256-bit" if "avx512f" in cpu.feature_set else "")
-    return target.create_target_machine(cpu=cpu.name, features=features, opt=3, codemodel="jitdefault", reloc="pic")
+    # static relocations: MCJIT links a build's parts (``split``) by absolute addresses
+    return target.create_target_machine(cpu=cpu.name, features=features, opt=3, codemodel="jitdefault", reloc="static")
 
 
 def optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine) -> None:

@@ -59,6 +59,30 @@ def test_artifacts_carry_object_code_and_load_without_compiling(tmp_path, monkey
     np.testing.assert_array_equal(loaded.run({"x": x})["p"], module.run({"x": x})["p"])
 
 
+@pytest.mark.parametrize("build_kind", ["plain", "profile", "check_bounds"])
+def test_large_modules_compile_in_parts_that_link_into_one_program(tmp_path, monkeypatch, build_kind):
+    """Above SPLIT_CHARS of IR, kernels are compiled in a child process while this one compiles
+    kiln_main and the rest; the objects link in one engine, save and load as one artifact, and
+    profiled and bounds-checked builds keep their counters and guards."""
+    import kiln.backends.llvm.split as split
+    from kiln import config
+    from kiln.models.zoo import build as build_zoo
+
+    monkeypatch.setattr(split, "SPLIT_CHARS", 0)
+    model = build_zoo("resnet18", width=8, layers=(1, 1, 1, 1), num_classes=5)
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    graph = kiln.trace(model, [x], input_names=["input"])
+    with config.override(cache_dir="off", num_threads=2, profile=build_kind == "profile", check_bounds=build_kind == "check_bounds"):
+        module = kiln.compile(graph, target="llvm")
+        got = module.run({"input": x})["output"]
+    assert len(module.executable.layout["object_sizes"]) == 2
+    np.testing.assert_allclose(got, model(kiln.Tensor(x)).numpy(), rtol=1e-4, atol=1e-5)
+    if build_kind == "profile":
+        assert sum(t.ms for t in module.executable.profile()) > 0
+    module.save(tmp_path / "r.kiln")
+    np.testing.assert_array_equal(kiln.load(tmp_path / "r.kiln").run({"input": x})["output"], got)
+
+
 def test_code_for_missing_cpu_features_is_refused():
     here = host_cpu()
     alien = CPU(here.triple, "future-cpu", here.features + ",+avx1024")
