@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import llvmlite.ir as ir
 
+from kiln.backends.llvm import kernels_reduce_fused
 from kiln.backends.llvm.codegen import KernelContext, kernel, panel_spec, program_bytes
 from kiln.backends.llvm.emit import LLVMScalarOps, Panels, View, loop_nest
 from kiln.backends.llvm.fastmath import INLINE_F32, INLINE_F32_COST, LIBM_CALL_COST
@@ -103,8 +104,6 @@ def elementwise(ctx: KernelContext) -> None:
 
 
 def _fused_scratch(node) -> int:
-    from kiln.backends.llvm import kernels_reduce_fused
-
     body = node.attrs["body"]
     if _is_pointwise(body) or kernels_reduce_fused.applies(body):
         return 0
@@ -140,8 +139,6 @@ def fused(ctx: KernelContext) -> None:
 
     if fused_conv(ctx, body):  # a conv and its pointwise tail: the tail applied per block of output
         return
-    from kiln.backends.llvm import kernels_reduce_fused
-
     if kernels_reduce_fused.applies(body):  # elementwise ops summed as they are computed
         kernels_reduce_fused.emit(ctx, body)
         return

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import numpy as np
 
-from kiln.backends.llvm import kernels_conv_batched, kernels_depthwise
+from kiln.backends.llvm import kernels_conv_batched, kernels_depthwise, kernels_reduce_fused
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
 from kiln.backends.llvm.emit import I32, I64, PTR, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
@@ -1192,6 +1192,9 @@ def reduce(ctx: KernelContext) -> None:
     node = ctx.node
     if node.op.name in FLOAT_ONLY:
         _require_float(ctx)
+    if kernels_reduce_fused.reduces_along_rows(node):  # vectorized rows, outputs over the pool
+        kernels_reduce_fused.emit_reduction(ctx)
+        return
     x, y = ctx.inputs[0], ctx.outputs[0]
     if x.dtype is DType.bool:  # bytes of 0/1: max is any, min is all
         x, y = (View(v.ptr, DType.uint8, v.shape, v.strides, v.offset) for v in (x, y))
@@ -1203,11 +1206,6 @@ def reduce(ctx: KernelContext) -> None:
     kept = [a for a in range(rank) if a not in axes]
     _, combine, finish = REDUCTIONS[node.op.name]
     count = math.prod(x.shape[a] for a in axes)
-    from kiln.backends.llvm import kernels_reduce_fused
-
-    if kernels_reduce_fused.reduces_along_rows(node):  # vectorized rows, outputs over the pool
-        kernels_reduce_fused.emit_reduction(ctx)
-        return
     inner = math.prod(x.shape[max(axes) + 1 :]) if axes else 1
     if axes and axes == list(range(axes[0], axes[-1] + 1)) and inner > 1 and x.strides == tuple(contiguous_strides(x.shape)):
         _reduce_into_rows(ctx, x, y, math.prod(x.shape[: axes[0]]), count, inner)

@@ -72,7 +72,7 @@ def _emit(ctx: KernelContext, values, elementwise, reduction, results) -> None:
     """``reduction`` of ``elementwise``'s last value, the group's inputs ``values`` and outputs
     ``results`` (the kernel's, in order)."""
     from kiln.backends.llvm.kernels_elementwise import compute_nodes
-    from kiln.backends.llvm.kernels_nn import _unflatten
+    from kiln.backends.llvm.kernels_nn import REDUCTIONS as FINISHES, _unflatten
 
     x = reduction.inputs[0].type
     shape, axes = x.shape, _axes(reduction)
@@ -105,9 +105,7 @@ def _emit(ctx: KernelContext, values, elementwise, reduction, results) -> None:
                 for v, view in written_views:
                     view.store(b, full, E.cast(env[id(v)], view.dtype))
                 b.store(E.add(E.typed(b.load(acc, typ=ty), dtype), E.typed(env[id(reduction.inputs[0])], dtype)), acc)
-            total = E.typed(b.load(acc, typ=ty), dtype)
-            if reduction.op.name == "ReduceMean":
-                total = E.div(total, E.constant(float(count), dtype))
+            total = FINISHES[reduction.op.name][2](E, E.typed(b.load(acc, typ=ty), dtype), count)  # the mean's division
             out.store(b, [flat], E.cast(total, y.dtype))
 
     threads = min(num_threads(), outputs) if outputs * count >= PARALLEL_ELEMENTS else 1
