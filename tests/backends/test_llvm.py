@@ -449,6 +449,35 @@ def test_max_pool_propagates_nan_wherever_it_sits_in_the_window(layout):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("op", ["Max", "Min", "Relu", "Clip"])
+def test_float_max_and_min_match_numpy_on_nan_and_signed_zero(op):
+    """NaN on either side wins, and a tie (-0 against +0) gives the second operand, as
+    numpy.maximum and numpy.minimum: bit for bit against eager, the sign of zero included.
+    The second operand is a tensor here and a broadcast scalar in Clip and Relu."""
+    specials = np.array([np.nan, -0.0, 0.0, 1.0, -1.0, np.inf, -np.inf, 0.5], np.float32)
+    x = np.repeat(specials, len(specials))  # every pair of specials, plus a long random run
+    y = np.tile(specials, len(specials))
+    rng = np.random.default_rng(3)
+    x = np.concatenate([x, rng.standard_normal(200).astype(np.float32)])
+    y = np.concatenate([y, rng.standard_normal(200).astype(np.float32)])
+    n = len(x)
+    body = {
+        "Max": f"%z: f32[{n}] = Max(%x, %y)",
+        "Min": f"%z: f32[{n}] = Min(%x, %y)",
+        "Relu": f"%z: f32[{n}] = Relu(%x)",
+        "Clip": f"%z: f32[{n}] = Clip(%x, %lo, %hi)",
+    }[op]
+    graph = parse_graph(f"""graph g(%x: f32[{n}], %y: f32[{n}], %lo: f32[], %hi: f32[]) {{
+  {body}
+  return %z
+}}""")
+    for lo, hi in [(0.0, 0.5), (-0.0, np.nan), (np.nan, 1.0)]:
+        feeds = {"x": x, "y": y, "lo": np.float32(lo), "hi": np.float32(hi)}
+        want = kiln.compile(graph).run(feeds)["z"]
+        got = kiln.compile(graph, target="llvm").run(feeds)["z"]
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_gemm_with_long_k_and_leftover_columns_matches_eager(dtype):
     """K longer than one block (KC) and columns past the two-vector tiles: masked tiles for
