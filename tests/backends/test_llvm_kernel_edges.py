@@ -248,6 +248,26 @@ def test_convs_with_few_positions_per_image_share_one_gemm(text, threads):
     _nchw_llvm_matches_eager(graph, threads, 5)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a U-Net's decoder conv at 64 pixels: an output row a band
+        "graph g(%x: f32[4,32,64,64], %w: f32[16,32,3,3]) {\n %y: f32[4,16,64,64] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
+        # two groups, a bias, a row stride, a dilated width, 23 output rows in bands of 2
+        "graph g(%x: f32[3,32,45,40], %w: f32[6,16,3,3], %b: f32[6]) {\n %y: f32[3,6,23,40] = Conv(%x, %w, %b) {group=2, strides=[2, 1], dilations=[1, 2], pads=[1, 2, 1, 2]}\n return %y\n}",
+        # one image: its bands over the threads
+        "graph g(%x: f32[1,16,40,40], %w: f32[8,16,3,3]) {\n %y: f32[1,8,40,40] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nchw_convs_with_large_columns_run_a_band_of_output_rows_at_a_time(text, threads):
+    from kiln.backends.llvm.kernels_nn import _band_rows, _banded
+
+    graph = parse_graph(text)
+    assert _banded(graph.nodes[0]) and _band_rows(graph.nodes[0]) < graph.outputs[0].type.shape[2]
+    _nchw_llvm_matches_eager(graph, threads, 17)
+
+
 @pytest.mark.parametrize("images", [3, 4, 8])
 def test_nchw_convs_split_their_images_over_threads_when_they_share_out_evenly(images):
     """8 or 4 images over 2 threads: each thread makes its own columns and runs its own GEMMs;
@@ -255,7 +275,7 @@ def test_nchw_convs_split_their_images_over_threads_when_they_share_out_evenly(i
     from kiln import config
     from kiln.backends.llvm.kernels_nn import _image_threads
 
-    graph = parse_graph(f"graph g(%x: f32[{images},16,20,20], %w: f32[24,16,3,3]) {{\n %y: f32[{images},24,20,20] = Conv(%x, %w) {{pads=[1, 1, 1, 1]}}\n return %y\n}}")
+    graph = parse_graph(f"graph g(%x: f32[{images},16,12,12], %w: f32[24,16,3,3]) {{\n %y: f32[{images},24,12,12] = Conv(%x, %w) {{pads=[1, 1, 1, 1]}}\n return %y\n}}")
     rng = np.random.default_rng(images)
     feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
     want = kiln.compile(graph).run(feeds)["y"]
