@@ -17,7 +17,7 @@ def load_builtin_and_entry_point_passes() -> None:
     if _loaded:
         return
     _loaded = True
-    from kiln.passes import canonicalize, decompose, decompose_rnn, fold_batchnorm, fuse, gemm_sums, integer_products, layout, plan_memory, rematerialize, weights  # noqa: F401
+    from kiln.passes import canonicalize, conv_transpose, decompose, decompose_rnn, fold_batchnorm, fuse, gemm_sums, integer_products, layout, plan_memory, rematerialize, weights  # noqa: F401
 
     for ep in entry_points(group="kiln.passes"):
         try:

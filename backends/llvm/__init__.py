@@ -240,7 +240,8 @@ class LLVMBackend:
     # (recurrent ops unrolled first, so the integer products of a quantized LSTM meet the
     # passes after; QDQ models' convs computed in integers where the CPU has VNNI, while
     # their DequantizeLinear nodes still show the 8-bit operands)
-    lowering = ["decompose_rnn", IntegerProducts(enabled=integer_products_run_here), Decompose(when=decomposes), "row_major_gemm"]
+    # (and a unit-stride ConvTranspose, a training step's input gradient, is a Conv by flipped weights)
+    lowering = ["decompose_rnn", IntegerProducts(enabled=integer_products_run_here), Decompose(when=decomposes), "row_major_gemm", "conv_transpose_as_conv"]
 
     def build(self, graph: Graph) -> LLVMExecutable:
         cpu = host_cpu()
