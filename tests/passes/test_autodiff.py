@@ -58,6 +58,10 @@ CASES = {
     "conv_grouped": ("%y: f64[1,4,4,4] = Conv(%x, %w) {dilations=null, group=2, pads=null, strides=null}", {}, "%x: f64[1,4,5,5], %w: f64[4,2,2,2]"),
     "conv_depthwise": ("%y: f64[2,3,3,3] = Conv(%x, %w) {dilations=null, group=3, pads=[1, 1, 1, 1], strides=[2, 2]}", {}, "%x: f64[2,3,5,5], %w: f64[3,1,3,3]"),
     "conv1d": ("%y: f64[2,2,4] = Conv(%x, %w) {dilations=null, group=1, pads=[1, 0], strides=[2]}", {}, "%x: f64[2,3,8], %w: f64[2,3,2]"),
+    # weights larger than both maps: the weight gradient correlates the flipped maps the other way round
+    "conv_wide_weight": ("%y: f64[2,8,2,2] = Conv(%x, %w) {dilations=null, group=1, pads=[1, 1, 1, 1], strides=null}", {}, "%x: f64[2,8,2,2], %w: f64[8,8,3,3]"),
+    "conv_wide_weight_dilated": ("%y: f64[1,6,3,5] = Conv(%x, %w) {dilations=[2, 1], group=1, pads=[2, 0, 1, 1], strides=null}", {}, "%x: f64[1,6,4,5], %w: f64[6,6,3,2]"),
+    "conv_transpose_wide_weight": ("%y: f64[1,8,2,2] = ConvTranspose(%x, %w) {dilations=null, group=1, pads=[1, 1, 1, 1], strides=null}", {}, "%x: f64[1,8,2,2], %w: f64[8,8,3,3]"),
     "conv_transpose": ("%y: f64[1,2,8,8] = ConvTranspose(%x, %w, %b) {dilations=null, group=1, output_padding=[1, 1], pads=[1, 1, 1, 1], strides=[2, 2]}", {}, "%x: f64[1,3,4,4], %w: f64[3,2,3,3], %b: f64[2]"),
     "max_pool": ("%y: f64[2,2,3,3] = MaxPool(%x) {ceil_mode=0, dilations=null, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]}", {}, "%x: f64[2,2,6,6]"),
     "max_pool_ceil_dilated": ("%y: f64[1,2,3,2] = MaxPool(%x) {ceil_mode=1, dilations=[1, 2], kernel_shape=[2, 2], pads=null, strides=[2, 2]}", {}, "%x: f64[1,2,6,5]"),
@@ -218,6 +222,17 @@ def test_gradient_graph_on_llvm_matches_eager(case):
     got = kiln.compile(graph, target="llvm").run(feeds)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-9, atol=1e-12, err_msg=f"{case}: {key}")
+
+
+@pytest.mark.parametrize("case, flipped", [("conv_wide_weight", True), ("conv_wide_weight_dilated", True), ("conv_transpose_wide_weight", True), ("conv", False), ("conv_stride_dilation", False)])
+def test_weight_gradients_larger_than_the_maps_are_not_transposed(case, flipped):
+    """Where the weight outweighs both maps, its gradient comes out of the conv in (M, C, *K)
+    order (the maps flipped instead); else the conv's (C, M, *K) result is transposed."""
+    graph = _graph(case)
+    loss = _with_loss(graph, [np.ones(v.type.shape) for v in graph.outputs])
+    (gw,) = add_gradients(graph, loss, [graph.inputs[1]])
+    assert (gw.producer.op.name == "Conv") is flipped
+    assert gw.type.shape == graph.inputs[1].type.shape
 
 
 def test_gradients_are_pruned_to_what_the_loss_needs():
