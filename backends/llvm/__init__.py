@@ -1,7 +1,7 @@
 """The LLVM backend (``target="llvm"``): llvmlite code generation for the host CPU.
 
 ``build`` generates one module (a function per node or fused group, and ``kiln_main`` over the
-planned arena), optimizes it at -O3 for the host CPU and emits object code, which an MCJIT engine
+planned arena), optimizes it at -O2 for the host CPU and emits object code, which an MCJIT engine
 links in-process. The artifact stores that object code, so ``kiln.load`` never compiles again.
 """
 
@@ -74,7 +74,7 @@ class NodeTime:
 
 
 def _check_symbols(declared: set[str]) -> None:
-    """Every function the code calls (``declared`` after -O3, not defined in a part) must exist
+    """Every function the code calls (``declared`` after -O2, not defined in a part) must exist
     in this process (libm, the worker pool), or running would crash."""
     pool.install()
     missing = [name for name in declared if not name.startswith("llvm.") and not llvm.address_of_symbol(name)]

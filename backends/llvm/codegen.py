@@ -196,7 +196,7 @@ class Codegen:
         self._count += 1
         fn.linkage = "internal"
         # kernels stay functions: inlined, every once-called kernel made kiln_main one function
-        # of ~40K instructions, which -O3 and instruction selection handle superlinearly
+        # of ~40K instructions, which the optimizer and instruction selection handle superlinearly
         fn.attributes.add("noinline")
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         args = list(fn.args)

@@ -1,6 +1,6 @@
 """A large generated module compiled in parts, the parts but the first in worker processes.
 
-LLVM's -O3 and code generation take most of a large build (a U-Net training step: 19.5 of 25
+LLVM's optimizer and code generation take most of a large build (a U-Net training step: 19.5 of 25
 s), and each kernel is a function of its own, so the module splits cleanly. Threads would not
 help: llvmlite serializes every call into LLVM with one lock. So ``parts`` gives each part's IR
 text: ``kiln_main`` in the first, the kernels it calls shared out by size, each defined in one
@@ -104,7 +104,7 @@ def _forget_text(*groups) -> None:
 
 
 def compile_part(text: str, cpu: dict) -> tuple[bytes, list[str]]:
-    """One part's object code and the functions it still declares after -O3 (the caller checks
+    """One part's object code and the functions it still declares after -O2 (the caller checks
     this process has them)."""
     import llvmlite.binding as llvm
 
