@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import numpy as np
 
-from kiln.backends.llvm import kernels_conv_batched, kernels_depthwise, kernels_reduce_fused
+from kiln.backends.llvm import kernels_conv_batched, kernels_conv_taps, kernels_depthwise, kernels_reduce_fused
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
 from kiln.backends.llvm.emit import I32, I64, PTR, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
@@ -376,6 +376,8 @@ def _conv_scratch(node) -> int:
         return _nhwc_conv_scratch(node)
     if kernels_depthwise.applies(node) or _dot_shaped(node) or _row_shaped(node):  # reads in place
         return 0
+    if kernels_conv_taps.applies(node):  # reads in place
+        return 0
     if kernels_conv_batched.applies(node):
         return kernels_conv_batched.scratch_bytes(node)
     if _direct(node):
@@ -423,6 +425,9 @@ def conv(ctx: KernelContext) -> None:
         return
     if kernels_depthwise.applies(node):  # one plane per channel: its rows in vectors
         kernels_depthwise.emit(ctx)
+        return
+    if kernels_conv_taps.applies(node):  # a padded weight gradient: dot products per tap, in place
+        kernels_conv_taps.emit(ctx)
         return
     if kernels_conv_batched.applies(node):  # few positions per image: images share a GEMM
         kernels_conv_batched.emit(ctx)

@@ -251,6 +251,29 @@ def test_convs_with_few_positions_per_image_share_one_gemm(text, threads):
 @pytest.mark.parametrize(
     "text",
     [
+        # a U-Net's weight gradient at 64 pixels: 32 channel "images", 16 kernels, 3x3 taps
+        "graph g(%x: f32[32,4,64,64], %w: f32[16,4,64,64]) {\n %y: f32[32,16,3,3] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
+        # tiles left over (6 images, 7 kernels), a bias, uneven pads, a row stride and dilation,
+        # kernel rows of 20 (a masked tail vector)
+        "graph g(%x: f32[6,6,30,20], %w: f32[7,6,11,20], %b: f32[7]) {\n %y: f32[6,7,6,4] = Conv(%x, %w, %b) {strides=[2, 1], dilations=[2, 1], pads=[2, 3, 0, 0]}\n return %y\n}",
+        # a column stride; float64
+        "graph g(%x: f64[8,2,24,40], %w: f64[4,2,22,16]) {\n %y: f64[8,4,3,4] = Conv(%x, %w) {strides=[1, 8], pads=[0, 1, 0, 0]}\n return %y\n}",
+        # windows wholly in the padding (the first and last three taps): the bias alone
+        "graph g(%x: f32[4,32,4,16], %w: f32[4,32,2,16], %b: f32[4]) {\n %y: f32[4,4,9,1] = Conv(%x, %w, %b) {pads=[3, 0, 3, 0]}\n return %y\n}",
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_padded_weight_gradients_take_dot_products_per_tap(text, threads):
+    from kiln.backends.llvm import kernels_conv_taps
+
+    graph = parse_graph(text)
+    assert kernels_conv_taps.applies(graph.nodes[0])
+    _nchw_llvm_matches_eager(graph, threads, 23, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         # a U-Net's decoder conv at 64 pixels: an output row a band
         "graph g(%x: f32[4,32,64,64], %w: f32[16,32,3,3]) {\n %y: f32[4,16,64,64] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
         # two groups, a bias, a row stride, a dilated width, 23 output rows in bands of 2
