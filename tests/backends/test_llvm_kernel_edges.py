@@ -196,99 +196,75 @@ def _nchw_llvm_matches_eager(graph, threads: int, seed: int, atol: float | None 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol if atol is not None else 1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        # LeNet-5's first weight gradient: 6 x 25 outputs, each over 64 * 28 * 28 products
-        "graph g(%x: f32[1,64,32,32], %w: f32[6,64,28,28]) {\n %y: f32[1,6,5,5] = Conv(%x, %w) {}\n return %y\n}",
-        # strides, a dilated leading axis, a bias, window rows of 10 (a masked tail)
-        "graph g(%x: f32[2,40,19,18], %w: f32[5,40,9,10], %b: f32[5]) {\n %y: f32[2,5,1,3] = Conv(%x, %w, %b) {strides=[3, 4], dilations=[2, 1]}\n return %y\n}",
-        "graph g(%x: f64[3,70,12], %w: f64[7,70,9]) {\n %y: f64[3,7,4] = Conv(%x, %w) {}\n return %y\n}",
-    ],
-)
+def _takes_path(path: str, node) -> bool:
+    """Whether the llvm target's NCHW conv (or ConvTranspose) ``node`` takes kernel path ``path``."""
+    from kiln.backends.llvm import kernels_conv_batched, kernels_conv_taps, kernels_conv_transpose, kernels_nn
+
+    if path == "dot":  # few outputs, each a long sum: dot products read in place
+        return kernels_nn._dot_shaped(node)
+    if path == "batched":  # few positions per image: a chunk of images' columns in one GEMM
+        if node.op.name == "ConvTranspose":
+            return kernels_conv_transpose._batched(node)
+        return kernels_conv_batched.applies(node) and not kernels_conv_taps.applies(node) and not kernels_nn._dot_shaped(node)
+    if path == "taps":  # a padded weight gradient: dot products per tap
+        return kernels_conv_taps.applies(node)
+    if path == "banded":  # large columns: a band of output rows at a time
+        return kernels_nn._banded(node) and kernels_nn._band_rows(node) < node.outputs[0].type.shape[2]
+    raise ValueError(path)
+
+
+NCHW_PATHS = [
+    # LeNet-5's first weight gradient: 6 x 25 outputs, each over 64 * 28 * 28 products
+    ("dot", "graph g(%x: f32[1,64,32,32], %w: f32[6,64,28,28]) {\n %y: f32[1,6,5,5] = Conv(%x, %w) {}\n return %y\n}"),
+    # strides, a dilated leading axis, a bias, window rows of 10 (a masked tail)
+    ("dot", "graph g(%x: f32[2,40,19,18], %w: f32[5,40,9,10], %b: f32[5]) {\n %y: f32[2,5,1,3] = Conv(%x, %w, %b) {strides=[3, 4], dilations=[2, 1]}\n return %y\n}"),
+    ("dot", "graph g(%x: f64[3,70,12], %w: f64[7,70,9]) {\n %y: f64[3,7,4] = Conv(%x, %w) {}\n return %y\n}"),
+    # a ResNet's last stage at 64 pixels: 2x2 positions per image, 9.4 MB of weights
+    ("batched", "graph g(%x: f32[8,512,2,2], %w: f32[512,512,3,3]) {\n %y: f32[8,512,2,2] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
+    # an unpadded weight gradient of short sums: 64 channel "images" of 3x3 "positions"
+    # (chunks of 14, a tail of 8)
+    ("batched", "graph g(%x: f32[64,2,18,18], %w: f32[64,2,16,16]) {\n %y: f32[64,64,3,3] = Conv(%x, %w) {}\n return %y\n}"),
+    # strides and a bias; a 1x1 conv; 1-D with dilation; 3-D
+    ("batched", "graph g(%x: f32[9,16,7,7], %w: f32[24,16,3,3], %b: f32[24]) {\n %y: f32[9,24,4,4] = Conv(%x, %w, %b) {strides=[2, 2], pads=[1, 1, 1, 1]}\n return %y\n}"),
+    ("batched", "graph g(%x: f32[100,16,2,2], %w: f32[8,16,1,1], %b: f32[8]) {\n %y: f32[100,8,2,2] = Conv(%x, %w, %b) {}\n return %y\n}"),
+    ("batched", "graph g(%x: f32[5,3,6], %w: f32[7,3,3]) {\n %y: f32[5,7,4] = Conv(%x, %w) {pads=[1, 1], dilations=[2]}\n return %y\n}"),
+    ("batched", "graph g(%x: f32[3,4,3,4,5], %w: f32[6,4,2,2,2]) {\n %y: f32[3,6,2,4,5] = Conv(%x, %w) {pads=[0, 0, 0, 0, 1, 1]}\n return %y\n}"),
+    # windows wider than the output rows, copied a row per position: 10 taps (a masked
+    # vector) over pads, a row stride and a dilated leading axis
+    ("batched", "graph g(%x: f32[20,3,11,13], %w: f32[5,3,4,10], %b: f32[5]) {\n %y: f32[20,5,4,8] = Conv(%x, %w, %b) {strides=[2, 1], pads=[1, 2, 1, 2], dilations=[2, 1]}\n return %y\n}"),
+    # a ResNet's last-stage input gradients at 64 pixels, stride 1 and 2 (output padding)
+    ("batched", "graph g(%x: f32[8,512,2,2], %w: f32[512,512,3,3]) {\n %y: f32[8,512,2,2] = ConvTranspose(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
+    ("batched", "graph g(%x: f32[8,512,2,2], %w: f32[512,256,3,3], %b: f32[256]) {\n %y: f32[8,256,4,4] = ConvTranspose(%x, %w, %b) {strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]}\n return %y\n}"),
+    # uneven strides, pads and taps; a chunk and a tail of images
+    ("batched", "graph g(%x: f32[37,6,3,5], %w: f32[6,4,3,2], %b: f32[4]) {\n %y: f32[37,4,7,5] = ConvTranspose(%x, %w, %b) {strides=[2, 1], pads=[0, 1, 1, 0], output_padding=[1, 0]}\n return %y\n}"),
+    # a ResNet's layer-1 weight gradient at 64 pixels, batch 8: 64 images, 64 kernels
+    ("taps", "graph g(%x: f32[64,8,16,16], %w: f32[64,8,16,16]) {\n %y: f32[64,64,3,3] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
+    # a U-Net's weight gradient at 64 pixels: 32 channel "images", 16 kernels, 3x3 taps
+    ("taps", "graph g(%x: f32[32,4,64,64], %w: f32[16,4,64,64]) {\n %y: f32[32,16,3,3] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
+    # tiles left over (6 images, 7 kernels), a bias, uneven pads, a row stride and dilation,
+    # kernel rows of 20 (a masked tail vector)
+    ("taps", "graph g(%x: f32[6,6,30,20], %w: f32[7,6,11,20], %b: f32[7]) {\n %y: f32[6,7,6,4] = Conv(%x, %w, %b) {strides=[2, 1], dilations=[2, 1], pads=[2, 3, 0, 0]}\n return %y\n}"),
+    # a column stride; float64
+    ("taps", "graph g(%x: f64[8,2,24,40], %w: f64[4,2,22,16]) {\n %y: f64[8,4,3,4] = Conv(%x, %w) {strides=[1, 8], pads=[0, 1, 0, 0]}\n return %y\n}"),
+    # windows wholly in the padding (the first and last three taps): the bias alone
+    ("taps", "graph g(%x: f32[4,32,4,16], %w: f32[4,32,2,16], %b: f32[4]) {\n %y: f32[4,4,9,1] = Conv(%x, %w, %b) {pads=[3, 0, 3, 0]}\n return %y\n}"),
+    # a U-Net's decoder conv at 64 pixels: an output row a band
+    ("banded", "graph g(%x: f32[4,32,64,64], %w: f32[16,32,3,3]) {\n %y: f32[4,16,64,64] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
+    # two groups, a bias, a row stride, a dilated width, 23 output rows in bands of 2
+    ("banded", "graph g(%x: f32[3,32,45,40], %w: f32[6,16,3,3], %b: f32[6]) {\n %y: f32[3,6,23,40] = Conv(%x, %w, %b) {group=2, strides=[2, 1], dilations=[1, 2], pads=[1, 2, 1, 2]}\n return %y\n}"),
+    # one image: its bands over the threads
+    ("banded", "graph g(%x: f32[1,16,40,40], %w: f32[8,16,3,3]) {\n %y: f32[1,8,40,40] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
+]
+
+
+@pytest.mark.parametrize("path, text", NCHW_PATHS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_convs_with_few_outputs_and_long_sums_run_as_dot_products(text, threads):
-    from kiln.backends.llvm.kernels_nn import _dot_shaped
-
+def test_nchw_conv_paths_match_eager(path, text, threads):
+    """Each NCHW conv path of the llvm target on its cases, one thread and two, bounds checked
+    (the long dot products' sums regroup: a looser tolerance)."""
     graph = parse_graph(text)
-    assert _dot_shaped(graph.nodes[0])
-    _nchw_llvm_matches_eager(graph, threads, 13, atol=1e-3)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        # a ResNet's last stage at 64 pixels: 2x2 positions per image, 9.4 MB of weights
-        "graph g(%x: f32[8,512,2,2], %w: f32[512,512,3,3]) {\n %y: f32[8,512,2,2] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
-        # its weight gradient: 64 channel "images" of 3x3 "positions" (chunks of 14, a tail of 8)
-        "graph g(%x: f32[64,8,16,16], %w: f32[64,8,16,16]) {\n %y: f32[64,64,3,3] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
-        # strides and a bias; a 1x1 conv; 1-D with dilation; 3-D
-        "graph g(%x: f32[9,16,7,7], %w: f32[24,16,3,3], %b: f32[24]) {\n %y: f32[9,24,4,4] = Conv(%x, %w, %b) {strides=[2, 2], pads=[1, 1, 1, 1]}\n return %y\n}",
-        "graph g(%x: f32[100,16,2,2], %w: f32[8,16,1,1], %b: f32[8]) {\n %y: f32[100,8,2,2] = Conv(%x, %w, %b) {}\n return %y\n}",
-        "graph g(%x: f32[5,3,6], %w: f32[7,3,3]) {\n %y: f32[5,7,4] = Conv(%x, %w) {pads=[1, 1], dilations=[2]}\n return %y\n}",
-        "graph g(%x: f32[3,4,3,4,5], %w: f32[6,4,2,2,2]) {\n %y: f32[3,6,2,4,5] = Conv(%x, %w) {pads=[0, 0, 0, 0, 1, 1]}\n return %y\n}",
-        # windows wider than the output rows, copied a row per position: 10 taps (a masked
-        # vector) over pads, a row stride and a dilated leading axis
-        "graph g(%x: f32[20,3,11,13], %w: f32[5,3,4,10], %b: f32[5]) {\n %y: f32[20,5,4,8] = Conv(%x, %w, %b) {strides=[2, 1], pads=[1, 2, 1, 2], dilations=[2, 1]}\n return %y\n}",
-        # a ResNet's last-stage input gradients at 64 pixels, stride 1 and 2 (output padding)
-        "graph g(%x: f32[8,512,2,2], %w: f32[512,512,3,3]) {\n %y: f32[8,512,2,2] = ConvTranspose(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
-        "graph g(%x: f32[8,512,2,2], %w: f32[512,256,3,3], %b: f32[256]) {\n %y: f32[8,256,4,4] = ConvTranspose(%x, %w, %b) {strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]}\n return %y\n}",
-        # uneven strides, pads and taps; a chunk and a tail of images
-        "graph g(%x: f32[37,6,3,5], %w: f32[6,4,3,2], %b: f32[4]) {\n %y: f32[37,4,7,5] = ConvTranspose(%x, %w, %b) {strides=[2, 1], pads=[0, 1, 1, 0], output_padding=[1, 0]}\n return %y\n}",
-    ],
-)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_convs_with_few_positions_per_image_share_one_gemm(text, threads):
-    """Conv and ConvTranspose (its input positions) put a chunk of images into one GEMM."""
-    from kiln.backends.llvm import kernels_conv_batched, kernels_conv_transpose
-
-    graph = parse_graph(text)
-    batched = kernels_conv_batched.applies if graph.nodes[0].op.name == "Conv" else kernels_conv_transpose._batched
-    assert batched(graph.nodes[0])
-    _nchw_llvm_matches_eager(graph, threads, 5)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        # a U-Net's weight gradient at 64 pixels: 32 channel "images", 16 kernels, 3x3 taps
-        "graph g(%x: f32[32,4,64,64], %w: f32[16,4,64,64]) {\n %y: f32[32,16,3,3] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
-        # tiles left over (6 images, 7 kernels), a bias, uneven pads, a row stride and dilation,
-        # kernel rows of 20 (a masked tail vector)
-        "graph g(%x: f32[6,6,30,20], %w: f32[7,6,11,20], %b: f32[7]) {\n %y: f32[6,7,6,4] = Conv(%x, %w, %b) {strides=[2, 1], dilations=[2, 1], pads=[2, 3, 0, 0]}\n return %y\n}",
-        # a column stride; float64
-        "graph g(%x: f64[8,2,24,40], %w: f64[4,2,22,16]) {\n %y: f64[8,4,3,4] = Conv(%x, %w) {strides=[1, 8], pads=[0, 1, 0, 0]}\n return %y\n}",
-        # windows wholly in the padding (the first and last three taps): the bias alone
-        "graph g(%x: f32[4,32,4,16], %w: f32[4,32,2,16], %b: f32[4]) {\n %y: f32[4,4,9,1] = Conv(%x, %w, %b) {pads=[3, 0, 3, 0]}\n return %y\n}",
-    ],
-)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_padded_weight_gradients_take_dot_products_per_tap(text, threads):
-    from kiln.backends.llvm import kernels_conv_taps
-
-    graph = parse_graph(text)
-    assert kernels_conv_taps.applies(graph.nodes[0])
-    _nchw_llvm_matches_eager(graph, threads, 23, atol=1e-3)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        # a U-Net's decoder conv at 64 pixels: an output row a band
-        "graph g(%x: f32[4,32,64,64], %w: f32[16,32,3,3]) {\n %y: f32[4,16,64,64] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
-        # two groups, a bias, a row stride, a dilated width, 23 output rows in bands of 2
-        "graph g(%x: f32[3,32,45,40], %w: f32[6,16,3,3], %b: f32[6]) {\n %y: f32[3,6,23,40] = Conv(%x, %w, %b) {group=2, strides=[2, 1], dilations=[1, 2], pads=[1, 2, 1, 2]}\n return %y\n}",
-        # one image: its bands over the threads
-        "graph g(%x: f32[1,16,40,40], %w: f32[8,16,3,3]) {\n %y: f32[1,8,40,40] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}",
-    ],
-)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_nchw_convs_with_large_columns_run_a_band_of_output_rows_at_a_time(text, threads):
-    from kiln.backends.llvm.kernels_nn import _band_rows, _banded
-
-    graph = parse_graph(text)
-    assert _banded(graph.nodes[0]) and _band_rows(graph.nodes[0]) < graph.outputs[0].type.shape[2]
-    _nchw_llvm_matches_eager(graph, threads, 17)
+    assert _takes_path(path, graph.nodes[0])
+    _nchw_llvm_matches_eager(graph, threads, 5, atol=1e-3 if path in ("dot", "taps") else None)
 
 
 @pytest.mark.parametrize("images", [3, 4, 8])
