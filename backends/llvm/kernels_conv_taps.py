@@ -35,7 +35,7 @@ from kiln.ir.dtypes import DType
 
 MAX_TAPS = 25  # output positions per image: a 5x5 weight's taps at most
 ROW_TAPS = 3  # taps along an output row computed together (their windows share kernel loads)
-ACCUMULATORS = 24  # vector accumulators of a tile (AVX-512 has 32 registers)
+ACCUMULATORS = 24  # vector accumulators of a tile where there are 32 vector registers (AVX-512; half on AVX2's 16)
 
 
 def applies(node) -> bool:
@@ -72,7 +72,8 @@ def emit(ctx: KernelContext) -> None:
     taps = oh * ow
 
     group = min(ow, ROW_TAPS)  # taps along an output row that share the kernels' loads
-    kernels_per_tile = max(1, min(DOT_TILE, ACCUMULATORS // (DOT_TILE * group)))
+    accumulators = ACCUMULATORS if lanes * x.dtype.itemsize == 64 else ACCUMULATORS // 2
+    kernels_per_tile = max(1, min(DOT_TILE, accumulators // (DOT_TILE * group)))
     kernel_tiles, image_tiles = -(-m // kernels_per_tile), -(-images // DOT_TILE)
     vector_mask = lambda live: None if all(live) else ir.Constant(ir.VectorType(ir.IntType(1), lanes), live)  # noqa: E731
 
