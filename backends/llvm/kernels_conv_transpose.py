@@ -11,7 +11,7 @@ import math
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, kernel
-from kiln.backends.llvm.emit import LLVMScalarOps, View, const_i64, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.emit import LLVMScalarOps, Vectors, View, const_i64, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.kernels_nn import (
     PARALLEL_COPY,
     _fill_zero,
@@ -202,20 +202,23 @@ def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.
                 rows = View(b.gep(ptrs[3], [b.mul(ch, const_i64(taps * wt.strides[0]))], source_etype=ty), wt.dtype, (taps, wt.shape[1]), wt.strides)
                 _serial_gemm(emitting, rows, xg.on(ptrs[4]), View.dense(cols_p, dtype, (taps, ih * iw)), 1.0, micro_rows(taps))
             start = b.load(b.gep(ptrs[2], [ch], source_etype=ty), typ=ty) if bias is not None else ir.Constant(ty, 0.0)
-            with for_range(b, oh, name="toy") as oy:
-                row = b.gep(y_p, [b.add(b.mul(ch, const_i64(oh * ow)), b.mul(oy, const_i64(ow)))], source_etype=ty)
-                with for_range(b, ow, name="tfill") as ox:
-                    b.store(start, b.gep(row, [ox], source_etype=ty))
+            if sx == 1 and dtype in (DType.float32, DType.float64):
+                _sum_row_chunks(emitting, cols_p, b.gep(y_p, [b.mul(ch, const_i64(oh * ow))], source_etype=ty), start, dtype, kernel_shape, in_sp, out_sp, strides, dilations, pads, pitch)
+            else:
+                with for_range(b, oh, name="toy") as oy:
+                    row = b.gep(y_p, [b.add(b.mul(ch, const_i64(oh * ow)), b.mul(oy, const_i64(ow)))], source_etype=ty)
+                    with for_range(b, ow, name="tfill") as ox:
+                        b.store(start, b.gep(row, [ox], source_etype=ty))
 
-                def add_taps(iy, ky, kx, ix0, ix1, shift):
-                    tap = b.add(b.mul(ky, const_i64(kw)), kx)
-                    source = b.gep(cols_p, [b.add(b.mul(tap, const_i64(pitch)), b.mul(iy, const_i64(iw)))], source_etype=ty)
-                    with for_range(b, ix1, start=ix0, name="tix") as ix:
-                        target = b.gep(row, [b.add(b.mul(ix, const_i64(sx)), shift)], source_etype=ty)
-                        added = E.add(E.typed(b.load(target, typ=ty), dtype), E.typed(b.load(b.gep(source, [ix], source_etype=ty), typ=ty), dtype))
-                        b.store(added, target)
+                    def add_taps(iy, ky, kx, ix0, ix1, shift):
+                        tap = b.add(b.mul(ky, const_i64(kw)), kx)
+                        source = b.gep(cols_p, [b.add(b.mul(tap, const_i64(pitch)), b.mul(iy, const_i64(iw)))], source_etype=ty)
+                        with for_range(b, ix1, start=ix0, name="tix") as ix:
+                            target = b.gep(row, [b.add(b.mul(ix, const_i64(sx)), shift)], source_etype=ty)
+                            added = E.add(E.typed(b.load(target, typ=ty), dtype), E.typed(b.load(b.gep(source, [ix], source_etype=ty), typ=ty), dtype))
+                            b.store(added, target)
 
-                _taps_landing(b, oy, kernel_shape, in_sp, ow, strides, dilations, pads, add_taps)
+                    _taps_landing(b, oy, kernel_shape, in_sp, ow, strides, dilations, pads, add_taps)
 
     work = channels * oh * ow + channels * kh * kw * ih * iw
     threads = min(num_threads(), channels) if work >= PARALLEL_COPY else 1
@@ -223,6 +226,44 @@ def _sum_taps_by_rows(ctx: KernelContext, cols: ir.Value, y: ir.Value, bias: ir.
     if product is not None:
         pointers += [product[0].ptr, product[1].ptr]
     parallel_rows(ctx, channels, threads, pointers, planes)
+
+
+def _sum_row_chunks(emitting, cols: ir.Value, plane: ir.Value, start: ir.Value, dtype: DType, kernel_shape, in_sp, out_sp, strides, dilations, pads, pitch: int) -> None:
+    """One output plane of a ConvTranspose with unit column stride, a vector of output columns
+    at a time: the vector starts from the bias, each landing tap adds its column-matrix row
+    shifted into place (one masked load: lanes whose input column is off the row read
+    nothing), and it is stored once. (The row-at-a-time sums stored every tap's additions:
+    LeNet-5's input gradient, 6 planes of 14x14 from 5x5 taps, batch 64, 0.60 -> 0.28 ms.)"""
+    from kiln.backends.llvm.kernels_nn import vector_width
+
+    b = emitting.b
+    kw, iw, (oh, ow) = kernel_shape[1], in_sp[1], out_sp
+    width = vector_width(dtype)
+    V = Vectors(b, emitting.module, dtype, width)
+    index_ty = ir.VectorType(ir.IntType(64), width)
+    lanes = ir.Constant(index_ty, list(range(width)))
+
+    def splat(value: ir.Value) -> ir.Value:
+        one = b.insert_element(ir.Constant(index_ty, None), value, ir.Constant(ir.IntType(32), 0))
+        return b.shuffle_vector(one, ir.Constant(index_ty, None), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+
+    acc = entry_alloca(b, V.vec)
+    with for_range(b, oh, name="coy") as oy:
+        row = b.gep(plane, [b.mul(oy, const_i64(ow))], source_etype=V.scalar)
+        for c0 in range(0, ow, width):
+            b.store(V.splat(start), acc)
+
+            def add_taps(iy, ky, kx, ix0, ix1, shift):
+                # output column c0 + lane takes input column c0 + lane - shift, inside [ix0, ix1)
+                tap = b.add(b.mul(ky, const_i64(kw)), kx)
+                source = b.gep(cols, [b.add(b.mul(tap, const_i64(pitch)), b.mul(iy, const_i64(iw)))], source_etype=V.scalar)
+                column = b.add(lanes, splat(b.sub(const_i64(c0), shift)))
+                live = b.and_(b.icmp_signed(">=", column, splat(ix0)), b.icmp_signed("<", column, splat(ix1)))
+                value = V.load(b.gep(source, [b.sub(const_i64(c0), shift)], source_etype=V.scalar), live)
+                b.store(b.fadd(b.load(acc, typ=V.vec), value), acc)
+
+            _taps_landing(b, oy, kernel_shape, in_sp, ow, strides, dilations, pads, add_taps)
+            V.store(b.load(acc, typ=V.vec), b.gep(row, [const_i64(c0)], source_etype=V.scalar), V.mask(min(width, ow - c0)))
 
 
 def _taps_landing(b: ir.IRBuilder, oy: ir.Value, kernel_shape, in_sp, ow: int, strides, dilations, pads, body) -> None:
