@@ -173,6 +173,7 @@ class Vectors:
         self._fma = module.declare_intrinsic(f"llvm.fma.v{width}f{bits}", (), ir.FunctionType(self.vec, [self.vec] * 3))
         self._masked_load = module.declare_intrinsic(f"llvm.masked.load.v{width}f{bits}.p0", (), ir.FunctionType(self.vec, [PTR, I32, self.mask_ty, self.vec]))
         self._masked_store = module.declare_intrinsic(f"llvm.masked.store.v{width}f{bits}.p0", (), ir.FunctionType(ir.VoidType(), [self.vec, PTR, I32, self.mask_ty]))
+        self._reduce_add = module.declare_intrinsic(f"llvm.vector.reduce.fadd.v{width}f{bits}", (), ir.FunctionType(self.scalar, [self.scalar, self.vec]))
 
     def mask(self, count: int) -> ir.Constant | None:
         """The first ``count`` lanes (None: all of them)."""
@@ -201,6 +202,21 @@ class Vectors:
 
     def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
         return self.b.call(self._fma, [a, b, c])
+
+    def sum(self, v: ir.Value) -> ir.Value:
+        """The lanes of ``v`` added, as a tree (regrouped: a dot product's vector of partial sums)."""
+        return self.b.call(self._reduce_add, [ir.Constant(self.scalar, 0.0), v], fastmath=("reassoc",))
+
+    def lanes_within(self, lo: ir.Value, hi: ir.Value) -> ir.Value:
+        """The mask of lanes ``l`` with ``lo <= l < hi`` (i64 values known at run time)."""
+        lane_ty = ir.VectorType(I64, self.width)
+        lanes = ir.Constant(lane_ty, list(range(self.width)))
+
+        def spread(value: ir.Value) -> ir.Value:
+            one = self.b.insert_element(ir.Constant(lane_ty, None), value, ir.Constant(I32, 0))
+            return self.b.shuffle_vector(one, ir.Constant(lane_ty, None), ir.Constant(ir.VectorType(I32, self.width), [0] * self.width))
+
+        return self.b.and_(self.b.icmp_signed(">=", lanes, spread(lo)), self.b.icmp_signed("<", lanes, spread(hi)))
 
 
 L1_WAYS, L1_SETS, LINE = 12, 64, 64  # the L1 data cache: 48 KB, 12 ways of 64 sets of 64-byte lines

@@ -17,7 +17,7 @@ import math
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext
-from kiln.backends.llvm.emit import I32, Vectors, View, const_i64, for_range, loop_nest
+from kiln.backends.llvm.emit import Vectors, View, const_i64, for_range, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 
@@ -162,11 +162,6 @@ def _window_rows(emitting, xv: View, cols: ir.Value, img0: ir.Value, count: int,
     k, p = c * kh * kw, oh * ow
     width = vector_width(xv.dtype)
     V = Vectors(b, emitting.module, xv.dtype, width)
-    lane_ty = ir.VectorType(ir.IntType(64), width)
-
-    def splat(value: ir.Value) -> ir.Value:
-        one = b.insert_element(ir.Constant(lane_ty, None), value, ir.Constant(I32, 0))
-        return b.shuffle_vector(one, ir.Constant(lane_ty, None), ir.Constant(ir.VectorType(I32, width), [0] * width))
 
     with loop_nest(b, (count, oh, ow, c, kh), name="win") as (j, oy, ox, ch, ky):
         iy = b.add(b.mul(oy, const_i64(strides[0])), b.sub(b.mul(ky, const_i64(dilations[0])), const_i64(pads[0])))
@@ -178,9 +173,7 @@ def _window_rows(emitting, xv: View, cols: ir.Value, img0: ir.Value, count: int,
         dst = b.gep(cols, [b.add(b.mul(position, const_i64(k)), b.mul(b.add(b.mul(ch, const_i64(kh)), ky), const_i64(kw)))], source_etype=V.scalar)
         image = b.add(b.mul(b.add(img0, j), const_i64(c)), ch)
         src = b.gep(xv.ptr, [b.add(b.mul(b.add(b.mul(image, const_i64(ih)), b.select(row_ok, iy, const_i64(0))), const_i64(iw)), ix0)], source_etype=V.scalar)
-        lo_v, hi_v = splat(lo), splat(hi)
         for start in range(0, kw, width):
-            lanes = ir.Constant(lane_ty, list(range(start, start + width)))
-            inside = b.and_(b.icmp_signed(">=", lanes, lo_v), b.icmp_signed("<", lanes, hi_v))
+            inside = V.lanes_within(b.sub(lo, const_i64(start)), b.sub(hi, const_i64(start)))  # kx = start + lane
             value = V.load(b.gep(src, [const_i64(start)], source_etype=V.scalar), inside)
             V.store(value, b.gep(dst, [const_i64(start)], source_etype=V.scalar), V.mask(min(width, kw - start)))

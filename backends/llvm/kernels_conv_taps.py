@@ -88,7 +88,6 @@ def emit(ctx: KernelContext) -> None:
         b = emitting.b
         V = Vectors(b, emitting.module, x.dtype, lanes)
         scalar, vec = V.scalar, V.vec
-        reduce_add = emitting.module.declare_intrinsic(f"llvm.vector.reduce.fadd.v{lanes}f{x.dtype.itemsize * 8}", (), ir.FunctionType(scalar, [scalar, vec]))
         xv, wv, y = ctx.inputs[0].on(ptrs[0]), ctx.inputs[1].on(ptrs[1]), ctx.outputs[0].on(ptrs[2])
 
         def tile(m0: ir.Value, kernels: int, i0: ir.Value, count: int) -> None:
@@ -119,7 +118,7 @@ def emit(ctx: KernelContext) -> None:
                     for t in range(len(columns)):
                         for r in range(kernels):
                             for q in range(count):
-                                total = b.call(reduce_add, [ir.Constant(scalar, 0.0), b.load(accs[t][r][q], typ=vec)], fastmath=("reassoc",))
+                                total = V.sum(b.load(accs[t][r][q], typ=vec))
                                 if bias is not None:
                                     total = b.fadd(total, bias.on(ptrs[3]).load(b, [b.add(m0, const_i64(r))]))
                                 y.store(b, [b.add(i0, const_i64(q)), b.add(m0, const_i64(r)), const_i64(oy), const_i64(ox0 + t)], total)

@@ -240,13 +240,6 @@ def _sum_row_chunks(emitting, cols: ir.Value, plane: ir.Value, start: ir.Value, 
     kw, iw, (oh, ow) = kernel_shape[1], in_sp[1], out_sp
     width = vector_width(dtype)
     V = Vectors(b, emitting.module, dtype, width)
-    index_ty = ir.VectorType(ir.IntType(64), width)
-    lanes = ir.Constant(index_ty, list(range(width)))
-
-    def splat(value: ir.Value) -> ir.Value:
-        one = b.insert_element(ir.Constant(index_ty, None), value, ir.Constant(ir.IntType(32), 0))
-        return b.shuffle_vector(one, ir.Constant(index_ty, None), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
-
     acc = entry_alloca(b, V.vec)
     with for_range(b, oh, name="coy") as oy:
         row = b.gep(plane, [b.mul(oy, const_i64(ow))], source_etype=V.scalar)
@@ -254,12 +247,12 @@ def _sum_row_chunks(emitting, cols: ir.Value, plane: ir.Value, start: ir.Value, 
             b.store(V.splat(start), acc)
 
             def add_taps(iy, ky, kx, ix0, ix1, shift):
-                # output column c0 + lane takes input column c0 + lane - shift, inside [ix0, ix1)
+                # output column c0 + lane takes input column first + lane, inside [ix0, ix1)
                 tap = b.add(b.mul(ky, const_i64(kw)), kx)
                 source = b.gep(cols, [b.add(b.mul(tap, const_i64(pitch)), b.mul(iy, const_i64(iw)))], source_etype=V.scalar)
-                column = b.add(lanes, splat(b.sub(const_i64(c0), shift)))
-                live = b.and_(b.icmp_signed(">=", column, splat(ix0)), b.icmp_signed("<", column, splat(ix1)))
-                value = V.load(b.gep(source, [b.sub(const_i64(c0), shift)], source_etype=V.scalar), live)
+                first = b.sub(const_i64(c0), shift)
+                live = V.lanes_within(b.sub(ix0, first), b.sub(ix1, first))
+                value = V.load(b.gep(source, [first], source_etype=V.scalar), live)
                 b.store(b.fadd(b.load(acc, typ=V.vec), value), acc)
 
             _taps_landing(b, oy, kernel_shape, in_sp, ow, strides, dilations, pads, add_taps)

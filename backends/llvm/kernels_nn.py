@@ -675,7 +675,6 @@ def _dot_conv(ctx: KernelContext, node) -> None:
         b = emitting.b
         V = Vectors(b, emitting.module, x.dtype, width)
         scalar, vec = V.scalar, V.vec
-        reduce_add = emitting.module.declare_intrinsic(f"llvm.vector.reduce.fadd.v{width}f{x.dtype.itemsize * 8}", (), ir.FunctionType(scalar, [scalar, vec]))
         xv, wv, y = ctx.inputs[0].on(ptrs[0]), ctx.inputs[1].on(ptrs[1]), ctx.outputs[0].on(ptrs[2])
 
         def load(address, count):
@@ -707,7 +706,7 @@ def _dot_conv(ctx: KernelContext, node) -> None:
                             b.store(V.fma(av[r], bv[q], b.load(accs[r][q], typ=vec)), accs[r][q])
             for r in range(rows):
                 for q in range(cols):
-                    total = b.call(reduce_add, [ir.Constant(scalar, 0.0), b.load(accs[r][q], typ=vec)], fastmath=("reassoc",))  # a tree of the lanes
+                    total = V.sum(b.load(accs[r][q], typ=vec))
                     if bias is not None:
                         total = b.fadd(total, bias.on(ptrs[3]).load(b, [b.add(o0, const_i64(r))]))
                     y.store(b, [img, b.add(o0, const_i64(r)), *_unflatten(b, b.add(j0, const_i64(q)), out_sp)], total)
