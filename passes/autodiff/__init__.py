@@ -49,6 +49,11 @@ class GradBuilder:
     def reshape(self, v: Value, shape: Sequence[int]) -> Value:
         return v if tuple(v.type.shape) == tuple(shape) else self.op("Reshape", v, shape=list(shape))
 
+    def flip(self, v: Value, axes: Sequence[int]) -> Value:
+        """``v`` reversed along ``axes`` (a Slice with step -1)."""
+        n = len(axes)
+        return self.op("Slice", v, starts=[-1] * n, ends=[-v.type.shape[a] - 1 for a in axes], axes=list(axes), steps=[-1] * n)
+
     def unbroadcast(self, grad: Value, shape: Sequence[int]) -> Value:
         """``grad`` (of a broadcast result) summed back to an operand of ``shape``."""
         shape = tuple(shape)
