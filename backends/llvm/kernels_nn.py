@@ -382,10 +382,9 @@ def _conv_scratch(node) -> int:
         return kernels_conv_batched.scratch_bytes(node)
     if _direct(node):
         return 0
-    x, w, nd, *_, out = _conv_geometry(node)
     if _banded(node):
         return _band_bytes(node) * _band_threads(node)
-    return (w.shape[1] * math.prod(w.shape[2:])) * math.prod(out) * x.dtype.itemsize * _image_threads(node)
+    return _columns_bytes(node) * _image_threads(node)
 
 
 def _conv_panels(node, i: int) -> PanelSpec | None:
@@ -480,22 +479,23 @@ def _banded(node) -> bool:
     return nd == 2 and strides[1] == 1 and not _direct(node) and _band_bytes(node) * 4 <= _columns_bytes(node)
 
 
-def _columns_bytes(node) -> int:
+def _columns_bytes(node, rows: int | None = None) -> int:
+    """One image's (one group's) im2col columns: of every output position, or of ``rows``
+    output rows (a 2-D conv's)."""
     x, w, *_, out = _conv_geometry(node)
-    return w.shape[1] * math.prod(w.shape[2:]) * math.prod(out) * x.dtype.itemsize
+    positions = math.prod(out) if rows is None else rows * out[-1]
+    return w.shape[1] * math.prod(w.shape[2:]) * positions * x.dtype.itemsize
 
 
 def _band_rows(node) -> int:
     """Output rows per band: as many as COLUMN_BAND_BYTES holds, at least BAND_COLUMNS
     columns' worth (and one row)."""
-    x, w, *_, out = _conv_geometry(node)
-    row_bytes = w.shape[1] * math.prod(w.shape[2:]) * out[1] * x.dtype.itemsize
-    return min(out[0], max(1, COLUMN_BAND_BYTES // row_bytes, -(-BAND_COLUMNS // out[1])))
+    out = node.outputs[0].type.shape[2:]
+    return min(out[0], max(1, COLUMN_BAND_BYTES // _columns_bytes(node, 1), -(-BAND_COLUMNS // out[1])))
 
 
 def _band_bytes(node) -> int:
-    x, w, *_, out = _conv_geometry(node)
-    return w.shape[1] * math.prod(w.shape[2:]) * _band_rows(node) * out[1] * x.dtype.itemsize
+    return _columns_bytes(node, _band_rows(node))
 
 
 def _band_threads(node) -> int:
