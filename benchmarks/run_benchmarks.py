@@ -3,7 +3,7 @@
     python benchmarks/run_benchmarks.py [MODEL ...] [--repeat N] [--out benchmarks/report.md]
 
 Defaults to the standard set: MLP 784-512-256-10 (batch 64), LeNet-5 (batch 64), ResNet-18
-(batch 1, 224x224), light_resnet50 (batch 1), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
+(batch 1, 224x224), ResNet-50 (batch 1, 224x224), MobileNetV2 (batch 1, 224x224), a 2-layer LSTM
 (hidden 256, 32 steps, batch 16) and a GRU of the same size, a transformer encoder (2 blocks of
 width 256, 4 heads, 64 steps, batch 4), a U-Net (width 32, 1x3x128x128), FCN-8s and DeepLabv3 (batch 1,
 224x224: transposed and dilated convolutions), the MLP, ResNet-18 and MobileNetV2 quantized
@@ -36,7 +36,7 @@ STANDARD = {
     "mlp-512-256/b64": ("mlp", {"hidden": (512, 256)}, (64, 784)),
     "lenet5/b64": ("lenet5", {}, (64, 1, 32, 32)),
     "resnet18/b1": ("resnet18", {}, (1, 3, 224, 224)),
-    "light_resnet50": None,
+    "resnet50/b1": ("resnet50", {}, (1, 3, 224, 224)),
     "mobilenet_v2/b1": ("mobilenet_v2", {}, (1, 3, 224, 224)),
     "lstm-2x256/b16": ("lstm_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
     "gru-2x256/b16": ("gru_classifier", {"hidden_size": 256, "num_layers": 2}, (16, 32, 64)),
