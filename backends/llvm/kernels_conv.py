@@ -33,13 +33,12 @@ import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext
 from kiln.backends.llvm.emit import I32, PTR, Panels, Vectors, View, const_i64, entry_alloca, for_range, llvm_type
-from kiln.backends.llvm.kernels_nn import _unflatten
+from kiln.backends.llvm.kernels_nn import SHARED_WEIGHTS, _unflatten
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.ir.dtypes import DType
 from kiln.ir.opdef import OpKind
 
-SHARED_WEIGHTS = 1 << 20  # weights every thread may read whole (half of L2)
 WHOLE_K_ROWS = 10  # tiles this tall sum all of K in registers (one thread, 3x3 convs, ms:
 # 256 channels at 56x56 25.3 -> 17.5, 64 at 224x224 22.9 -> 19.6; 7-tall tiles at 7x7 lost)
 PARALLEL_PAD = 1 << 15  # padded-image elements below which one thread copies

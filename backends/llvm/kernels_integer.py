@@ -30,8 +30,8 @@ import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
 from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, Panels, View, const_i64, entry_alloca, for_range, rows_per_l1_set
-from kiln.backends.llvm.kernels_conv import SHARED_WEIGHTS, Geometry, _row_start, _tap_offset, geometry, over_tiles
-from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, _unflatten, micro_rows
+from kiln.backends.llvm.kernels_conv import Geometry, _row_start, _tap_offset, geometry, over_tiles
+from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, SHARED_WEIGHTS, _unflatten, micro_rows
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -84,17 +84,22 @@ def _quads(c: int) -> int:
 
 
 ROW_POSITIONS = 64  # a matrix product's rows go in "output rows" of at most this many (a row buffer each)
+MIN_THREAD_ROWS = 8  # ... or, split over the pool, one of at least this many per thread (a full micro-tile)
 
 
 def _original(node) -> Geometry:
     """A conv's geometry; a matrix product's as a 1x1 conv over its rows, taken as a 2-D image
-    of rows of at most ROW_POSITIONS positions (the largest such divisor of the row count)."""
+    of rows of at most ROW_POSITIONS positions (the largest such divisor of the row count). A
+    product of one such row by weights each core keeps whole (an RNN step's) is one row per
+    thread instead, so the pool splits its rows (``_rows_per_thread``)."""
     if node.op.name == "ConvInteger":
         return geometry(node)
     (k, n), rows = node.inputs[1].type.shape, math.prod(node.inputs[0].type.shape[:-1])
     width = max(d for d in range(1, min(rows, ROW_POSITIONS) + 1) if rows % d == 0)
     if width < 8 and rows > ROW_POSITIONS:  # no good divisor: one long row
         width = rows
+    if width == rows and _quads(k) * n <= SHARED_WEIGHTS and rows % num_threads() == 0 and rows // num_threads() >= MIN_THREAD_ROWS:
+        width = rows // num_threads()
     out = (rows // width, width)
     return Geometry(k, n, (1, 1), (1, 1), (1, 1), out, out, (0, 0), out)
 
@@ -152,7 +157,10 @@ def emit(ctx: KernelContext, epilogue=None) -> None:
     images = xv.shape[0] if node.op.name == "ConvInteger" else 1  # a matrix product's rows are one image
     blocks = -(-g.m // NR)
     image_in, image_out = math.prod(original.size) * original.c, math.prod(g.out) * g.m
-    by_rows = g.kk * blocks * NR <= SHARED_WEIGHTS and g.rows >= 2 * num_threads()
+    # rows split over the pool where every thread may read all the weights, and each gets two
+    # rows or more, or a matrix product its one row (``_original``: its rows then stay in the
+    # thread's cache for the pointwise kernels after it: LSTM 2x256 b16 int8, ms: 1.74 -> 1.57)
+    by_rows = g.kk * blocks * NR <= SHARED_WEIGHTS and (g.rows >= 2 * num_threads() or node.op.name == "MatMulInteger" and g.rows == num_threads())
     items = g.rows if by_rows else blocks * g.rows
     threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1
     operands = epilogue.operands if epilogue else []

@@ -211,6 +211,27 @@ def test_the_vnni_matmul_gives_the_references_int32_sums(shape, n, zero):
     np.testing.assert_array_equal(kiln.compile(g, target="llvm").run(feed)[name], kiln.compile(g).run(feed)[name])
 
 
+@needs_vnni
+@pytest.mark.parametrize("threads, rows", [(2, (2, 8)), (1, (1, 16)), (3, (1, 16))])
+def test_an_rnn_step_product_gives_each_thread_one_row_of_positions(threads, rows):
+    """16 rows by 256 KB of weights (an LSTM step's): one row of 8 positions per thread on two,
+    so the pool splits the rows; one row of 16 where they do not divide evenly. The sums are
+    the reference's either way."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_integer import _original
+
+    rng = np.random.default_rng(3)
+    g = Graph("step")
+    x = g.add_input("x", TensorType((16, 256), DType.uint8))
+    node = g.add_node("MatMulInteger", [x, g.add_param("w", rng.integers(-128, 128, (256, 1024), dtype=np.int8)), g.add_param("z", np.array(7, np.uint8))], name="mm")
+    g.outputs = [node.outputs[0]]
+    feed = {"x": rng.integers(0, 256, (16, 256), dtype=np.uint8)}
+    with config.override(num_threads=threads, cache_dir="off"):
+        assert _original(node).out == rows
+        got = kiln.compile(g, target="llvm").run(feed)[node.outputs[0].name]
+    np.testing.assert_array_equal(got, kiln.compile(g).run(feed)[node.outputs[0].name])
+
+
 # weights with zero points: int8 less its shift by each row's sum (uint8 moved down by 128)
 @needs_vnni
 @pytest.mark.parametrize(

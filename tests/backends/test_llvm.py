@@ -157,8 +157,9 @@ def _gemm_graph(m: int, k: int, n: int):
         }}""")
 
 
-# rows split (many rows), columns split (an RNN step's few rows), ragged blocks and remainders
-@pytest.mark.parametrize("shape", [(96, 200, 160), (61, 64, 300), (14, 1024, 256), (16, 256, 1024), (8, 300, 200)])
+# rows split (many rows; an RNN step's few rows by weights each core keeps), columns split (few
+# rows by weights past that), ragged blocks and remainders
+@pytest.mark.parametrize("shape", [(96, 200, 160), (61, 64, 300), (14, 1024, 256), (16, 256, 1024), (16, 784, 512), (8, 300, 200)])
 def test_threaded_gemm_matches_one_thread(shape):
     from kiln import config
     from kiln.backends.llvm.kernels_nn import PARALLEL_MACS
@@ -175,6 +176,26 @@ def test_threaded_gemm_matches_one_thread(shape):
     np.testing.assert_allclose(results[1], a @ graph.params[graph.param("b")], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(results[2], results[1])  # each row block computes the same sums
     np.testing.assert_array_equal(results[3], results[1])
+
+
+@pytest.mark.parametrize(
+    "m, k, n, packed, split",
+    [
+        (96, 200, 160, True, "rows"),  # many rows
+        (16, 256, 1024, True, "rows"),  # an LSTM step's product by its 1 MB recurrent weights
+        (16, 256, 1024, False, "columns"),  # ... by a matrix computed at run time
+        (16, 784, 512, True, "columns"),  # weights past what each core keeps (1.6 MB)
+        (8, 300, 200, True, "columns"),  # too few rows for a micro-tile per thread
+        (4, 16, 16, True, "serial"),
+    ],
+)
+def test_a_gemm_splits_its_rows_where_each_core_keeps_the_weights(m, k, n, packed, split):
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import gemm_split, micro_rows
+    from kiln.ir.dtypes import DType
+
+    with config.override(num_threads=2):
+        assert gemm_split(m, k, n, DType.float32, packed, micro_rows(m)) == split
 
 
 def test_the_worker_pool_serves_two_python_threads_and_a_fork_child():
