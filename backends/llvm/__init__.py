@@ -152,7 +152,7 @@ class LLVMExecutable:
         graph.params.update({v: _aligned(a) for v, a in graph.params.items()})  # one copy, shared
         self._params = list(graph.params.values())
         # constant GEMM operands packed into panels here, once (the layout says which and how)
-        self._panels = [_aligned(pack_panels(self._params[p["param"]], PanelSpec(p["k"], p["n"], p["nr"], p["transpose"], p.get("quads", 0)))) for p in layout.get("panels", [])]
+        self._panels = [_aligned(pack_panels(self._params[p["param"]], PanelSpec(p["k"], p["n"], p["nr"], p["transpose"], p.get("quads", 0), p.get("sums", False)))) for p in layout.get("panels", [])]
         n_in = len(graph.inputs)
         constants = self._params + self._panels
         self._written = [v.type for v, where in zip(graph.outputs, layout["outputs"]) if where["kind"] == "written"]

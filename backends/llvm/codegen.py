@@ -50,16 +50,19 @@ class PanelSpec:
     it multiplies by, read from the parameter as is or, with ``transpose``, as its (n, k)
     transpose; ``nr`` columns to a panel. ``quads`` > 0 packs bytes for VNNI's 4-way dot
     products: K goes in segments of ``quads`` rows (a tap's channels), each zero-padded to a
-    multiple of 4, and a panel holds each group of 4 rows column by column (4 bytes a column)."""
+    multiple of 4, and a panel holds each group of 4 rows column by column (4 bytes a column);
+    with ``sums``, then a row of each of its columns' sums over K (int32: what a zero point
+    times the weights takes off each sum)."""
 
     k: int
     n: int
     nr: int
     transpose: bool = False
     quads: int = 0
+    sums: bool = False
 
     def to_json(self) -> dict:
-        return {"k": self.k, "n": self.n, "nr": self.nr, "transpose": self.transpose, "quads": self.quads}
+        return {"k": self.k, "n": self.n, "nr": self.nr, "transpose": self.transpose, "quads": self.quads, "sums": self.sums}
 
 
 PanelRule = Callable[[Node, int], "PanelSpec | None"]
@@ -161,7 +164,11 @@ def pack_panels(array: np.ndarray, spec: PanelSpec) -> np.ndarray:
         segments = np.zeros((spec.k // spec.quads, segment, count * spec.nr), dtype=array.dtype)
         segments[:, : spec.quads, : spec.n] = matrix.reshape(-1, spec.quads, spec.n)
         rows = segments.shape[0] * segment
-        return np.ascontiguousarray(segments.reshape(rows // 4, 4, count, spec.nr).transpose(2, 0, 3, 1))
+        panels = segments.reshape(rows // 4, 4, count, spec.nr).transpose(2, 0, 3, 1)
+        if spec.sums:  # (panels, K / 4 + 1, nr, 4): each column's int32 sum as its 4 bytes
+            sums = segments.astype(np.int32).sum(axis=(0, 1)).astype("<i4").view(array.dtype).reshape(count, 1, spec.nr, 4)
+            panels = np.concatenate([panels, sums], axis=1)
+        return np.ascontiguousarray(panels)
     padded = np.zeros((spec.k, count * spec.nr), dtype=array.dtype)
     padded[:, : spec.n] = matrix
     return np.ascontiguousarray(padded.reshape(spec.k, count, spec.nr).transpose(1, 0, 2))
@@ -351,7 +358,7 @@ def runtime_panels(graph: Graph) -> list[tuple[Value, PanelSpec]]:
 
 
 def _panel_bytes(v: Value, spec: PanelSpec) -> int:
-    k = spec.k // spec.quads * -(-spec.quads // 4) * 4 if spec.quads else spec.k
+    k = spec.k // spec.quads * -(-spec.quads // 4) * 4 + 4 * spec.sums if spec.quads else spec.k
     return -(-spec.n // spec.nr) * spec.nr * k * v.type.dtype.itemsize
 
 

@@ -84,6 +84,16 @@ def test_quad_panels_hold_four_k_rows_per_column_with_each_taps_channels_padded(
                 np.testing.assert_array_equal(packed[panel, quad, j], rows[4 * quad : 4 * quad + 4, panel * 4 + j])
 
 
+def test_quad_panels_with_sums_end_each_panel_with_its_columns_int32_sums():
+    w = np.random.default_rng(2).integers(-128, 128, (2, 3, 5), dtype=np.int8)  # 2 taps of 3 channels, 5 columns
+    plain = pack_panels(w, PanelSpec(6, 5, 4, quads=3))
+    packed = pack_panels(w, PanelSpec(6, 5, 4, quads=3, sums=True))
+    assert packed.shape == (2, 3, 4, 4)  # one more quad row a panel
+    np.testing.assert_array_equal(packed[:, :2], plain)
+    sums = np.ascontiguousarray(packed[:, 2]).view("<i4").reshape(8)  # (panels, nr) int32
+    np.testing.assert_array_equal(sums, np.pad(w.reshape(6, 5).astype(np.int32).sum(axis=0), (0, 3)))
+
+
 def _conv_integer(n, c, h, m, k, stride, pads, dilation=1, zero=7, seed=0, activations=np.uint8):
     rng = np.random.default_rng(seed)
     g = Graph("conv_integer")
