@@ -271,6 +271,10 @@ class LLVMScalarOps:
     def _is_float(self, v):
         return self.dtype(v).is_float
 
+    def value_type(self, dtype: DType) -> ir.Type:
+        """The LLVM type this emitter's values of ``dtype`` have (a scalar here)."""
+        return I1 if dtype is DType.bool else llvm_type(dtype)
+
     def constant(self, value, dtype: DType) -> ir.Value:
         """A constant of ``dtype`` (``const`` takes the dtype of a value instead)."""
         if dtype is DType.bool:
@@ -413,11 +417,12 @@ class LLVMScalarOps:
     def cast(self, a, dtype: DType):
         src = self.dtype(a)
         b = self.b
-        dst_t = I1 if dtype is DType.bool else llvm_type(dtype)
+        dst_t = self.value_type(dtype)
         if src == dtype:
             return a
         if dtype is DType.bool:
-            out = b.fcmp_unordered("!=", a, ir.Constant(a.type, 0.0)) if src.is_float else b.icmp_unsigned("!=", a, ir.Constant(a.type, 0))
+            zero = self.constant(0, src)
+            out = b.fcmp_unordered("!=", a, zero) if src.is_float else b.icmp_unsigned("!=", a, zero)
         elif src is DType.bool:
             out = b.uitofp(a, dst_t) if dtype.is_float else b.zext(a, dst_t)
         elif src.is_float and dtype.is_float:
@@ -468,3 +473,64 @@ class LLVMScalarOps:
             callee = self.module.globals.get(name) or ir.Function(self.module, ir.FunctionType(ty, [ty] * len(args)), name)
         return self.typed(self.b.call(callee, list(args)), dtype)
 
+
+# ops whose compute rules keep to what LLVMVectorOps emits: arithmetic, compares, selects,
+# casts and LLVM's own vector intrinsics (a conv's or product's requantizing tail)
+VECTOR_RULE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Neg", "Abs", "Relu", "Clip", "LeakyRelu", "Cast", "Round", "Floor", "Ceil", "Sqrt"})
+
+
+class LLVMVectorOps(LLVMScalarOps):
+    """``LLVMScalarOps`` on vectors of ``lanes`` elements: constants are splats. Only the ops
+    in ``VECTOR_RULE_OPS`` may run through it (no inline float32 math or libm calls, whose
+    code is scalar; no shifts)."""
+
+    def __init__(self, b: ir.IRBuilder, module: ir.Module, lanes: int):
+        super().__init__(b, module)
+        self.lanes = lanes
+
+    def value_type(self, dtype: DType) -> ir.Type:
+        return ir.VectorType(super().value_type(dtype), self.lanes)
+
+    def constant(self, value, dtype: DType) -> ir.Value:
+        element = int(bool(value)) if dtype is DType.bool else float(value) if dtype.is_float else int(value)
+        return self.typed(ir.Constant(self.value_type(dtype), [element] * self.lanes), dtype)
+
+    def _intrinsic(self, name: str, ty: ir.Type, arity: int) -> ir.Function:
+        bits = {ir.HalfType: 16, ir.FloatType: 32, ir.DoubleType: 64}[type(ty.element)]
+        full = f"llvm.{name}.v{self.lanes}f{bits}"
+        return self.module.globals.get(full) or ir.Function(self.module, ir.FunctionType(ty, [ty] * arity), full)
+
+    def call(self, fn: str, *args):
+        dtype = self.dtype(args[0])
+        if fn == "round":
+            fn = "roundeven"
+        if fn not in self._INTRINSICS or not dtype.is_float:
+            raise KilnError(f"internal: {fn} on {dtype.short} has no vector form (VECTOR_RULE_OPS)")
+        return self.typed(self.b.call(self._intrinsic(fn, args[0].type, len(args)), list(args)), dtype)
+
+    def splat(self, value: ir.Value, dtype: DType) -> ir.Value:
+        """The scalar ``value`` of ``dtype`` in every lane."""
+        vec = ir.VectorType(value.type, self.lanes)
+        one = self.b.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(I32, 0))
+        return self.typed(self.b.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(I32, self.lanes), [0] * self.lanes)), dtype)
+
+    def _masked(self, op: str, vec: ir.VectorType) -> ir.Function:
+        element = vec.element
+        kind = f"i{element.width}" if isinstance(element, ir.IntType) else {ir.HalfType: "f16", ir.FloatType: "f32", ir.DoubleType: "f64"}[type(element)]
+        mask = ir.VectorType(I1, self.lanes)
+        if op == "load":
+            return self.module.declare_intrinsic(f"llvm.masked.load.v{self.lanes}{kind}.p0", (), ir.FunctionType(vec, [PTR, I32, mask, vec]))
+        return self.module.declare_intrinsic(f"llvm.masked.store.v{self.lanes}{kind}.p0", (), ir.FunctionType(ir.VoidType(), [vec, PTR, I32, mask]))
+
+    def load(self, address: ir.Value, dtype: DType, mask: ir.Constant | None = None) -> ir.Value:
+        """``lanes`` elements of ``dtype`` from ``address`` (lanes off ``mask`` not read: 0)."""
+        vec = self.value_type(dtype)
+        if mask is None:
+            return self.typed(self.b.load(address, typ=vec, align=1), dtype)
+        return self.typed(self.b.call(self._masked("load", vec), [address, ir.Constant(I32, 1), mask, ir.Constant(vec, None)]), dtype)
+
+    def store(self, value: ir.Value, address: ir.Value, mask: ir.Constant | None = None) -> None:
+        if mask is None:
+            self.b.store(value, address, align=1)
+        else:
+            self.b.call(self._masked("store", value.type), [value, address, ir.Constant(I32, 1), mask])

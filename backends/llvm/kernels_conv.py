@@ -32,7 +32,7 @@ from typing import Callable
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext
-from kiln.backends.llvm.emit import I32, PTR, Panels, Vectors, View, const_i64, entry_alloca, for_range, llvm_type
+from kiln.backends.llvm.emit import I32, PTR, VECTOR_RULE_OPS, Panels, Vectors, View, const_i64, entry_alloca, for_range, llvm_type
 from kiln.backends.llvm.kernels_nn import SHARED_WEIGHTS, _unflatten
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
@@ -96,10 +96,13 @@ class Geometry:
 class Epilogue:
     """Pointwise work on a block of conv output while it is in cache: ``apply(E, value,
     operands)`` gives the element's final value from the conv's (bias included) and the
-    operands', each operand a view over the output's (images * positions, channels) rows."""
+    operands', each operand a view over the output's (images * positions, channels) rows.
+    ``vectors``: every op of the chain has a rule ``LLVMVectorOps`` emits (``VECTOR_RULE_OPS``),
+    so a kernel may apply it to whole vectors of sums in registers."""
 
     operands: list[View]
     apply: Callable
+    vectors: bool = False
 
     def run(self, b: ir.IRBuilder, module: ir.Module, target: View, operands: list[View], source: View | None = None) -> None:
         """The tail over the output block ``target``, from the conv's values in ``source`` (by
@@ -152,7 +155,7 @@ def fused_conv(ctx: KernelContext, body) -> bool:
         kernel = kernels_integer.emit
     else:
         kernel = kernels_depthwise.emit if depthwise else kernels_depthwise.emit_nhwc if depthwise_nhwc else emit if applies(conv) else emit_pointwise_conv
-    kernel(conv_ctx, Epilogue(rows, apply))
+    kernel(conv_ctx, Epilogue(rows, apply, all(n.op.name in VECTOR_RULE_OPS for n in chain)))
     return True
 
 

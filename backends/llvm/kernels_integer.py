@@ -30,7 +30,7 @@ import math
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
-from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, Panels, View, const_i64, entry_alloca, for_range, rows_per_l1_set
+from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, LLVMVectorOps, Panels, View, const_i64, entry_alloca, for_range, llvm_type, rows_per_l1_set
 from kiln.backends.llvm.kernels_conv import Geometry, _row_start, _tap_offset, geometry, over_tiles
 from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, SHARED_WEIGHTS, _unflatten, micro_rows
 from kiln.backends.llvm.parallel import parallel_rows
@@ -241,6 +241,10 @@ class _Tiles:
         self.b, self.module, self.g = emitting.b, emitting.module, g
         self.source, self.panels, self.out, self.out_dtype = source, panels, out, out_dtype
         self.zero_point, self.row_buffer, self.epilogue, self.operands = zero_point, row_buffer, epilogue, operands
+        # the tail on each vector of sums as they leave the registers, where every op of it has
+        # a vector rule and each operand runs along the channels or is one value a position
+        # (bytes for bools: those keep the loop, which widens them)
+        self.in_registers = epilogue is not None and epilogue.vectors and out_dtype is not DType.bool and all(v.strides[1] in (0, 1) and v.dtype is not DType.bool for v in operands)
         self.mr = micro_rows(g.ow)
         # the tail runs after each output row, or after each micro-tile where a row's outputs
         # would crowd one L1 set (rows 4 KB apart, as a 1024-column float product's: 512 x 64
@@ -299,20 +303,23 @@ class _Tiles:
 
             def tile(ox0: ir.Value, rows: int) -> None:
                 first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
-                self._tile(first, rows, panel, starts, b.gep(target, [b.mul(ox0, const_i64(pitch))], source_etype=I32), pitch, masks)
-                if self.row_buffer is not None and self.tail_by_tiles:
+                place = (b.add(b.mul(oy, const_i64(g.ow)), ox0), j0) if self.in_registers else None
+                self._tile(first, rows, panel, starts, b.gep(target, [b.mul(ox0, const_i64(pitch))], source_etype=I32), pitch, masks, place)
+                if self.row_buffer is not None and self.tail_by_tiles and not self.in_registers:
                     self._tail(oy, j0, cols, ox0, rows)
 
             over_tiles(b, g.ow, self.mr, tile)
-            if self.row_buffer is not None and not self.tail_by_tiles:
+            if self.row_buffer is not None and not self.tail_by_tiles and not self.in_registers:
                 self._tail(oy, j0, cols, const_i64(0), g.ow)
 
     def _mask(self, count: int) -> ir.Constant | None:
         return None if count >= LANES else ir.Constant(MASK, [1] * max(count, 0) + [0] * (LANES - max(count, 0)))
 
-    def _tile(self, first: ir.Value, rows: int, panel: ir.Value, starts: list, out: ir.Value, pitch: int, masks: list) -> None:
+    def _tile(self, first: ir.Value, rows: int, panel: ir.Value, starts: list, out: ir.Value, pitch: int, masks: list, place: tuple | None = None) -> None:
         """``rows`` positions from image element ``first``: every tap's quads into the sums,
-        then the sums stored ``pitch`` int32s apart from ``out``."""
+        then the sums stored ``pitch`` int32s apart from ``out``, or, given ``place`` (the tile's
+        first output position and column), the fused tail applied to them in registers and
+        its values stored to the group's output."""
         b, g = self.b, self.g
         accs = [[entry_alloca(b, I32X16) for _ in range(2)] for _ in range(rows)]
         for row in accs:
@@ -333,12 +340,27 @@ class _Tiles:
             for h, mask in enumerate(masks):
                 if mask is not None and not any(mask.constant):
                     continue
-                at = b.gep(out, [const_i64(r * pitch + h * LANES)], source_etype=I32)
                 value = b.load(accs[r][h], typ=I32X16)
+                if place is not None:
+                    self._tail_in_registers(b.add(place[0], const_i64(r)), b.add(place[1], const_i64(h * LANES)), value, mask)
+                    continue
+                where = b.gep(out, [const_i64(r * pitch + h * LANES)], source_etype=I32)
                 if mask is None:
-                    b.store(value, at, align=4)
+                    b.store(value, where, align=4)
                 else:
-                    b.call(self.store_masked, [value, at, ir.Constant(I32, 4), mask])
+                    b.call(self.store_masked, [value, where, ir.Constant(I32, 4), mask])
+
+    def _tail_in_registers(self, position: ir.Value, column: ir.Value, sums: ir.Value, mask) -> None:
+        """The fused tail on one vector of sums (output ``position``, columns from ``column``):
+        each operand's vector (or its one value, where it is per position) loaded beside it, and
+        the result stored to the group's output."""
+        E = LLVMVectorOps(self.b, self.module, LANES)
+        operands = []
+        for view in self.operands:
+            address = view.address(self.b, [position, column])
+            operands.append(E.load(address, view.dtype, mask) if view.strides[1] == 1 else E.splat(self.b.load(address, typ=llvm_type(view.dtype)), view.dtype))
+        value = self.epilogue.apply(E, E.typed(sums, DType.int32), operands)
+        E.store(value, View(self.out, self.out_dtype, (math.prod(self.g.out), self.g.m), (self.g.m, 1)).address(self.b, [position, column]), mask)
 
     def _tail(self, oy: ir.Value, j0: ir.Value, cols: int, ox0: ir.Value, count: int) -> None:
         """The fused tail over positions [ox0, ox0 + count) of this output row's columns

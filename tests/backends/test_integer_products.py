@@ -320,6 +320,49 @@ def test_a_qdq_mlp_runs_its_gemms_as_integer_products_with_their_tails_fused(wei
     assert np.mean(got != want) < 0.02
 
 
+def _rescaled_step(tail: str):
+    """An LSTM step's int8 product and its rescale, as onnxruntime's quantize_dynamic writes
+    it: MatMulInteger -> Cast -> Mul by the scale -> Add (the input projection), then
+    ``tail`` ("Relu" or "Gelu") or nothing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMulInteger", ["x", "w", "zp"], ["p"]), helper.make_node("Cast", ["p"], ["f"], to=TensorProto.FLOAT), helper.make_node("Mul", ["f", "s"], ["m"]), helper.make_node("Add", ["m", "z"], ["a" if tail else "y"])]
+    if tail:
+        nodes.append(helper.make_node(tail, ["a"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "step", [helper.make_tensor_value_info("x", TensorProto.UINT8, [16, 256]), helper.make_tensor_value_info("zp", TensorProto.UINT8, []), helper.make_tensor_value_info("z", TensorProto.FLOAT, [16, 100])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 100])],
+        [numpy_helper.from_array(rng.integers(-128, 128, (256, 100)).astype(np.int8), "w"), numpy_helper.from_array(np.array([0.0013], np.float32), "s")],
+    )
+    feeds = {"x": rng.integers(0, 256, (16, 256)).astype(np.uint8), "zp": np.array(131, np.uint8), "z": rng.standard_normal((16, 100)).astype(np.float32)}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), feeds
+
+
+@needs_vnni
+@pytest.mark.parametrize("tail, in_registers", [("", True), ("Relu", True), ("Gelu", False)])
+def test_a_products_tail_runs_on_its_sums_in_registers_where_every_op_has_a_vector_rule(monkeypatch, tail, in_registers):
+    """The rescale (and a Relu) apply to each vector of sums as it leaves the registers, with
+    no row buffer and no second loop; a Gelu (inline float math: scalar code) keeps the loop
+    over the row buffer. Both give eager's values, with a partial last column block (100)."""
+    from kiln.backends.llvm import kernels_integer
+
+    def forbidden(*args):
+        raise AssertionError("the other tail path ran")
+
+    monkeypatch.setattr(kernels_integer._Tiles, "_tail" if in_registers else "_tail_in_registers", forbidden)
+    model, feeds = _rescaled_step(tail)
+    from kiln import config
+
+    with config.override(cache_dir="off"):
+        got = kiln.compile(model, target="llvm").run(feeds)["y"]
+    want = kiln.compile(model).run(feeds)["y"]
+    if tail == "Gelu":  # kiln's inline erf against numpy's
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    else:  # the same float32 operations in the same order
+        np.testing.assert_array_equal(got, want)
+
+
 @needs_vnni
 def test_an_int8_artifact_loads_its_packed_quads_without_compiling(tmp_path, monkeypatch):
     import kiln.backends.llvm as llvm_backend
