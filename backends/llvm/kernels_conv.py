@@ -32,7 +32,7 @@ from typing import Callable
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext
-from kiln.backends.llvm.emit import I32, PTR, VECTOR_RULE_OPS, Panels, Vectors, View, const_i64, entry_alloca, for_range, llvm_type
+from kiln.backends.llvm.emit import I32, PTR, VECTOR_RULE_OPS, LLVMVectorOps, Panels, Vectors, View, const_i64, entry_alloca, for_range, llvm_type
 from kiln.backends.llvm.kernels_nn import SHARED_WEIGHTS, _unflatten
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
@@ -103,6 +103,24 @@ class Epilogue:
     operands: list[View]
     apply: Callable
     vectors: bool = False
+
+    def in_registers(self, out_dtype: DType, operands: list[View]) -> bool:
+        """Whether a kernel may apply the tail to its vectors of sums as they leave the
+        registers (``on_vector``): every op has a vector rule, and each operand runs along the
+        channels or is one value a position (bytes for bools: those keep the loop, which widens
+        them)."""
+        return self.vectors and out_dtype is not DType.bool and all(v.strides[1] in (0, 1) and v.dtype is not DType.bool for v in operands)
+
+    def on_vector(self, b: ir.IRBuilder, module: ir.Module, value: ir.Value, dtype: DType, operands: list[View], position: ir.Value, column: ir.Value, mask) -> ir.Value:
+        """The tail's values for one vector of the conv's (``dtype``) at output ``position``,
+        channels from ``column`` (lanes off ``mask`` unread), each operand's vector, or its one
+        value for the position, loaded beside it."""
+        E = LLVMVectorOps(b, module, value.type.count)
+        xs = []
+        for view in operands:
+            address = view.address(b, [position, column])
+            xs.append(E.load(address, view.dtype, mask) if view.strides[1] == 1 else E.splat(b.load(address, typ=llvm_type(view.dtype)), view.dtype))
+        return self.apply(E, E.typed(value, dtype), xs)
 
     def run(self, b: ir.IRBuilder, module: ir.Module, target: View, operands: list[View], source: View | None = None) -> None:
         """The tail over the output block ``target``, from the conv's values in ``source`` (by

@@ -30,7 +30,7 @@ import math
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
-from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, LLVMVectorOps, Panels, View, const_i64, entry_alloca, for_range, llvm_type, rows_per_l1_set
+from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, LLVMVectorOps, Panels, View, const_i64, entry_alloca, for_range, rows_per_l1_set
 from kiln.backends.llvm.kernels_conv import Geometry, _row_start, _tap_offset, geometry, over_tiles
 from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, SHARED_WEIGHTS, _unflatten, micro_rows
 from kiln.backends.llvm.parallel import parallel_rows
@@ -241,10 +241,7 @@ class _Tiles:
         self.b, self.module, self.g = emitting.b, emitting.module, g
         self.source, self.panels, self.out, self.out_dtype = source, panels, out, out_dtype
         self.zero_point, self.row_buffer, self.epilogue, self.operands = zero_point, row_buffer, epilogue, operands
-        # the tail on each vector of sums as they leave the registers, where every op of it has
-        # a vector rule and each operand runs along the channels or is one value a position
-        # (bytes for bools: those keep the loop, which widens them)
-        self.in_registers = epilogue is not None and epilogue.vectors and out_dtype is not DType.bool and all(v.strides[1] in (0, 1) and v.dtype is not DType.bool for v in operands)
+        self.in_registers = epilogue is not None and epilogue.in_registers(out_dtype, operands)  # the tail on each vector of sums
         self.mr = micro_rows(g.ow)
         # the tail runs after each output row, or after each micro-tile where a row's outputs
         # would crowd one L1 set (rows 4 KB apart, as a 1024-column float product's: 512 x 64
@@ -351,16 +348,11 @@ class _Tiles:
                     b.call(self.store_masked, [value, where, ir.Constant(I32, 4), mask])
 
     def _tail_in_registers(self, position: ir.Value, column: ir.Value, sums: ir.Value, mask) -> None:
-        """The fused tail on one vector of sums (output ``position``, columns from ``column``):
-        each operand's vector (or its one value, where it is per position) loaded beside it, and
-        the result stored to the group's output."""
-        E = LLVMVectorOps(self.b, self.module, LANES)
-        operands = []
-        for view in self.operands:
-            address = view.address(self.b, [position, column])
-            operands.append(E.load(address, view.dtype, mask) if view.strides[1] == 1 else E.splat(self.b.load(address, typ=llvm_type(view.dtype)), view.dtype))
-        value = self.epilogue.apply(E, E.typed(sums, DType.int32), operands)
-        E.store(value, View(self.out, self.out_dtype, (math.prod(self.g.out), self.g.m), (self.g.m, 1)).address(self.b, [position, column]), mask)
+        """The fused tail on one vector of sums (output ``position``, columns from ``column``),
+        stored to the group's output."""
+        value = self.epilogue.on_vector(self.b, self.module, sums, DType.int32, self.operands, position, column, mask)
+        out = View(self.out, self.out_dtype, (math.prod(self.g.out), self.g.m), (self.g.m, 1))
+        LLVMVectorOps(self.b, self.module, LANES).store(value, out.address(self.b, [position, column]), mask)
 
     def _tail(self, oy: ir.Value, j0: ir.Value, cols: int, ox0: ir.Value, count: int) -> None:
         """The fused tail over positions [ox0, ox0 + count) of this output row's columns
