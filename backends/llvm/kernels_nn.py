@@ -105,7 +105,7 @@ def gemm_split(m: int, k: int, n: int, dtype: DType, packed: bool, mr: int) -> s
     read again every step) and every thread gets a micro-tile of rows: then the rows, so each
     thread's rows stay in its own cache from the product to the step's gates and into the next
     step's product, where a column split sends half of every row across cores (LSTM 2x256
-    batch 16 a run, ms: 3.32 -> 3.08; its GRU 2.58 -> 2.35)."""
+    batch 16 a run, ms: 3.22 -> 2.99; its GRU 2.50 -> 2.33)."""
     threads, nr = num_threads(), 2 * vector_width(dtype)
     if m * n * k < PARALLEL_MACS or threads == 1:
         return "serial"
