@@ -22,7 +22,10 @@ from kiln.ir.graph import Graph
 from kiln.ir.text import parse_graph, print_graph
 
 FORMAT = "kiln-artifact"
-FORMAT_VERSION = 1
+# 2: an int8 product's packed weights may end each panel with its column sums (the layout's
+# "sums"); a kiln that reads only 1 would pack them without, under code that reads them, so it
+# refuses 2. Format 1 artifacts load as they are (no sums).
+FORMAT_VERSION = 2
 
 
 @dataclass

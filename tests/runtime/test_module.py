@@ -130,6 +130,26 @@ def test_artifacts_from_a_newer_kiln_are_refused_with_advice(squeezenet, tmp_pat
         kiln.load(path)
 
 
+def test_format_1_artifacts_still_load(squeezenet, tmp_path):
+    """Format 2 added the int8 panels' column sums; a format 1 artifact has none to pack and
+    loads as it is."""
+    path = tmp_path / "sq.kiln"
+    squeezenet.save(path)
+
+    def back(members):
+        manifest = json.loads(members["manifest.json"])
+        assert manifest["format_version"] == 2
+        manifest["format_version"] = 1
+        members["manifest.json"] = json.dumps(manifest).encode()
+
+    _rewrite(path, back)
+    feed = {name: np.zeros(t.shape, t.dtype.numpy) for name, t in squeezenet.input_types.items()}
+    got, want = kiln.load(path).run(feed), squeezenet.run(feed)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_a_failed_save_leaves_nothing_behind(squeezenet, tmp_path, monkeypatch):
     import kiln.runtime.artifact as artifact
 
