@@ -158,6 +158,13 @@ def for_range(b: ir.IRBuilder, stop: int | ir.Value, start: int | ir.Value = 0, 
     b.position_at_end(done)
 
 
+def broadcast(b: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
+    """The scalar ``value`` in each of ``lanes`` lanes (insert, then shuffle lane 0 everywhere)."""
+    vec = ir.VectorType(value.type, lanes)
+    one = b.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
+
+
 class Vectors:
     """SIMD building blocks for the register-tiled kernels (GEMM, direct and dot-product
     convolutions): ``width`` lanes of ``dtype``, loads and stores under a lane mask (None:
@@ -197,8 +204,7 @@ class Vectors:
 
     def splat(self, value: ir.Value) -> ir.Value:
         """``value`` in every lane."""
-        one = self.b.insert_element(ir.Constant(self.vec, ir.Undefined), value, ir.Constant(I32, 0))
-        return self.b.shuffle_vector(one, ir.Constant(self.vec, ir.Undefined), ir.Constant(ir.VectorType(I32, self.width), [0] * self.width))
+        return broadcast(self.b, value, self.width)
 
     def fma(self, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
         return self.b.call(self._fma, [a, b, c])
@@ -209,14 +215,8 @@ class Vectors:
 
     def lanes_within(self, lo: ir.Value, hi: ir.Value) -> ir.Value:
         """The mask of lanes ``l`` with ``lo <= l < hi`` (i64 values known at run time)."""
-        lane_ty = ir.VectorType(I64, self.width)
-        lanes = ir.Constant(lane_ty, list(range(self.width)))
-
-        def spread(value: ir.Value) -> ir.Value:
-            one = self.b.insert_element(ir.Constant(lane_ty, None), value, ir.Constant(I32, 0))
-            return self.b.shuffle_vector(one, ir.Constant(lane_ty, None), ir.Constant(ir.VectorType(I32, self.width), [0] * self.width))
-
-        return self.b.and_(self.b.icmp_signed(">=", lanes, spread(lo)), self.b.icmp_signed("<", lanes, spread(hi)))
+        lanes = ir.Constant(ir.VectorType(I64, self.width), list(range(self.width)))
+        return self.b.and_(self.b.icmp_signed(">=", lanes, broadcast(self.b, lo, self.width)), self.b.icmp_signed("<", lanes, broadcast(self.b, hi, self.width)))
 
 
 L1_WAYS, L1_SETS, LINE = 12, 64, 64  # the L1 data cache: 48 KB, 12 ways of 64 sets of 64-byte lines
@@ -495,9 +495,15 @@ class LLVMVectorOps(LLVMScalarOps):
         element = int(bool(value)) if dtype is DType.bool else float(value) if dtype.is_float else int(value)
         return self.typed(ir.Constant(self.value_type(dtype), [element] * self.lanes), dtype)
 
+    @staticmethod
+    def _suffix(vec: ir.VectorType) -> str:
+        """An overloaded intrinsic's name for ``vec``: v16f32, v16i8..."""
+        element = vec.element
+        kind = f"i{element.width}" if isinstance(element, ir.IntType) else {ir.HalfType: "f16", ir.FloatType: "f32", ir.DoubleType: "f64"}[type(element)]
+        return f"v{vec.count}{kind}"
+
     def _intrinsic(self, name: str, ty: ir.Type, arity: int) -> ir.Function:
-        bits = {ir.HalfType: 16, ir.FloatType: 32, ir.DoubleType: 64}[type(ty.element)]
-        full = f"llvm.{name}.v{self.lanes}f{bits}"
+        full = f"llvm.{name}.{self._suffix(ty)}"
         return self.module.globals.get(full) or ir.Function(self.module, ir.FunctionType(ty, [ty] * arity), full)
 
     def call(self, fn: str, *args):
@@ -510,17 +516,13 @@ class LLVMVectorOps(LLVMScalarOps):
 
     def splat(self, value: ir.Value, dtype: DType) -> ir.Value:
         """The scalar ``value`` of ``dtype`` in every lane."""
-        vec = ir.VectorType(value.type, self.lanes)
-        one = self.b.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(I32, 0))
-        return self.typed(self.b.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(I32, self.lanes), [0] * self.lanes)), dtype)
+        return self.typed(broadcast(self.b, value, self.lanes), dtype)
 
     def _masked(self, op: str, vec: ir.VectorType) -> ir.Function:
-        element = vec.element
-        kind = f"i{element.width}" if isinstance(element, ir.IntType) else {ir.HalfType: "f16", ir.FloatType: "f32", ir.DoubleType: "f64"}[type(element)]
         mask = ir.VectorType(I1, self.lanes)
         if op == "load":
-            return self.module.declare_intrinsic(f"llvm.masked.load.v{self.lanes}{kind}.p0", (), ir.FunctionType(vec, [PTR, I32, mask, vec]))
-        return self.module.declare_intrinsic(f"llvm.masked.store.v{self.lanes}{kind}.p0", (), ir.FunctionType(ir.VoidType(), [vec, PTR, I32, mask]))
+            return self.module.declare_intrinsic(f"llvm.masked.load.{self._suffix(vec)}.p0", (), ir.FunctionType(vec, [PTR, I32, mask, vec]))
+        return self.module.declare_intrinsic(f"llvm.masked.store.{self._suffix(vec)}.p0", (), ir.FunctionType(ir.VoidType(), [vec, PTR, I32, mask]))
 
     def load(self, address: ir.Value, dtype: DType, mask: ir.Constant | None = None) -> ir.Value:
         """``lanes`` elements of ``dtype`` from ``address`` (lanes off ``mask`` not read: 0)."""

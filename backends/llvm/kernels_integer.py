@@ -32,7 +32,7 @@ import math
 import llvmlite.ir as ir
 
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
-from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, LLVMVectorOps, Panels, View, const_i64, entry_alloca, for_range, rows_per_l1_set
+from kiln.backends.llvm.emit import I8, I32, L1_WAYS, PTR, LLVMVectorOps, broadcast, Panels, View, const_i64, entry_alloca, for_range, rows_per_l1_set
 from kiln.backends.llvm.kernels_conv import Geometry, _row_start, _tap_offset, geometry, over_tiles
 from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, SHARED_WEIGHTS, _unflatten, micro_rows
 from kiln.backends.llvm.parallel import parallel_rows
@@ -256,11 +256,6 @@ class _Tiles:
         self.dot = self.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", (), ir.FunctionType(I32X16, [I32X16] * 3))
         self.store_masked = self.module.declare_intrinsic("llvm.masked.store.v16i32.p0", (), ir.FunctionType(ir.VoidType(), [I32X16, PTR, I32, MASK]))
 
-    def splat(self, value: ir.Value) -> ir.Value:
-        b = self.b
-        one = b.insert_element(ir.Constant(I32X16, ir.Undefined), value, ir.Constant(I32, 0))
-        return b.shuffle_vector(one, ir.Constant(I32X16, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
-
     def segment(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value) -> None:
         """Output rows [oy0, oy1) of column block ``jb`` (the last block may be partial)."""
         b, g = self.b, self.g
@@ -281,7 +276,7 @@ class _Tiles:
         zero = ir.Constant(I32X16, [0] * LANES)
         if self.zero_point is None:
             return [zero, zero]
-        zs = self.splat(b.zext(self.zero_point, I32))
+        zs = broadcast(b, b.zext(self.zero_point, I32), LANES)
         at = b.gep(panel, [const_i64(self.taps * self.quads * NR * QUAD)], source_etype=I8)
         sums = [b.load(b.gep(at, [const_i64(h * LANES * QUAD)], source_etype=I8), typ=I32X16, align=64) for h in range(2)]
         return [b.sub(zero, b.mul(zs, s)) for s in sums]
@@ -332,7 +327,7 @@ class _Tiles:
                 weights = [b.load(b.gep(at, [const_i64(h * LANES * QUAD)], source_etype=I8), typ=I32X16, align=64) for h in range(2)]
                 a_at = b.gep(self.source, [b.add(window, b.mul(q, const_i64(QUAD)))], source_etype=I8)
                 for r in range(rows):
-                    a = self.splat(b.load(b.gep(a_at, [const_i64(r * step)], source_etype=I8), typ=I32, align=1))
+                    a = broadcast(b, b.load(b.gep(a_at, [const_i64(r * step)], source_etype=I8), typ=I32, align=1), LANES)
                     for h in range(2):
                         b.store(b.call(self.dot, [b.load(accs[r][h], typ=I32X16), a, weights[h]]), accs[r][h])
         for r in range(rows):
@@ -449,7 +444,7 @@ def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
                 total = weights[0]
                 for wt in weights[1:]:
                     total = eb.fadd(total, wt)
-                start = eb.fmul(eb.fneg(total), _splat_f32(eb, z_float))  # -z * sum w
+                start = eb.fmul(eb.fneg(total), broadcast(eb, z_float, LANES))  # -z * sum w
 
                 def position(ox: ir.Value, columns: list[bool] | None) -> None:
                     """Output position ``ox``; ``columns``: which kernel columns read the image
@@ -496,9 +491,6 @@ def emit_depthwise(ctx: KernelContext, epilogue=None) -> None:
     parallel_rows(ctx, items, threads, [v.ptr for v in views] + [outside], rows)
 
 
-def _splat_f32(b: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    one = b.insert_element(ir.Constant(F32X16, ir.Undefined), value, ir.Constant(I32, 0))
-    return b.shuffle_vector(one, ir.Constant(F32X16, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
 
 
 def _fma(module: ir.Module) -> ir.Function:
