@@ -886,6 +886,7 @@ def test_repeated_fused_groups_share_one_kernel_function():
         ("Gemm", (300, 64), (10, 64), {"transB": 1}, True),  # transposed B, one padded panel, rows over threads
         ("Gemm", (8, 64), (64, 520), {}, False),  # fewer rows than columns: columns over threads
         ("MatMul", (3, 40, 24), (24, 72), {}, False),  # batched, one constant matrix
+        ("MatMul", (37, 1, 24), (24, 72), {}, False),  # sequence-first tokens: one GEMM of 37 rows
         ("Gemm", (29, 1024), (1024, 520), {}, True),  # 2.1 MB of weights: each column block's first tile prefetches the next panel
     ],
 )
@@ -913,6 +914,23 @@ def test_constant_gemm_operands_are_packed_into_panels(op, x_shape, w_shape, att
     (panel,) = module.executable.layout["panels"]
     assert (panel["k"], panel["n"]) == (k, n)  # a transposed constant B is made row-major first
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_matmul_by_one_matrix_takes_its_batches_rows_as_one_gemm():
+    """(..., m, k) @ (k, n) is one GEMM of prod(...) * m rows wherever A's rows step through
+    memory evenly (a dense tensor); only a view that breaks the step keeps
+    the loop of per-batch products."""
+    from kiln.backends.llvm.emit import View
+    from kiln.backends.llvm.kernels_nn import _row_stride
+    from kiln.ir.dtypes import DType
+
+    def view(shape, strides):
+        return View(None, DType.float32, shape, strides)
+
+    assert _row_stride(view((197, 1, 768), (768, 768, 1))) == 768
+    assert _row_stride(view((2, 3, 8), (72, 24, 1))) == 24  # a part of wider rows
+    assert _row_stride(view((1, 1, 8), (8, 8, 1))) == 8
+    assert _row_stride(view((4, 3, 8), (8, 32, 1))) is None  # a transposed view's rows
 
 
 def test_panels_hold_each_column_block_contiguously():
