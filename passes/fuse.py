@@ -55,9 +55,13 @@ def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users
     """Whether ``node`` may join ``group`` through its input ``via``: None where it may not,
     else the nodes that join with it (``_pulled``)."""
     fans_out = len(users.get(via, [])) != 1 or id(via) in outputs
-    # an elementwise group may fan out (a value read outside leaves it as an extra output)
+    closing: list[Node] = []
+    # an elementwise group may fan out (a value read outside leaves it as an extra output);
+    # a heavy op's, only into a branch that closes again inside it (x * sigmoid(x))
     if fans_out and not (group.anchor is None and node.op.kind is OpKind.ELEMENTWISE and _one_shape(group, node)):
-        return None
+        closing = _closing_branch(node, group, via, index, users, outputs)
+        if not closing:
+            return None
     # values leaving the group are defined where its Fused node goes, at its new end: every
     # outside reader must come after that (whatever joins later, reduction or not)
     members = {id(n) for n in group.nodes}
@@ -81,7 +85,50 @@ def _can_join(node: Node, group: Group, via: Value, index: dict[int, int], users
             if not _pulled(v, node, group, index, users, outputs, group_of):
                 return None
             pulled.append(v.producer)
-    return pulled
+    return pulled + closing
+
+
+MAX_BRANCH = 16  # nodes of a closing branch (GELU's is 4, SiLU's 1)
+
+
+def _closing_branch(node: Node, group: Group, via: Value, index: dict[int, int], users: dict, outputs: set[int]) -> list[Node]:
+    """The later nodes that join a heavy op's group with ``node`` where ``node`` reads the
+    group's value ``via`` beside one other reader, the closer, and everything ``node`` starts
+    flows only into the closer: SiLU's ``Mul(x, Sigmoid(x))``, GELU's ``x * (1 + erf(x /
+    sqrt 2)) / 2``. The branch and the closer are elementwise, of ``via``'s shape, on values
+    of the group or made before it starts; they join together, and the group keeps one end.
+    Empty where ``via`` does not fan out so."""
+    if group.anchor is None or group.anchor.op.kind is not OpKind.HEAVY or id(via) in outputs:
+        return []
+    members = {id(n) for n in group.nodes}
+    others = list({id(u): u for u in users.get(via, []) if u is not node and id(u) not in members}.values())
+    if len(others) != 1:
+        return []
+    closer, shape = others[0], via.type.shape
+    branch, seen, todo = [], {id(node)}, [node]
+    while todo:
+        n = todo.pop()
+        if not _pointwise_like(n, shape) or id(n.outputs[0]) in outputs or not users.get(n.outputs[0]):
+            return []
+        for u in users[n.outputs[0]]:
+            if u is not closer and id(u) not in seen:
+                if len(seen) == MAX_BRANCH:
+                    return []
+                seen.add(id(u))
+                branch.append(u)
+                todo.append(u)
+    if not _pointwise_like(closer, shape):
+        return []
+    inside = members | seen | {id(closer)}
+    for n in [*branch, closer]:
+        for v in n.inputs:
+            if v is not None and v.producer is not None and id(v.producer) not in inside and index[id(v.producer)] >= group.start:
+                return []  # made after the group starts, outside it: joining could make a cycle
+    return sorted([*branch, closer], key=lambda n: index[id(n)])
+
+
+def _pointwise_like(node: Node, shape) -> bool:
+    return node.op.kind is OpKind.ELEMENTWISE and node.op.deterministic and len(node.outputs) == 1 and node.outputs[0].type.shape == shape
 
 
 def _pulled(v: Value, node: Node, group: Group, index: dict[int, int], users: dict, outputs: set[int], group_of: dict) -> bool:
@@ -105,7 +152,10 @@ def find_groups(graph: Graph) -> list[Group]:
     outputs = {id(v) for v in graph.outputs}
     group_of: dict[int, Group] = {}
     groups: list[Group] = []
+    claimed: dict[int, Group] = {}
     for i, node in enumerate(graph.nodes):
+        if claimed.pop(id(node), None) is not None:
+            continue
         kind = node.op.kind
         joined = None
         if kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) and node.op.deterministic:
@@ -119,7 +169,10 @@ def find_groups(graph: Graph) -> list[Group]:
                 if pulled is not None:
                     joined = group
                     for p in pulled:  # out of their own (one-node) groups, into this one, in order
-                        groups.remove(group_of[id(p)])
+                        if id(p) in group_of:
+                            groups.remove(group_of[id(p)])
+                        else:  # a closing branch's later nodes: placed when the loop reaches them
+                            claimed[id(p)] = group
                         group_of[id(p)] = group
                     group.nodes = sorted([*group.nodes, *pulled], key=lambda n: index[id(n)])
                     break
@@ -133,6 +186,8 @@ def find_groups(graph: Graph) -> list[Group]:
         if anchor:
             joined.anchor = node
         joined.nodes.append(node)
+        if claimed:  # a closing branch's later nodes are in already
+            joined.nodes.sort(key=lambda n: index[id(n)])
         if (kind in (OpKind.ELEMENTWISE, OpKind.REDUCTION) and node.op.deterministic) or anchor:
             group_of[id(node)] = joined
         if kind is OpKind.ELEMENTWISE and node.op.deterministic and joined.anchor is None:

@@ -853,6 +853,66 @@ def test_a_conv_and_its_pointwise_tail_run_as_one_kernel(channels, size, kernel)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout, group", [("nhwc", 1), ("nhwc", 16), ("nchw", 1), ("nchw", 16)], ids=["nhwc", "nhwc-depthwise", "nchw", "nchw-depthwise"])
+def test_a_conv_and_its_silu_run_as_one_kernel(layout, group):
+    """x * sigmoid(x) after a conv (EfficientNet's activation) is one Fused group, whichever
+    kernel takes it: fused_conv's tail per block, or the conv then one pass in place."""
+    from kiln import config
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(8)
+    graph = Graph("silu")
+    x = graph.add_input("x", TensorType((2, 16, 10, 10), DType.float32))
+    w = graph.add_param("w", rng.standard_normal((16, 16 // group, 3, 3)).astype(np.float32))
+    c = graph.add_node("Conv", [x, w], {"pads": [1, 1, 1, 1], "group": group}).outputs[0]
+    graph.outputs = [graph.add_node("Mul", [c, graph.add_node("Sigmoid", [c]).outputs[0]]).outputs[0]]
+    feed = {"x": rng.standard_normal((2, 16, 10, 10)).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    for threads in (1, 2):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            module = kiln.compile(graph, target="llvm", layout=layout)
+            groups = [[b.op.name for b in n.attrs["body"].nodes] for n in module.graph.nodes if n.op.name == "Fused"]
+            assert groups == [["Conv", "Sigmoid", "Mul"]]
+            (got,) = module.run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_gemm_and_its_gelu_run_as_the_gemm_then_one_pass_in_place(monkeypatch):
+    """MatMul + bias + GELU: the GEMM writes the group's output and one loop applies the
+    whole tail to it in place, each buffer handed to the loop's blocks once (the same buffer
+    twice defeats the vectorizer's overlap check at run time: 9x slower)."""
+    from kiln import config
+    from kiln.backends.llvm import kernels_elementwise
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    rng = np.random.default_rng(9)
+    graph = Graph("gelu")
+    x = graph.add_input("x", TensorType((3, 40, 64), DType.float32))
+    m = graph.add_node("MatMul", [x, graph.add_param("w", rng.standard_normal((64, 256)).astype(np.float32))]).outputs[0]
+    a = graph.add_node("Add", [m, graph.add_param("b", rng.standard_normal(256).astype(np.float32))]).outputs[0]
+    d = graph.add_node("Div", [a, graph.add_param("r2", np.array(math.sqrt(2), np.float32))]).outputs[0]
+    e = graph.add_node("Erf", [d]).outputs[0]
+    p = graph.add_node("Add", [e, graph.add_param("one", np.array(1, np.float32))]).outputs[0]
+    graph.outputs = [graph.add_node("Mul", [a, p]).outputs[0]]
+    feed = {"x": rng.standard_normal((3, 40, 64)).astype(np.float32)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    handed = []
+    split = kernels_elementwise.parallel_rows
+    monkeypatch.setattr(kernels_elementwise, "parallel_rows", lambda ctx, rows, threads, pointers, *rest: handed.append(pointers) or split(ctx, rows, threads, pointers, *rest))
+    with config.override(num_threads=2, cache_dir="off", check_bounds=True):
+        module = kiln.compile(graph, target="llvm")
+        (got,) = module.run(feed).values()
+    groups = [[b.op.name for b in n.attrs["body"].nodes] for n in module.graph.nodes if n.op.name == "Fused"]
+    assert groups == [["MatMul", "Add", "Div", "Erf", "Add", "Mul"]]
+    assert handed and all(len(set(map(id, pointers))) == len(pointers) for pointers in handed)
+    assert any(len(pointers) == 4 for pointers in handed)  # the tail: its output (read and written), b, r2, one
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_repeated_fused_groups_share_one_kernel_function():
     """Three Conv+Relu blocks of one shape with different weights: one kernel function serves
     them (the weights are arguments), and each block still gets its own weights."""

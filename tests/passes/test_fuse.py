@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import kiln
 from kiln.ir import parse_graph
 from kiln.passes import run_passes
@@ -199,3 +201,56 @@ def test_a_fanned_out_value_read_before_the_group_ends_keeps_groups_apart():
     groups = [[n.op.name for n in g.nodes] for g in find_groups(graph)]
     assert ["Neg", "Abs"] not in groups
     run_passes(graph, ["fuse"])  # and the outlined graph verifies
+
+
+def test_a_branch_that_closes_again_joins_the_heavy_ops_group():
+    """SiLU (x * sigmoid(x)) and GELU (x * (1 + erf(x / sqrt 2)) / 2) read the heavy op's
+    output twice; the branch and the op that closes it join its group together, and more
+    pointwise ops may follow."""
+    graph = parse_graph(
+        f"""
+        graph g(%x: f32[1,2,4,4], %y: f32[4,4]) {{
+          param %w: f32[3,2,3,3] = [{", ".join(["0.5"] * 54)}]
+          param %r2: f32[] = 1.4142135
+          param %one: f32[] = 1.0
+          param %half: f32[] = 0.5
+          %c: f32[1,3,4,4] = Conv(%x, %w) {CONV}
+          %s: f32[1,3,4,4] = Sigmoid(%c)
+          %silu: f32[1,3,4,4] = Mul(%c, %s)
+          %m: f32[4,4] = MatMul(%y, %y)
+          %d: f32[4,4] = Div(%m, %r2)
+          %e: f32[4,4] = Erf(%d)
+          %p: f32[4,4] = Add(%e, %one)
+          %q: f32[4,4] = Mul(%m, %p)
+          %gelu: f32[4,4] = Mul(%q, %half)
+          %out: f32[4,4] = Relu(%gelu)
+          return %silu, %out
+        }}"""
+    )
+    groups = [[n.op.name for n in grp.nodes] for grp in find_groups(graph)]
+    assert groups == [["Conv", "Sigmoid", "Mul"], ["MatMul", "Div", "Erf", "Add", "Mul", "Mul", "Relu"]]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "%t: f32[1,3,4,4] = Tanh(%c)\n          %z: f32[1,3,4,4] = Add(%silu, %t)",  # %c has a third reader
+        "%z: f32[1,3,4,4] = Exp(%s)",  # the branch's value is read outside it
+        "%z: f32[1,3,4,4] = Mul(%silu, %silu)",  # (control: this one closes)
+    ],
+)
+def test_a_branch_that_does_not_close_keeps_the_heavy_ops_group_apart(tail):
+    graph = parse_graph(
+        f"""
+        graph g(%x: f32[1,2,4,4]) {{
+          param %w: f32[3,2,3,3] = [{", ".join(["0.5"] * 54)}]
+          %c: f32[1,3,4,4] = Conv(%x, %w) {CONV}
+          %s: f32[1,3,4,4] = Sigmoid(%c)
+          %silu: f32[1,3,4,4] = Mul(%c, %s)
+          {tail}
+          return %silu, %z
+        }}"""
+    )
+    conv = next(grp for grp in find_groups(graph) if grp.nodes[0].op.name == "Conv")
+    closes = "Exp" not in tail and "Tanh" not in tail
+    assert [n.op.name for n in conv.nodes] == (["Conv", "Sigmoid", "Mul"] if closes else ["Conv"])
