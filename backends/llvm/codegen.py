@@ -185,16 +185,22 @@ class Codegen:
     _count: int = 0
     _emitted: dict[str, ir.Function] = field(default_factory=dict)
 
-    def kernel_function(self, node: Node, packed: frozenset[int] = frozenset(), strides: tuple = ()) -> ir.Function:
+    def kernel_function(self, node: Node, packed: frozenset[int] = frozenset(), strides: tuple = (), in_place: tuple = ()) -> ir.Function:
         """``node``'s kernel, ``void kernel_N(ptr in..., ptr out..., ptr scratch)``: emitted once
         per distinct signature (op, attributes, types, which inputs come packed, the strides of
-        inputs that are strided views: None for dense ones), so repeated blocks share their code."""
-        key = kernel_signature(node) + repr(sorted(packed)) + (repr(strides) if any(strides) else "")
+        inputs that are strided views: None for dense ones, which outputs are written over which
+        inputs), so repeated blocks share their code.
+
+        ``in_place`` pairs (output k, input j) whose buffers the plan made one: the kernel writes
+        output k through input j's pointer. Through two pointers that are equal only at run time,
+        LLVM's vectorized loops find them overlapping and fall back to their scalar loops
+        (EfficientNet's in-place Muls: 0.73 -> 0.36 ms a run)."""
+        key = kernel_signature(node) + repr(sorted(packed)) + (repr(strides) if any(strides) else "") + (repr(in_place) if in_place else "")
         if key not in self._emitted:
-            self._emitted[key] = self._emit_kernel(node, packed, strides)
+            self._emitted[key] = self._emit_kernel(node, packed, strides, in_place)
         return self._emitted[key]
 
-    def _emit_kernel(self, node: Node, packed: frozenset[int], strides: tuple = ()) -> ir.Function:
+    def _emit_kernel(self, node: Node, packed: frozenset[int], strides: tuple = (), in_place: tuple = ()) -> ir.Function:
         rule = kernel_rule(node)
         if rule is None:
             raise KilnError(f"node {node.name or node.op.name!r}: no LLVM kernel for {node.op.name} yet")
@@ -215,6 +221,8 @@ class Codegen:
             spec = panel_spec(node, i)
             ins[i] = Panels(args[i], node.inputs[i].type.dtype, (spec.k, spec.n), (spec.nr, 1), 0, spec.nr)
         outs = [View.dense(args[len(ins) + i], v.type.dtype, v.type.shape) for i, v in enumerate(node.outputs)]
+        for k, j in in_place:
+            outs[k] = View.dense(args[j], node.outputs[k].type.dtype, node.outputs[k].type.shape)
         rule.emit(KernelContext(b, self.module, node, ins, outs, args[-1], self))
         b.ret_void()
         return fn
@@ -254,7 +262,8 @@ class Codegen:
             if all(plan.is_view(v) for v in node.outputs):  # its outputs are its input's bytes
                 continue
             panels = {i: ptr for i in range(len(node.inputs)) if (ptr := packed(node, i)) is not None}
-            fn = self.kernel_function(node, frozenset(panels), tuple(plan.strides.get(id(v)) if v is not None else None for v in node.inputs))
+            strides = tuple(plan.strides.get(id(v)) if v is not None else None for v in node.inputs)
+            fn = self.kernel_function(node, frozenset(panels), strides, _in_place(node, offsets, panels, strides))
             args = [panels.get(i) or (address(v) if v is not None else ir.Constant(PTR, None)) for i, v in enumerate(node.inputs)]
             args += [address(v) for v in node.outputs]
             args.append(inner_scratch)
@@ -276,6 +285,17 @@ class Codegen:
             first = b.icmp_signed("==", b.load(flag, typ=ir.IntType(64)), const_i64(0))
             with b.if_then(b.and_(broken, first)):
                 b.store(const_i64(index + 1), flag)
+
+
+def _in_place(node: Node, offsets: dict[int, int], panels: dict, strides: tuple) -> tuple[tuple[int, int], ...]:
+    """(output k, input j) for each output the plan put in a dense input's buffer."""
+    pairs = []
+    for k, out in enumerate(node.outputs):
+        at = offsets.get(id(out))
+        j = next((j for j, v in enumerate(node.inputs) if v is not None and at is not None and offsets.get(id(v)) == at and j not in panels and strides[j] is None), None)
+        if j is not None and node.inputs[j].type.nbytes == out.type.nbytes:
+            pairs.append((k, j))
+    return tuple(pairs)
 
 
 PROFILE = "kiln_profile"

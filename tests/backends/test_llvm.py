@@ -913,6 +913,33 @@ def test_a_gemm_and_its_gelu_run_as_the_gemm_then_one_pass_in_place(monkeypatch)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_an_elementwise_op_the_plan_puts_in_place_writes_through_its_inputs_pointer():
+    """Where the plan writes an output over a dying input, the kernel stores through the
+    input's own pointer (its output argument unused): through two pointers equal only at run
+    time, LLVM's vectorized loop finds them overlapping and runs its scalar loop instead."""
+    from kiln import config
+    from kiln.backends.llvm.codegen import generate
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    graph = Graph("in_place")
+    x = graph.add_input("x", TensorType((64, 256), DType.float32))
+    s = graph.add_input("s", TensorType((1, 256), DType.float32))
+    t = graph.add_node("Exp", [x]).outputs[0]
+    graph.outputs = [graph.add_node("Softmax", [graph.add_node("Mul", [t, s]).outputs[0]]).outputs[0]]
+    rng = np.random.default_rng(10)
+    feed = {"x": rng.standard_normal((64, 256)).astype(np.float32), "s": rng.standard_normal((1, 256)).astype(np.float32)}
+    with config.override(cache_dir="off", check_bounds=True):
+        module = kiln.compile(graph, target="llvm", pipeline="O0")  # unfused: Exp, Mul, Softmax
+        (got,) = module.run(feed).values()
+    (mul,) = [f for f in generate(module.graph)[0].functions if f.name.endswith("_Mul")]
+    uses = [str(mul).count(f'%"{a.name}"') for a in mul.args]  # the signature's mention included
+    assert uses[2] == 1 and uses[0] > 2  # t written in place; out unread and unwritten
+    (want,) = kiln.compile(graph).run(feed).values()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_repeated_fused_groups_share_one_kernel_function():
     """Three Conv+Relu blocks of one shape with different weights: one kernel function serves
     them (the weights are arguments), and each block still gets its own weights."""
