@@ -13,7 +13,7 @@ import numpy as np
 
 from kiln.backends.llvm import kernels_conv_batched, kernels_conv_taps, kernels_depthwise, kernels_reduce_fused
 from kiln.backends.llvm.codegen import KernelContext, PanelSpec, kernel
-from kiln.backends.llvm.emit import I32, I64, PTR, LLVMScalarOps, Panels, Vectors, View, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
+from kiln.backends.llvm.emit import I32, I64, PTR, LLVMScalarOps, LLVMVectorOps, Panels, Vectors, View, broadcast, const_i64, contiguous_strides, entry_alloca, for_range, llvm_type, loop_nest
 from kiln.backends.llvm.parallel import parallel_rows
 from kiln.config import num_threads
 from kiln.errors import KilnError
@@ -1324,7 +1324,7 @@ def _initial(E: LLVMScalarOps, op: str, dtype: DType) -> ir.Value:
     return E.constant(init, dtype)
 
 
-@kernel(*REDUCTIONS)
+@kernel(*REDUCTIONS, scratch=lambda node: _reduce_scratch(node))
 def reduce(ctx: KernelContext) -> None:
     node = ctx.node
     if node.op.name in FLOAT_ONLY:
@@ -1336,16 +1336,17 @@ def reduce(ctx: KernelContext) -> None:
     if x.dtype is DType.bool:  # bytes of 0/1: max is any, min is all
         x, y = (View(v.ptr, DType.uint8, v.shape, v.strides, v.offset) for v in (x, y))
     rank = len(x.shape)
-    if node.op.name.startswith("Global"):
-        axes = list(range(2, rank))
-    else:
-        axes = list(range(rank)) if node.attrs["axes"] is None else [a % rank for a in node.attrs["axes"]]
+    axes = _reduced_axes(node)
     kept = [a for a in range(rank) if a not in axes]
     _, combine, finish = REDUCTIONS[node.op.name]
     count = math.prod(x.shape[a] for a in axes)
     inner = math.prod(x.shape[max(axes) + 1 :]) if axes else 1
     if axes and axes == list(range(axes[0], axes[-1] + 1)) and inner > 1 and x.strides == tuple(contiguous_strides(x.shape)):
-        _reduce_into_rows(ctx, x, y, math.prod(x.shape[: axes[0]]), count, inner)
+        geometry = _column_geometry(node)
+        if geometry is not None:
+            _reduce_columns(ctx, x, y, *geometry)
+        else:
+            _reduce_into_rows(ctx, x, y, math.prod(x.shape[: axes[0]]), count, inner)
         return
     out = View(y.ptr, y.dtype, tuple(x.shape[a] for a in kept), tuple(contiguous_strides([x.shape[a] for a in kept])))
     b = ctx.b
@@ -1370,6 +1371,125 @@ def reduce(ctx: KernelContext) -> None:
             else:
                 b.store(combine(E, acc, value), acc_ptr)
         out.store(b, index, E.cast(finish(E, E.typed(b.load(acc_ptr, typ=ty), wide), count), y.dtype))
+
+
+COLUMN_VECTORS = 4  # vectors of accumulators a block of columns keeps in registers
+PARALLEL_REDUCE = 1 << 15  # elements below which one thread reduces them all
+MERGES = {"ReduceMax": "max", "ReduceMin": "min", "GlobalMaxPool": "max", "ReduceProd": "mul"}  # partial results' merge; else add
+
+
+def _reduced_axes(node) -> list[int]:
+    rank = node.inputs[0].type.rank
+    if node.op.name.startswith("Global"):
+        return list(range(2, rank))
+    return list(range(rank)) if node.attrs["axes"] is None else sorted(a % rank for a in node.attrs["axes"])
+
+
+def _column_geometry(node) -> tuple[int, int, int, int] | None:
+    """(outer, length, inner, chunks) where a float reduction reads x as (outer, length,
+    inner) over its middle axis, inner > 1, ``chunks`` the parts of ``length`` the threads
+    take (1: they take (outer, column block) items instead); None for other reductions."""
+    x, y = node.inputs[0].type, node.outputs[0].type
+    axes = _reduced_axes(node)
+    if x.dtype not in (DType.float32, DType.float64) or y.dtype != x.dtype or not axes or axes != list(range(axes[0], axes[-1] + 1)):
+        return None
+    outer, length, inner = math.prod(x.shape[: axes[0]]), math.prod(x.shape[a] for a in axes), math.prod(x.shape[axes[-1] + 1 :])
+    if inner < 2:
+        return None
+    threads = num_threads() if outer * length * inner >= PARALLEL_REDUCE else 1
+    chunks = threads if outer < threads and length >= 8 * threads else 1
+    return outer, length, inner, chunks
+
+
+def _reduce_scratch(node) -> int:
+    geometry = _column_geometry(node)
+    if geometry is None or geometry[3] == 1:
+        return 0
+    outer, _, inner, chunks = geometry
+    return chunks * outer * inner * node.inputs[0].type.dtype.itemsize
+
+
+def _reduce_columns(ctx: KernelContext, x: View, y: View, outer: int, length: int, inner: int, chunks: int) -> None:
+    """A float x as (outer, length, inner) reduced over its middle axis (a global average pool
+    in channels-last: each channel over the positions). Each block of up to COLUMN_VECTORS
+    vectors of columns keeps its accumulators in registers down the rows. The threads split
+    the rows (``chunks`` > 1), each reducing its part of every column into scratch and this
+    thread merging the parts: each core reads the rows the kernel before it most likely left
+    in its own cache (split by positions), as with an RNN step's rows. Otherwise the threads
+    take (outer, column block) items. EfficientNet-B0's 17 pools took 0.31 ms a run on one
+    thread, column by column in memory; now 0.08, and the squeeze-excite Muls after them,
+    whose rows each core now has in cache, 0.61 -> 0.12 (the model 6.3 -> 5.4)."""
+    op = ctx.node.op.name
+    _, combine, finish = REDUCTIONS[op]
+    dtype = x.dtype
+    width = vector_width(dtype)
+    vectors = -(-inner // width)
+    per = min(COLUMN_VECTORS, vectors)
+    threads = num_threads() if outer * length * inner >= PARALLEL_REDUCE else 1
+    while chunks == 1 and per > 1 and outer * -(-vectors // per) < threads:  # a block for every thread
+        per -= 1
+    blocks = -(-inner // (per * width))
+    ragged = inner % (per * width) != 0
+
+    def reduce_block(emitting, xs, o, block, r0, r1, store) -> None:
+        b = emitting.b
+        E = LLVMVectorOps(b, emitting.module, width)
+        ty = E.value_type(dtype)
+        accs = [entry_alloca(b, ty) for _ in range(per)]
+        lanes = ir.Constant(ir.VectorType(I64, width), list(range(width)))
+        column = b.mul(block, const_i64(per * width))
+        starts = [b.add(column, const_i64(v * width)) for v in range(per)]
+        masks = [b.icmp_signed("<", lanes, broadcast(b, b.sub(const_i64(inner), start), width)) if ragged else None for start in starts]
+        for acc in accs:
+            b.store(_initial(E, op, dtype), acc)
+        with for_range(b, r1, start=r0, name="r") as r:
+            row = b.mul(b.add(b.mul(o, const_i64(length)), r), const_i64(inner))
+            for acc, start, mask in zip(accs, starts, masks):
+                value = E.load(xs.address(b, [b.add(row, start)]), dtype, mask)
+                b.store(combine(E, E.typed(b.load(acc, typ=ty), dtype), value), acc)
+        for acc, start, mask in zip(accs, starts, masks):
+            store(E, E.typed(b.load(acc, typ=ty), dtype), start, mask)
+
+    flat = lambda ptr, n, offset=0: View(ptr, dtype, (n,), (1,), offset)
+
+    if chunks == 1:
+
+        def items(emitting, ptrs, lo, hi, _):
+            b = emitting.b
+            xs, ys = flat(ptrs[0], outer * length * inner, x.offset), flat(ptrs[1], outer * inner, y.offset)
+            with for_range(b, hi, start=lo, name="item") as item:
+                o = b.sdiv(item, const_i64(blocks))
+
+                def store(E, acc, start, mask):
+                    E.store(finish(E, acc, length), ys.address(b, [b.add(b.mul(o, const_i64(inner)), start)]), mask)
+
+                reduce_block(emitting, xs, o, b.srem(item, const_i64(blocks)), const_i64(0), length, store)
+
+        parallel_rows(ctx, outer * blocks, min(threads, outer * blocks), [x.ptr, y.ptr], items)
+        return
+
+    def parts(emitting, ptrs, lo, hi, _):
+        b = emitting.b
+        xs, partial = flat(ptrs[0], outer * length * inner, x.offset), flat(ptrs[1], chunks * outer * inner)
+        for chunk in range(lo, hi):
+            r0, r1 = length * chunk // chunks, length * (chunk + 1) // chunks
+            with loop_nest(b, (outer, blocks), name="ob") as (o, block):
+
+                def store(E, acc, start, mask):
+                    E.store(acc, partial.address(b, [b.add(b.mul(b.add(const_i64(chunk * outer), o), const_i64(inner)), start)]), mask)
+
+                reduce_block(emitting, xs, o, block, const_i64(r0), r1, store)
+
+    parallel_rows(ctx, chunks, chunks, [x.ptr, ctx.scratch], parts)
+    b = ctx.b  # this thread merges the parts, in order, and finishes
+    E = LLVMScalarOps(b, ctx.module)
+    merge = getattr(E, MERGES.get(op, "add"))
+    partial, ys = flat(ctx.scratch, chunks * outer * inner), flat(y.ptr, outer * inner, y.offset)
+    with for_range(b, outer * inner, name="j") as j:
+        total = E.typed(partial.load(b, [j]), dtype)
+        for chunk in range(1, chunks):
+            total = merge(total, E.typed(partial.load(b, [b.add(j, const_i64(chunk * outer * inner))]), dtype))
+        ys.store(b, [j], finish(E, total, length))
 
 
 def _reduce_into_rows(ctx: KernelContext, x: View, y: View, outer: int, length: int, inner: int) -> None:

@@ -380,3 +380,32 @@ def test_a_one_channel_conv_channels_last_reads_its_weight_unpacked(stride):
     want = kiln.compile(graph).run({"x": x})["y"]
     got = kiln.compile(graph, target="llvm", layout="nhwc").run({"x": x})["y"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "ReduceProd"])
+@pytest.mark.parametrize(
+    "shape, axes, threads, chunks",
+    [
+        ((1, 48, 48, 40), [1, 2], 2, 2),  # a channels-last pool of one image: the threads split the positions
+        ((1, 48, 48, 40), [1, 2], 1, 1),
+        ((3, 64, 24, 37), [1, 2], 2, 1),  # more images than threads: (image, column block) items, ragged
+        ((1, 3000, 20), [1], 2, 2),  # one vector and a ragged part of a second per row
+    ],
+)
+def test_float_reductions_over_middle_axes_split_rows_or_columns(op, shape, axes, threads, chunks):
+    """A float reduction over middle axes keeps vectors of columns in registers down the rows;
+    with one image the threads take parts of the rows and this thread merges them in order."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import _column_geometry
+
+    rng = np.random.default_rng(len(shape) + threads)
+    x = rng.uniform(0.9, 1.1, shape).astype(np.float32) if op == "ReduceProd" else rng.standard_normal(shape).astype(np.float32)
+    dims = ",".join(map(str, shape))
+    kept = ",".join(str(1 if i in axes else d) for i, d in enumerate(shape))
+    text = f"graph g(%x: f32[{dims}]) {{\n  %y: f32[{kept}] = {op}(%x) {{axes={axes}, keepdims=1}}\n  return %y\n}}"
+    graph = parse_graph(text)
+    (want,) = kiln.compile(graph).run({"x": x}).values()
+    with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+        assert _column_geometry(graph.nodes[0])[3] == chunks
+        (got,) = kiln.compile(graph, target="llvm").run({"x": x}).values()
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
