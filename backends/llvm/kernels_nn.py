@@ -47,7 +47,7 @@ def vector_width(dtype) -> int:
     return lanes * 4 // dtype.itemsize
 
 
-def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0, mr: int = MR) -> None:
+def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0, mr: int = MR, serial: bool = False) -> None:
     """``c[M,N] = alpha * a[M,K] @ bm[K,N] (+ beta * init)``; views may be strided.
 
     Column blocks of two SIMD vectors go through the register-blocked micro-kernel when bm's
@@ -62,7 +62,7 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     n = bm.shape[1]
     nr = 2 * vector_width(c.dtype)
     start = Start(init, beta) if init is not None and alpha == 1.0 and init.dtype == c.dtype and init.strides[-1] in (0, 1) else None
-    split = gemm_split(m, k, n, c.dtype, isinstance(bm, Panels), mr)
+    split = "serial" if serial else gemm_split(m, k, n, c.dtype, isinstance(bm, Panels), mr)
     if split == "serial":
         _serial_gemm(ctx, a, bm, c, alpha, mr, start)
     elif split == "rows":
@@ -392,6 +392,16 @@ def _direct(node) -> bool:
     return all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in strides) and not any(pads)
 
 
+def _group_items(node) -> bool:
+    """Whether an NCHW grouped conv's threads take (image, group) items, each group's GEMM on
+    one thread, rather than images whose every group's GEMM splits over the pool: ResNeXt's
+    groups of 8 channels make GEMMs of 8 rows, each split costing a hand-out and a wait (32
+    a conv)."""
+    x, w, *_ = _conv_geometry(node)
+    groups = node.attrs["group"]
+    return groups > 1 and x.shape[0] * groups >= 2 * num_threads() and not kernels_depthwise.applies(node)
+
+
 def _image_threads(node) -> int:
     """Threads an NCHW convolution splits its images over: several when one image's GEMM is too
     small to split itself (LeNet-5's 6x25x784) but the batch is large enough, and when the
@@ -401,6 +411,8 @@ def _image_threads(node) -> int:
     x, w, nd, *_, out = _conv_geometry(node)
     n = x.shape[0]
     per_image = w.shape[0] * w.shape[1] * math.prod(w.shape[2:]) * math.prod(out)
+    if _group_items(node):
+        return num_threads() if n * per_image >= PARALLEL_MACS else 1
     threads = max(1, min(num_threads(), n))
     if n * per_image < PARALLEL_MACS:
         return 1
@@ -473,14 +485,19 @@ def conv(ctx: KernelContext) -> None:
         _banded_conv(ctx, node)
         return
 
+    by_group = _group_items(node)
+
     def images(emitting, ptrs, lo, hi, block):
-        """Images [lo, hi): im2col into this block's scratch, then one GEMM per group."""
+        """Images [lo, hi) (or (image, group) items, ``by_group``): im2col into this block's
+        scratch, then one GEMM per group."""
         b = emitting.b
         xv, wv, y = (View(ptr, v.dtype, v.shape, v.strides) for ptr, v in zip(ptrs, ctx.inputs[:2] + ctx.outputs[:1]))
         scratch = b.gep(ptrs[3], [const_i64(block * cols_bytes)], source_etype=ir.IntType(8))
         cols = View(scratch, x.dtype, (kk, p), (p, 1))
-        with for_range(b, hi, start=lo, name="img") as img:
-            with for_range(b, groups, name="grp") as g:
+        with for_range(b, hi, start=lo, name="item") as item:
+            img = b.udiv(item, const_i64(groups)) if by_group else item
+            with for_range(b, 1 if by_group else groups, name="grp") as g:
+                g = b.urem(item, const_i64(groups)) if by_group else g  # the item's one group
                 channel0 = b.mul(g, const_i64(cg))
                 x_base = b.add(b.mul(img, const_i64(c * spatial_in)), b.mul(channel0, const_i64(spatial_in)))
                 if direct:
@@ -496,11 +513,10 @@ def conv(ctx: KernelContext) -> None:
                 if bias is not None:
                     bias_ptr = b.gep(ptrs[4], [b.mul(g, const_i64(mg))], source_etype=_t(bias))
                     init = View(bias_ptr, bias.dtype, (mg, p), (1, 0))
-                emit_gemm(emitting, wg, src, yg, 1.0, init)
+                emit_gemm(emitting, wg, src, yg, 1.0, init, serial=by_group)
 
     pointers = [ctx.inputs[0].ptr, ctx.inputs[1].ptr, ctx.outputs[0].ptr, ctx.scratch] + ([bias.ptr] if bias is not None else [])
-    threads = _image_threads(node)
-    parallel_rows(ctx, n, threads, pointers, images)
+    parallel_rows(ctx, n * groups if by_group else n, _image_threads(node), pointers, images)
 
 
 # -- banded convolution: im2col columns a band of output rows at a time ----------------------------

@@ -210,6 +210,8 @@ def _takes_path(path: str, node) -> bool:
         return kernels_conv_taps.applies(node)
     if path == "banded":  # large columns: a band of output rows at a time
         return kernels_nn._banded(node) and kernels_nn._band_rows(node) < node.outputs[0].type.shape[2]
+    if path == "groups":  # (image, group) items over the threads, each group's GEMM on one
+        return kernels_nn._group_items(node) and not kernels_nn._banded(node) and not kernels_conv_batched.applies(node)
     raise ValueError(path)
 
 
@@ -252,6 +254,10 @@ NCHW_PATHS = [
     ("banded", "graph g(%x: f32[4,32,64,64], %w: f32[16,32,3,3]) {\n %y: f32[4,16,64,64] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
     # two groups, a bias, a row stride, a dilated width, 23 output rows in bands of 2
     ("banded", "graph g(%x: f32[3,32,45,40], %w: f32[6,16,3,3], %b: f32[6]) {\n %y: f32[3,6,23,40] = Conv(%x, %w, %b) {group=2, strides=[2, 1], dilations=[1, 2], pads=[1, 2, 1, 2]}\n return %y\n}"),
+    # ResNeXt-50's layer-2 grouped conv: 32 groups of 8 channels, a bias
+    ("groups", "graph g(%x: f32[1,256,28,28], %w: f32[256,8,3,3], %b: f32[256]) {\n %y: f32[1,256,28,28] = Conv(%x, %w, %b) {group=32, pads=[1, 1, 1, 1]}\n return %y\n}"),
+    # two images, 8 groups of 8 inputs to 6 outputs, a stride
+    ("groups", "graph g(%x: f32[2,64,15,15], %w: f32[48,8,3,3]) {\n %y: f32[2,48,8,8] = Conv(%x, %w) {group=8, strides=[2, 2], pads=[1, 1, 1, 1]}\n return %y\n}"),
     # one image: its bands over the threads
     ("banded", "graph g(%x: f32[1,16,40,40], %w: f32[8,16,3,3]) {\n %y: f32[1,8,40,40] = Conv(%x, %w) {pads=[1, 1, 1, 1]}\n return %y\n}"),
 ]
