@@ -206,6 +206,30 @@ def expand_small_powers(graph: Graph) -> Graph:
     return eliminate_dead_code(graph)
 
 
+@graph_pass("gather_one_as_slice")
+def gather_one_as_slice(graph: Graph) -> Graph:
+    """Gather of one constant index: a Slice of that index (and a Reshape where the index is a
+    scalar, which drops the axis). Where the part is a contiguous run of the data (size-1 dims
+    before the axis: torch's q, k and v out of one (3, 197, 1, 768) projection) the memory
+    plan makes the Slice a view, so no kernel copies it."""
+    for node in list(graph.nodes):
+        if node.op.name != "Gather" or node.inputs[1] not in graph.params or graph.params[node.inputs[1]].size != 1:
+            continue
+        x, out = node.inputs[0], node.outputs[0]
+        axis = node.attrs["axis"] % x.type.rank
+        index, dim = int(graph.params[node.inputs[1]].reshape(())), x.type.shape[axis]
+        if not -dim <= index < dim:  # out of range: the Gather's own error, at run time
+            continue
+        index %= dim
+        attrs = {"starts": [index], "ends": [index + 1], "axes": [axis], "steps": None}
+        if graph.params[node.inputs[1]].ndim:  # indices of shape (1,): the axis stays
+            node.op, node.inputs, node.attrs = get_op("Slice"), [x], attrs
+            continue
+        part = graph.add_node("Slice", [x], attrs, name=f"{node.name}/slice", index=graph.nodes.index(node)).outputs[0]
+        node.op, node.inputs, node.attrs = get_op("Reshape"), [part], {"shape": list(out.type.shape)}
+    return eliminate_dead_code(graph)
+
+
 def _live_taps(size: int, out: int, k: int, stride: int, dilation: int, before: int) -> tuple[int, int]:
     """The first and last tap along an axis that reads the image (not only the zero border)
     for some output position: tap ``t`` reads ``o * stride + t * dilation - before`` for o in
@@ -250,6 +274,7 @@ def trim_border_taps(graph: Graph) -> Graph:
 CANONICALIZE = [
     "fold_constants",
     "fold_fills",
+    "gather_one_as_slice",
     "expand_small_powers",
     "trim_border_taps",
     "remove_noops",

@@ -166,10 +166,14 @@ SAME_BYTES = {"Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze"}
 
 def view_offsets(node) -> list[int] | None:
     """Where each output of ``node`` lies in its input's bytes, when every output is a plain
-    part of them: a Reshape and its kin (offset 0), or a Split whose axis has only size-1 dims
-    before it (contiguous chunks). None otherwise."""
+    part of them: a Reshape and its kin (offset 0), a Slice that keeps one contiguous run
+    (``_contiguous_slice``), or a Split whose axis has only size-1 dims before it (contiguous
+    chunks). None otherwise."""
     if node.op.name in SAME_BYTES:
         return [0]
+    if node.op.name == "Slice" and node.inputs[0] is not None:
+        at = _contiguous_slice(node)
+        return None if at is None else [at]
     if node.op.name != "Split" or node.inputs[0] is None:
         return None
     shape = node.inputs[0].type.shape
@@ -181,6 +185,26 @@ def view_offsets(node) -> list[int] | None:
         offsets.append(at)
         at += out.type.nbytes
     return offsets
+
+
+def _contiguous_slice(node) -> int | None:
+    """The byte offset of a Slice's output in its input where the output is one contiguous
+    run of it: unit steps, size-1 output dims before the one sliced axis that keeps several
+    elements, and every dim after that one whole."""
+    from kiln.ir.ops.shape import _slices
+
+    shape, out = node.inputs[0].type.shape, node.outputs[0].type.shape
+    if 0 in out:
+        return None
+    parts = _slices(node.attrs, shape)
+    starts = [range(d)[s].start if len(range(d)[s]) else 0 for d, s in zip(shape, parts)]
+    if any(len(range(d)[s]) and range(d)[s].step != 1 for d, s in zip(shape, parts)):
+        return None
+    kept = [a for a, d in enumerate(out) if d != 1]
+    if kept and any(out[a] != shape[a] for a in range(kept[0] + 1, len(shape))):
+        return None
+    strides = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+    return sum(start * stride for start, stride in zip(starts, strides)) * node.inputs[0].type.dtype.itemsize
 
 
 def _strided_parts(node: Node, users: dict, outputs: set[int], strided_readers: Callable[[Node], bool]) -> list[int] | None:

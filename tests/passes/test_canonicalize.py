@@ -264,3 +264,42 @@ def test_taps_that_read_only_the_border_are_trimmed(rewrites):
           return %a, %b, %c
         }""",
     )
+
+
+def test_a_gather_of_one_constant_index_is_a_slice(rewrites):
+    """A scalar index drops the axis (Slice, then Reshape); an index of shape (1,) keeps it;
+    a negative index counts from the end; indices of more than one element stay a Gather."""
+    rewrites(
+        ["gather_one_as_slice"],
+        """
+        graph g(%x: f32[3,2,4]) {
+          param %one: i64[] = 1
+          param %last: i64[1] = [-1]
+          param %two: i64[2] = [0, 2]
+          %a: f32[2,4] = Gather(%x, %one) {axis=0}
+          %b: f32[3,2,1] = Gather(%x, %last) {axis=2}
+          %d: f32[3,2,2] = Gather(%x, %two) {axis=2}
+          return %a, %b, %d
+        }""",
+        """
+        graph g(%x: f32[3,2,4]) {
+          param %two: i64[2] = [0, 2]
+          %s: f32[1,2,4] = Slice(%x) {starts=[1], ends=[2], axes=[0], steps=null}
+          %a: f32[2,4] = Reshape(%s) {shape=[2, 4]}
+          %b: f32[3,2,1] = Slice(%x) {starts=[3], ends=[4], axes=[2], steps=null}
+          %d: f32[3,2,2] = Gather(%x, %two) {axis=2}
+          return %a, %b, %d
+        }""",
+    )
+
+
+def test_a_gather_of_an_index_out_of_range_stays_and_fails_as_it_would():
+    graph = parse_graph(
+        """
+        graph g(%x: f32[3,4]) {
+          param %far: i64[] = 3
+          %a: f32[4] = Gather(%x, %far) {axis=0}
+          return %a
+        }"""
+    )
+    assert run_passes(graph, ["gather_one_as_slice"]).op_histogram() == {"Gather": 1}

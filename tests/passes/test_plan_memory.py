@@ -173,3 +173,40 @@ def test_a_split_of_strided_parts_is_a_view_only_for_readers_of_any_strides():
     # a reader that needs dense rows (a MatMul) keeps the copy
     dense = parse_graph(text.replace("%c: f32[4,4] = Relu(%s2)", "%c: f32[4,4] = MatMul(%s2, %s2)"))
     assert not plan_memory(dense, strided_readers=is_pointwise).views
+
+
+SLICES = """
+graph g(%x: f32[3,5,1,8]) {
+  %a: f32[3,5,1,8] = Exp(%x)
+  %q: f32[1,5,1,8] = Slice(%a) {starts=[1], ends=[2], axes=[0], steps=null}
+  %k: f32[1,2,1,8] = Slice(%a) {starts=[2, 1], ends=[3, 3], axes=[0, 1], steps=null}
+  %v: f32[3,5,1,4] = Slice(%a) {starts=[4], ends=[8], axes=[3], steps=null}
+  %e: f32[1,3,1,8] = Slice(%a) {starts=[0, 0], ends=[1, 5], axes=[0, 1], steps=[1, 2]}
+  %y: f32[1,5,1,8] = Neg(%q)
+  %z: f32[1,2,1,8] = Relu(%k)
+  %u: f32[3,5,1,4] = Sigmoid(%v)
+  %w: f32[1,3,1,8] = Abs(%e)
+  return %y, %z, %u, %w
+}"""
+
+
+def test_a_slice_that_keeps_one_contiguous_run_is_a_view():
+    """A Slice whose part is one run of its input's bytes (size-1 dims before the axis that
+    keeps several elements, whole dims after it) sits in the input's buffer at its offset;
+    a part of every row, or one with a step, is copied."""
+    import numpy as np
+
+    from kiln.backends.llvm.codegen import generate
+
+    graph = parse_graph(SLICES)
+    plan = plan_memory(graph)
+    check_plan(graph, plan)
+    by_name = {v.name: v for n in graph.nodes for v in n.outputs}
+    assert {name for name in ("q", "k", "v", "e") if plan.is_view(by_name[name])} == {"q", "k"}
+    base = plan.offset(by_name["a"])
+    assert [plan.offset(by_name[n]) - base for n in ("q", "k")] == [40 * 4, (80 + 8) * 4]
+    assert len([f for f in generate(graph)[0].functions if f.name.endswith("_Slice")]) == 2  # %v's and %e's
+    x = np.random.default_rng(0).standard_normal((3, 5, 1, 8)).astype(np.float32)
+    want, got = kiln.compile(graph).run({"x": x}), kiln.compile(graph, target="llvm").run({"x": x})
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
