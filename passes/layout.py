@@ -190,6 +190,9 @@ class _Sinker:
             return self.graph.add_param(self.graph.fresh_name(f"{value.name}.t"), new)
         return False
 
+    def _read_only_by(self, value: Value, node: Node) -> bool:
+        return value not in self.graph.outputs and all(n is node for n in self.graph.nodes if any(v is value for v in n.inputs))
+
     def replace(self, node: Node, op, inputs, attrs, perm: list[int]) -> None:
         """``node`` becomes ``Transpose(op(inputs, attrs), perm)`` (its first output: any others,
         as DynamicQuantizeLinear's scale and zero point, are the new node's as they are)."""
@@ -242,10 +245,12 @@ class _Sinker:
         else:
             return False
         # a lone untransposed operand gets the inverse transpose when that removes at least as
-        # many transposes as it adds (a skip connection meeting a ConvTranspose output)
+        # many transposes as it adds (a skip connection meeting a ConvTranspose output): the
+        # transposes it reads must then go, read by nothing else (a transformer's residual
+        # stream, read by its LayerNorm too, would keep its transpose and gain two at every Add)
         variable = [v for v in node.inputs if v is not None and v not in self.graph.params]
-        moved = sum(1 for v in variable if _transpose_of(v) == perm)
-        insert = moved >= len(variable) - moved
+        moved = [v for v in variable if _transpose_of(v) == perm]
+        insert = len(moved) >= len(variable) - len(moved) and all(self._read_only_by(v, node) for v in moved)
         if any(self.operand(v, perm, rank, node, insert=False) is False for v in node.inputs) and not insert:
             return False
         inputs = [self.operand(v, perm, rank, node, insert) for v in node.inputs]

@@ -62,6 +62,21 @@ def test_sink_transposes_moves_the_transpose_to_the_output(rewrites):
     )
 
 
+def test_a_transpose_another_node_reads_too_does_not_sink_through_an_add_by_matching_it(rewrites):
+    """A transformer's residual stream after a channels-last patch conv: the transpose feeds
+    the LayerNorm and the Add. Sinking it through the Add would keep it (the LayerNorm reads
+    it), transpose the other operand to match and the sum back: two more, at every block."""
+    graph = """
+        graph g(%x: f32[1,6,4]) {
+          param %s: f32[6] = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+          %t: f32[1,4,6] = Transpose(%x) {perm=[0, 2, 1]}
+          %l: f32[1,4,6] = LayerNormalization(%t, %s) {axis=-1, epsilon=1e-05}
+          %a: f32[1,4,6] = Add(%t, %l)
+          return %a
+        }"""
+    rewrites(["sink_transposes"], graph, graph)
+
+
 def test_transposes_of_unit_axes_become_reshapes(rewrites):
     rewrites(
         ["sink_transposes"],
