@@ -10,6 +10,7 @@
 | KILN_NUM_THREADS    | (cores)    | threads compiled code splits large GEMMs over            |
 | KILN_CHECK_BOUNDS   | 0          | 1: compiled code checks guard bytes after every kernel   |
 | KILN_PROFILE        | 0          | 1: compiled code counts the time of every kernel         |
+| KILN_FLUSH_DENORMALS| 1          | 1: llvm code runs with denormal floats flushed to zero   |
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Flags:
     num_threads: int = 0  # 0 = the cores this process may run on
     check_bounds: bool = False
     profile: bool = False
+    flush_denormals: bool = True
 
 
 def _from_environment() -> Flags:
@@ -53,6 +55,7 @@ def _from_environment() -> Flags:
         num_threads=flag("KILN_NUM_THREADS", 0),
         check_bounds=bool(flag("KILN_CHECK_BOUNDS", 0)),
         profile=bool(flag("KILN_PROFILE", 0)),
+        flush_denormals=bool(flag("KILN_FLUSH_DENORMALS", 1)),
     )
 
 

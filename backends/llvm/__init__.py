@@ -224,7 +224,8 @@ class LLVMExecutable:
 def llvm_cache_key(graph: Graph, cpu: CPU) -> str:
     """The cache key of ``graph`` built for ``cpu``: its features, llvmlite and the options."""
     donations = sorted((getattr(graph, "donations", None) or {}).items())
-    options = (f"threads={config.num_threads()}", f"check_bounds={config.flags().check_bounds}", f"profile={config.flags().profile}", f"donate={donations}")
+    flags = config.flags()
+    options = (f"threads={config.num_threads()}", f"check_bounds={flags.check_bounds}", f"profile={flags.profile}", f"flush_denormals={flags.flush_denormals}", f"donate={donations}")
     return cache_key(graph, cpu.triple, cpu.name, cpu.features, llvmlite.__version__, *options)
 
 

@@ -20,7 +20,7 @@ from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.text import print_graph
 from kiln.passes.plan_memory import MemoryPlan, check_plan, plan_memory
-from kiln.backends.llvm.emit import PTR, Panels, View, const_i64, pack_into_panels
+from kiln.backends.llvm.emit import PTR, Panels, View, const_i64, flush_denormals, pack_into_panels, restore_mxcsr
 from kiln.backends.llvm.pool import SUBMIT, WAKE
 
 ENTRY = "kiln_main"
@@ -503,7 +503,9 @@ def generate(graph: Graph) -> tuple[ir.Module, MemoryPlan, int, list[tuple[Value
 
     if guards:
         b.store(const_i64(0), bounds_error_global(cg.module))
+    mxcsr = flush_denormals(b)
     cg.emit_program(graph, plan, b, pointer, arena, guards, config.flags().profile, packed)
+    restore_mxcsr(b, mxcsr)
     b.ret_void()
     if SUBMIT in cg.module.globals:  # the run hands blocks to the pool: wake its workers first
         b.position_at_start(entry.entry_basic_block)

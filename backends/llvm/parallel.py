@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from kiln.backends.llvm.emit import PTR, const_i64
+from kiln.backends.llvm.emit import PTR, const_i64, flush_denormals, restore_mxcsr
 
 
 @dataclass
@@ -54,8 +54,10 @@ def parallel_rows(ctx, rows: int, threads: int, pointers: list[ir.Value], emit, 
         worker = ir.Function(module, ir.FunctionType(PTR, [PTR]), module.get_unique_name("rows"))
         worker.linkage = "internal"
         wb = ir.IRBuilder(worker.append_basic_block("entry"))
+        mxcsr = flush_denormals(wb)  # a worker thread's own floating-point mode, as kiln_main's
         passed = [wb.load(wb.gep(worker.args[0], [const_i64(i)], source_etype=PTR), typ=PTR) for i in range(len(pointers))]
         emit(Emitting(wb, module), passed, lo, hi, index + 1)
+        restore_mxcsr(wb, mxcsr)
         wb.ret(ir.Constant(PTR, None))
         block_args = entry_array(b, PTR, len(pointers))
         for i, ptr in enumerate(pointers):

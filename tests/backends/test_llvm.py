@@ -332,11 +332,14 @@ def test_inline_float32_functions_are_within_a_few_ulp_of_the_exact_result(op, r
     """float32 exp, tanh, log, expm1 (Elu), log1p (Softplus) and erf are emitted as arithmetic (so
     loops vectorize), not libm calls: checked against the float64 result rounded to float32 over
     the whole range (subnormals to the largest floats, both signs), at the edges of overflow,
-    and on NaN/inf."""
+    and on NaN/inf; built keeping denormals (KILN_FLUSH_DENORMALS=0), as IEEE arithmetic."""
+    from kiln import config
+
     special = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-5, 3e-4, 5e-4, 0.99999, 1.0, 1.00001, 7.9, 88.7, 88.73, -87.5, -103.9, -110.0]
     magnitudes = np.geomspace(1e-45, 3.4e38, 20001)
     x = np.concatenate([np.linspace(-120, 100, 40001), np.linspace(-1.5, 1.5, 30001), magnitudes, -magnitudes, special]).astype(np.float32)
-    module = kiln.compile(_unary(op, x.size), "llvm")
+    with config.override(flush_denormals=False):
+        module = kiln.compile(_unary(op, x.size), "llvm")
     (got,) = module.run({"x": x}).values()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         want = reference(x.astype(np.float64)).astype(np.float32)
@@ -351,6 +354,32 @@ def test_inline_float32_functions_are_within_a_few_ulp_of_the_exact_result(op, r
     ir_text = str(generate(module.graph)[0])
     called = set(re.findall(r'@"?([\w.]+)"?\(', ir_text))
     assert not called & {"expf", "tanhf", "logf", "log1pf", "expm1f", "erff", "llvm.exp.f32", "llvm.log.f32"}
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_denormal_floats_flush_to_zero_on_every_thread_unless_told_not_to(flush):
+    """By default compiled code runs with denormal floats flushed to zero (a multiply-add on
+    one takes a ~100-cycle assist), in kiln_main and in the pool's workers, and puts the
+    caller's floating-point mode back; KILN_FLUSH_DENORMALS=0 keeps IEEE denormals."""
+    from kiln import config
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    n = 1 << 20  # split over the pool
+    graph = Graph("tiny")
+    x, y = (graph.add_input(name, TensorType((n,), DType.float32)) for name in ("x", "y"))
+    graph.outputs = [graph.add_node("Mul", [x, y]).outputs[0]]
+    feed = {"x": np.full(n, 1e-20, np.float32), "y": np.full(n, 1e-20, np.float32)}  # 1e-40: denormal
+    feed["x"][: n // 2], feed["y"][: n // 2] = 1e-41, 1e4  # a denormal input, read as zero too, by a normal product
+    with config.override(num_threads=2, cache_dir="off", flush_denormals=flush):
+        (got,) = kiln.compile(graph, target="llvm").run(feed).values()
+    if flush:
+        assert not got.any()
+    else:
+        np.testing.assert_array_equal(got, feed["x"] * feed["y"])
+        assert got.all()
+    assert np.float32(1e-20) * np.float32(1e-20) != 0  # this thread's mode is the caller's again
 
 
 def test_profiled_build_times_every_node(monkeypatch):
