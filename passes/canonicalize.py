@@ -213,16 +213,17 @@ def gather_one_as_slice(graph: Graph) -> Graph:
     before the axis: torch's q, k and v out of one (3, 197, 1, 768) projection) the memory
     plan makes the Slice a view, so no kernel copies it."""
     for node in list(graph.nodes):
-        if node.op.name != "Gather" or node.inputs[1] not in graph.params or graph.params[node.inputs[1]].size != 1:
+        indices = graph.params.get(node.inputs[1]) if node.op.name == "Gather" else None
+        if indices is None or indices.size != 1:
             continue
         x, out = node.inputs[0], node.outputs[0]
         axis = node.attrs["axis"] % x.type.rank
-        index, dim = int(graph.params[node.inputs[1]].reshape(())), x.type.shape[axis]
+        index, dim = int(indices.reshape(())), x.type.shape[axis]
         if not -dim <= index < dim:  # out of range: the Gather's own error, at run time
             continue
         index %= dim
         attrs = {"starts": [index], "ends": [index + 1], "axes": [axis], "steps": None}
-        if graph.params[node.inputs[1]].ndim:  # indices of shape (1,): the axis stays
+        if indices.ndim:  # indices of shape (1,): the axis stays
             node.op, node.inputs, node.attrs = get_op("Slice"), [x], attrs
             continue
         part = graph.add_node("Slice", [x], attrs, name=f"{node.name}/slice", index=graph.nodes.index(node)).outputs[0]

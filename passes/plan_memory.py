@@ -196,15 +196,13 @@ def _contiguous_slice(node) -> int | None:
     shape, out = node.inputs[0].type.shape, node.outputs[0].type.shape
     if 0 in out:
         return None
-    parts = _slices(node.attrs, shape)
-    starts = [range(d)[s].start if len(range(d)[s]) else 0 for d, s in zip(shape, parts)]
-    if any(len(range(d)[s]) and range(d)[s].step != 1 for d, s in zip(shape, parts)):
+    kept = [range(d)[s] for d, s in zip(shape, _slices(node.attrs, shape))]  # none empty
+    if any(r.step != 1 for r in kept):
         return None
-    kept = [a for a, d in enumerate(out) if d != 1]
-    if kept and any(out[a] != shape[a] for a in range(kept[0] + 1, len(shape))):
+    wide = [a for a, d in enumerate(out) if d != 1]
+    if wide and any(out[a] != shape[a] for a in range(wide[0] + 1, len(shape))):
         return None
-    strides = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
-    return sum(start * stride for start, stride in zip(starts, strides)) * node.inputs[0].type.dtype.itemsize
+    return sum(r.start * stride for r, stride in zip(kept, contiguous_strides(shape))) * node.inputs[0].type.dtype.itemsize
 
 
 def _strided_parts(node: Node, users: dict, outputs: set[int], strided_readers: Callable[[Node], bool]) -> list[int] | None:

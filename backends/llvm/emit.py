@@ -246,25 +246,26 @@ def flush_denormals(b: ir.IRBuilder) -> ir.Value | None:
 
     if not host_cpu().triple.startswith("x86_64"):
         return None
-    module = b.module
-    read = module.declare_intrinsic("llvm.x86.sse.stmxcsr", (), ir.FunctionType(ir.VoidType(), [PTR]))
-    write = module.declare_intrinsic("llvm.x86.sse.ldmxcsr", (), ir.FunctionType(ir.VoidType(), [PTR]))
     old, new = entry_alloca(b, I32), entry_alloca(b, I32)
-    b.call(read, [old])
+    b.call(_mxcsr(b, "st"), [old])
     mode = b.load(old, typ=I32)
     if config.flags().flush_denormals:
         b.store(b.or_(mode, ir.Constant(I32, FTZ_DAZ)), new)
     else:
         b.store(b.and_(mode, ir.Constant(I32, ~FTZ_DAZ & 0xFFFFFFFF)), new)
-    b.call(write, [new])
+    b.call(_mxcsr(b, "ld"), [new])
     return old
 
 
 def restore_mxcsr(b: ir.IRBuilder, old: ir.Value | None) -> None:
     """Put back the MXCSR ``flush_denormals`` saved (nothing where it saved none)."""
     if old is not None:
-        write = b.module.declare_intrinsic("llvm.x86.sse.ldmxcsr", (), ir.FunctionType(ir.VoidType(), [PTR]))
-        b.call(write, [old])
+        b.call(_mxcsr(b, "ld"), [old])
+
+
+def _mxcsr(b: ir.IRBuilder, op: str) -> ir.Function:
+    """The x86 intrinsic that stores (``st``) or loads (``ld``) MXCSR through a pointer."""
+    return b.module.declare_intrinsic(f"llvm.x86.sse.{op}mxcsr", (), ir.FunctionType(ir.VoidType(), [PTR]))
 
 
 def entry_alloca(b: ir.IRBuilder, ty: ir.Type) -> ir.Value:
