@@ -1004,6 +1004,7 @@ def test_repeated_fused_groups_share_one_kernel_function():
         ("MatMul", (3, 40, 24), (24, 72), {}, False),  # batched, one constant matrix
         ("MatMul", (37, 1, 24), (24, 72), {}, False),  # sequence-first tokens: one GEMM of 37 rows
         ("Gemm", (29, 1024), (1024, 520), {}, True),  # 2.1 MB of weights: each column block's first tile prefetches the next panel
+        ("Gemm", (1301, 300), (300, 72), {}, True),  # a tall A over a long K: row blocks kept in L2, and one left over
     ],
 )
 def test_constant_gemm_operands_are_packed_into_panels(op, x_shape, w_shape, attrs, bias, threads):
