@@ -191,12 +191,12 @@ WEIGHT_PASSES = 4  # ... or more rows: at most a quarter of the weights' size ea
 # 2048->512 at 7x7 0.70 -> 0.54; onnxruntime 0.456 and 0.508)
 
 
-def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
+def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
     """A 1x1 conv (unit strides, no pads) and its tail: y[N*P, M] = x[N*P, C] @ w[C, M] (+ bias),
-    the positions split over the pool (each thread a chunk of rows at a time: the GEMM, then
-    the tail while the rows are in cache) or, for few positions and many channels, the
-    columns (the GEMM on the thread's columns, then the tail on them)."""
-    from kiln.backends.llvm.kernels_nn import PARALLEL_MACS, Start, _serial_gemm, micro_rows, vector_width
+    split over the pool as a GEMM of those sizes splits (``gemm_split``): by positions (each
+    thread a chunk of rows at a time: the GEMM, then the tail while the rows are in cache) or
+    by columns (the GEMM on the thread's columns, then the tail on them)."""
+    from kiln.backends.llvm.kernels_nn import Start, _serial_gemm, gemm_split, micro_rows, thread_tiles, vector_width
 
     xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
@@ -206,10 +206,13 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
     w = wv if isinstance(wv, Panels) else View(wv.ptr, wv.dtype, (c, m), (m, 1), wv.offset)
     out = View(y.ptr, y.dtype, (rows, m), (m, 1), y.offset)
     start = View(bias.ptr, bias.dtype, (rows, m), (0, 1), bias.offset) if bias is not None else None
-    mr, nr = micro_rows(rows), 2 * vector_width(y.dtype)
-    threads = num_threads() if rows * c * m >= PARALLEL_MACS else 1
-    by_rows = threads == 1 or (rows >= 4 * mr * threads and rows >= m) or m < 2 * nr * threads
-    views = [a, w, out, *([start] if start is not None else []), *epilogue.operands]
+    split = gemm_split(rows, c, m, y.dtype, isinstance(w, Panels), micro_rows(rows))
+    by_rows = split != "columns"
+    count, align = (rows, micro_rows(rows)) if by_rows else (m, 2 * vector_width(y.dtype))
+    threads = 1 if split == "serial" else min(num_threads(), max(1, count // align))
+    mr, align = thread_tiles(rows, threads) if by_rows else (micro_rows(rows), align)
+    operands = epilogue.operands if epilogue is not None else []
+    views = [a, w, out, *([start] if start is not None else []), *operands]
 
     def part(emitting, ptrs, lo, hi, _):
         b = emitting.b
@@ -218,7 +221,8 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
         if not by_rows:  # columns [lo, hi) of every row
             cut = [v.columns(lo, hi) for v in rest]
             _serial_gemm(emitting, a_, w_.columns(lo, hi), out_.columns(lo, hi), 1.0, mr, start_.part(start_.view.columns(lo, hi)) if start_ else None)
-            epilogue.run(b, emitting.module, out_.columns(lo, hi), cut)
+            if epilogue is not None:
+                epilogue.run(b, emitting.module, out_.columns(lo, hi), cut)
             return
         chunk = max(mr, max(CHUNK_BYTES, c * m * y.dtype.itemsize // WEIGHT_PASSES) // (m * y.dtype.itemsize) // mr * mr)
         # as many chunks as that size needs, evened out (whole micro-tiles): the last one then
@@ -234,7 +238,8 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
             target = rows_from(out_, first, count)
             init = Start(rows_from(start_.view, first, count), 1.0) if start_ else None
             _serial_gemm(emitting, rows_from(a_, first, count), w_, target, 1.0, mr, init)
-            epilogue.run(b, emitting.module, target, [rows_from(v, first, count) for v in rest])
+            if epilogue is not None:
+                epilogue.run(b, emitting.module, target, [rows_from(v, first, count) for v in rest])
 
         if hi - lo <= chunk:
             one(const_i64(lo), hi - lo)
@@ -245,8 +250,6 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue) -> None:
             first = b.add(const_i64(lo), b.mul(k, const_i64(chunk)))
             one(b.select(b.icmp_signed("<", first, const_i64(hi - chunk)), first, const_i64(hi - chunk)), chunk)
 
-    count, align = (rows, mr) if by_rows else (m, nr)
-    threads = min(threads, max(1, count // align))
     parallel_rows(ctx, count, threads, [v.ptr for v in views], part, align=align)
 
 

@@ -39,6 +39,15 @@ def micro_rows(m: int) -> int:
     return min(range(6, 13), key=lambda mr: (-(-m // mr), -(m - (-(-m // mr) - 1) * mr), -mr))
 
 
+def thread_tiles(m: int, threads: int) -> tuple[int, int]:
+    """(rows per micro-tile, block alignment) for ``m`` rows split over ``threads``: the
+    tiles fit each thread's share (196 rows: 98 a thread as 8 x 11 + 10, where 12-row tiles
+    leave one of 2), and the blocks stay even (16 rows: 8 and 8, not 12 and 4)."""
+    share = -(-m // threads)
+    mr = micro_rows(share)
+    return mr, min(mr, share)
+
+
 def vector_width(dtype) -> int:
     """Elements per SIMD register on the host (AVX-512: 16 floats, AVX2: 8, else 4)."""
     from kiln.backends.llvm.target import host_cpu
@@ -48,13 +57,14 @@ def vector_width(dtype) -> int:
     return lanes * 4 // dtype.itemsize
 
 
-def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0, mr: int = MR, serial: bool = False) -> None:
+def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0, init: View | None = None, beta: float = 1.0, mr: int | None = None, serial: bool = False) -> None:
     """``c[M,N] = alpha * a[M,K] @ bm[K,N] (+ beta * init)``; views may be strided.
 
     Column blocks of two SIMD vectors go through the register-blocked micro-kernel when bm's
     and c's rows are contiguous; the remaining columns (and strided cases) use plain i-k-j loops.
     With alpha 1, ``beta * init`` (a bias row, an RNN step's input projection) is where the
-    accumulators start, so C is written once; otherwise it is added in a second pass.
+    accumulators start, so C is written once; otherwise it is added in a second pass. ``mr``:
+    rows per micro-tile (by default ``micro_rows`` of the rows each thread takes).
     """
     if c.dtype is DType.float16:
         _half_gemm(ctx, a, bm, c, alpha, init, beta)
@@ -63,13 +73,15 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     n = bm.shape[1]
     nr = 2 * vector_width(c.dtype)
     start = Start(init, beta) if init is not None and alpha == 1.0 and init.dtype == c.dtype and init.strides[-1] in (0, 1) else None
-    split = "serial" if serial else gemm_split(m, k, n, c.dtype, isinstance(bm, Panels), mr)
+    split = "serial" if serial else gemm_split(m, k, n, c.dtype, isinstance(bm, Panels), micro_rows(m))
     if split == "serial":
-        _serial_gemm(ctx, a, bm, c, alpha, mr, start)
+        _serial_gemm(ctx, a, bm, c, alpha, mr or micro_rows(m), start)
     elif split == "rows":
-        _parallel_gemm(ctx, a, bm, c, alpha, min(num_threads(), max(1, m // mr)), mr, start)
+        threads = min(num_threads(), max(1, m // micro_rows(m)))
+        tile_rows, align = thread_tiles(m, threads)
+        _parallel_gemm(ctx, a, bm, c, alpha, threads, mr or tile_rows, start, align if mr is None else mr)
     else:
-        _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr, mr, start)
+        _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr, mr or micro_rows(m), start)
     if init is not None and start is None:
         from kiln.backends.llvm.kernels_elementwise import emit_pointwise
 
@@ -93,6 +105,7 @@ class Start:
 
 
 SHARED_WEIGHTS = 1 << 20  # weights every thread may read whole (half of L2)
+STREAMED_WHOLE = 3 << 20  # weights every thread with rows enough may stream whole from L3
 PARALLEL_MACS = 1 << 18  # below this a GEMM runs on one thread (handing a block to the pool costs ~1 us)
 
 
@@ -100,16 +113,20 @@ def gemm_split(m: int, k: int, n: int, dtype: DType, packed: bool, mr: int) -> s
     """How a GEMM goes over the pool: "serial" (too small to hand out), "rows" (blocks of whole
     micro-tiles of rows) or "columns" (blocks of whole two-vector column blocks).
 
-    Few rows by many columns split the columns, so each thread streams half of B, unless B is
-    constant weights (``packed``) each core keeps whole in L2 (an RNN step's recurrent matrix,
-    read again every step) and every thread gets a micro-tile of rows: then the rows, so each
-    thread's rows stay in its own cache from the product to the step's gates and into the next
-    step's product, where a column split sends half of every row across cores (LSTM 2x256
-    batch 16 a run, ms: 3.22 -> 2.99; its GRU 2.50 -> 2.33)."""
+    The rows, where each thread gets four micro-tiles of them and B is at most a few MB: each
+    thread then reads only its own rows of A, which the kernel before it left in its own cache
+    when that split its rows too, and streams all of B from L3, prefetched. A column split
+    reads half of every row of A from the other core (chains of 8 MatMuls on 2 threads, ms:
+    196x1024x512 5.03 -> 4.76, 197x768x768 5.58 -> 5.13). Past that (ViT's 768x3072 MLP: 9.4
+    MB), few rows by many columns split the columns, so each thread streams half of B, unless
+    B is constant weights (``packed``) each core keeps whole in L2 (an RNN step's recurrent
+    matrix, read again every step) and every thread gets a micro-tile of rows: then the rows,
+    so each thread's rows stay in its own cache from the product to the step's gates and into
+    the next step's product (LSTM 2x256 batch 16 a run, ms: 3.22 -> 2.99; its GRU 2.50 -> 2.33)."""
     threads, nr = num_threads(), 2 * vector_width(dtype)
     if m * n * k < PARALLEL_MACS or threads == 1:
         return "serial"
-    if m >= 4 * mr * threads and m >= n or n < 2 * nr * threads:
+    if m >= 4 * mr * threads and (m >= n or k * n * dtype.itemsize <= STREAMED_WHOLE) or n < 2 * nr * threads:
         return "rows"
     kept = packed and k * n * dtype.itemsize <= SHARED_WEIGHTS and m >= mr * threads
     return "rows" if kept else "columns"
@@ -123,14 +140,15 @@ def _serial_gemm(ctx, a: View, bm: View, c: View, alpha: float, mr: int = MR, st
         _gemm_loops(ctx, a, bm, c, alpha, start)
 
 
-def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int, mr: int, start: Start | None = None) -> None:
-    """Rows of C split over ``threads`` (blocks of whole micro-tiles)."""
+def _parallel_gemm(ctx, a: View, bm: View, c: View, alpha: float, threads: int, mr: int, start: Start | None = None, align: int | None = None) -> None:
+    """Rows of C split over ``threads`` (blocks starting at multiples of ``align``, by default
+    whole micro-tiles)."""
 
     def block(emitting, ptrs, lo, hi, _):
         part = start.part(start.view.rows(lo, hi, ptrs[3])) if start is not None else None
         _serial_gemm(emitting, a.rows(lo, hi, ptrs[0]), bm.on(ptrs[1]), c.rows(lo, hi, ptrs[2]), alpha, mr, part)
 
-    parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr, start.view.ptr if start else c.ptr], block, align=mr)
+    parallel_rows(ctx, a.shape[0], threads, [a.ptr, bm.ptr, c.ptr, start.view.ptr if start else c.ptr], block, align=align or mr)
 
 
 def _parallel_columns(ctx, a: View, bm: View, c: View, alpha: float, threads: int, nr: int, mr: int, start: Start | None = None) -> None:
@@ -347,7 +365,7 @@ def gemm(ctx: KernelContext) -> None:
     b_view = bm if isinstance(bm, Panels) else View(bm.ptr, bm.dtype, (ka, n), (1, ka) if attrs["transB"] else (n, 1))
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     init = bias.broadcast_to((m, n)) if bias is not None else None
-    emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"], micro_rows(m))
+    emit_gemm(ctx, a_view, b_view, c, attrs["alpha"], init, attrs["beta"])
 
 
 @kernel("MatMul", panels=_matmul_panels)
@@ -363,7 +381,7 @@ def matmul(ctx: KernelContext) -> None:
     if row_stride is not None:  # one B for every batch: one GEMM of all their rows
         rows = m * math.prod(batch)
         a_rows = View(a2.ptr, a2.dtype, (rows, k), (row_stride, a2.strides[-1]), a2.offset)
-        emit_gemm(ctx, a_rows, bm if isinstance(bm, Panels) else b2, View.dense(c.ptr, c.dtype, (rows, n)), mr=micro_rows(rows))
+        emit_gemm(ctx, a_rows, bm if isinstance(bm, Panels) else b2, View.dense(c.ptr, c.dtype, (rows, n)))
         return
     ab = a2.broadcast_to(batch + (m, k))
     bb = b2.broadcast_to(batch + (k, n))
@@ -376,7 +394,7 @@ def matmul(ctx: KernelContext) -> None:
             return View(start, v.dtype, (rows, cols), v.strides[-2:])
 
         b_matrix = bm if isinstance(bm, Panels) else matrix(bb, k, n)  # packed: one 2-D B for every batch
-        emit_gemm(ctx, matrix(ab, m, k), b_matrix, matrix(cv, m, n), mr=micro_rows(m))
+        emit_gemm(ctx, matrix(ab, m, k), b_matrix, matrix(cv, m, n))
 
 
 def _row_stride(a: View) -> int | None:
@@ -840,8 +858,9 @@ def _nhwc_conv_scratch(node) -> int:
 
 
 def _nhwc_conv(ctx: KernelContext) -> None:
-    """Float32/64: the direct convolution (``kernels_conv``). A 1x1 conv with unit strides and
-    no pads is one GEMM over every image's positions. Otherwise (float16) y[img, P, M] =
+    """Float32/64: the direct convolution (``kernels_conv``); a 1x1 conv with unit strides and
+    no pads is one GEMM over every image's positions (``emit_pointwise_conv``, as when it has a
+    fused tail). Otherwise (float16) y[img, P, M] =
     cols[P, K] @ w[K, M] (+ bias), K = (*kernel, C), im2col copying whole channel rows."""
     from kiln.backends.llvm import kernels_conv
 
@@ -854,6 +873,9 @@ def _nhwc_conv(ctx: KernelContext) -> None:
     if kernels_conv.applies(node):
         kernels_conv.emit(ctx)
         return
+    if _nhwc_direct(node) and node.outputs[0].type.dtype in (DType.float32, DType.float64):  # every image at once: (N*P, C) @ (C, M)
+        kernels_conv.emit_pointwise_conv(ctx)
+        return
     x, w, nd, strides, dilations, pads, out_sp = _nhwc_geometry(node)
     xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
@@ -862,8 +884,8 @@ def _nhwc_conv(ctx: KernelContext) -> None:
     kk, p = math.prod(kernel_shape) * c, math.prod(out_sp)
     b = ctx.b
     w_view = wv if isinstance(wv, Panels) else View(wv.ptr, wv.dtype, (kk, m), (m, 1))
-    if _nhwc_direct(node):
-        rows = n * p  # every image at once: (N*P, C) @ (C, M)
+    if _nhwc_direct(node):  # float16: every image at once, as a GEMM
+        rows = n * p
         init = View(bias.ptr, bias.dtype, (rows, m), (0, 1)) if bias is not None else None
         emit_gemm(ctx, View(xv.ptr, xv.dtype, (rows, c), (c, 1)), w_view, View(y.ptr, y.dtype, (rows, m), (m, 1)), 1.0, init)
         return

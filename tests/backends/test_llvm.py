@@ -185,6 +185,8 @@ def test_threaded_gemm_matches_one_thread(shape):
         (16, 256, 1024, True, "rows"),  # an LSTM step's product by its 1 MB recurrent weights
         (16, 256, 1024, False, "columns"),  # ... by a matrix computed at run time
         (16, 784, 512, True, "columns"),  # weights past what each core keeps (1.6 MB)
+        (196, 1024, 512, True, "rows"),  # four micro-tiles a thread, and 2 MB of weights each streams whole
+        (197, 768, 3072, True, "columns"),  # ... but not 9.4 MB (ViT's MLP)
         (8, 300, 200, True, "columns"),  # too few rows for a micro-tile per thread
         (4, 16, 16, True, "serial"),
     ],
@@ -880,6 +882,44 @@ def test_a_conv_and_its_pointwise_tail_run_as_one_kernel(channels, size, kernel)
             assert ["Conv", "Mul", "Add", "Relu"] in groups
             (got,) = module.run(feed).values()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_shape, m, split", [
+    ((1, 64, 14, 14), 100, "rows"),  # 196 positions: 98 a thread, in tiles of their own height
+    ((2, 48, 5, 5), 40, "serial"),
+    ((1, 1024, 7, 7), 512, "columns"),  # 49 positions by 2 MB of weights
+], ids=["rows", "serial", "columns"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_an_unfused_1x1_conv_is_one_gemm_over_the_positions(x_shape, m, split, dtype):
+    """A channels-last 1x1 conv with no tail splits as a GEMM of its sizes would
+    (``gemm_split``), with eager's result, and the same bits on 1, 2 and 3 threads."""
+    from kiln import config
+    from kiln.backends.llvm.kernels_nn import gemm_split, micro_rows
+    from kiln.ir.dtypes import DType
+    from kiln.ir.graph import Graph
+    from kiln.ir.types import TensorType
+
+    n, c, h, w_ = x_shape
+    with config.override(num_threads=2):
+        assert gemm_split(n * h * w_, c, m, DType[dtype], True, micro_rows(n * h * w_)) == split
+    rng = np.random.default_rng(9)
+    graph = Graph("pointwise")
+    x = graph.add_input("x", TensorType(x_shape, DType[dtype]))
+    w = graph.add_param("w", (rng.standard_normal((m, c, 1, 1)) / np.sqrt(c)).astype(dtype))
+    bias = graph.add_param("b", rng.standard_normal(m).astype(dtype))
+    graph.outputs = [graph.add_node("Conv", [x, w, bias], {}).outputs[0]]
+    feed = {"x": rng.standard_normal(x_shape).astype(dtype)}
+    (want,) = kiln.compile(graph).run(feed).values()
+    results = []
+    for threads in (1, 2, 3):
+        with config.override(num_threads=threads, cache_dir="off", check_bounds=True):
+            module = kiln.compile(graph, target="llvm", layout="nhwc")
+            assert [n.op.name for n in module.graph.nodes if n.op.name != "Transpose"] == ["Conv"]
+            (got,) = module.run(feed).values()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        results.append(got)
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(results[2], results[0])
 
 
 @pytest.mark.parametrize("layout, group", [("nhwc", 1), ("nhwc", 16), ("nchw", 1), ("nchw", 16)], ids=["nhwc", "nhwc-depthwise", "nchw", "nchw-depthwise"])
