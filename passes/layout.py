@@ -1,7 +1,8 @@
 """Layout passes: convert convolutions and pools to channels-last (NHWC) and sink the
 transposes that creates until they cancel.
 
-``to_nhwc`` rewrites each Conv and ConvTranspose (group 1), MaxPool (without Indices) and
+``to_nhwc`` rewrites each Conv (grouped ones when depthwise or float32/64), ConvTranspose
+(group 1), MaxPool (without Indices) and
 AveragePool of rank >= 3 as ``Transpose(op_nhwc(Transpose(x)))``; constant weights are
 transposed now, at compile time (Conv to (*kernel, C, M), ConvTranspose to (C, *kernel, M)). ``sink_transposes`` then moves every Transpose below the ops that do not care
 about layout (elementwise ops, with constant operands transposed at compile time; Concat;
@@ -11,7 +12,8 @@ upsampling Resize or ConvTranspose (none after it to cancel it) goes back above 
 the smaller map. The canonicalize passes that
 follow fold Transpose(Transpose) chains into the identity and remove them, so a converted
 model keeps transposes only at its boundary and where an op must see NCHW (a BatchNormalization
-left in a training graph, a grouped convolution, a Reshape of a spatial map).
+left in a training graph, a grouped ConvTranspose, a float16 grouped Conv, a Reshape of a
+spatial map).
 
 Preconditions: none. Postconditions: outputs unchanged (names and values).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kiln.ir.dtypes import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.opdef import OpKind
 from kiln.ir.ops.nn import inverse_perm, is_depthwise, to_channels_first, to_channels_last, transposed_weight_to_first, transposed_weight_to_last, weight_to_spatial_first
@@ -46,15 +49,20 @@ def _convertible(node: Node) -> bool:
     op = node.op.name
     if op not in ("Conv", "ConvTranspose", "MaxPool", "AveragePool") or node.attrs["layout"] != "NCHW":
         return False
-    if node.inputs[0].type.rank < 3 or len(node.outputs) != 1:
+    x = node.inputs[0]
+    if x.type.rank < 3 or len(node.outputs) != 1:
         return False
-    # a 2-D depthwise conv (a channel per group) too: the llvm backend has a channels-last kernel
-    return op not in ("Conv", "ConvTranspose") or node.attrs["group"] == 1 or is_depthwise(node)
+    if op not in ("Conv", "ConvTranspose") or node.attrs["group"] == 1:
+        return True
+    # grouped: a 2-D depthwise conv (a channel per group), and a float32/64 Conv: the llvm
+    # backend has channels-last kernels for them
+    return is_depthwise(node) or (op == "Conv" and x.type.dtype in (DType.float32, DType.float64))
 
 
 @graph_pass("to_nhwc")
 def to_nhwc(graph: Graph) -> Graph:
-    """Conv (group 1, or 2-D depthwise), MaxPool and AveragePool to channels-last, between transposes."""
+    """Conv (grouped ones when 2-D depthwise or float32/64), ConvTranspose (group 1), MaxPool
+    and AveragePool to channels-last, between transposes."""
     for node in [n for n in graph.nodes if _convertible(n)]:
         x = node.inputs[0]
         rank = x.type.rank
@@ -123,6 +131,36 @@ def _moves_only_unit_axes(node: Node) -> bool:
     shape = node.inputs[0].type.shape
     kept = [p for p in node.attrs["perm"] if shape[p] != 1]
     return kept == sorted(kept)
+
+
+def _reshape_groups(shape, out) -> list[tuple[list[int], list[int]]] | None:
+    """The axes of ``shape`` and of ``out`` (a reshape of it) in matching groups: consecutive
+    axes of each with the same number of elements, each group as small as it can be.
+    ``shape``'s size-1 axes are in none; ``out``'s join the group before them (the first, when
+    before every group). None where no axis is larger than 1."""
+    xs = [i for i, n in enumerate(shape) if n != 1]
+    rs = [j for j, n in enumerate(out) if n != 1]
+    if not xs or not rs:
+        return None
+    groups, i, j = [], 0, 0
+    while i < len(xs):
+        gx, gr = [xs[i]], [rs[j]]
+        px, pr = shape[xs[i]], out[rs[j]]
+        i, j = i + 1, j + 1
+        while px != pr:
+            if px < pr:
+                gx.append(xs[i])
+                px, i = px * shape[xs[i]], i + 1
+            else:
+                gr.append(rs[j])
+                pr, j = pr * out[rs[j]], j + 1
+        groups.append((gx, gr))
+    for j, n in enumerate(out):  # out's 1s: into the group before them
+        if n == 1:
+            k = max((k for k, (_, gr) in enumerate(groups) if gr[0] < j), default=0)
+            groups[k][1].append(j)
+            groups[k][1].sort()
+    return groups
 
 
 def _resize_axes(attrs: dict, order: list[int]) -> dict:
@@ -236,8 +274,10 @@ class _Sinker:
                 attrs["axes"] = sorted(perm[a % rank] for a in attrs["axes"])
         elif op == "BatchNormalization" and perm == to_channels_first(rank):
             return self.batchnorm_as_affine(node, perm)
-        elif op == "Reshape" and perm == to_channels_first(rank):
-            return self.flatten_into_weights(node)
+        elif op == "Reshape":
+            return (perm == to_channels_first(rank) and self.flatten_into_weights(node)) or self.through_reshape(node, perm)
+        elif op == "Transpose":
+            return self.compose(node, perm)
         elif op in ("GlobalAveragePool", "GlobalMaxPool") and perm == to_channels_first(rank):
             reduce = "ReduceMean" if op == "GlobalAveragePool" else "ReduceMax"
             self.replace(node, reduce, [node.inputs[0].producer.inputs[0]], {"axes": list(range(1, rank - 1)), "keepdims": 1}, perm)
@@ -259,6 +299,60 @@ class _Sinker:
         self.replace(node, node.op, inputs, attrs, perm)
         return True
 
+
+    def compose(self, node: Node, perm: list[int]) -> bool:
+        """``Transpose(Transpose(x, perm), q)`` is one transpose of x (none when they cancel),
+        which may then sink on."""
+        source = node.inputs[0].producer.inputs[0]
+        composite = [perm[a] for a in node.attrs["perm"]]
+        if composite == sorted(composite):
+            replacement = source
+        else:
+            replacement = _insert(self.graph, node, "Transpose", [source], {"perm": composite}, node.name or "Transpose")
+        if substitute(self.graph, node.outputs[0], replacement):
+            self.graph.remove_nodes([node])
+            return True
+        return False
+
+    def through_reshape(self, node: Node, perm: list[int]) -> bool:
+        """``Reshape(Transpose(x, perm))`` as ``Transpose(Reshape(x'))`` where the reshape's
+        groups of axes (each group of the transposed input's axes merged or split into a group
+        of the output's, ``_reshape_groups``) lie contiguous in x: ViT's channels-last patch
+        embedding flattens (14, 14) with its channels last, and ShuffleNet's channel shuffle
+        splits the channels, transposes the two parts and merges them again. A group whose axes
+        lie in x in another order (the shuffle's merge) is put in order first, by a transpose
+        within the group (x' = that transpose of x), when what sinks on is then not nothing."""
+        g = self.graph
+        x = node.inputs[0].producer.inputs[0]
+        source, shape, out = x.type.shape, node.inputs[0].type.shape, node.outputs[0].type.shape
+        groups = _reshape_groups(shape, out)
+        if groups is None:
+            return False
+        nonunit = [a for a in range(len(source)) if source[a] != 1]
+        places = {a: k for k, a in enumerate(nonunit)}
+        axes = [[perm[i] for i in xs if shape[i] != 1] for xs, _ in groups]  # each group's axes of x
+        spans = [sorted(places[a] for a in group) for group in axes]
+        if any(span != list(range(span[0], span[0] + len(span))) for span in spans if span):
+            return False  # a group's axes are not together in x
+        # groups in x's order (a group of 1s stays after the group before it)
+        key, last = [], -1.0
+        for span in spans:
+            last = span[0] if span else last + 0.5
+            key.append(last)
+        order = sorted(range(len(groups)), key=lambda k: key[k])
+        inner = [a for k in order for a in axes[k]]  # x's axes, each group's in the reshape's order
+        shape_x = [out[j] for k in order for j in groups[k][1]]
+        first = {k: sum(len(groups[o][1]) for o in order[: order.index(k)]) for k in range(len(groups))}
+        outer = [first[k] + n for k, (_, rs) in enumerate(groups) for n in range(len(rs))]
+        if inner != nonunit and outer == sorted(outer):
+            return False  # the transpose within groups is the whole transpose: nothing gained
+        where = node.name or "Reshape"
+        if inner != nonunit:
+            units = [a for a in range(len(source)) if source[a] == 1]
+            x = _insert(g, node, "Transpose", [x], {"perm": units + inner}, f"{where}/within")
+            self.inserted.add(id(x.producer))
+        self.replace(node, "Reshape", [x], {**node.attrs, "shape": shape_x}, outer)
+        return True
 
     def sink_dynamic_quantize(self, node: Node) -> bool:
         """DynamicQuantizeLinear's range is over every element, so it quantizes the transpose's

@@ -61,10 +61,22 @@ class Geometry:
     size: tuple[int, ...]  # the input's spatial sizes
     before: tuple[int, ...]  # pads before each spatial axis
     padded: tuple[int, ...]
+    groups: int = 1
+
+    @property
+    def cg(self) -> int:
+        """Input channels a group's outputs read."""
+        return self.c // self.groups
+
+    @property
+    def mg(self) -> int:
+        """Output channels of a group."""
+        return self.m // self.groups
 
     @property
     def kk(self) -> int:
-        return math.prod(self.kernel) * self.c
+        """K of one group's product: (*kernel, channels of the group)."""
+        return math.prod(self.kernel) * self.cg
 
     @property
     def ow(self) -> int:
@@ -75,13 +87,18 @@ class Geometry:
         return math.prod(self.out[:-1])
 
     @property
+    def whole_rows(self) -> bool:
+        """Whether a tap spans a window row: its kw pixels' channels are all in K and contiguous."""
+        return self.dilations[-1] == 1 and self.groups == 1
+
+    @property
     def run(self) -> int:
         """K elements contiguous in the padded image under one tap."""
-        return self.kernel[-1] * self.c if self.dilations[-1] == 1 else self.c
+        return self.kernel[-1] * self.c if self.whole_rows else self.cg
 
     @property
     def tap_shape(self) -> tuple[int, ...]:
-        return self.kernel[:-1] if self.dilations[-1] == 1 else self.kernel
+        return self.kernel[:-1] if self.whole_rows else self.kernel
 
     def pitch(self, axis: int) -> int:
         """Elements between neighbours along spatial ``axis`` of the padded image."""
@@ -182,7 +199,7 @@ def _takes_tail(conv) -> bool:
     float 1x1 conv with unit strides and no pads (a GEMM over the positions)."""
     from kiln.backends.llvm.kernels_nn import _nhwc_direct
 
-    return applies(conv) or (conv.attrs["group"] == 1 and conv.inputs[0].type.dtype in (DType.float32, DType.float64) and _nhwc_direct(conv))
+    return applies(conv) or (conv.inputs[0].type.dtype in (DType.float32, DType.float64) and _nhwc_direct(conv))
 
 
 CHUNK_BYTES = 1 << 16  # output rows a 1x1 conv's thread finishes (GEMM, then tail) while they are in L2
@@ -280,7 +297,7 @@ def geometry(node) -> Geometry:
     x, w, nd, strides, dilations, pads, out = _nhwc_geometry(node)
     size = tuple(x.shape[1:-1])
     padded = tuple(n + pads[a] + pads[a + nd] for a, n in enumerate(size))
-    return Geometry(x.shape[-1], w.shape[-1], tuple(w.shape[:nd]), tuple(strides), tuple(dilations), tuple(out), size, tuple(pads[:nd]), padded)
+    return Geometry(x.shape[-1], w.shape[-1], tuple(w.shape[:nd]), tuple(strides), tuple(dilations), tuple(out), size, tuple(pads[:nd]), padded, node.attrs["group"])
 
 
 def _tap_offset(b: ir.IRBuilder, g: Geometry, tap: list[ir.Value]) -> ir.Value:
@@ -301,11 +318,12 @@ def _row_start(b: ir.IRBuilder, g: Geometry, row: list[ir.Value]) -> ir.Value:
 
 
 def applies(node) -> bool:
-    """An ungrouped float32/64 NHWC conv that is not a plain GEMM (1x1, stride 1, no pads)."""
+    """A float32/64 NHWC conv that is not a plain GEMM (ungrouped 1x1, stride 1, no pads) or
+    depthwise (``kernels_depthwise``)."""
+    from kiln.backends.llvm.kernels_depthwise import applies_nhwc
     from kiln.backends.llvm.kernels_nn import _nhwc_direct
 
-    x = node.inputs[0].type
-    return node.attrs["group"] == 1 and x.dtype in (DType.float32, DType.float64) and not _nhwc_direct(node)
+    return node.inputs[0].type.dtype in (DType.float32, DType.float64) and not _nhwc_direct(node) and not applies_nhwc(node)
 
 
 def _split_by_rows(g: Geometry, itemsize: int) -> bool:
@@ -348,7 +366,7 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     width = vector_width(xv.dtype)
     nr = 2 * width
-    blocks = -(-g.m // nr)
+    blocks = g.groups * -(-g.mg // block_columns(wv, width))  # column blocks, each within one group
     mr = micro_rows(g.ow)
     ty = llvm_type(xv.dtype)
     b = ctx.b
@@ -358,7 +376,7 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
     band = _band(g, xv.dtype.itemsize)
     pitch = g.pitch(0)  # elements between padded rows
     items = g.rows if by_rows else blocks * g.rows
-    threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1
+    threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1  # kk: one group's
     with for_range(b, xv.shape[0], name="img") as img:
         x_img = b.gep(xv.ptr, [b.add(const_i64(xv.offset), b.mul(img, const_i64(image_in)))], source_etype=ty)
         y_img = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(img, const_i64(image_out)))], source_etype=ty)
@@ -445,6 +463,12 @@ def _pad_rows(emitting, g: Geometry, ty: ir.Type, src: ir.Value, out: ir.Value, 
                     b.store(zero, b.gep(out_row, [j], source_etype=ty))
 
 
+def block_columns(weights: View, width: int) -> int:
+    """Output channels a micro-tile takes: its panel's (two vectors, or one where a group's
+    channels are a multiple of one vector only), else two vectors."""
+    return weights.nr if isinstance(weights, Panels) else 2 * width
+
+
 class _Tiles:
     """The micro-tiles of one block (a function of the pool's split) over a source image."""
 
@@ -468,38 +492,42 @@ class _Tiles:
         whole = isinstance(weights, Panels) and min(mr, g.ow) >= WHOLE_K_ROWS and panel_bytes <= SHARED_WEIGHTS
         part = g.kk if whole else KC
         self.taps = math.prod(g.tap_shape)
-        self.per_group = max(1, min(self.taps, part // g.run))
+        self.taps_per_part = max(1, min(self.taps, part // g.run))
         self.pieces = -(-g.run // part)
         self.piece = -(-g.run // self.pieces)
         # weights too large to stay cached between runs (a late ResNet stage's 9.4 MB) come
         # from memory: each K step prefetches its row of the next part into L2, one part ahead
         # (ResNet-18's layer 4 convs: 1.05-1.17 -> 0.72-0.78 ms)
         large = g.kk * g.m * dtype.itemsize > SHARED_WEIGHTS
-        self.prefetch = (self.per_group * g.run if self.pieces == 1 else self.piece) if large else 0
+        self.prefetch = (self.taps_per_part * g.run if self.pieces == 1 else self.piece) if large else 0
 
     def segment(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value, epilogue, operands: list[View]) -> None:
-        """Output rows [oy0, oy1) of column block ``jb`` (the last block may be partial)."""
+        """Output rows [oy0, oy1) of column block ``jb``: the blocks of each group in turn (a
+        group's last block may be partial)."""
         b, g = self.b, self.g
-        nr = 2 * self.width
-        full, blocks = g.m // nr, -(-g.m // nr)
-        if full == blocks or full == 0:
-            self._rows(jb, oy0, oy1, min(nr, g.m), epilogue, operands)
+        nr = block_columns(self.weights, self.width)
+        full, per_group = g.mg // nr, -(-g.mg // nr)
+        group, block = b.udiv(jb, const_i64(per_group)), b.urem(jb, const_i64(per_group))
+        j0 = b.add(b.mul(group, const_i64(g.mg)), b.mul(block, const_i64(nr)))
+        channel0 = b.mul(group, const_i64(g.cg))  # the group's first input channel
+        if full == per_group or full == 0:
+            self._rows(j0, channel0, oy0, oy1, min(nr, g.mg), epilogue, operands)
             return
-        with b.if_else(b.icmp_unsigned("<", jb, const_i64(full))) as (whole, last):
+        with b.if_else(b.icmp_unsigned("<", block, const_i64(full))) as (whole, last):
             with whole:
-                self._rows(jb, oy0, oy1, nr, epilogue, operands)
+                self._rows(j0, channel0, oy0, oy1, nr, epilogue, operands)
             with last:
-                self._rows(jb, oy0, oy1, g.m - full * nr, epilogue, operands)
+                self._rows(j0, channel0, oy0, oy1, g.mg - full * nr, epilogue, operands)
 
-    def _rows(self, jb: ir.Value, oy0: ir.Value, oy1: ir.Value, cols: int, epilogue, operands: list[View]) -> None:
-        """Columns [jb * nr, jb * nr + cols) of output rows [oy0, oy1), K in pieces: each
-        piece's slice of the weights (at most KC rows of nr) stays in L1 while every tile of
-        the rows multiplies by it; the tiles keep their partial sums in the output between pieces."""
+    def _rows(self, j0: ir.Value, channel0: ir.Value, oy0: ir.Value, oy1: ir.Value, cols: int, epilogue, operands: list[View]) -> None:
+        """Columns [j0, j0 + cols) of output rows [oy0, oy1), from the input
+        channels of their group from ``channel0``, K in pieces: each piece's slice of the
+        weights (at most KC rows of nr) stays in L1 while every tile of the rows multiplies by
+        it; the tiles keep their partial sums in the output between pieces."""
         b, g, width = self.b, self.g, self.width
         masks = self.V.masks(cols)
-        j0 = b.mul(jb, const_i64(2 * width))
         if isinstance(self.weights, Panels):  # this block's panel: kk rows of nr contiguous (zero-padded)
-            panel = b.gep(self.weights.ptr, [b.add(const_i64(self.weights.offset), b.mul(jb, const_i64(g.kk * self.weights.nr)))], source_etype=self.ty)
+            panel = b.gep(self.weights.ptr, [b.add(const_i64(self.weights.offset), b.mul(b.udiv(j0, const_i64(self.weights.nr)), const_i64(g.kk * self.weights.nr)))], source_etype=self.ty)
             b_row, b_masks = self.weights.nr, [None] * len(masks)
         else:  # the (kk, m) matrix's rows from column j0
             panel = b.gep(self.weights.ptr, [b.add(const_i64(self.weights.offset), j0)], source_etype=self.ty)
@@ -508,11 +536,11 @@ class _Tiles:
         if self.bias is not None:
             first = b.gep(self.bias.ptr, [b.add(const_i64(self.bias.offset), j0)], source_etype=self.ty)
             starts = [self.V.load(b.gep(first, [const_i64(h * width)], source_etype=self.ty), mask) for h, mask in enumerate(masks)]
-        run, taps, per_group, pieces, piece = g.run, self.taps, self.per_group, self.pieces, self.piece
-        with for_range(b, -(-taps // per_group) * pieces, name="part") as part:
-            group, p = b.udiv(part, const_i64(pieces)), b.urem(part, const_i64(pieces))
-            tap0 = b.mul(group, const_i64(per_group))
-            tap1 = b.select(b.icmp_unsigned("<", b.add(tap0, const_i64(per_group)), const_i64(taps)), b.add(tap0, const_i64(per_group)), const_i64(taps))
+        run, taps, per_part, pieces, piece = g.run, self.taps, self.taps_per_part, self.pieces, self.piece
+        with for_range(b, -(-taps // per_part) * pieces, name="part") as part:
+            taps_part, p = b.udiv(part, const_i64(pieces)), b.urem(part, const_i64(pieces))
+            tap0 = b.mul(taps_part, const_i64(per_part))
+            tap1 = b.select(b.icmp_unsigned("<", b.add(tap0, const_i64(per_part)), const_i64(taps)), b.add(tap0, const_i64(per_part)), const_i64(taps))
             k0 = b.mul(p, const_i64(piece))
             k1 = b.select(b.icmp_unsigned("<", b.add(k0, const_i64(piece)), const_i64(run)), b.add(k0, const_i64(piece)), const_i64(run))
             begin = b.icmp_unsigned("==", part, const_i64(0))
@@ -523,7 +551,7 @@ class _Tiles:
                 out_row = b.add(b.mul(oy, const_i64(g.ow * g.m)), j0)
 
                 def tile(ox0: ir.Value, rows: int) -> None:
-                    first = b.add(in_row, b.mul(ox0, const_i64(g.strides[-1] * g.c)))
+                    first = b.add(b.add(in_row, channel0), b.mul(ox0, const_i64(g.strides[-1] * g.c)))
                     live = self._live_taps(coords, ox0, rows)
                     self._tile(first, rows, panel, b_row, b_masks, k_range, begin, starts, b.add(out_row, b.mul(ox0, const_i64(g.m))), masks, live)
 

@@ -332,11 +332,11 @@ def _require_float(ctx: KernelContext) -> None:
         raise KilnError(f"node {ctx.node.name!r}: {ctx.node.op.name} on {ctx.outputs[0].dtype.short} has no LLVM kernel yet")
 
 
-def _panel(k: int, n: int, dtype: DType, transpose: bool = False) -> PanelSpec | None:
-    """Packing for a float GEMM's constant B (nr: the micro-kernel's two vectors)."""
+def _panel(k: int, n: int, dtype: DType, transpose: bool = False, nr: int | None = None) -> PanelSpec | None:
+    """Packing for a float GEMM's constant B (nr: by default the micro-kernel's two vectors)."""
     if dtype not in (DType.float32, DType.float64):
         return None
-    return PanelSpec(k, n, 2 * vector_width(dtype), transpose)
+    return PanelSpec(k, n, nr or 2 * vector_width(dtype), transpose)
 
 
 def _gemm_panels(node, i: int) -> PanelSpec | None:
@@ -469,12 +469,18 @@ def _conv_scratch(node) -> int:
 
 
 def _conv_panels(node, i: int) -> PanelSpec | None:
-    """An NHWC conv multiplies by its weights (*kernel, C, M) as a (kernel * C, M) matrix."""
+    """An NHWC conv multiplies by its weights (*kernel, C/g, M) as a (kernel * C/g, M) matrix.
+    A grouped one's panels lie within a group: two vectors wide where its channels are a
+    multiple of that, else one; channels fewer than a vector stay unpacked."""
     w = node.inputs[1].type
     # (a one-channel conv is depthwise too, and the depthwise kernel reads its weight as it is)
-    if i != 1 or node.attrs["layout"] != "NHWC" or node.attrs["group"] != 1 or kernels_depthwise.applies_nhwc(node):
+    if i != 1 or node.attrs["layout"] != "NHWC" or kernels_depthwise.applies_nhwc(node):
         return None
-    return _panel(math.prod(w.shape[:-1]), w.shape[-1], w.dtype)
+    width, per_group = vector_width(w.dtype), w.shape[-1] // node.attrs["group"]
+    nr = next((nr for nr in (2 * width, width) if per_group % nr == 0), None)
+    if nr is None:
+        return None
+    return _panel(math.prod(w.shape[:-1]), w.shape[-1], w.dtype, nr=nr)
 
 
 @kernel("Conv", scratch=_conv_scratch, panels=_conv_panels)
@@ -840,8 +846,9 @@ def _nhwc_geometry(node):
 
 
 def _nhwc_direct(node) -> bool:
+    """An ungrouped 1x1 conv with unit strides and no pads: a GEMM over the positions."""
     x, w, nd, strides, dilations, pads, out = _nhwc_geometry(node)
-    return all(k == 1 for k in w.shape[:nd]) and all(s == 1 for s in strides) and not any(pads)
+    return node.attrs["group"] == 1 and all(k == 1 for k in w.shape[:nd]) and all(s == 1 for s in strides) and not any(pads)
 
 
 def _nhwc_conv_scratch(node) -> int:
@@ -868,11 +875,11 @@ def _nhwc_conv(ctx: KernelContext) -> None:
     if kernels_depthwise.applies_nhwc(node):
         kernels_depthwise.emit_nhwc(ctx)
         return
-    if node.attrs["group"] != 1:
-        raise KilnError(f"node {node.name!r}: grouped NHWC Conv has no LLVM kernel yet (depthwise ones have)")
     if kernels_conv.applies(node):
         kernels_conv.emit(ctx)
         return
+    if node.attrs["group"] != 1:
+        raise KilnError(f"node {node.name!r}: grouped NHWC Conv on {node.inputs[0].type.dtype.short} has no LLVM kernel yet (float32/64 ones have)")
     if _nhwc_direct(node) and node.outputs[0].type.dtype in (DType.float32, DType.float64):  # every image at once: (N*P, C) @ (C, M)
         kernels_conv.emit_pointwise_conv(ctx)
         return

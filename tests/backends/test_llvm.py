@@ -764,12 +764,19 @@ def test_a_depthwise_conv_applies_its_pointwise_tail_in_cache(monkeypatch, layou
     ((1, 64, 61, 70), (32, 64, 3, 3), {"pads": [2, 1, 0, 1], "strides": [2, 1]}),  # 18 KB padded rows: bands of 6 output rows padded at a time
     ((1, 160, 7, 9), (24, 160, 3, 3), {"pads": [6, 6, 6, 6], "dilations": [6, 6]}),  # taps over the border only are skipped: parts of one tap, the first one skipped in most tiles
     ((2, 8, 13, 10), (20, 8, 3, 3), {"pads": [4, 0, 3, 6], "dilations": [4, 3], "strides": [2, 1]}),  # skipped taps under strides and uneven pads
-], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d", "whole-k", "padded-bands", "dead-taps", "dead-taps-strided"])
+    ((1, 64, 14, 14), (64, 4, 3, 3), {"pads": [1, 1, 1, 1], "group": 16}),  # ResNeXt's 4 channels a group: fewer than a vector, unpacked
+    ((2, 64, 9, 9), (128, 16, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2], "group": 4}),  # 32 outputs a group: two-vector panels
+    ((1, 64, 10, 10), (64, 16, 3, 3), {"pads": [1, 1, 1, 1], "group": 4}),  # 16 a group: one-vector panels (AVX-512)
+    ((1, 32, 8, 8), (48, 8, 3, 3), {"pads": [1, 1, 1, 1], "group": 4}),  # 12 a group: no panel width fits
+    ((1, 64, 7, 7), (64, 16, 1, 1), {"group": 4}),  # a grouped 1x1 (ShuffleNet)
+    ((1, 16, 11, 11), (8, 8, 3, 3), {"pads": [2, 2, 2, 2], "dilations": [2, 2], "group": 2}),  # grouped and dilated
+], ids=["stem", "partial-block", "dilated", "large-weights", "downsample", "1d", "3d", "whole-k", "padded-bands", "dead-taps", "dead-taps-strided",
+        "grouped-4", "grouped-32", "grouped-16", "grouped-12", "grouped-1x1", "grouped-dilated"])
 @pytest.mark.parametrize("weights, dtype", [("constant", "float32"), ("input", "float32"), ("constant", "float64")])
 def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype):
     """The direct convolution (no im2col): window rows read in place from a zero-padded copy of
-    each image, packed or run-time weights, both thread splits, bounds checked; one thread and
-    two give the same bits."""
+    each image, packed or run-time weights, both thread splits, grouped or not, bounds
+    checked; one thread and two give the same bits."""
     from kiln import config
     from kiln.backends.llvm import kernels_conv
     from kiln.ir.dtypes import DType

@@ -9,6 +9,7 @@ import pytest
 import kiln
 from kiln.errors import KilnError
 from kiln.ir import parse_graph
+from kiln.ir.text import array_digest
 from kiln.models.zoo import ZOO, build
 from kiln.passes import run_passes
 from kiln.passes.pipelines import pipeline
@@ -234,17 +235,79 @@ def test_auto_converts_only_graphs_whose_conv_work_is_wide():
     assert "Transpose" not in kiln.compile(resnet, target="eager", pipeline="O2").graph.op_histogram()
 
 
-def test_auto_keeps_channels_first_where_convs_that_stay_so_do_the_work(light_model):
-    """ShuffleNet's grouped 1x1 convs (4 groups) have no channels-last kernel: converting the
-    rest would put each of them between transposes, so auto leaves the graph NCHW. MobileNetV2's
-    depthwise convs convert, so its graph goes channels-last whole."""
-    shufflenet = kiln.optimize(str(light_model("light_shufflenet")), "O2", layout="auto")
-    assert all(b.attrs.get("layout", "NCHW") == "NCHW" for n in shufflenet.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])))
+def test_auto_keeps_channels_first_where_convs_that_stay_so_do_the_work():
+    """A float16 grouped conv has no channels-last kernel: converting the rest would put it
+    between transposes, so auto leaves a graph whose work it does NCHW. MobileNetV2's depthwise
+    convs convert, so its graph goes channels-last whole."""
+    rng = np.random.default_rng(2)
+    params = {"w": rng.normal(size=(32, 8, 3, 3)).astype(np.float16), "v": rng.normal(size=(32, 32, 1, 1)).astype(np.float16)}
+    grouped = parse_graph(
+        f"""
+        graph g(%x: f16[1,32,16,16]) {{
+          param %w: f16[32,8,3,3] = dense<sha256:{array_digest(params["w"])}>
+          param %v: f16[32,32,1,1] = dense<sha256:{array_digest(params["v"])}>
+          %c: f16[1,32,16,16] = Conv(%x, %w) {{strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=4}}
+          %y: f16[1,32,16,16] = Conv(%c, %v) {{strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}}
+          return %y
+        }}""",
+        params=params,
+    )
+    kept = kiln.optimize(grouped, "O2", layout="auto")
+    assert all(b.attrs.get("layout", "NCHW") == "NCHW" for n in kept.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])))
     mobilenet = kiln.trace(build("mobilenet_v2", width=0.5), [np.zeros((1, 3, 64, 64), np.float32)])
     converted = kiln.optimize(mobilenet, "O2", layout="auto")
     convs = [b for n in converted.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])) if b.op.name == "Conv"]
     assert convs and all(c.attrs["layout"] == "NHWC" for c in convs)
     assert [n.op.name for n in converted.nodes].count("Transpose") == 1
+
+
+def test_shufflenet_goes_channels_last_with_its_shuffles_as_transposes_within_each_pixel(light_model):
+    """ShuffleNet's grouped 1x1 convs (4 groups) convert, and the layout transposes sink
+    through its channel shuffles (Reshape, Transpose, Reshape): each shuffle keeps one
+    transpose, of the (groups, channels a group) axes within each pixel."""
+    shufflenet = kiln.optimize(str(light_model("light_shufflenet")), "O2", layout="auto")
+    convs = [b for n in shufflenet.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])) if b.op.name == "Conv"]
+    assert convs and all(c.attrs["layout"] == "NHWC" for c in convs) and any(c.attrs["group"] == 4 for c in convs)
+    transposes = [n for n in shufflenet.nodes if n.op.name == "Transpose"]
+    inside = [n for n in transposes if n.inputs[0] not in shufflenet.inputs]
+    assert len(transposes) - len(inside) == 1 and len(inside) == 16
+    for node in inside:  # (1, H, W, 4, C/4) -> (1, H, W, C/4, 4)
+        shape = node.inputs[0].type.shape
+        assert [shape[a] for a in node.attrs["perm"]][-2:] == [shape[-1], 4]
+
+
+def test_transposes_sink_through_a_channel_shuffle_and_a_patch_flatten(random_feeds):
+    """A shuffle (split the channels, swap the parts, merge) keeps a transpose within each
+    pixel; a flatten of the positions followed by the transpose to (positions, channels), as
+    ViT's patch embedding, keeps none."""
+    rng = np.random.default_rng(5)
+    params = {"w": rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "v": rng.normal(size=(8, 4, 3, 3)).astype(np.float32)}
+    graph = parse_graph(
+        f"""
+        graph g(%x: f32[1,8,4,4]) {{
+          param %w: f32[8,8,1,1] = dense<sha256:{array_digest(params["w"])}>
+          param %v: f32[8,4,3,3] = dense<sha256:{array_digest(params["v"])}>
+          %c: f32[1,8,4,4] = Conv(%x, %w) {{strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}}
+          %s: f32[1,2,4,4,4] = Reshape(%c) {{shape=[1, 2, 4, 4, 4]}}
+          %t: f32[1,4,2,4,4] = Transpose(%s) {{perm=[0, 2, 1, 3, 4]}}
+          %m: f32[1,8,4,4] = Reshape(%t) {{shape=[1, 8, 4, 4]}}
+          %d: f32[1,8,4,4] = Conv(%m, %v) {{strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=2}}
+          %f: f32[1,8,16] = Reshape(%d) {{shape=[1, 8, 16]}}
+          %y: f32[1,16,8] = Transpose(%f) {{perm=[0, 2, 1]}}
+          return %y
+        }}""",
+        params=params,
+    )
+    converted = run_passes(graph.copy(), pipeline("O2", layout="nhwc"))
+    transposes = [n for n in converted.nodes if n.op.name == "Transpose"]
+    assert len(transposes) == 2 and transposes[0].inputs[0] in converted.inputs, converted
+    shape = transposes[1].inputs[0].type.shape
+    assert [shape[a] for a in transposes[1].attrs["perm"]][-2:] == [4, 2]  # the shuffle, within each pixel
+    feeds = random_feeds(graph)
+    want = kiln.compile(graph).run(feeds)["y"]
+    for target in ("eager", "llvm"):
+        got = kiln.compile(converted, target=target, pipeline="O0").run(feeds)["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=target)
 
 
 def test_channels_last_integer_convs_count_as_wide_work():
