@@ -20,6 +20,14 @@ has 9.4 MB of them, which come from memory every run, so each K step prefetches 
 the next part). The bias starts the accumulators; a fused pointwise tail (Relu, a residual
 Add) runs over each block of output while it is in cache. A fused 1x1 conv (a GEMM over the
 positions) gets its tail the same way (``emit_pointwise_conv``).
+
+A grouped conv (not depthwise: ``kernels_depthwise``) is the same kernel with each column
+block inside one group: its K is the taps by the group's C/g channels (a tap is then one
+kernel position, its C/g elements contiguous from the group's first channel of the pixel),
+its weights panels one or two vectors wide where the group's outputs are a multiple of that,
+else unpacked rows read with masked vectors. ResNeXt-50 (32 groups) converts to channels-last
+whole and loses the 33 transposes around its grouped convs: 34.0 -> 31.3 ms a run;
+RegNetY-400MF 5.8 -> 4.2.
 """
 
 from __future__ import annotations
