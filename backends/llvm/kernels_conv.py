@@ -373,7 +373,6 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
         wv = View(wv.ptr, wv.dtype, (g.kk, g.m), (g.m, 1), wv.offset)
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
     width = vector_width(xv.dtype)
-    nr = 2 * width
     blocks = g.groups * -(-g.mg // block_columns(wv, width))  # column blocks, each within one group
     mr = micro_rows(g.ow)
     ty = llvm_type(xv.dtype)

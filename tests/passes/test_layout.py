@@ -119,10 +119,20 @@ def _nhwc(graph):
     return kiln.optimize(graph, "O2", layout="nhwc")
 
 
+def _all_nodes(graph) -> list:
+    """The graph's nodes and those inside its Fused groups."""
+    return list(graph.nodes) + [b for n in graph.nodes if n.op.name == "Fused" for b in n.attrs["body"].nodes]
+
+
 def _transposes(graph) -> int:
-    nodes = [n for n in graph.nodes]
-    nodes += [b for n in graph.nodes if n.op.name == "Fused" for b in n.attrs["body"].nodes]
-    return sum(n.op.name == "Transpose" for n in nodes)
+    return sum(n.op.name == "Transpose" for n in _all_nodes(graph))
+
+
+def _with_params(text: str, **arrays):
+    """``text`` parsed, each ``dense<NAME>`` the array given as NAME."""
+    for name, array in arrays.items():
+        text = text.replace(f"dense<{name}>", f"dense<sha256:{array_digest(array)}>")
+    return parse_graph(text, params=arrays)
 
 
 @pytest.mark.parametrize(
@@ -240,23 +250,23 @@ def test_auto_keeps_channels_first_where_convs_that_stay_so_do_the_work():
     between transposes, so auto leaves a graph whose work it does NCHW. MobileNetV2's depthwise
     convs convert, so its graph goes channels-last whole."""
     rng = np.random.default_rng(2)
-    params = {"w": rng.normal(size=(32, 8, 3, 3)).astype(np.float16), "v": rng.normal(size=(32, 32, 1, 1)).astype(np.float16)}
-    grouped = parse_graph(
-        f"""
-        graph g(%x: f16[1,32,16,16]) {{
-          param %w: f16[32,8,3,3] = dense<sha256:{array_digest(params["w"])}>
-          param %v: f16[32,32,1,1] = dense<sha256:{array_digest(params["v"])}>
-          %c: f16[1,32,16,16] = Conv(%x, %w) {{strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=4}}
-          %y: f16[1,32,16,16] = Conv(%c, %v) {{strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}}
+    grouped = _with_params(
+        """
+        graph g(%x: f16[1,32,16,16]) {
+          param %w: f16[32,8,3,3] = dense<w>
+          param %v: f16[32,32,1,1] = dense<v>
+          %c: f16[1,32,16,16] = Conv(%x, %w) {strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=4}
+          %y: f16[1,32,16,16] = Conv(%c, %v) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
           return %y
-        }}""",
-        params=params,
+        }""",
+        w=rng.normal(size=(32, 8, 3, 3)).astype(np.float16),
+        v=rng.normal(size=(32, 32, 1, 1)).astype(np.float16),
     )
     kept = kiln.optimize(grouped, "O2", layout="auto")
-    assert all(b.attrs.get("layout", "NCHW") == "NCHW" for n in kept.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])))
+    assert all(n.attrs.get("layout", "NCHW") == "NCHW" for n in _all_nodes(kept))
     mobilenet = kiln.trace(build("mobilenet_v2", width=0.5), [np.zeros((1, 3, 64, 64), np.float32)])
     converted = kiln.optimize(mobilenet, "O2", layout="auto")
-    convs = [b for n in converted.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])) if b.op.name == "Conv"]
+    convs = [n for n in _all_nodes(converted) if n.op.name == "Conv"]
     assert convs and all(c.attrs["layout"] == "NHWC" for c in convs)
     assert [n.op.name for n in converted.nodes].count("Transpose") == 1
 
@@ -266,7 +276,7 @@ def test_shufflenet_goes_channels_last_with_its_shuffles_as_transposes_within_ea
     through its channel shuffles (Reshape, Transpose, Reshape): each shuffle keeps one
     transpose, of the (groups, channels a group) axes within each pixel."""
     shufflenet = kiln.optimize(str(light_model("light_shufflenet")), "O2", layout="auto")
-    convs = [b for n in shufflenet.nodes for b in ([n] + (n.attrs["body"].nodes if n.op.name == "Fused" else [])) if b.op.name == "Conv"]
+    convs = [n for n in _all_nodes(shufflenet) if n.op.name == "Conv"]
     assert convs and all(c.attrs["layout"] == "NHWC" for c in convs) and any(c.attrs["group"] == 4 for c in convs)
     transposes = [n for n in shufflenet.nodes if n.op.name == "Transpose"]
     inside = [n for n in transposes if n.inputs[0] not in shufflenet.inputs]
@@ -281,22 +291,22 @@ def test_transposes_sink_through_a_channel_shuffle_and_a_patch_flatten(random_fe
     pixel; a flatten of the positions followed by the transpose to (positions, channels), as
     ViT's patch embedding, keeps none."""
     rng = np.random.default_rng(5)
-    params = {"w": rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "v": rng.normal(size=(8, 4, 3, 3)).astype(np.float32)}
-    graph = parse_graph(
-        f"""
-        graph g(%x: f32[1,8,4,4]) {{
-          param %w: f32[8,8,1,1] = dense<sha256:{array_digest(params["w"])}>
-          param %v: f32[8,4,3,3] = dense<sha256:{array_digest(params["v"])}>
-          %c: f32[1,8,4,4] = Conv(%x, %w) {{strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}}
-          %s: f32[1,2,4,4,4] = Reshape(%c) {{shape=[1, 2, 4, 4, 4]}}
-          %t: f32[1,4,2,4,4] = Transpose(%s) {{perm=[0, 2, 1, 3, 4]}}
-          %m: f32[1,8,4,4] = Reshape(%t) {{shape=[1, 8, 4, 4]}}
-          %d: f32[1,8,4,4] = Conv(%m, %v) {{strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=2}}
-          %f: f32[1,8,16] = Reshape(%d) {{shape=[1, 8, 16]}}
-          %y: f32[1,16,8] = Transpose(%f) {{perm=[0, 2, 1]}}
+    graph = _with_params(
+        """
+        graph g(%x: f32[1,8,4,4]) {
+          param %w: f32[8,8,1,1] = dense<w>
+          param %v: f32[8,4,3,3] = dense<v>
+          %c: f32[1,8,4,4] = Conv(%x, %w) {strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1}
+          %s: f32[1,2,4,4,4] = Reshape(%c) {shape=[1, 2, 4, 4, 4]}
+          %t: f32[1,4,2,4,4] = Transpose(%s) {perm=[0, 2, 1, 3, 4]}
+          %m: f32[1,8,4,4] = Reshape(%t) {shape=[1, 8, 4, 4]}
+          %d: f32[1,8,4,4] = Conv(%m, %v) {strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=2}
+          %f: f32[1,8,16] = Reshape(%d) {shape=[1, 8, 16]}
+          %y: f32[1,16,8] = Transpose(%f) {perm=[0, 2, 1]}
           return %y
-        }}""",
-        params=params,
+        }""",
+        w=rng.normal(size=(8, 8, 1, 1)).astype(np.float32),
+        v=rng.normal(size=(8, 4, 3, 3)).astype(np.float32),
     )
     converted = run_passes(graph.copy(), pipeline("O2", layout="nhwc"))
     transposes = [n for n in converted.nodes if n.op.name == "Transpose"]
