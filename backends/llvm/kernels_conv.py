@@ -383,7 +383,7 @@ def emit(ctx: KernelContext, epilogue: Epilogue | None = None) -> None:
     band = _band(g, xv.dtype.itemsize)
     pitch = g.pitch(0)  # elements between padded rows
     items = g.rows if by_rows else blocks * g.rows
-    threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1  # kk: one group's
+    threads = min(num_threads(), items) if math.prod(g.out) * g.kk * g.m >= PARALLEL_MACS else 1  # (each output's K: kk)
     with for_range(b, xv.shape[0], name="img") as img:
         x_img = b.gep(xv.ptr, [b.add(const_i64(xv.offset), b.mul(img, const_i64(image_in)))], source_etype=ty)
         y_img = b.gep(y.ptr, [b.add(const_i64(y.offset), b.mul(img, const_i64(image_out)))], source_etype=ty)

@@ -476,8 +476,8 @@ def _conv_panels(node, i: int) -> PanelSpec | None:
     # (a one-channel conv is depthwise too, and the depthwise kernel reads its weight as it is)
     if i != 1 or node.attrs["layout"] != "NHWC" or kernels_depthwise.applies_nhwc(node):
         return None
-    width, per_group = vector_width(w.dtype), w.shape[-1] // node.attrs["group"]
-    nr = next((nr for nr in (2 * width, width) if per_group % nr == 0), None)
+    groups, width = node.attrs["group"], vector_width(w.dtype)
+    nr = next((nr for nr in (2 * width, width) if w.shape[-1] // groups % nr == 0), None) if groups > 1 else 2 * width
     if nr is None:
         return None
     return _panel(math.prod(w.shape[:-1]), w.shape[-1], w.dtype, nr=nr)

@@ -779,6 +779,7 @@ def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype)
     checked; one thread and two give the same bits."""
     from kiln import config
     from kiln.backends.llvm import kernels_conv
+    from kiln.backends.llvm.kernels_nn import vector_width
     from kiln.ir.dtypes import DType
     from kiln.ir.graph import Graph
     from kiln.ir.types import TensorType
@@ -802,6 +803,14 @@ def test_direct_nhwc_conv_matches_eager(x_shape, w_shape, attrs, weights, dtype)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         results.append(got)
     np.testing.assert_array_equal(results[0], results[1])
+    # constant weights in panels two vectors wide (the last zero-padded); a group's panels lie
+    # within it, one vector wide where that is what its outputs divide into, none where neither
+    width, per_group = vector_width(DType[dtype]), w_shape[0] // attrs.get("group", 1)
+    if attrs.get("group", 1) == 1 or per_group % (2 * width) == 0:
+        nr = [2 * width]
+    else:
+        nr = [width] if per_group % width == 0 else []
+    assert [panel["nr"] for panel in module.executable.layout["panels"]] == (nr if weights == "constant" else [])
 
 
 @pytest.mark.parametrize("x_shape, w_shape, attrs", [
