@@ -272,39 +272,43 @@ def _micro_tiles(ctx: KernelContext, a: View, bm: View, c: View, width: int, alp
                     value = b.fmul(value, scale)
                 V.store(value, c.address(b, [b.add(i0, const_i64(r)), b.add(j0, const_i64(h * width))]), mask)
 
-    def column_block(i0: ir.Value, rows: int, j0: ir.Value, masks: list, *k_block) -> None:
-        """Rows i0.. (``rows``) of one column block."""
-        full = rows // mr
-        first_tile = 1 if streamed and full else 0  # the one that prefetches the next panel
-        if first_tile:
-            tile(i0, mr, j0, masks, *k_block, prefetch=True)
-        if full:
-            with for_range(b, full, start=first_tile, name="mb") as ib:
+    full_tiles, tail = m // mr, m % mr
+    # rows in blocks whose A part stays in L2 while every column block reads it: a tall A
+    # (ResNet's 3136 positions x 256) came from L3 once per column block. 3136x256x256, one
+    # thread: 150 -> 175 GF/s (onnxruntime 176); a chain of 4 on 2 threads 5.15 -> 4.72 ms.
+    # One copy of the code serves every block (the count of whole tiles is a run-time value,
+    # the last rows go with the last block), so a GEMM compiles no larger than without them
+    per_block = max(1, A_BLOCK // (min(k, KC) * c.dtype.itemsize) // mr)  # whole tiles a block
+    blocks = max(1, -(-full_tiles // per_block))
+
+    def column_block(i0: ir.Value, tiles: ir.Value, last: ir.Value, j0: ir.Value, masks: list, *k_block) -> None:
+        """``tiles`` whole tiles of rows from i0 in one column block, then, in the ``last``
+        block, the rows after every whole tile."""
+        if full_tiles:
+            if streamed:  # the first tile prefetches the next panel
+                with b.if_then(b.icmp_signed(">", tiles, const_i64(0))):
+                    tile(i0, mr, j0, masks, *k_block, prefetch=True)
+            with for_range(b, tiles, start=1 if streamed else 0, name="mb") as ib:
                 tile(b.add(i0, b.mul(ib, const_i64(mr))), mr, j0, masks, *k_block)
-        if rows % mr:
-            tile(b.add(i0, const_i64(full * mr)), rows % mr, j0, masks, *k_block, prefetch=streamed and not full)
+        if tail:
+            with b.if_then(last):
+                tile(const_i64(full_tiles * mr), tail, j0, masks, *k_block, prefetch=streamed and not full_tiles)
 
     nr = 2 * width
     rest = n % nr
-    # rows in blocks whose A part stays in L2 while every column block reads it: a tall A
-    # (ResNet's 3136 positions x 256) came from L3 once per column block. 3136x256x256, one
-    # thread: 150 -> 175 GF/s (onnxruntime 176); a chain of 4 on 2 threads 5.15 -> 4.72 ms
-    block_rows = max(mr, A_BLOCK // (min(k, KC) * c.dtype.itemsize) // mr * mr)
-
-    def row_block(i0: ir.Value, rows: int, k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
-        """Every column block of rows i0.. (``rows``) over the K block [k0, k1)."""
-        if n // nr:
-            with for_range(b, n // nr, name="nb") as jb:
-                column_block(i0, rows, b.mul(jb, const_i64(nr)), [None, None], k0, k1, first)
-        if rest:
-            column_block(i0, rows, const_i64(n - rest), V.masks(rest), k0, k1, first)
 
     def panel(k0: ir.Value, k1: ir.Value, first: ir.Value | None) -> None:
-        if m // block_rows:
-            with for_range(b, m // block_rows, name="rb") as rb:
-                row_block(b.mul(rb, const_i64(block_rows)), block_rows, k0, k1, first)
-        if m % block_rows:
-            row_block(const_i64(m - m % block_rows), m % block_rows, k0, k1, first)
+        """Every row block's column blocks over the K block [k0, k1)."""
+        with for_range(b, blocks, name="rb") as rb:
+            i0 = b.mul(rb, const_i64(per_block * mr))
+            left = b.sub(const_i64(full_tiles), b.mul(rb, const_i64(per_block)))
+            tiles = b.select(b.icmp_signed("<", left, const_i64(per_block)), left, const_i64(per_block))
+            last = b.icmp_signed("==", rb, const_i64(blocks - 1))
+            if n // nr:
+                with for_range(b, n // nr, name="nb") as jb:
+                    column_block(i0, tiles, last, b.mul(jb, const_i64(nr)), [None, None], k0, k1, first)
+            if rest:
+                column_block(i0, tiles, last, const_i64(n - rest), V.masks(rest), k0, k1, first)
 
     # K in blocks of KC when it is long (a ResNet's 3x3x512 = 4608): the block's B panel stays
     # in L1 across the row tiles and its A block in L2 across the column blocks
