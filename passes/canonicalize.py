@@ -151,15 +151,21 @@ def fold_reshape_chains(graph: Graph) -> Graph:
     return eliminate_dead_code(graph)
 
 
+def compose_transposes(node: Node) -> None:
+    """``node``, a Transpose(Transpose(x, p), q), becomes Transpose(x, p∘q) in place (the
+    inner one stays for its other readers; an identity is removed later)."""
+    inner = node.inputs[0].producer
+    node.attrs["perm"] = [inner.attrs["perm"][i] for i in node.attrs["perm"]]
+    node.inputs[0] = inner.inputs[0]
+
+
 @graph_pass("fold_transpose_chains")
 def fold_transpose_chains(graph: Graph) -> Graph:
     """Transpose(Transpose(x, p), q) -> Transpose(x, p∘q) (removed later if the identity)."""
     for node in graph.nodes:
         x = node.inputs[0] if node.inputs else None
         if node.op.name == "Transpose" and x is not None and x.producer is not None and x.producer.op.name == "Transpose":
-            inner = x.producer.attrs["perm"]
-            node.attrs["perm"] = [inner[i] for i in node.attrs["perm"]]
-            node.inputs[0] = x.producer.inputs[0]
+            compose_transposes(node)
     return eliminate_dead_code(graph)
 
 

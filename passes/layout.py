@@ -27,6 +27,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.opdef import OpKind
 from kiln.ir.ops.nn import inverse_perm, is_depthwise, to_channels_first, to_channels_last, transposed_weight_to_first, transposed_weight_to_last, weight_to_spatial_first
 from kiln.passes.base import graph_pass
+from kiln.passes.canonicalize import compose_transposes
 from kiln.passes.rewrite import substitute
 
 LAYOUTS = ("nchw", "nhwc", "auto")
@@ -276,8 +277,9 @@ class _Sinker:
             return self.batchnorm_as_affine(node, perm)
         elif op == "Reshape":
             return (perm == to_channels_first(rank) and self.flatten_into_weights(node)) or self.through_reshape(node, perm)
-        elif op == "Transpose":
-            return self.compose(node, perm)
+        elif op == "Transpose":  # one transpose of the first one's input, which may sink on
+            compose_transposes(node)  # (an identity becomes a Reshape below, then goes)
+            return True
         elif op in ("GlobalAveragePool", "GlobalMaxPool") and perm == to_channels_first(rank):
             reduce = "ReduceMean" if op == "GlobalAveragePool" else "ReduceMax"
             self.replace(node, reduce, [node.inputs[0].producer.inputs[0]], {"axes": list(range(1, rank - 1)), "keepdims": 1}, perm)
@@ -299,20 +301,6 @@ class _Sinker:
         self.replace(node, node.op, inputs, attrs, perm)
         return True
 
-
-    def compose(self, node: Node, perm: list[int]) -> bool:
-        """``Transpose(Transpose(x, perm), q)`` is one transpose of x (none when they cancel),
-        which may then sink on."""
-        source = node.inputs[0].producer.inputs[0]
-        composite = [perm[a] for a in node.attrs["perm"]]
-        if composite == sorted(composite):
-            replacement = source
-        else:
-            replacement = _insert(self.graph, node, "Transpose", [source], {"perm": composite}, node.name or "Transpose")
-        if substitute(self.graph, node.outputs[0], replacement):
-            self.graph.remove_nodes([node])
-            return True
-        return False
 
     def through_reshape(self, node: Node, perm: list[int]) -> bool:
         """``Reshape(Transpose(x, perm))`` as ``Transpose(Reshape(x'))`` where the reshape's
@@ -342,7 +330,9 @@ class _Sinker:
         order = sorted(range(len(groups)), key=lambda k: key[k])
         inner = [a for k in order for a in axes[k]]  # x's axes, each group's in the reshape's order
         shape_x = [out[j] for k in order for j in groups[k][1]]
-        first = {k: sum(len(groups[o][1]) for o in order[: order.index(k)]) for k in range(len(groups))}
+        first, at = {}, 0  # where each group's axes start in the reshaped x
+        for k in order:
+            first[k], at = at, at + len(groups[k][1])
         outer = [first[k] + n for k, (_, rs) in enumerate(groups) for n in range(len(rs))]
         if inner != nonunit and outer == sorted(outer):
             return False  # the transpose within groups is the whole transpose: nothing gained

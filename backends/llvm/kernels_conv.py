@@ -221,7 +221,7 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue | None = None) ->
     split over the pool as a GEMM of those sizes splits (``gemm_split``): by positions (each
     thread a chunk of rows at a time: the GEMM, then the tail while the rows are in cache) or
     by columns (the GEMM on the thread's columns, then the tail on them)."""
-    from kiln.backends.llvm.kernels_nn import Start, _serial_gemm, gemm_split, micro_rows, thread_tiles, vector_width
+    from kiln.backends.llvm.kernels_nn import Start, _serial_gemm, gemm_split, micro_rows, row_split, vector_width
 
     xv, wv, y = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0]
     bias = ctx.inputs[2] if len(ctx.inputs) > 2 else None
@@ -233,9 +233,12 @@ def emit_pointwise_conv(ctx: KernelContext, epilogue: Epilogue | None = None) ->
     start = View(bias.ptr, bias.dtype, (rows, m), (0, 1), bias.offset) if bias is not None else None
     split = gemm_split(rows, c, m, y.dtype, isinstance(w, Panels), micro_rows(rows))
     by_rows = split != "columns"
-    count, align = (rows, micro_rows(rows)) if by_rows else (m, 2 * vector_width(y.dtype))
-    threads = 1 if split == "serial" else min(num_threads(), max(1, count // align))
-    mr, align = thread_tiles(rows, threads) if by_rows else (micro_rows(rows), align)
+    if split == "rows":
+        threads, mr, align = row_split(rows)
+    else:
+        nr = 2 * vector_width(y.dtype)
+        threads, mr, align = (1, micro_rows(rows), 1) if split == "serial" else (min(num_threads(), max(1, m // nr)), micro_rows(rows), nr)
+    count = rows if by_rows else m
     operands = epilogue.operands if epilogue is not None else []
     views = [a, w, out, *([start] if start is not None else []), *operands]
 

@@ -39,13 +39,15 @@ def micro_rows(m: int) -> int:
     return min(range(6, 13), key=lambda mr: (-(-m // mr), -(m - (-(-m // mr) - 1) * mr), -mr))
 
 
-def thread_tiles(m: int, threads: int) -> tuple[int, int]:
-    """(rows per micro-tile, block alignment) for ``m`` rows split over ``threads``: the
-    tiles fit each thread's share (196 rows: 98 a thread as 8 x 11 + 10, where 12-row tiles
-    leave one of 2), and the blocks stay even (16 rows: 8 and 8, not 12 and 4)."""
+def row_split(m: int) -> tuple[int, int, int]:
+    """(threads, rows per micro-tile, block alignment) for ``m`` rows split over the pool (a
+    micro-tile of them a thread at least): the tiles fit each thread's share (196 rows: 98 a
+    thread as 8 x 11 + 10, where 12-row tiles leave one of 2), and the blocks stay even (16
+    rows: 8 and 8, not 12 and 4)."""
+    threads = min(num_threads(), max(1, m // micro_rows(m)))
     share = -(-m // threads)
     mr = micro_rows(share)
-    return mr, min(mr, share)
+    return threads, mr, min(mr, share)
 
 
 def vector_width(dtype) -> int:
@@ -77,8 +79,7 @@ def emit_gemm(ctx: KernelContext, a: View, bm: View, c: View, alpha: float = 1.0
     if split == "serial":
         _serial_gemm(ctx, a, bm, c, alpha, mr or micro_rows(m), start)
     elif split == "rows":
-        threads = min(num_threads(), max(1, m // micro_rows(m)))
-        tile_rows, align = thread_tiles(m, threads)
+        threads, tile_rows, align = row_split(m)
         _parallel_gemm(ctx, a, bm, c, alpha, threads, mr or tile_rows, start, align if mr is None else mr)
     else:
         _parallel_columns(ctx, a, bm, c, alpha, min(num_threads(), n // nr), nr, mr or micro_rows(m), start)
